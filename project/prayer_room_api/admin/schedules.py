@@ -1,0 +1,1 @@
+"""Periodic task screens, as staff edit the schedules that beat runs."""

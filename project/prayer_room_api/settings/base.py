@@ -1,0 +1,184 @@
+"""Settings shared by every environment; each value comes from the environment through `env`."""
+
+from pathlib import Path
+
+import environ
+
+PROJECT_DIR = Path(__file__).resolve().parents[2]  # project/
+REPO_DIR = PROJECT_DIR.parent
+
+env = environ.Env()
+
+SECRET_KEY = env("SECRET_KEY", default="")
+DEBUG = env.bool("DEBUG", default=False)
+ALLOWED_HOSTS = env.list("ALLOWED_HOSTS", default=[])
+
+
+def _release_from_revision_file() -> str:
+    """The release id written by `fab deploy` next to the project, or "dev" for a checkout."""
+    revision = REPO_DIR / "REVISION"
+    return revision.read_text().strip() if revision.is_file() else "dev"
+
+
+RELEASE = env("RELEASE", default="") or _release_from_revision_file()
+
+INSTALLED_APPS = [
+    # NOTE: first, so its `prodserver` command replaces django-prodserver's deprecated alias.
+    "prayer_room_api",
+    "django.contrib.admin",
+    "django.contrib.auth",
+    "django.contrib.contenttypes",
+    "django.contrib.sessions",
+    "django.contrib.messages",
+    "django.contrib.staticfiles",
+    "rest_framework",
+    "drf_spectacular",
+    "django_celery_beat",
+    "django_prodserver",
+]
+
+MIDDLEWARE = [
+    "django.middleware.security.SecurityMiddleware",
+    "django.contrib.sessions.middleware.SessionMiddleware",
+    "django.middleware.common.CommonMiddleware",
+    "django.middleware.csrf.CsrfViewMiddleware",
+    "django.contrib.auth.middleware.AuthenticationMiddleware",
+    "django.contrib.messages.middleware.MessageMiddleware",
+    "django.middleware.clickjacking.XFrameOptionsMiddleware",
+]
+
+ROOT_URLCONF = "prayer_room_api.urls"
+WSGI_APPLICATION = "prayer_room_api.wsgi.application"
+
+TEMPLATES = [
+    {
+        "BACKEND": "django.template.backends.django.DjangoTemplates",
+        "DIRS": [],
+        "APP_DIRS": True,
+        "OPTIONS": {
+            "context_processors": [
+                "django.template.context_processors.request",
+                "django.contrib.auth.context_processors.auth",
+                "django.contrib.messages.context_processors.messages",
+            ],
+        },
+    },
+]
+
+DATABASES = {"default": env.db("DATABASE_URL", default=f"sqlite:///{REPO_DIR / 'var' / 'db.sqlite3'}")}
+DATABASES["default"]["CONN_MAX_AGE"] = env.int("CONN_MAX_AGE", default=60)
+DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
+
+AUTH_PASSWORD_VALIDATORS = [
+    {"NAME": "django.contrib.auth.password_validation.UserAttributeSimilarityValidator"},
+    {"NAME": "django.contrib.auth.password_validation.MinimumLengthValidator"},
+    {"NAME": "django.contrib.auth.password_validation.CommonPasswordValidator"},
+    {"NAME": "django.contrib.auth.password_validation.NumericPasswordValidator"},
+]
+
+LANGUAGE_CODE = "en-gb"
+TIME_ZONE = env("TIME_ZONE", default="UTC")
+USE_I18N = True
+USE_TZ = True
+
+STATIC_URL = "/static/"
+STATIC_ROOT = env.path("STATIC_ROOT", default=str(REPO_DIR / "var" / "static"))
+
+# Email: console locally, SMTP (EMAIL_URL=smtp://user:pass@host:587/?tls=True) in production.
+EMAIL_CONFIG = env.email_url("EMAIL_URL", default="consolemail://")
+vars().update(EMAIL_CONFIG)
+DEFAULT_FROM_EMAIL = env("DEFAULT_FROM_EMAIL", default="Prayer room <prayer-room@localhost>")
+SERVER_EMAIL = DEFAULT_FROM_EMAIL
+
+REST_FRAMEWORK = {
+    "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
+    "DEFAULT_PAGINATION_CLASS": "rest_framework.pagination.PageNumberPagination",
+    "PAGE_SIZE": 20,
+    "DEFAULT_AUTHENTICATION_CLASSES": [
+        "rest_framework.authentication.SessionAuthentication",
+        "rest_framework.authentication.BasicAuthentication",
+    ],
+    "DEFAULT_THROTTLE_RATES": {
+        "submit": env("THROTTLE_SUBMIT", default="10/hour"),
+        "prayed": env("THROTTLE_PRAYED", default="60/hour"),
+        "flag": env("THROTTLE_FLAG", default="20/hour"),
+    },
+}
+SPECTACULAR_SETTINGS = {"TITLE": "Prayer room API", "VERSION": "1.0.0"}
+
+CACHES = {"default": env.cache("CACHE_URL", default="locmemcache://")}
+
+# --- Celery (every CELERY_* setting is read by celery.py through the CELERY namespace) ---
+CELERY_BROKER_URL = env("CELERY_BROKER_URL", default="redis://127.0.0.1:6379/0")
+CELERY_RESULT_BACKEND = env("CELERY_RESULT_BACKEND", default=CELERY_BROKER_URL)
+CELERY_RESULT_EXPIRES = 3600
+# django-celery-beat reads crontab timezones from CELERY_TIMEZONE, not TIME_ZONE.
+CELERY_TIMEZONE = TIME_ZONE
+CELERY_ENABLE_UTC = True
+# Digests are idempotent, so a task lost with its worker is redelivered rather than dropped.
+CELERY_TASK_ACKS_LATE = True
+CELERY_WORKER_PREFETCH_MULTIPLIER = 1
+CELERY_TASK_TIME_LIMIT = env.int("CELERY_TASK_TIME_LIMIT", default=300)
+CELERY_TASK_SOFT_TIME_LIMIT = env.int("CELERY_TASK_SOFT_TIME_LIMIT", default=240)
+# Redis redelivers an unacknowledged task after this; it must exceed the task time limit.
+CELERY_BROKER_TRANSPORT_OPTIONS = {"visibility_timeout": max(3600, 2 * CELERY_TASK_TIME_LIMIT)}
+CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
+CELERY_TASK_SERIALIZER = "json"
+CELERY_ACCEPT_CONTENT = ["json"]
+CELERY_BEAT_SCHEDULER = "django_celery_beat.schedulers:DatabaseScheduler"
+# Write last_run_at after every dispatch, so a killed beat does not re-run a crontab task.
+CELERY_BEAT_SYNC_EVERY = 1
+CELERY_WORKER_HIJACK_ROOT_LOGGER = False
+
+# --- Processes, all started with `manage.py prodserver NAME` ---
+PORT = env.int("PORT", default=8000)
+BIND_HOST = env("BIND_HOST", default="127.0.0.1")
+WEB_WORKERS = env.int("WEB_WORKERS", default=2)
+WEB_TIMEOUT = env.int("WEB_TIMEOUT", default=30)
+WEB_GRACEFUL_TIMEOUT = env.int("WEB_GRACEFUL_TIMEOUT", default=20)
+WORKER_CONCURRENCY = env.int("WORKER_CONCURRENCY", default=2)
+LOG_LEVEL = env("LOG_LEVEL", default="info")
+BEAT_MAX_INTERVAL = env.int("BEAT_MAX_INTERVAL", default=5)
+
+PRODUCTION_PROCESSES = {
+    "web": {
+        "BACKEND": "django_prodserver.backends.servers.gunicorn.GunicornServer",
+        "ARGS": {
+            "bind": f"{BIND_HOST}:{PORT}",
+            "workers": WEB_WORKERS,
+            "timeout": WEB_TIMEOUT,
+            "graceful-timeout": WEB_GRACEFUL_TIMEOUT,
+            "log-level": LOG_LEVEL,
+            "access-logfile": "-",
+            "error-logfile": "-",
+        },
+    },
+    "worker": {
+        "BACKEND": "django_prodserver.backends.workers.celery.CeleryWorker",
+        "APP": "prayer_room_api.celery.app",
+        "ARGS": {
+            "concurrency": WORKER_CONCURRENCY,
+            "loglevel": LOG_LEVEL,
+            "without-mingle": None,
+            "without-gossip": None,
+        },
+    },
+    "beat": {
+        "BACKEND": "django_prodserver.backends.workers.celery.CeleryBeat",
+        "APP": "prayer_room_api.celery.app",
+        "ARGS": {
+            "scheduler": CELERY_BEAT_SCHEDULER,
+            "loglevel": LOG_LEVEL,
+            "max-interval": BEAT_MAX_INTERVAL,
+        },
+    },
+}
+
+LOGGING = {
+    "version": 1,
+    "disable_existing_loggers": False,
+    "formatters": {"plain": {"format": "%(asctime)s %(levelname)s %(name)s %(message)s"}},
+    "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
+    "root": {"handlers": ["console"], "level": LOG_LEVEL.upper()},
+    "loggers": {"django.db.backends": {"level": "INFO"}},
+}

@@ -1,0 +1,26 @@
+"""Local development: SQLite and a filesystem broker, so nothing needs to be installed."""
+
+from .base import *  # noqa: F403
+from .base import REPO_DIR, env
+
+DEBUG = env.bool("DEBUG", default=True)
+SECRET_KEY = env("SECRET_KEY", default="local-development-only-not-secret")
+ALLOWED_HOSTS = env.list("ALLOWED_HOSTS", default=["localhost", "127.0.0.1", "[::1]"])
+
+VAR_DIR = REPO_DIR / "var"
+_broker_dir = VAR_DIR / "celery" / "broker"
+# NOTE: kombu's filesystem transport needs its folders to exist before the first message.
+for _folder in (_broker_dir / "out", _broker_dir / "processed", VAR_DIR / "celery" / "results"):
+    _folder.mkdir(parents=True, exist_ok=True)
+
+CELERY_BROKER_URL = env("CELERY_BROKER_URL", default="filesystem://")
+CELERY_BROKER_TRANSPORT_OPTIONS = {
+    "data_folder_in": str(_broker_dir / "out"),
+    "data_folder_out": str(_broker_dir / "out"),
+    "processed_folder": str(_broker_dir / "processed"),
+    "store_processed": False,
+}
+CELERY_RESULT_BACKEND = env("CELERY_RESULT_BACKEND", default=f"file://{VAR_DIR / 'celery' / 'results'}")
+
+EMAIL_CONFIG = env.email_url("EMAIL_URL", default="consolemail://")
+vars().update(EMAIL_CONFIG)

@@ -1,0 +1,54 @@
+"""Local tasks (`invoke --list`): thin wrappers over the project's manage.py and the deploy library."""
+
+import os
+import sys
+from pathlib import Path
+
+from invoke import Exit, task
+
+REPO = Path(__file__).resolve().parent
+MANAGE = f"{sys.executable} {REPO / 'project' / 'manage.py'}"
+
+
+@task
+def migrate(c):
+    """Apply database migrations (SQLite in var/ unless DATABASE_URL says otherwise)."""
+    c.run(f"{MANAGE} migrate --noinput")
+
+
+@task
+def seed(c, check=False):
+    """Create the declared periodic schedules that are missing; --check reports drift."""
+    c.run(f"{MANAGE} seed_schedules{' --check' if check else ''}")
+
+
+@task
+def test(c, k="", unit=False):
+    """Run the test suite (-k EXPR to select, --unit for the fast layer only)."""
+    args = ["-m 'not integration and not deploy and not browser'"] if unit else []
+    if k:
+        args.append(f"-k {k!r}")
+    result = c.run(f"{sys.executable} -m pytest {' '.join(args)}", warn=True, pty=sys.stdout.isatty())
+    if result.exited:
+        raise Exit(code=result.exited)
+
+
+@task
+def lint(c):
+    """ruff, Django's system checks and the models-match-migrations guard."""
+    c.run(f"{sys.executable} -m ruff check .")
+    c.run(f"{sys.executable} -m ruff format --check .")
+    c.run(f"{MANAGE} check")
+    c.run(f"{MANAGE} makemigrations --check --dry-run")
+
+
+@task
+def lock(c):
+    """Re-pin requirements.lock (hashed) from pyproject.toml; the deploy installs exactly this."""
+    c.run(
+        f"{sys.executable} -m piptools compile -q --generate-hashes --strip-extras --allow-unsafe "
+        "-o requirements.lock pyproject.toml"
+    )
+
+
+os.environ.setdefault("DJANGO_SETTINGS_MODULE", "prayer_room_api.settings.local")
