@@ -1,0 +1,1 @@
+"""The deploy library behind fabfile.py: config, rendering, provisioning, releases, verification."""

@@ -1,0 +1,66 @@
+"""Where everything lives on a server; provision creates it, deploy fills it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import PurePosixPath
+
+
+@dataclass(frozen=True)
+class ServerLayout:
+    """Paths under the app directory (default /srv/prayer-room), owned by the app user unless noted."""
+
+    root: PurePosixPath = PurePosixPath("/srv/prayer-room")
+
+    @property
+    def releases(self) -> PurePosixPath:
+        """One directory per deploy: releases/<YYYYmmddHHMMSS>-<sha12>/ with the project and a REVISION file."""
+        return self.root / "releases"
+
+    @property
+    def current(self) -> PurePosixPath:
+        """Symlink to the live release, switched atomically (ln -sfn + mv -T)."""
+        return self.root / "current"
+
+    @property
+    def venvs(self) -> PurePosixPath:
+        """Virtualenvs keyed by the sha256 of requirements.lock; a release links its own as <release>/.venv."""
+        return self.root / "venvs"
+
+    @property
+    def env_file(self) -> PurePosixPath:
+        """KEY=value lines (SECRET_KEY, DATABASE_URL, ...), mode 0600, written by provision, never printed."""
+        return self.root / "shared" / "env"
+
+    @property
+    def static(self) -> PurePosixPath:
+        """collectstatic target, served by nginx."""
+        return self.root / "shared" / "static"
+
+    @property
+    def logs(self) -> PurePosixPath:
+        return self.root / "log"
+
+    @property
+    def run(self) -> PurePosixPath:
+        """supervisord's socket (mode 0700) and pid file: private to the app user, not in /tmp."""
+        return self.root / "run"
+
+    @property
+    def supervisor_socket(self) -> PurePosixPath:
+        return self.run / "supervisor.sock"
+
+    @property
+    def supervisor_conf(self) -> PurePosixPath:
+        """supervisord's main config, owned by root, unwritable by the app user."""
+        return PurePosixPath("/etc/prayer-room/supervisord.conf")
+
+    @property
+    def programs_conf(self) -> PurePosixPath:
+        """The rendered supervisord.conf.j2 programs, included by supervisor_conf; replaced each deploy."""
+        return PurePosixPath("/etc/prayer-room/programs.conf")
+
+    @property
+    def lock(self) -> PurePosixPath:
+        """The deploy lock directory (mkdir is atomic); holds who and since when."""
+        return self.root / "deploy.lock"
