@@ -5,12 +5,21 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import PurePosixPath
 
+# Loopback ports of the web programs (web-1, web-2, ...). nginx's upstream lists all of them with
+# proxy_next_upstream, and a deploy restarts them one at a time, so nginx never meets a closed port.
+WEB_PORTS: tuple[int, ...] = (8001, 8002)
+
+# The supervisord group holding web-N, worker and beat (supervisorctl names: prayer-room:web-1, ...).
+SUPERVISOR_GROUP = "prayer-room"
+
 
 @dataclass(frozen=True)
 class ServerLayout:
     """Paths under the app directory (default /srv/prayer-room), owned by the app user unless noted."""
 
     root: PurePosixPath = PurePosixPath("/srv/prayer-room")
+    # Root-owned configuration; tests point both at a temporary directory.
+    etc: PurePosixPath = PurePosixPath("/etc/prayer-room")
 
     @property
     def releases(self) -> PurePosixPath:
@@ -29,7 +38,11 @@ class ServerLayout:
 
     @property
     def env_file(self) -> PurePosixPath:
-        """KEY=value lines (SECRET_KEY, DATABASE_URL, ...), mode 0600, written by provision, never printed."""
+        """KEY=value lines (SECRET_KEY, DATABASE_URL, ...), mode 0600, written by provision, never printed.
+
+        One KEY=value per line; blank lines and `#` lines ignored; the value is the rest of the line
+        (one pair of surrounding quotes is stripped). deploy copies these into the programs' environment.
+        """
         return self.root / "shared" / "env"
 
     @property
@@ -53,12 +66,15 @@ class ServerLayout:
     @property
     def supervisor_conf(self) -> PurePosixPath:
         """supervisord's main config, owned by root, unwritable by the app user."""
-        return PurePosixPath("/etc/prayer-room/supervisord.conf")
+        return self.etc / "supervisord.conf"
 
     @property
     def programs_conf(self) -> PurePosixPath:
-        """The rendered supervisord.conf.j2 programs, included by supervisor_conf; replaced each deploy."""
-        return PurePosixPath("/etc/prayer-room/programs.conf")
+        """The rendered supervisord.conf.j2 programs, included by supervisor_conf; replaced each deploy.
+
+        Root-owned, mode 0600: it carries the env file's values in each program's `environment=`.
+        """
+        return self.etc / "programs.conf"
 
     @property
     def lock(self) -> PurePosixPath:
