@@ -3,11 +3,26 @@
 from pathlib import Path
 
 import environ
+from django.core.exceptions import ImproperlyConfigured
 
 PROJECT_DIR = Path(__file__).resolve().parents[2]  # project/
 REPO_DIR = PROJECT_DIR.parent
 
+
 env = environ.Env()
+
+
+def env_int(name: str, default: int, minimum: int = 0) -> int:
+    """An integer from the environment, or a message naming the variable to fix."""
+    raw = env.str(name, default=str(default))
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ImproperlyConfigured(f"{name} must be a whole number, got {raw!r}.") from None
+    if value < minimum:
+        raise ImproperlyConfigured(f"{name} must be at least {minimum}, got {value}.")
+    return value
+
 
 SECRET_KEY = env("SECRET_KEY", default="")
 DEBUG = env.bool("DEBUG", default=False)
@@ -66,7 +81,7 @@ TEMPLATES = [
 ]
 
 DATABASES = {"default": env.db("DATABASE_URL", default=f"sqlite:///{REPO_DIR / 'var' / 'db.sqlite3'}")}
-DATABASES["default"]["CONN_MAX_AGE"] = env.int("CONN_MAX_AGE", default=60)
+DATABASES["default"]["CONN_MAX_AGE"] = env_int("CONN_MAX_AGE", 60)
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
 AUTH_PASSWORD_VALIDATORS = [
@@ -118,8 +133,8 @@ CELERY_ENABLE_UTC = True
 # Digests are idempotent, so a task lost with its worker is redelivered rather than dropped.
 CELERY_TASK_ACKS_LATE = True
 CELERY_WORKER_PREFETCH_MULTIPLIER = 1
-CELERY_TASK_TIME_LIMIT = env.int("CELERY_TASK_TIME_LIMIT", default=300)
-CELERY_TASK_SOFT_TIME_LIMIT = env.int("CELERY_TASK_SOFT_TIME_LIMIT", default=240)
+CELERY_TASK_TIME_LIMIT = env_int("CELERY_TASK_TIME_LIMIT", 300, minimum=1)
+CELERY_TASK_SOFT_TIME_LIMIT = env_int("CELERY_TASK_SOFT_TIME_LIMIT", 240)
 # Redis redelivers an unacknowledged task after this; it must exceed the task time limit.
 CELERY_BROKER_TRANSPORT_OPTIONS = {"visibility_timeout": max(3600, 2 * CELERY_TASK_TIME_LIMIT)}
 CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
@@ -131,14 +146,14 @@ CELERY_BEAT_SYNC_EVERY = 1
 CELERY_WORKER_HIJACK_ROOT_LOGGER = False
 
 # --- Processes, all started with `manage.py prodserver NAME` ---
-PORT = env.int("PORT", default=8000)
+PORT = env_int("PORT", 8000, minimum=1)
 BIND_HOST = env("BIND_HOST", default="127.0.0.1")
-WEB_WORKERS = env.int("WEB_WORKERS", default=2)
-WEB_TIMEOUT = env.int("WEB_TIMEOUT", default=30)
-WEB_GRACEFUL_TIMEOUT = env.int("WEB_GRACEFUL_TIMEOUT", default=20)
-WORKER_CONCURRENCY = env.int("WORKER_CONCURRENCY", default=2)
+WEB_WORKERS = env_int("WEB_WORKERS", 2, minimum=1)
+WEB_TIMEOUT = env_int("WEB_TIMEOUT", 30, minimum=1)
+WEB_GRACEFUL_TIMEOUT = env_int("WEB_GRACEFUL_TIMEOUT", 20)
+WORKER_CONCURRENCY = env_int("WORKER_CONCURRENCY", 2, minimum=1)
 LOG_LEVEL = env("LOG_LEVEL", default="info")
-BEAT_MAX_INTERVAL = env.int("BEAT_MAX_INTERVAL", default=5)
+BEAT_MAX_INTERVAL = env_int("BEAT_MAX_INTERVAL", 5, minimum=1)
 
 PRODUCTION_PROCESSES = {
     "web": {

@@ -2,7 +2,10 @@
 
 import sys
 
+from django.core.management import CommandError
+from django.utils.module_loading import import_string
 from django_prodserver.backends.base import BaseProcessBackend
+from django_prodserver.conf import app_settings
 from django_prodserver.management.base import BaseProcessCommand
 
 from prayer_room_api.processes import run_backend
@@ -24,11 +27,7 @@ class Command(BaseProcessCommand):
         sys.exit(code)
 
     def build_backend(self, process_name: str) -> BaseProcessBackend:
-        """The configured backend for `process_name`, with the shared command's checks."""
-        from django.core.management import CommandError
-        from django.utils.module_loading import import_string
-        from django_prodserver.conf import app_settings
-
+        """The configured backend for `process_name`, with a message naming the setting to fix."""
         config = app_settings.PRODUCTION_PROCESSES.get(process_name)
         if config is None:
             names = ", ".join(app_settings.PRODUCTION_PROCESSES)
@@ -42,3 +41,7 @@ class Command(BaseProcessCommand):
                 f"PRODUCTION_PROCESSES['{process_name}'] BACKEND '{config['BACKEND']}' cannot be imported: {exc}"
             ) from exc
         return backend_class(**config)
+
+    def list_process_names(self) -> None:
+        names = "\n ".join(app_settings.PRODUCTION_PROCESSES)
+        self.stdout.write(self.style.SUCCESS(f"Available process names are:\n {names}"))
