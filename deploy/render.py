@@ -1,0 +1,211 @@
+"""Render supervisord.conf.j2: a pure function from a checked context to config text (no I/O but the template)."""
+
+from __future__ import annotations
+
+import re
+import shlex
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import jinja2
+
+from deploy.errors import DeployError
+from deploy.layout import SUPERVISOR_GROUP
+
+TEMPLATE_DIR = Path(__file__).resolve().parent.parent
+TEMPLATE_NAME = "supervisord.conf.j2"
+PROGRAM_KINDS = ("web", "worker", "beat")
+MAX_WORKER_PROCESSES = 16
+
+_ENV_KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+_PROGRAM_KEYS = ("group", "directory", "python", "manage", "log_dir", "environment", "processes", "web_ports")
+_DAEMON_KEYS = ("socket", "pidfile", "logfile")
+
+
+def supervisor_escape(value: Any) -> str:
+    """Escape `%` for supervisord's `%(name)s` expansion."""
+    return str(value).replace("%", "%%")
+
+
+def shell_join(words: list[Any]) -> str:
+    """One command line, each word quoted for the shell-like split supervisord does on `command=`."""
+    return shlex.join(str(word) for word in words)
+
+
+def supervisor_environment(environment: Mapping[str, str]) -> str:
+    """An `environment=` value that supervisord parses back into exactly `environment`.
+
+    NOTE: supervisord splits it with a non-POSIX shlex (no escapes inside quotes), strips every
+    leading and trailing quote from each value, and its config parser treats " ;" and " #" as
+    inline comments: values it cannot carry are refused by name (never printed).
+    """
+    pairs = []
+    for key, raw in environment.items():
+        value = str(raw)
+        if not _ENV_KEY.fullmatch(key):
+            raise DeployError(f"environment variable name {key!r} is not valid; use letters, digits and _.")
+        problem = _unrepresentable(value)
+        if problem:
+            raise DeployError(f"the value of {key} {problem}, which supervisord cannot pass on; change it.")
+        quote = "'" if '"' in value else '"'
+        pairs.append(f"{key}={quote}{supervisor_escape(value)}{quote}")
+    return ",".join(pairs)
+
+
+def _unrepresentable(value: str) -> str | None:
+    if "\n" in value or "\r" in value:
+        return "spans several lines"
+    if re.search(r"\s[;#]", value):
+        return 'contains a space before ";" or "#" (an inline comment for supervisord)'
+    if value[:1] in ("'", '"') or value[-1:] in ("'", '"'):
+        return "starts or ends with a quote"
+    if '"' in value and "'" in value:
+        return "contains both kinds of quote"
+    return None
+
+
+def template_environment(template_dir: Path = TEMPLATE_DIR) -> jinja2.Environment:
+    """The one Jinja2 environment for deploy templates: strict about undefined values, with the quoting filters."""
+    env = jinja2.Environment(
+        loader=jinja2.FileSystemLoader(str(template_dir)),
+        undefined=jinja2.StrictUndefined,
+        keep_trailing_newline=True,
+        trim_blocks=True,
+        lstrip_blocks=True,
+        autoescape=False,
+    )
+    env.filters["pct"] = supervisor_escape
+    env.filters["shquote"] = lambda value: shlex.quote(str(value))
+    env.filters["shjoin"] = shell_join
+    env.filters["supervisor_env"] = supervisor_environment
+    return env
+
+
+def check_context(context: Mapping[str, Any]) -> None:
+    """Refuse a context the template cannot turn into a safe config, naming what to fix."""
+    processes = context.get("processes") or {}
+    daemon = context.get("supervisord")
+    if not processes and not daemon:
+        raise DeployError("nothing to render: the context has neither processes nor a supervisord section.")
+    if daemon:
+        _require(daemon, _DAEMON_KEYS, "supervisord.")
+    if not processes:
+        return
+    _require(context, _PROGRAM_KEYS, "")
+    unknown = sorted(set(processes) - set(PROGRAM_KINDS))
+    if unknown:
+        raise DeployError(f"unknown program(s) {', '.join(unknown)}; the template knows {', '.join(PROGRAM_KINDS)}.")
+    for name, count in processes.items():
+        if not isinstance(count, int) or isinstance(count, bool) or count < 0:
+            raise DeployError(f"process count for {name} must be a whole number >= 0, got {count!r}.")
+    if processes.get("beat", 0) not in (0, 1):
+        raise DeployError(f"beat count must be 1 (two beats dispatch every task twice), got {processes['beat']}.")
+    if processes.get("worker", 0) > MAX_WORKER_PROCESSES:
+        raise DeployError(f"worker count {processes['worker']} is above {MAX_WORKER_PROCESSES}; raise concurrency.")
+    ports = list(context["web_ports"])
+    if processes.get("web", 0) != len(ports):
+        raise DeployError(f"web count {processes.get('web', 0)} does not match the {len(ports)} web port(s) {ports}.")
+    if len(set(ports)) != len(ports) or not all(isinstance(p, int) and 0 < p < 65536 for p in ports):
+        raise DeployError(f"web ports must be distinct TCP ports, got {ports}.")
+    for key in ("web_graceful_timeout", "task_time_limit"):
+        value = context.get(key)
+        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+            raise DeployError(f"{key} must be a positive number of seconds, got {value!r}.")
+    supervisor_environment(context["environment"])  # refuse bad values before anything is uploaded
+
+
+def _require(mapping: Mapping[str, Any], keys: tuple[str, ...], prefix: str) -> None:
+    missing = [f"{prefix}{key}" for key in keys if mapping.get(key) in (None, "")]
+    if missing:
+        raise DeployError(f"supervisord context is missing {', '.join(missing)}.")
+
+
+def program_list(context: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """The programs in start order, each with its name, kind and full environment."""
+    processes = context.get("processes") or {}
+    base = dict(context.get("environment") or {})
+    if context.get("user"):
+        base.update(USER=context["user"], LOGNAME=context["user"], HOME=context["home"])
+    base["PYTHONUNBUFFERED"] = "1"
+    programs = []
+    for index, port in enumerate(context.get("web_ports") or (), start=1):
+        if index > processes.get("web", 0):
+            break
+        env = {**base, "BIND_HOST": "127.0.0.1", "PORT": str(port)}
+        env["WEB_GRACEFUL_TIMEOUT"] = str(context["web_graceful_timeout"])
+        programs.append({"name": f"web-{index}", "kind": "web", "environment": env, "numprocs": 1})
+    if processes.get("worker"):
+        env = {**base, "CELERY_TASK_TIME_LIMIT": str(context["task_time_limit"])}
+        programs.append({"name": "worker", "kind": "worker", "environment": env, "numprocs": processes["worker"]})
+    if processes.get("beat"):
+        programs.append({"name": "beat", "kind": "beat", "environment": base, "numprocs": 1})
+    return programs
+
+
+def program_names(context: Mapping[str, Any]) -> list[str]:
+    """supervisorctl names (group:process) of every process the context renders."""
+    names = []
+    for program in program_list(context):
+        if program["numprocs"] > 1:
+            names += [f"{context['group']}:{program['name']}-{n}" for n in range(program["numprocs"])]
+        else:
+            names.append(f"{context['group']}:{program['name']}")
+    return names
+
+
+def render_supervisord_conf(context: Mapping[str, Any], template_dir: Path = TEMPLATE_DIR) -> str:
+    """Render supervisord.conf.j2 for `context`; raises DeployError for a context it must not render."""
+    check_context(context)
+    template = template_environment(template_dir).get_template(TEMPLATE_NAME)
+    try:
+        return template.render(
+            supervisord=context.get("supervisord"),
+            programs=program_list(context),
+            group=context.get("group", SUPERVISOR_GROUP),
+            directory=context.get("directory", ""),
+            python=context.get("python", ""),
+            manage=context.get("manage", ""),
+            log_dir=context.get("log_dir", ""),
+            user=context.get("user"),
+            web_graceful_timeout=context.get("web_graceful_timeout", 0),
+            task_time_limit=context.get("task_time_limit", 0),
+        )
+    except jinja2.UndefinedError as exc:
+        raise DeployError(f"supervisord.conf.j2 needs a value the context does not give: {exc}") from exc
+
+
+def local_context(
+    repo_dir: Path,
+    var_dir: Path,
+    python: str | Path,
+    *,
+    port: int = 8000,
+    environment: Mapping[str, str] | None = None,
+    task_time_limit: int = 300,
+    web_graceful_timeout: int = 20,
+) -> dict[str, Any]:
+    """A standalone config for `supervisord -n -c VAR/supervisord.conf` on a checkout (VAR/run, VAR/log must exist)."""
+    repo_dir, var_dir = Path(repo_dir).resolve(), Path(var_dir).resolve()
+    env = {"DJANGO_SETTINGS_MODULE": "prayer_room_api.settings.local", **(environment or {})}
+    return {
+        "group": SUPERVISOR_GROUP,
+        "directory": str(repo_dir / "project"),
+        "python": str(python),
+        "manage": str(repo_dir / "project" / "manage.py"),
+        "log_dir": str(var_dir / "log"),
+        "user": None,
+        "home": None,
+        "environment": env,
+        "processes": {"web": 1, "worker": 1, "beat": 1},
+        "web_ports": (port,),
+        "web_graceful_timeout": web_graceful_timeout,
+        "task_time_limit": task_time_limit,
+        "supervisord": {
+            "socket": str(var_dir / "run" / "supervisor.sock"),
+            "pidfile": str(var_dir / "run" / "supervisord.pid"),
+            "logfile": str(var_dir / "log" / "supervisord.log"),
+            "socket_owner": None,
+            "include": (),
+        },
+    }
