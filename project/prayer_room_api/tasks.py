@@ -5,8 +5,36 @@ import socket
 from celery import shared_task
 from django.conf import settings
 
+from . import digests
+
+# A failed email releases its claim and fails the run; a retry sends only what is still unsent.
+RETRY = {"autoretry_for": (digests.DigestNotSent,), "retry_backoff": 60, "max_retries": 3}
+
 
 @shared_task(name="prayer_room_api.tasks.ping")
 def ping() -> dict:
     """Answer with this worker's release, so a deploy can check the new code runs tasks."""
     return {"release": settings.RELEASE, "hostname": socket.gethostname()}
+
+
+@shared_task(name="prayer_room_api.tasks.send_moderator_digest", **RETRY)
+def send_moderator_digest() -> dict:
+    """Email staff the pending and flagged requests when anything is new since their last digest."""
+    return digests.send_moderator_digest().summary()
+
+
+@shared_task(name="prayer_room_api.tasks.send_user_digest", **RETRY)
+def send_user_digest(frequency: str) -> dict:
+    """Email users who chose this frequency ("daily" or "weekly") what happened on their requests."""
+    return digests.send_user_digests(frequency).summary()
+
+
+@shared_task(
+    name="prayer_room_api.tasks.send_response_notification",
+    autoretry_for=(OSError,),
+    retry_backoff=60,
+    max_retries=3,
+)
+def send_response_notification(request_id: int) -> bool:
+    """Email the author of a request the staff response, once, if they opted in."""
+    return digests.send_response_notification(request_id)

@@ -1,0 +1,81 @@
+"""Fixtures for the domain's unit tests: users, locations, requests, an API client, counted email connections."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+from django.contrib.auth import get_user_model
+from django.core.cache import cache
+from django.core.mail.backends.locmem import EmailBackend
+from django.utils import timezone
+from prayer_room_api.models import Location, PrayerRequest, UserProfile
+from rest_framework.test import APIClient
+
+_serial = itertools.count(1)
+
+
+class ConnectionCountingBackend(EmailBackend):
+    """The locmem backend, counting how often a connection is opened."""
+
+    opened = 0
+
+    def open(self):
+        type(self).opened += 1
+        return super().open()
+
+
+@pytest.fixture(autouse=True)
+def fresh_throttle_counters():
+    cache.clear()
+    yield
+    cache.clear()
+
+
+@pytest.fixture
+def counted_connections(settings):
+    settings.EMAIL_BACKEND = f"{__name__}.ConnectionCountingBackend"
+    ConnectionCountingBackend.opened = 0
+    return ConnectionCountingBackend
+
+
+@pytest.fixture
+def make_user(db):
+    def make(*, digest: str = UserProfile.Digest.NONE, notify: bool = True, staff: bool = False, **fields):
+        n = next(_serial)
+        fields.setdefault("username", f"user{n}")
+        fields.setdefault("email", f"user{n}@example.org")
+        user = get_user_model().objects.create_user(password="pw", is_staff=staff, **fields)
+        UserProfile.objects.filter(user=user).update(digest_frequency=digest, notify_on_response=notify)
+        return user
+
+    return make
+
+
+@pytest.fixture
+def location(db):
+    return Location.objects.create(name="Chapel", slug="chapel")
+
+
+@pytest.fixture
+def make_request(location):
+    def make(*, approved: bool = True, **fields):
+        fields.setdefault("content", f"Please pray for request {next(_serial)}")
+        fields.setdefault("location", location)
+        if approved:
+            fields.setdefault("approved_at", timezone.now())
+        return PrayerRequest.objects.create(**fields)
+
+    return make
+
+
+@pytest.fixture
+def api():
+    return APIClient()
+
+
+@pytest.fixture
+def staff_api(make_user):
+    client = APIClient()
+    client.force_authenticate(make_user(staff=True, username="moderator"))
+    return client
