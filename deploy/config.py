@@ -1,0 +1,139 @@
+"""Deploy configuration: deploy.toml's [defaults] and one [environments.NAME], checked once, before any host."""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from dataclasses import dataclass, field, fields
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+from deploy.errors import DeployError
+from deploy.layout import ServerLayout
+
+REPO_DIR = Path(__file__).resolve().parent.parent
+DEFAULT_CONFIG_FILE = REPO_DIR / "deploy.toml"
+
+_USER = re.compile(r"[a-z_][a-z0-9_-]{0,31}")
+_HOST = re.compile(r"(?:[^@\s]+@)?[A-Za-z0-9.\-\[\]:]+")
+
+
+@dataclass(frozen=True)
+class DeployConfig:
+    """Everything a deploy needs to know about one environment; built by `load_config`."""
+
+    name: str = "default"
+    hosts: tuple[str, ...] = ()
+    domain: str = ""
+    user: str = "prayer-room"
+    root: str = "/srv/prayer-room"
+    etc: str = "/etc/prayer-room"
+    python: str = "python3"
+    supervisorctl: str = "supervisorctl"
+    settings_module: str = "prayer_room_api.settings.production"
+    web_workers: int = 2
+    worker_concurrency: int = 2
+    workers: int = 1
+    web_graceful_timeout: int = 20
+    task_time_limit: int = 300
+    keep_releases: int = 5
+    lock_expiry_seconds: int = 600
+    health_timeout: int = 60
+    require_systemd: bool = True
+    extra_env: tuple[tuple[str, str], ...] = field(default=())
+
+    @property
+    def layout(self) -> ServerLayout:
+        return ServerLayout(root=PurePosixPath(self.root), etc=PurePosixPath(self.etc))
+
+
+_FIELD_TYPES = {f.name: f.type for f in fields(DeployConfig)}
+_SETTABLE = set(_FIELD_TYPES) - {"name", "extra_env"} | {"env"}
+
+
+def load_config(path: Path | None = None, environment: str | None = None) -> DeployConfig:
+    """The config for `environment` (or the defaults) from `path`, or the built-in defaults without a file.
+
+    Raises DeployError naming the file and the key for an unknown environment or a bad value.
+    """
+    path = path or DEFAULT_CONFIG_FILE
+    if not path.is_file():
+        if environment:
+            raise DeployError(f"unknown environment {environment!r}: there is no deploy config at {path}.")
+        return DeployConfig()
+    try:
+        data = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as exc:
+        raise DeployError(f"{path} is not valid TOML: {exc}") from exc
+    unknown_tables = sorted(set(data) - {"defaults", "environments"})
+    if unknown_tables:
+        raise DeployError(f"{path}: unknown table(s) {', '.join(unknown_tables)}: use [defaults], [environments.NAME].")
+    defaults = data.get("defaults", {})
+    environments = data.get("environments", {})
+    values = dict(_checked(defaults, f"{path} [defaults]"))
+    name = "default"
+    if environment:
+        if environment not in environments:
+            known = ", ".join(sorted(environments)) or "none"
+            raise DeployError(f"unknown environment {environment!r} in {path}; known: {known}.")
+        values.update(_checked(environments[environment], f"{path} [environments.{environment}]"))
+        name = environment
+    env = {**defaults.get("env", {}), **(environments.get(environment, {}).get("env", {}) if environment else {})}
+    values.pop("env", None)
+    config = DeployConfig(name=name, extra_env=tuple(sorted(env.items())), **values)
+    validate(config, str(path))
+    return config
+
+
+def _checked(table: Any, where: str) -> dict[str, Any]:
+    if not isinstance(table, dict):
+        raise DeployError(f"{where} must be a table of settings.")
+    unknown = sorted(set(table) - _SETTABLE)
+    if unknown:
+        raise DeployError(f"{where}: unknown setting(s) {', '.join(unknown)}; known: {', '.join(sorted(_SETTABLE))}.")
+    values = {}
+    for key, value in table.items():
+        if key == "env":
+            if not isinstance(value, dict) or not all(isinstance(v, str) for v in value.values()):
+                raise DeployError(f'{where}: env must be a table of strings, e.g. env = {{ LOG_LEVEL = "info" }}.')
+            values[key] = value
+        elif key == "hosts":
+            if not isinstance(value, list) or not all(isinstance(h, str) for h in value):
+                raise DeployError(f'{where}: hosts must be a list of strings, e.g. ["root@203.0.113.7"].')
+            values[key] = tuple(value)
+        else:
+            expected = {"int": int, "bool": bool, "str": str}[_FIELD_TYPES[key]]
+            if not isinstance(value, expected) or (expected is int and isinstance(value, bool)):
+                raise DeployError(f"{where}: {key} must be a {expected.__name__}, got {value!r}.")
+            values[key] = value
+    return values
+
+
+def validate(config: DeployConfig, where: str = "deploy config") -> None:
+    """Refuse values that would break the server, naming the setting."""
+    if not _USER.fullmatch(config.user):
+        raise DeployError(f"{where}: user {config.user!r} is not a valid Unix user name.")
+    for key in ("root", "etc"):
+        value = getattr(config, key)
+        if not value.startswith("/") or value.rstrip("/") in ("", "/tmp") or ".." in value.split("/"):
+            raise DeployError(f"{where}: {key} must be an absolute directory other than / and /tmp, got {value!r}.")
+    for host in config.hosts:
+        if not _HOST.fullmatch(host):
+            raise DeployError(f"{where}: host {host!r} is not user@host[:port].")
+    minimums = {
+        "web_workers": 1,
+        "worker_concurrency": 1,
+        "workers": 1,
+        "web_graceful_timeout": 1,
+        "task_time_limit": 1,
+        "keep_releases": 2,
+        "lock_expiry_seconds": 60,
+        "health_timeout": 5,
+    }
+    for key, minimum in minimums.items():
+        if getattr(config, key) < minimum:
+            raise DeployError(f"{where}: {key} must be at least {minimum}, got {getattr(config, key)}.")
+    if config.workers > 16:
+        raise DeployError(f"{where}: workers must be at most 16 (raise worker_concurrency instead).")
+    if config.domain and not re.fullmatch(r"[A-Za-z0-9.-]+", config.domain):
+        raise DeployError(f"{where}: domain {config.domain!r} is not a host name.")
