@@ -5,6 +5,15 @@ from rest_framework import serializers
 from prayer_room_api.models import Location, PrayerRequest, UserProfile
 
 
+class StrictCharField(serializers.CharField):
+    """A CharField that takes only strings: DRF's would store a JSON number or float as its text."""
+
+    def to_internal_value(self, data):
+        if not isinstance(data, str):
+            self.fail("invalid")
+        return super().to_internal_value(data)
+
+
 class LocationSerializer(serializers.ModelSerializer):
     class Meta:
         model = Location
@@ -45,8 +54,8 @@ class SubmitRequestSerializer(serializers.ModelSerializer):
     """A new request from the public; it waits for a moderator before anyone sees it."""
 
     location = serializers.SlugRelatedField(slug_field="slug", queryset=Location.objects.all())
-    content = serializers.CharField(max_length=2000)
-    name = serializers.CharField(max_length=100, required=False, allow_blank=True, help_text="Anonymous if left out.")
+    content = StrictCharField(max_length=2000)
+    name = StrictCharField(max_length=100, required=False, allow_blank=True, help_text="Anonymous if left out.")
 
     class Meta:
         model = PrayerRequest
@@ -114,7 +123,7 @@ class ModerationFilterSerializer(serializers.Serializer):
 
 
 class RespondSerializer(serializers.Serializer):
-    response = serializers.CharField(max_length=5000)
+    response = StrictCharField(max_length=5000)
 
 
 class PreferencesSerializer(serializers.ModelSerializer):

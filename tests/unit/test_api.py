@@ -1,0 +1,409 @@
+import json
+from io import StringIO
+
+import pytest
+from django.conf import settings
+from django.core import mail
+from django.core.management import call_command
+from django.utils import timezone
+from prayer_room_api.models import Location, PrayerRequest
+
+pytestmark = pytest.mark.django_db
+
+REQUESTS = "/api/requests/"
+
+
+def rate_limit(scope: str) -> int:
+    """How many calls the configured rate allows, e.g. 10 for "10/hour"."""
+    return int(settings.REST_FRAMEWORK["DEFAULT_THROTTLE_RATES"][scope].split("/")[0])
+
+
+def submit(api, **fields):
+    body = {"content": "Please pray for my exams", "location": "chapel", **fields}
+    return api.post(REQUESTS, body, format="json")
+
+
+# --- listing ---
+
+
+def test_list_shows_only_approved_requests_newest_first(api, make_request):
+    older, newer = make_request(content="older"), make_request(content="newer")
+    make_request(approved=False, content="pending")
+    make_request(archived_at=timezone.now(), content="archived")
+    response = api.get(REQUESTS)
+    assert response.status_code == 200
+    assert [r["id"] for r in response.json()["results"]] == [newer.pk, older.pk]
+    assert response.json()["count"] == 2
+
+
+def test_list_shows_public_fields_and_no_author(api, make_request, make_user):
+    request = make_request(author=make_user(), name="Ann", response="Praying", responded_at=timezone.now())
+    item = api.get(REQUESTS).json()["results"][0]
+    assert item["id"] == request.pk
+    assert (item["name"], item["location"], item["location_name"], item["response"]) == (
+        "Ann",
+        "chapel",
+        "Chapel",
+        "Praying",
+    )
+    assert "author" not in item and "approved_at" not in item
+
+
+def test_list_is_paginated(api, make_request):
+    for _ in range(settings.REST_FRAMEWORK["PAGE_SIZE"] + 3):
+        make_request()
+    first = api.get(REQUESTS).json()
+    assert len(first["results"]) == settings.REST_FRAMEWORK["PAGE_SIZE"]
+    second = api.get(first["next"]).json()
+    assert len(second["results"]) == 3 and second["next"] is None
+
+
+def test_list_filters_by_type_and_location(api, make_request):
+    crypt = Location.objects.create(name="Crypt", slug="crypt")
+    praise_in_crypt = make_request(type="praise", location=crypt)
+    prayer_in_crypt = make_request(type="prayer", location=crypt)
+    make_request(type="praise")
+
+    def ids(query):
+        return {r["id"] for r in api.get(REQUESTS, query).json()["results"]}
+
+    assert ids({"location": "crypt"}) == {praise_in_crypt.pk, prayer_in_crypt.pk}
+    assert ids({"location": "crypt", "type": "praise"}) == {praise_in_crypt.pk}
+    assert ids({"location": "nowhere"}) == set()
+
+
+@pytest.mark.parametrize(
+    "query, field",
+    [({"type": "lament"}, "type"), ({"location": "not a slug!"}, "location"), ({"location": "x" * 500}, "location")],
+)
+def test_bad_list_filters_are_400s_naming_the_field(api, query, field):
+    response = api.get(REQUESTS, query)
+    assert response.status_code == 400
+    assert field in response.json()
+
+
+@pytest.mark.parametrize("page", ["abc", "0", "99", "-1"])
+def test_a_page_that_does_not_exist_is_404(api, make_request, page):
+    make_request()
+    assert api.get(REQUESTS, {"page": page}).status_code == 404
+
+
+def test_retrieve_an_approved_request(api, make_request):
+    request = make_request()
+    assert api.get(f"{REQUESTS}{request.pk}/").json()["content"] == request.content
+
+
+@pytest.mark.parametrize(
+    "path", ["{pending}/", "{archived}/", "999999/", "abc/", "99999999999999999999999999/", "1.5/", "-1/"]
+)
+def test_unknown_hidden_or_malformed_ids_are_404(api, make_request, path):
+    pending = make_request(approved=False)
+    archived = make_request(archived_at=timezone.now())
+    url = REQUESTS + path.format(pending=pending.pk, archived=archived.pk)
+    assert api.get(url).status_code == 404
+    assert api.post(url + "prayed/").status_code == 404
+    assert api.post(url + "flag/").status_code == 404
+
+
+# --- submitting ---
+
+
+def test_submit_creates_a_pending_anonymous_request(api, location):
+    response = submit(api, type="praise")
+    assert response.status_code == 201, response.json()
+    created = PrayerRequest.objects.get(pk=response.json()["id"])
+    assert (created.state, created.name, created.type, created.author) == ("pending", "Anonymous", "praise", None)
+    assert response.json()["location"] == "chapel"
+    assert api.get(REQUESTS).json()["count"] == 0
+
+
+def test_submit_signed_in_records_the_author(api, location, make_user):
+    user = make_user()
+    api.force_authenticate(user)
+    response = submit(api, name="Ann")
+    assert response.status_code == 201
+    created = PrayerRequest.objects.get(pk=response.json()["id"])
+    assert (created.author, created.name) == (user, "Ann")
+
+
+def test_submit_with_a_blank_name_stays_anonymous(api, location):
+    response = submit(api, name="")
+    assert response.status_code == 201
+    assert response.json()["name"] == "Anonymous"
+
+
+def test_submit_by_form_post_works_too(api, location):
+    response = api.post(REQUESTS, {"content": "Peace", "location": "chapel"})
+    assert response.status_code == 201
+
+
+def test_submit_to_an_inactive_location_is_rejected(api, location):
+    Location.objects.filter(pk=location.pk).update(is_active=False)
+    response = submit(api)
+    assert response.status_code == 400
+    assert response.json() == {"location": ["This location no longer takes requests."]}
+    assert not PrayerRequest.objects.exists()
+
+
+@pytest.mark.parametrize(
+    "fields, field",
+    [
+        ({"content": ""}, "content"),
+        ({"content": "   "}, "content"),
+        ({"content": None}, "content"),
+        ({"content": "x" * 2001}, "content"),
+        ({"content": "x" * 1_000_000}, "content"),
+        ({"content": ["a", "list"]}, "content"),
+        ({"content": {"an": "object"}}, "content"),
+        ({"content": True}, "content"),
+        ({"content": "nul \x00 byte"}, "content"),
+        ({"name": "x" * 101}, "name"),
+        ({"name": 12.5e300}, "name"),
+        ({"name": 42}, "name"),
+        ({"type": "lament"}, "type"),
+        ({"type": 5}, "type"),
+        ({"type": ["prayer"]}, "type"),
+        ({"location": "nowhere"}, "location"),
+        ({"location": 1}, "location"),
+        ({"location": {"slug": "chapel"}}, "location"),
+        ({"location": None}, "location"),
+    ],
+)
+def test_bad_submissions_are_400s_naming_the_field(api, location, fields, field):
+    response = submit(api, **fields)
+    assert response.status_code == 400, response.content
+    assert field in response.json()
+    assert not PrayerRequest.objects.exists()
+
+
+def test_submit_without_required_fields_names_each(api, location):
+    response = api.post(REQUESTS, {}, format="json")
+    assert response.status_code == 400
+    assert set(response.json()) == {"content", "location"}
+
+
+@pytest.mark.parametrize(
+    "body, content_type",
+    [
+        ('{"content": "unterminated', "application/json"),
+        ("[1, 2, 3]", "application/json"),
+        ('"just a string"', "application/json"),
+        ("null", "application/json"),
+        ("\xff\xfe not utf-8", "application/json"),
+        ("<xml/>", "application/xml"),
+    ],
+)
+def test_malformed_bodies_are_4xx_not_500(api, location, body, content_type):
+    response = api.generic("POST", REQUESTS, body.encode("latin-1"), content_type=content_type)
+    assert response.status_code in (400, 415)
+    assert not PrayerRequest.objects.exists()
+
+
+# --- praying and flagging ---
+
+
+def test_prayed_increments_the_count(api, make_request):
+    request = make_request()
+    assert api.post(f"{REQUESTS}{request.pk}/prayed/").json() == {"id": request.pk, "prayer_count": 1}
+    assert api.post(f"{REQUESTS}{request.pk}/prayed/").json() == {"id": request.pk, "prayer_count": 2}
+    assert api.get(f"{REQUESTS}{request.pk}/").json()["prayer_count"] == 2
+
+
+def test_prayed_ignores_a_malformed_body(api, make_request):
+    request = make_request()
+    response = api.generic("POST", f"{REQUESTS}{request.pk}/prayed/", b"{nope", content_type="application/json")
+    assert response.status_code == 200
+
+
+def test_flag_sends_a_request_to_moderation_but_keeps_it_listed(api, staff_api, make_request):
+    request = make_request()
+    response = api.post(f"{REQUESTS}{request.pk}/flag/")
+    assert response.json() == {"id": request.pk, "flagged": True}
+    request.refresh_from_db()
+    assert request.state == "flagged"
+    assert api.get(REQUESTS).json()["count"] == 1
+    flagged = staff_api.get("/api/moderation/requests/", {"state": "flagged"}).json()["results"]
+    assert [r["id"] for r in flagged] == [request.pk]
+
+
+def test_listing_allows_get_only(api):
+    assert api.delete(REQUESTS).status_code == 405
+    assert api.put(REQUESTS, {}).status_code == 405
+
+
+# --- rate limits ---
+
+
+@pytest.mark.parametrize("scope, action", [("prayed", "prayed"), ("flag", "flag")])
+def test_pray_and_flag_are_rate_limited(api, make_request, scope, action):
+    request = make_request()
+    url = f"{REQUESTS}{request.pk}/{action}/"
+    for _ in range(rate_limit(scope)):
+        assert api.post(url).status_code == 200
+    response = api.post(url)
+    assert response.status_code == 429
+    assert "Retry-After" in response.headers
+
+
+def test_submit_is_rate_limited_per_client(api, location):
+    for _ in range(rate_limit("submit")):
+        assert submit(api).status_code == 201
+    assert submit(api).status_code == 429
+    assert PrayerRequest.objects.count() == rate_limit("submit")
+    other_client = api.post(REQUESTS, {"content": "x", "location": "chapel"}, format="json", REMOTE_ADDR="10.0.0.9")
+    assert other_client.status_code == 201
+
+
+def test_reading_is_not_rate_limited(api, make_request):
+    for _ in range(rate_limit("submit") + 5):
+        assert api.get(REQUESTS).status_code == 200
+
+
+# --- moderation ---
+
+
+@pytest.mark.parametrize("path", ["", "1/", "1/approve/", "1/archive/", "1/respond/"])
+def test_moderation_is_for_staff_only(api, make_user, make_request, path):
+    make_request(pk=1)
+    method = api.get if path.count("/") < 2 else api.post
+    assert method(f"/api/moderation/requests/{path}").status_code == 403
+    api.force_authenticate(make_user())
+    assert method(f"/api/moderation/requests/{path}").status_code == 403
+
+
+def test_staff_approve_makes_a_request_public(api, staff_api, make_request):
+    request = make_request(approved=False)
+    response = staff_api.post(f"/api/moderation/requests/{request.pk}/approve/")
+    assert response.status_code == 200 and response.json()["state"] == "approved"
+    assert [r["id"] for r in api.get(REQUESTS).json()["results"]] == [request.pk]
+
+
+def test_staff_archive_hides_a_request(api, staff_api, make_request):
+    request = make_request()
+    response = staff_api.post(f"/api/moderation/requests/{request.pk}/archive/")
+    assert response.json()["state"] == "archived"
+    assert api.get(REQUESTS).json()["count"] == 0
+
+
+def test_staff_list_filters_by_state(staff_api, make_request):
+    pending = make_request(approved=False)
+    approved = make_request()
+    archived = make_request(archived_at=timezone.now())
+
+    def ids(state):
+        return [r["id"] for r in staff_api.get("/api/moderation/requests/", {"state": state}).json()["results"]]
+
+    assert (ids("pending"), ids("approved"), ids("archived")) == ([pending.pk], [approved.pk], [archived.pk])
+    assert staff_api.get("/api/moderation/requests/", {"state": "gone"}).status_code == 400
+
+
+def test_staff_respond_emails_the_author_after_commit(
+    api, staff_api, make_request, make_user, django_capture_on_commit_callbacks
+):
+    author = make_user(email="ann@example.org")
+    request = make_request(author=author)
+    with django_capture_on_commit_callbacks(execute=True) as callbacks:
+        response = staff_api.post(
+            f"/api/moderation/requests/{request.pk}/respond/", {"response": "We prayed & rejoice"}, format="json"
+        )
+        assert mail.outbox == []  # nothing leaves before the response is committed
+    assert response.status_code == 200
+    assert len(callbacks) == 1
+    assert response.json()["response"] == "We prayed & rejoice"
+    request.refresh_from_db()
+    assert request.responded_by.username == "moderator"
+    assert [m.to for m in mail.outbox] == [["ann@example.org"]]
+    assert "We prayed & rejoice" in mail.outbox[0].body
+    assert api.get(f"{REQUESTS}{request.pk}/").json()["response"] == "We prayed & rejoice"
+
+
+@pytest.mark.parametrize("body", [{}, {"response": ""}, {"response": "x" * 5001}, {"response": ["a"]}])
+def test_respond_needs_a_response(staff_api, make_request, body, django_capture_on_commit_callbacks):
+    request = make_request()
+    with django_capture_on_commit_callbacks(execute=True):
+        response = staff_api.post(f"/api/moderation/requests/{request.pk}/respond/", body, format="json")
+    assert response.status_code == 400 and "response" in response.json()
+    assert mail.outbox == []
+
+
+def test_moderating_an_unknown_request_is_404(staff_api):
+    for action in ("approve", "archive", "respond"):
+        assert staff_api.post(f"/api/moderation/requests/424242/{action}/").status_code == 404
+    assert staff_api.post("/api/moderation/requests/abc/approve/").status_code == 404
+
+
+# --- preferences ---
+
+PREFERENCES = "/api/me/preferences/"
+
+
+def test_preferences_need_a_signed_in_user(api):
+    assert api.get(PREFERENCES).status_code == 403
+    assert api.patch(PREFERENCES, {"digest_frequency": "daily"}, format="json").status_code == 403
+
+
+def test_a_user_reads_and_changes_their_preferences(api, make_user):
+    user, other = make_user(), make_user()
+    api.force_authenticate(user)
+    assert api.get(PREFERENCES).json() == {"digest_frequency": "none", "notify_on_response": True}
+    response = api.patch(PREFERENCES, {"digest_frequency": "weekly", "notify_on_response": False}, format="json")
+    assert response.json() == {"digest_frequency": "weekly", "notify_on_response": False}
+    user.profile.refresh_from_db()
+    other.profile.refresh_from_db()
+    assert (user.profile.digest_frequency, user.profile.notify_on_response) == ("weekly", False)
+    assert other.profile.digest_frequency == "none"
+
+
+def test_preferences_are_created_for_a_user_without_a_profile(api, make_user):
+    user = make_user()
+    user.profile.delete()
+    api.force_authenticate(user)
+    assert api.get(PREFERENCES).json()["digest_frequency"] == "none"
+
+
+@pytest.mark.parametrize(
+    "body, field",
+    [
+        ({"digest_frequency": "hourly"}, "digest_frequency"),
+        ({"digest_frequency": ["daily"]}, "digest_frequency"),
+        ({"notify_on_response": "maybe"}, "notify_on_response"),
+        ({"notify_on_response": {"yes": 1}}, "notify_on_response"),
+    ],
+)
+def test_bad_preferences_are_400s(api, make_user, body, field):
+    api.force_authenticate(make_user())
+    response = api.patch(PREFERENCES, body, format="json")
+    assert response.status_code == 400 and field in response.json()
+
+
+def test_put_preferences_replaces_both(api, make_user):
+    api.force_authenticate(make_user())
+    body = {"digest_frequency": "daily", "notify_on_response": False}
+    assert api.put(PREFERENCES, body, format="json").json() == body
+
+
+# --- schema ---
+
+
+def test_locations_lists_only_active_ones(api, location):
+    Location.objects.create(name="Old hall", slug="old-hall", is_active=False)
+    assert api.get("/api/locations/").json() == [{"slug": "chapel", "name": "Chapel"}]
+
+
+def test_openapi_schema_documents_every_endpoint_without_warnings():
+    out = StringIO()
+    call_command("spectacular", "--validate", "--fail-on-warn", "--format", "openapi-json", stdout=out)
+    paths = json.loads(out.getvalue())["paths"]
+    for path in (
+        "/api/requests/",
+        "/api/requests/{id}/prayed/",
+        "/api/requests/{id}/flag/",
+        "/api/moderation/requests/{id}/respond/",
+        "/api/me/preferences/",
+    ):
+        assert path in paths
+    assert "post" in paths["/api/requests/"]
+
+
+def test_schema_endpoint_serves(api):
+    assert api.get("/api/schema/").status_code == 200
