@@ -6,8 +6,28 @@ from pathlib import Path
 
 from invoke import Exit, task
 
+from deploy.errors import DeployError
+
 REPO = Path(__file__).resolve().parent
 MANAGE = f"{sys.executable} {REPO / 'project' / 'manage.py'}"
+
+
+@task
+def dev(c, port=8000):
+    """Migrate, seed the schedules, then run web + worker + beat under supervisord until Ctrl-C."""
+    from deploy import local
+
+    os.environ["VAR_DIR"] = str(local.var_dir())
+    migrate(c)
+    seed(c)
+    try:
+        config = local.write_dev_config(port)
+        print(
+            f"web on http://127.0.0.1:{port}/ (admin at /admin/); logs in {local.var_dir() / 'log'}; Ctrl-C stops all"
+        )
+        local.exec_supervisord(config)
+    except DeployError as exc:
+        raise Exit(str(exc), code=1) from exc
 
 
 @task
@@ -49,6 +69,3 @@ def lock(c):
         f"{sys.executable} -m piptools compile -q --generate-hashes --strip-extras --allow-unsafe "
         "-o requirements.lock pyproject.toml"
     )
-
-
-os.environ.setdefault("DJANGO_SETTINGS_MODULE", "prayer_room_api.settings.local")

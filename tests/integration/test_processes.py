@@ -90,9 +90,7 @@ def test_upstream_commands_still_start_each_process(env, start, tmp_path):
 
 
 def test_beat_dispatches_a_due_task_the_worker_runs_and_stops_when_disabled(start, database):
-    database.query(
-        "INSERT INTO django_celery_beat_intervalschedule (every, period) VALUES (1, 'seconds') RETURNING id"
-    )
+    database.query("INSERT INTO django_celery_beat_intervalschedule (every, period) VALUES (1, 'seconds') RETURNING id")
     (interval_id,) = database.query("SELECT max(id) FROM django_celery_beat_intervalschedule")[0]
     database.query(
         """INSERT INTO django_celery_beat_periodictask

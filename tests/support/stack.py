@@ -93,14 +93,14 @@ def manage(env: dict[str, str], *args: str, check: bool = True) -> subprocess.Co
 
 
 class Process:
-    """One `manage.py prodserver NAME` process, its output in a log file."""
+    """A process under test with its output in a log file; by default `manage.py prodserver NAME`."""
 
-    def __init__(self, name: str, env: dict[str, str], log_dir: Path, *extra_args: str):
+    def __init__(self, name: str, env: dict[str, str], log_dir: Path, *extra_args: str, argv: list[str] | None = None):
         self.name = name
         self.log_path = log_dir / f"{name}.log"
         self._log = self.log_path.open("wb")
         self.popen = subprocess.Popen(
-            [sys.executable, str(MANAGE), "prodserver", name, *extra_args],
+            argv or [sys.executable, str(MANAGE), "prodserver", name, *extra_args],
             env=env,
             stdout=self._log,
             stderr=subprocess.STDOUT,

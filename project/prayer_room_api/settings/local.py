@@ -1,5 +1,7 @@
 """Local development: SQLite and a filesystem broker, so nothing needs to be installed."""
 
+from pathlib import Path
+
 from .base import *  # noqa: F403
 from .base import REPO_DIR, env
 
@@ -7,7 +9,9 @@ DEBUG = env.bool("DEBUG", default=True)
 SECRET_KEY = env("SECRET_KEY", default="local-development-only-not-secret")
 ALLOWED_HOSTS = env.list("ALLOWED_HOSTS", default=["localhost", "127.0.0.1", "[::1]"])
 
-VAR_DIR = REPO_DIR / "var"
+VAR_DIR = Path(env("VAR_DIR", default=str(REPO_DIR / "var")))
+DATABASES = {"default": env.db("DATABASE_URL", default=f"sqlite:///{VAR_DIR / 'db.sqlite3'}")}
+STATIC_ROOT = env.path("STATIC_ROOT", default=str(VAR_DIR / "static"))
 _broker_dir = VAR_DIR / "celery" / "broker"
 # NOTE: kombu's filesystem transport needs its folders to exist before the first message.
 for _folder in (_broker_dir / "out", _broker_dir / "processed", VAR_DIR / "celery" / "results"):
