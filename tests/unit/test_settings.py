@@ -1,0 +1,64 @@
+"""Production settings refuse to start half-configured and pass Django's deployment checks."""
+
+import os
+import secrets
+import subprocess
+import sys
+
+import pytest
+
+from tests.support.stack import MANAGE, POSTGRES_ADMIN_URL
+
+
+def manage_with(env: dict[str, str], *args: str) -> subprocess.CompletedProcess:
+    base = {k: v for k, v in os.environ.items() if k not in {"SECRET_KEY", "ALLOWED_HOSTS", "DATABASE_URL"}}
+    base["DJANGO_SETTINGS_MODULE"] = "prayer_room_api.settings.production"
+    return subprocess.run(
+        [sys.executable, str(MANAGE), *args], env={**base, **env}, capture_output=True, text=True, timeout=120
+    )
+
+
+PRODUCTION = {
+    "SECRET_KEY": secrets.token_urlsafe(50),
+    "ALLOWED_HOSTS": "prayer.example.org",
+    "DATABASE_URL": POSTGRES_ADMIN_URL,
+}
+
+
+def test_check_deploy_is_clean_behind_a_tls_proxy():
+    result = manage_with(PRODUCTION, "check", "--deploy", "--fail-level", "WARNING")
+    assert result.returncode == 0, result.stderr
+    assert "no issues" in result.stdout
+
+
+@pytest.mark.parametrize(
+    ("missing", "message"),
+    [
+        ("SECRET_KEY", "SECRET_KEY is not set"),
+        ("ALLOWED_HOSTS", "ALLOWED_HOSTS is not set"),
+    ],
+)
+def test_production_refuses_to_start_without_a_required_setting(missing, message):
+    env = {k: v for k, v in PRODUCTION.items() if k != missing}
+    result = manage_with(env, "check")
+    assert result.returncode != 0
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_production_refuses_sqlite():
+    result = manage_with({**PRODUCTION, "DATABASE_URL": "sqlite:////tmp/x.sqlite3"}, "check")
+    assert result.returncode != 0
+    assert "DATABASE_URL must point at PostgreSQL" in result.stderr
+
+
+def test_a_bad_number_names_the_variable():
+    result = manage_with({**PRODUCTION, "WEB_WORKERS": "two"}, "check")
+    assert result.returncode != 0
+    assert "WEB_WORKERS must be a whole number, got 'two'" in result.stderr
+
+
+def test_the_secret_key_is_never_printed_in_an_error():
+    result = manage_with({**PRODUCTION, "WEB_WORKERS": "0"}, "check")
+    assert result.returncode != 0
+    assert PRODUCTION["SECRET_KEY"] not in result.stdout + result.stderr
