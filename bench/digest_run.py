@@ -1,0 +1,52 @@
+"""One digest measurement in a fresh process, so peak memory is the run's own.
+
+`python -m bench.digest_run seed N` fills the database in DATABASE_URL with N opted-in users;
+`python -m bench.digest_run send` runs the daily user digest once and prints its figures as JSON.
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+import sys
+import time
+from pathlib import Path
+
+
+def rss_mb() -> float:
+    pages = int(Path("/proc/self/statm").read_text().split()[1])
+    return pages * resource.getpagesize() / 2**20
+
+
+def send() -> dict:
+    from django.db import connection
+
+    from prayer_room_api.tasks import send_user_digest
+
+    queries = 0
+
+    def count(execute, sql, params, many, context):
+        nonlocal queries
+        queries += 1
+        return execute(sql, params, many, context)
+
+    connection.ensure_connection()
+    before = rss_mb()
+    with connection.execute_wrapper(count):
+        started = time.perf_counter()
+        summary = send_user_digest("daily")  # the task body, in this one process
+        seconds = time.perf_counter() - started
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return {"seconds": seconds, "queries": queries, "peak_rss_mb": peak, "rss_before_mb": before, **summary}
+
+
+if __name__ == "__main__":
+    import django
+
+    django.setup()
+    if sys.argv[1] == "seed":
+        from bench.fixtures import digest_users
+
+        digest_users(int(sys.argv[2]))
+    else:
+        print("BENCH_JSON " + json.dumps(send()), flush=True)
