@@ -77,7 +77,7 @@ def _not_claimed(kind: str, period: datetime) -> Exists:
     return ~Exists(DigestDelivery.objects.filter(user=OuterRef("pk"), kind=kind, period_start=period))
 
 
-def _send_claimed(
+def send_claimed(
     run: DigestRun, messages: dict[int, EmailMultiAlternatives], now: datetime, period: datetime
 ) -> DigestRun:
     """Claim a delivery per user, send the won ones over one connection, record the outcome."""
@@ -152,7 +152,7 @@ def send_user_digests(kind: str, now: datetime | None = None) -> DigestRun:
         for user in users
         if user.digest_requests
     }
-    return _send_claimed(run, messages, now, period)
+    return send_claimed(run, messages, now, period)
 
 
 def send_moderator_digest(now: datetime | None = None) -> DigestRun:
@@ -197,7 +197,7 @@ def send_moderator_digest(now: datetime | None = None) -> DigestRun:
         )
         for user in due
     }
-    return _send_claimed(run, messages, now, period)
+    return send_claimed(run, messages, now, period)
 
 
 def send_response_notification(request_id: int) -> bool:

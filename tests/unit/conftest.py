@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import itertools
+import smtplib
 
 import pytest
 from django.contrib.auth import get_user_model
 from django.core.cache import cache
 from django.core.mail.backends.locmem import EmailBackend
 from django.utils import timezone
-from prayer_room_api.models import Location, PrayerRequest, UserProfile
 from rest_framework.test import APIClient
+
+from prayer_room_api.models import Location, PrayerRequest, UserProfile
 
 _serial = itertools.count(1)
 
@@ -25,6 +27,17 @@ class ConnectionCountingBackend(EmailBackend):
         return super().open()
 
 
+class BouncingBackend(EmailBackend):
+    """The locmem backend, refusing recipients whose address starts with "bounce"."""
+
+    def send_messages(self, messages):
+        for message in messages:
+            refused = [to for to in message.to if to.startswith("bounce")]
+            if refused:
+                raise smtplib.SMTPRecipientsRefused(dict.fromkeys(refused, (550, b"no such user")))
+        return super().send_messages(messages)
+
+
 @pytest.fixture(autouse=True)
 def fresh_throttle_counters():
     cache.clear()
@@ -37,6 +50,11 @@ def counted_connections(settings):
     settings.EMAIL_BACKEND = f"{__name__}.ConnectionCountingBackend"
     ConnectionCountingBackend.opened = 0
     return ConnectionCountingBackend
+
+
+@pytest.fixture
+def bouncing_email(settings):
+    settings.EMAIL_BACKEND = f"{__name__}.BouncingBackend"
 
 
 @pytest.fixture
@@ -64,7 +82,12 @@ def make_request(location):
         fields.setdefault("location", location)
         if approved:
             fields.setdefault("approved_at", timezone.now())
-        return PrayerRequest.objects.create(**fields)
+        created_at = fields.pop("created_at", None)
+        request = PrayerRequest.objects.create(**fields)
+        if created_at is not None:  # auto_now_add ignores a given value
+            PrayerRequest.objects.filter(pk=request.pk).update(created_at=created_at)
+            request.refresh_from_db()
+        return request
 
     return make
 
