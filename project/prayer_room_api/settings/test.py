@@ -1,5 +1,7 @@
 """Tests: real PostgreSQL and Redis on localhost, tasks run in-process unless a test starts a worker."""
 
+import os
+
 from .base import *  # noqa: F403
 from .base import env
 
@@ -13,3 +15,5 @@ CELERY_TASK_ALWAYS_EAGER = True
 CELERY_TASK_EAGER_PROPAGATES = True
 EMAIL_BACKEND = "django.core.mail.backends.locmem.EmailBackend"
 PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
+# One test database per pytest run, so concurrent runs on one machine do not drop each other's.
+DATABASES["default"]["TEST"] = {"NAME": f"test_prayer_room_{os.getpid()}"}
