@@ -47,6 +47,7 @@ def test_invoke_dev_runs_three_processes_on_sqlite_and_a_filesystem_broker_and_c
                 "data_folder_in": str(broker / "out"),
                 "data_folder_out": str(broker / "out"),
                 "processed_folder": str(broker / "processed"),
+                "control_folder": str(broker / "control"),
             },
         )
         assert client.send_task("prayer_room_api.tasks.ping").get(timeout=60)["release"] == "dev"

@@ -14,7 +14,12 @@ DATABASES = {"default": env.db("DATABASE_URL", default=f"sqlite:///{VAR_DIR / 'd
 STATIC_ROOT = env.path("STATIC_ROOT", default=str(VAR_DIR / "static"))
 _broker_dir = VAR_DIR / "celery" / "broker"
 # NOTE: kombu's filesystem transport needs its folders to exist before the first message.
-for _folder in (_broker_dir / "out", _broker_dir / "processed", VAR_DIR / "celery" / "results"):
+for _folder in (
+    _broker_dir / "out",
+    _broker_dir / "processed",
+    _broker_dir / "control",
+    VAR_DIR / "celery" / "results",
+):
     _folder.mkdir(parents=True, exist_ok=True)
 
 CELERY_BROKER_URL = env("CELERY_BROKER_URL", default="filesystem://")
@@ -22,6 +27,7 @@ CELERY_BROKER_TRANSPORT_OPTIONS = {
     "data_folder_in": str(_broker_dir / "out"),
     "data_folder_out": str(_broker_dir / "out"),
     "processed_folder": str(_broker_dir / "processed"),
+    "control_folder": str(_broker_dir / "control"),
     "store_processed": False,
 }
 CELERY_RESULT_BACKEND = env("CELERY_RESULT_BACKEND", default=f"file://{VAR_DIR / 'celery' / 'results'}")
