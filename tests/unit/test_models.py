@@ -3,6 +3,7 @@ import threading
 import pytest
 from django.db import IntegrityError, connection
 from django.utils import timezone
+
 from prayer_room_api.models import DigestDelivery, Location, Prayer, PrayerRequest, UserProfile
 
 pytestmark = pytest.mark.django_db
@@ -55,7 +56,7 @@ def test_record_prayer_counts_and_logs_each_prayer(make_request):
     assert Prayer.objects.filter(request=request).count() == 2
 
 
-@pytest.mark.django_db(transaction=True)
+@pytest.mark.django_db(transaction=True, serialized_rollback=True)
 def test_concurrent_prayers_are_all_counted(make_request):
     request = make_request()
     errors = []
