@@ -38,6 +38,7 @@ class Result:
     params: dict = field(default_factory=dict)
     raw: dict = field(default_factory=dict)
     error: str | None = None
+    skipped: str | None = None
 
 
 def machine() -> dict:
@@ -67,6 +68,7 @@ def write(result: Result, results_dir: Path = RESULTS_DIR) -> Path:
         "rows": rows,
         "raw": result.raw,
         "error": result.error,
+        "skipped": result.skipped,
     }
     path.write_text(json.dumps(document, indent=2, default=_jsonable) + "\n")
     return path
@@ -93,8 +95,9 @@ def table(results: list[Result]) -> str:
     header = ("benchmark", "metric", "ours", "baseline", "ratio", "target", "met")
     lines = [header]
     for result in results:
-        if result.error:
-            lines.append((result.name, f"ERROR: {result.error}", "", "", "", "", ""))
+        if result.error or result.skipped:
+            note = f"ERROR: {result.error}" if result.error else f"skipped: {result.skipped}"
+            lines.append((result.name, note, "", "", "", "", ""))
         for row in result.rows:
             met = "" if row.met is None else ("yes" if row.met else "NO")
             ours = f"{_fmt(row.ours)} {row.unit}".strip()
