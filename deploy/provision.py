@@ -1,0 +1,428 @@
+"""`fab provision`: take a fresh Debian 12 / Ubuntu 24.04 server to one `fab deploy` can fill; a re-run changes nothing.
+
+Every step first reads what is there and only acts on a difference, so each reports whether it changed
+anything. Rendering (env file, supervisord main config, systemd unit, nginx site) is pure; the steps
+only compare and upload.
+"""
+
+from __future__ import annotations
+
+import io
+import re
+import secrets
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, replace
+from pathlib import Path, PurePosixPath
+from urllib.parse import quote, unquote, urlsplit
+
+from fabric import Connection
+
+from deploy.config import DeployConfig
+from deploy.errors import DeployError
+from deploy.layout import WEB_PORTS
+from deploy.onserver import read_env_file
+from deploy.remote import Server, connect, sh
+from deploy.render import render_supervisord_conf, template_environment
+
+TEMPLATE_DIR = Path(__file__).resolve().parent / "templates" / "provision"
+PACKAGES = ("python3-venv", "postgresql", "redis-server", "nginx", "supervisor")
+SERVICES = ("postgresql", "redis-server", "nginx")
+# Debian's and Ubuntu's supervisor package: root-owned and patched by apt. Its own system-wide
+# supervisor.service is turned off; the app runs its own supervisord from UNIT with our config.
+SUPERVISORD = "/usr/bin/supervisord"
+UNIT = "prayer-room.service"
+UNIT_PATH = PurePosixPath("/etc/systemd/system") / UNIT
+NGINX_SITE = PurePosixPath("/etc/nginx/sites-available/prayer-room")
+NGINX_ENABLED = PurePosixPath("/etc/nginx/sites-enabled/prayer-room")
+NGINX_DEFAULT = PurePosixPath("/etc/nginx/sites-enabled/default")
+DATABASE = "prayer_room"
+BROKER_URL = "redis://127.0.0.1:6379/0"
+# gunicorn's own timeout (WEB_TIMEOUT) is 30 s; nginx must wait at least that long for an answer.
+PROXY_READ_TIMEOUT = 60
+MIN_PYTHON = (3, 11)
+_SQL_NAME = re.compile(r"[a-z_][a-z0-9_]{0,62}")
+
+
+@dataclass(frozen=True)
+class Step:
+    """What one provision step did: whether it changed the server, how long it took, and a short note."""
+
+    name: str
+    changed: bool
+    seconds: float
+    note: str = ""
+
+
+# --- pure rendering -------------------------------------------------------------------------
+
+
+def site_names(config: DeployConfig, host: str) -> list[str]:
+    """The names the site answers to: the configured domain, then the address or name given with -H."""
+    names = [name for name in (config.domain, host) if name]
+    return list(dict.fromkeys(names))
+
+
+def env_defaults(config: DeployConfig, host: str, *, secret_key: str, db_password: str) -> dict[str, str]:
+    """The env file's values for a server without TLS (the health check reaches gunicorn as 127.0.0.1)."""
+    layout = config.layout
+    role = config.user.replace("-", "_")
+    return {
+        "DJANGO_SETTINGS_MODULE": config.settings_module,
+        "SECRET_KEY": secret_key,
+        "ALLOWED_HOSTS": ",".join([*site_names(config, host), "127.0.0.1", "localhost"]),
+        "DATABASE_URL": f"postgres://{role}:{quote(db_password, safe='')}@127.0.0.1:5432/{DATABASE}",
+        "CELERY_BROKER_URL": BROKER_URL,
+        "STATIC_ROOT": str(layout.static),
+        "SECURE_SSL_REDIRECT": "false",
+        "SECURE_COOKIES": "false",
+    }
+
+
+def merge_env_file(existing: str | None, defaults: Mapping[str, str]) -> str:
+    """The env file text: `existing` untouched plus a line for each default it lacks (the whole file when new)."""
+    if existing is None:
+        return template_environment(TEMPLATE_DIR).get_template("env.j2").render(values=defaults)
+    present = read_env_file(existing)
+    missing = [f"{key}={value}\n" for key, value in defaults.items() if key not in present]
+    if not missing:
+        return existing
+    return existing + ("" if existing.endswith("\n") or not existing else "\n") + "".join(missing)
+
+
+def render_nginx_site(config: DeployConfig, host: str, *, ipv6: bool = True) -> str:
+    """The nginx site: both web ports behind one upstream, static files from the shared directory."""
+    return (
+        template_environment(TEMPLATE_DIR)
+        .get_template("nginx-site.conf.j2")
+        .render(
+            upstream="prayer_room_web",
+            web_ports=WEB_PORTS,
+            ipv6=ipv6,
+            server_names=site_names(config, host),
+            max_body="1m",
+            static_root=str(config.layout.static),
+            read_timeout=PROXY_READ_TIMEOUT,
+        )
+    )
+
+
+def render_unit(config: DeployConfig) -> str:
+    """The systemd unit that keeps the app's supervisord (and so web, worker, beat) up across reboots."""
+    return (
+        template_environment(TEMPLATE_DIR)
+        .get_template("app.service.j2")
+        .render(
+            supervisord=SUPERVISORD,
+            supervisor_conf=str(config.layout.supervisor_conf),
+            # The worker may take task_time_limit + 30 s to stop (its stopwaitsecs): wait a little longer.
+            stop_timeout=config.task_time_limit + 60,
+        )
+    )
+
+
+def render_supervisord_main(config: DeployConfig) -> str:
+    """supervisord's root-owned main config: the app user's private socket, and the programs deploy renders."""
+    layout = config.layout
+    return render_supervisord_conf(
+        {
+            "processes": {},
+            "log_dir": str(layout.logs),
+            "supervisord": {
+                "socket": str(layout.supervisor_socket),
+                "socket_owner": f"{config.user}:{config.user}",
+                "pidfile": str(layout.run / "supervisord.pid"),
+                "logfile": str(layout.logs / "supervisord.log"),
+                "include": (str(layout.programs_conf),),
+            },
+        }
+    )
+
+
+def directories(config: DeployConfig) -> list[tuple[PurePosixPath, str, str]]:
+    """(path, owner, mode) of every directory provision creates; nginx must traverse down to static/."""
+    layout, user = config.layout, config.user
+    return [
+        (layout.root, user, "755"),
+        (layout.releases, user, "755"),
+        (layout.venvs, user, "755"),
+        (layout.env_file.parent, user, "755"),
+        (layout.static, user, "755"),
+        (layout.logs, user, "750"),
+        (layout.run, user, "750"),
+        (layout.etc, "root", "755"),
+    ]
+
+
+def check_facts(facts: Mapping[str, str], where: str) -> None:
+    """Refuse a server provision cannot handle, before anything changes, with what to do about it."""
+    if facts.get("systemd") != "yes":
+        raise DeployError(
+            f"{where}: the server does not run systemd (PID 1 is {facts.get('init') or 'unknown'}), which provision "
+            "needs to bring the site back after a reboot; use a Debian 12 or Ubuntu 24.04 server with systemd."
+        )
+    if facts.get("apt") != "yes":
+        raise DeployError(
+            f"{where}: no apt-get on {facts.get('os') or 'this system'}; provision supports Debian 12 and Ubuntu 24.04."
+        )
+    python = facts.get("python", "")
+    if not re.fullmatch(r"\d+\.\d+", python) or tuple(map(int, python.split("."))) < MIN_PYTHON:
+        found = f"python3 {python}" if python else "no python3"
+        raise DeployError(
+            f"{where}: {found}; the app needs python3 >= {'.'.join(map(str, MIN_PYTHON))} (Debian 12, Ubuntu 24.04)."
+        )
+
+
+def parse_facts(text: str) -> dict[str, str]:
+    return dict(line.split("=", 1) for line in text.splitlines() if "=" in line)
+
+
+FACTS_SCRIPT = """\
+if [ -d /run/systemd/system ]; then echo systemd=yes; else echo systemd=no; fi
+echo "init=$(cat /proc/1/comm 2>/dev/null)"
+if command -v apt-get >/dev/null 2>&1; then echo apt=yes; else echo apt=no; fi
+echo "os=$(. /etc/os-release 2>/dev/null && echo "$PRETTY_NAME")"
+echo "python=$(python3 -c 'import sys; print("%d.%d" % sys.version_info[:2])' 2>/dev/null)"
+"""
+
+
+# --- steps on the server -----------------------------------------------------------------------
+
+
+def connect_for_provision(conn: Connection, config: DeployConfig) -> Server:
+    """Open and check the server (reachable, key accepted, root or passwordless sudo, systemd, apt, python3).
+
+    Only reads: a refused server is left exactly as it was.
+    """
+    # NOTE: deploy.remote.connect also insists the app user exists, which provision is about to create:
+    # check against root (always there) and hand back a Server for the configured user.
+    checked = connect(conn, replace(config, user="root", require_systemd=True))
+    server = Server(conn, config, checked.is_root, checked.sudo_password, app_home=str(config.layout.root))
+    facts = parse_facts(server.root(FACTS_SCRIPT, what="inspecting the server").stdout)
+    check_facts(facts, server.name)
+    return server
+
+
+def install_packages(server: Server) -> bool:
+    """apt-get install what is missing of PACKAGES; make sure the services they bring are enabled and running."""
+    query = server.root(
+        sh("dpkg-query", "--show", "--showformat=${Package} ${db:Status-Abbrev}\n", *PACKAGES),
+        what="listing installed packages",
+        warn=True,
+    )
+    installed = {words[0] for words in map(str.split, query.stdout.splitlines()) if words[1:2] == ["ii"]}
+    missing = [package for package in PACKAGES if package not in installed]
+    if missing:
+        apt = "DEBIAN_FRONTEND=noninteractive apt-get -q -y -o DPkg::Lock::Timeout=300"
+        server.root(
+            f"{apt} update && {apt} install --no-install-recommends -o Dpkg::Options::=--force-confold {sh(*missing)}",
+            what=f"installing {' '.join(missing)} (apt-get)",
+            timeout=1200,
+        )
+    return bool(missing) | ensure_services(server, SERVICES)
+
+
+def ensure_services(server: Server, units: tuple[str, ...]) -> bool:
+    """Enable and start each unit that is not already enabled and active."""
+    states = server.root(
+        f'for u in {sh(*units)}; do echo "$u $(systemctl is-enabled $u) $(systemctl is-active $u)"; done',
+        what="checking services",
+    )
+    todo = [words[0] for words in map(str.split, states.stdout.splitlines()) if words[1:] != ["enabled", "active"]]
+    if todo:
+        server.root(sh("systemctl", "enable", "--now", *todo), what=f"starting {' '.join(todo)}")
+    return bool(todo)
+
+
+def ensure_app_user(server: Server) -> bool:
+    """The unprivileged system user the programs run as, its home the app directory, no login shell."""
+    user = server.config.user
+    if server.root(sh("getent", "passwd", user), what="looking up the app user", warn=True).exited == 0:
+        return False
+    server.root(
+        sh(
+            "useradd", "--system", "--user-group", "--no-create-home",
+            "--home-dir", server.config.layout.root, "--shell", "/usr/sbin/nologin", user,
+        ),
+        what=f"creating the app user {user}",
+    )  # fmt: skip
+    return True
+
+
+def ensure_directories(server: Server) -> bool:
+    """Create or fix the layout's directories (owner and mode), as `directories` lists them."""
+    wanted = directories(server.config)
+    stat = server.root(
+        sh("stat", "--format=%n %U %G %a", *[path for path, _, _ in wanted]), what="checking directories", warn=True
+    )
+    current = {words[0]: words[1:] for words in map(str.split, stat.stdout.splitlines())}
+    todo = [(path, owner, mode) for path, owner, mode in wanted if current.get(str(path)) != [owner, owner, mode]]
+    for path, owner, mode in todo:
+        server.root(sh("install", "-d", "-o", owner, "-g", owner, "-m", mode, path), what=f"creating {path}")
+    return bool(todo)
+
+
+def sync_file(server: Server, path: PurePosixPath, text: str, *, owner: str, mode: str) -> bool:
+    """Upload `text` to `path` unless it is there already with that owner and mode; True when it changed."""
+    current = server.read(path, what=f"reading {path}")
+    if current == text:
+        stat = server.root(sh("stat", "--format=%U %G %a", path), what=f"checking {path}").stdout.split()
+        if stat == [owner, owner, mode.lstrip("0")]:
+            return False
+    server.upload(text, path, owner=owner, mode=mode, what=f"writing {path}")
+    return True
+
+
+def ensure_env_file(server: Server, host: str) -> tuple[bool, dict[str, str], bool]:
+    """Write the shared env file's missing keys (mode 0600, app user); existing values are kept.
+
+    Returns (changed, the values, whether DATABASE_URL was newly generated). Nothing in it is ever printed.
+    """
+    config = server.config
+    existing = server.read(config.layout.env_file, what="reading the env file")
+    had_database_url = existing is not None and "DATABASE_URL" in read_env_file(existing)
+    defaults = env_defaults(config, host, secret_key=secrets.token_urlsafe(50), db_password=secrets.token_urlsafe(24))
+    text = merge_env_file(existing, defaults)
+    changed = sync_file(server, config.layout.env_file, text, owner=config.user, mode="0600")
+    return changed, read_env_file(text), not had_database_url
+
+
+def ensure_database(server: Server, database_url: str, *, new_password: bool) -> tuple[bool, str]:
+    """The PostgreSQL role and database DATABASE_URL names (password auth on 127.0.0.1), UTF-8 whatever the locale."""
+    url = urlsplit(database_url)
+    if url.hostname not in ("127.0.0.1", "localhost", "::1"):
+        return False, f"DATABASE_URL points at {url.hostname}: left alone"
+    role, name = url.username or "", url.path.lstrip("/")
+    if not (_SQL_NAME.fullmatch(role) and _SQL_NAME.fullmatch(name)):
+        raise DeployError(
+            "the env file's DATABASE_URL user and database name must be lower-case letters, digits and _; fix it there."
+        )
+
+    def psql(sql: str | None = None, *, stdin: str | None = None, what: str):
+        command = sh("runuser", "-u", "postgres", "--", "psql", "-X", "-q", "-tA", "-v", "ON_ERROR_STOP=1")
+        if sql:
+            command += " " + sh("-c", sql)
+        kwargs = {"in_stream": io.StringIO(stdin)} if stdin else {}
+        return server.root(f"cd / && {command}", what=what, **kwargs)
+
+    exists = psql(
+        f"SELECT (SELECT count(*) FROM pg_roles WHERE rolname = '{role}'),"
+        f" (SELECT count(*) FROM pg_database WHERE datname = '{name}')",
+        what="looking up the database",
+    ).stdout.strip()
+    role_exists, database_exists = (part == "1" for part in exists.split("|"))
+    password = unquote(url.password or "").replace("'", "''")
+    changed = False
+    if not role_exists or new_password:
+        verb = "ALTER" if role_exists else "CREATE"
+        # The password goes through stdin, never on a command line.
+        psql(stdin=f"{verb} ROLE \"{role}\" LOGIN PASSWORD '{password}';\n", what=f"setting up the role {role}")
+        changed = True
+    if not database_exists:
+        psql(
+            f"CREATE DATABASE \"{name}\" OWNER \"{role}\" ENCODING 'UTF8' LC_COLLATE 'C.UTF-8' LC_CTYPE 'C.UTF-8'"
+            " TEMPLATE template0",
+            what=f"creating the database {name}",
+        )
+        changed = True
+    return changed, ""
+
+
+def ensure_supervisord(server: Server) -> bool:
+    """The root-owned supervisord config and the systemd unit running it, enabled and started."""
+    config = server.config
+    layout = config.layout
+    conf_changed = sync_file(server, layout.supervisor_conf, render_supervisord_main(config), owner="root", mode="0644")
+    unit_changed = sync_file(server, UNIT_PATH, render_unit(config), owner="root", mode="0644")
+    changed = conf_changed or unit_changed
+    # Debian's system-wide supervisord is not ours: stop it, so only one runs.
+    debian = server.root(
+        "systemctl is-enabled supervisor.service; systemctl is-active supervisor.service",
+        what="checking Debian's supervisor.service",
+        warn=True,
+    )
+    if debian.stdout.split()[:2] != ["disabled", "inactive"]:
+        server.root("systemctl disable --now supervisor.service", what="turning off Debian's supervisor.service")
+        changed = True
+    if unit_changed:
+        server.root("systemctl daemon-reload", what="reloading systemd")
+    state = server.root(f"systemctl is-enabled {UNIT}; systemctl is-active {UNIT}", what=f"checking {UNIT}", warn=True)
+    enabled, active = (state.stdout.split() + ["", ""])[:2]
+    if enabled != "enabled":
+        server.root(sh("systemctl", "enable", UNIT), what=f"enabling {UNIT}")
+        changed = True
+    if active != "active":
+        server.root(sh("systemctl", "start", UNIT), what=f"starting {UNIT}")
+        changed = True
+    elif changed:
+        server.root(sh("systemctl", "restart", UNIT), what=f"restarting {UNIT}")
+    wait_for_socket(server, layout.supervisor_socket)
+    return changed
+
+
+def wait_for_socket(server: Server, socket: PurePosixPath, timeout: int = 20) -> None:
+    """Wait until supervisord answers on its socket; raise with the unit's last log lines if it does not."""
+    probe = f"for i in $(seq {timeout * 5}); do test -S {sh(socket)} && exit 0; sleep 0.2; done; exit 1"
+    if server.root(probe, what="waiting for supervisord", warn=True).exited == 0:
+        return
+    log = server.root(sh("journalctl", "-u", UNIT, "-n", "5", "--no-pager"), what="reading the log", warn=True)
+    raise DeployError(f"supervisord did not start on {server.name}: {log.stdout.strip()[-800:]}")
+
+
+def ensure_nginx(server: Server, host: str) -> bool:
+    """The nginx site, enabled in place of Debian's default one, checked with `nginx -t` before a reload."""
+    changed = sync_file(server, NGINX_SITE, render_nginx_site(server.config, host), owner="root", mode="0644")
+    links = server.root(
+        f"readlink {sh(NGINX_ENABLED)}; test -e {sh(NGINX_DEFAULT)} && echo default",
+        what="checking the enabled nginx sites",
+        warn=True,
+    ).stdout.split()
+    if str(NGINX_SITE) not in links:
+        server.root(sh("ln", "-sfn", NGINX_SITE, NGINX_ENABLED), what="enabling the nginx site")
+        changed = True
+    if "default" in links:
+        server.root(sh("rm", "-f", NGINX_DEFAULT), what="disabling nginx's default site")
+        changed = True
+    if changed:
+        check = server.root("nginx -t", what="checking the nginx config", warn=True)
+        if check.exited != 0:
+            raise DeployError(f"nginx refused the site on {server.name}: {check.stderr.strip()[-800:]}")
+        server.root("systemctl reload-or-restart nginx", what="reloading nginx")
+    return changed
+
+
+# --- the whole thing --------------------------------------------------------------------------
+
+
+def provision(
+    conn: Connection, config: DeployConfig, *, report: Callable[[Step], None] = lambda step: None
+) -> list[Step]:
+    """Check the server, then bring each part to the wanted state; `report` sees each step as it finishes."""
+    server = connect_for_provision(conn, config)
+    host = conn.host
+    steps: list[Step] = []
+
+    def step(name: str, action: Callable[[], bool | tuple[bool, str]]) -> None:
+        started = time.monotonic()
+        result = action()
+        changed, note = result if isinstance(result, tuple) else (result, "")
+        steps.append(Step(name, changed, time.monotonic() - started, note))
+        report(steps[-1])
+
+    env: dict[str, object] = {}
+
+    def env_file() -> bool:
+        changed, env["values"], env["new_password"] = ensure_env_file(server, host)
+        return changed
+
+    step("packages", lambda: install_packages(server))
+    step("app user", lambda: ensure_app_user(server))
+    step("directories", lambda: ensure_directories(server))
+    step("env file", env_file)
+    step(
+        "database",
+        lambda: ensure_database(server, env["values"]["DATABASE_URL"], new_password=bool(env["new_password"])),
+    )
+    step("supervisord", lambda: ensure_supervisord(server))
+    step("nginx", lambda: ensure_nginx(server, host))
+    return steps

@@ -1,0 +1,278 @@
+"""A throwaway Debian 12 "fresh VPS" for end-to-end tests: a cached debootstrap rootfs booted with systemd-nspawn.
+
+The cached rootfs has only what the deploy contract promises on a fresh server (systemd, sshd, python3,
+sudo) plus systemd-networkd for a static address. Each container boots a copy of it in its own network
+namespace (`--network-veth`); the host routes and masquerades its traffic, so `apt-get` inside reaches
+the host's Debian mirror as on a real VPS.
+
+Stdlib only: `.ci/setup.d/25-provision.sh` runs `python3 tests/support/nspawn.py build` before any venv exists.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+CACHE_DIR = Path(os.environ.get("PRAYER_ROOM_TEST_CACHE", "/var/cache/prayer-room-tests"))
+SUITE = "bookworm"
+# Bump when the package set or the build steps change: a new name means a fresh build.
+ROOTFS = CACHE_DIR / f"rootfs-{SUITE}-v1"
+PACKAGES = ("systemd", "systemd-sysv", "dbus", "openssh-server", "python3", "sudo", "iproute2")
+HOST_TOOLS = ("debootstrap", "systemd-nspawn", "nft", "ip", "ssh-keygen")
+SUBNET_PREFIX = "10.231"
+
+
+def missing_tools() -> str | None:
+    """Why containers cannot run here (not root, a tool missing), or None."""
+    if os.geteuid() != 0:
+        return "booting a container needs root"
+    missing = [tool for tool in HOST_TOOLS if not shutil.which(tool)]
+    if missing:
+        return f"missing {', '.join(missing)} (see .ci/setup.d/25-provision.sh)"
+    return None
+
+
+def host_sources() -> list[Path]:
+    """The host's enabled apt source files, copied into the rootfs so it uses the same mirror."""
+    files = [Path("/etc/apt/sources.list")] + sorted(Path("/etc/apt/sources.list.d").glob("*"))
+    return [f for f in files if f.is_file() and f.suffix in (".list", ".sources") and f.stat().st_size]
+
+
+def debian_mirror() -> str:
+    """The first Debian mirror URI the host's apt sources name (debootstrap fetches the base system from it)."""
+    for source in host_sources():
+        for line in source.read_text().splitlines():
+            words = line.split()
+            if line.startswith("URIs:") and len(words) > 1 and "security" not in words[1]:
+                return words[1]
+            if words[:1] == ["deb"] and len(words) > 2 and "security" not in line:
+                return next(w for w in words[1:] if "://" in w)
+    return "http://deb.debian.org/debian"
+
+
+def build_rootfs(target: Path = ROOTFS) -> Path:
+    """Build the cached rootfs once (about a minute); later calls return it at once."""
+    if (target / ".complete").exists():
+        return target
+    partial = target.with_name(target.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.parent.mkdir(parents=True, exist_ok=True)
+    subprocess.run(
+        ["debootstrap", "--variant=minbase", f"--include={','.join(PACKAGES)}", SUITE, str(partial), debian_mirror()],
+        check=True,
+        stdout=subprocess.DEVNULL,
+    )
+    (partial / "etc/apt/sources.list").unlink(missing_ok=True)
+    for source in host_sources():
+        shutil.copy(source, partial / "etc/apt" / source.relative_to("/etc/apt"))
+    subprocess.run(["chroot", str(partial), "systemctl", "enable", "systemd-networkd", "ssh"], check=True)
+    subprocess.run(["chroot", str(partial), "apt-get", "clean"], check=True)
+    (partial / "etc/hostname").write_text("vps\n")
+    (partial / ".complete").write_text(time.strftime("%F %T\n"))
+    partial.rename(target)
+    return target
+
+
+def _run(*args: str, check: bool = True) -> subprocess.CompletedProcess:
+    return subprocess.run(args, check=check, capture_output=True, text=True)
+
+
+def _free_subnet() -> int:
+    routes = _run("ip", "-4", "route").stdout
+    free = [n for n in range(1, 255) if f"{SUBNET_PREFIX}.{n}." not in routes]
+    return random.choice(free)
+
+
+@dataclass
+class Container:
+    """One booted copy of the rootfs, reachable over SSH as root with `key` at `address`."""
+
+    workdir: Path
+    name: str = field(default_factory=lambda: f"prt-{random.randrange(16**4):04x}")
+    subnet: int = field(default_factory=_free_subnet)
+    process: subprocess.Popen | None = None
+    boots: int = 0
+
+    @property
+    def address(self) -> str:
+        return f"{SUBNET_PREFIX}.{self.subnet}.2"
+
+    @property
+    def gateway(self) -> str:
+        return f"{SUBNET_PREFIX}.{self.subnet}.1"
+
+    @property
+    def rootfs(self) -> Path:
+        return self.workdir / "rootfs"
+
+    @property
+    def key(self) -> Path:
+        return self.workdir / "id_ed25519"
+
+    @property
+    def host_link(self) -> str:
+        return f"ve-{self.name}"
+
+    @property
+    def console_log(self) -> Path:
+        return self.workdir / "console.log"
+
+    def create(self, base: Path = ROOTFS) -> Container:
+        """Copy the rootfs, give it a static address on host0 and authorize a fresh root key."""
+        subprocess.run(["cp", "-a", "--reflink=auto", str(base), str(self.rootfs)], check=True)
+        network = self.rootfs / "etc/systemd/network/10-host0.network"
+        network.write_text(
+            f"[Match]\nName=host0\n\n[Network]\nAddress={self.address}/24\nGateway={self.gateway}\nLinkLocalAddressing=no\n"
+        )
+        _run("ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "prayer-room-tests", "-f", str(self.key))
+        ssh_dir = self.rootfs / "root/.ssh"
+        ssh_dir.mkdir(mode=0o700, exist_ok=True)
+        shutil.copy(self.key.with_suffix(".pub"), ssh_dir / "authorized_keys")
+        return self
+
+    def add_user(self, name: str, *, sudo: bool) -> None:
+        """A login user with the same key, with passwordless sudo or none (before boot or while running)."""
+        chroot = ["chroot", str(self.rootfs)]
+        subprocess.run([*chroot, "useradd", "--create-home", "--shell", "/bin/bash", name], check=True)
+        home = self.rootfs / "home" / name
+        (home / ".ssh").mkdir(mode=0o700)
+        shutil.copy(self.key.with_suffix(".pub"), home / ".ssh/authorized_keys")
+        subprocess.run([*chroot, "chown", "-R", f"{name}:{name}", f"/home/{name}/.ssh"], check=True)
+        if sudo:
+            rule = self.rootfs / "etc/sudoers.d" / name
+            rule.write_text(f"{name} ALL=(ALL) NOPASSWD:ALL\n")
+            rule.chmod(0o440)
+
+    def boot(self, *, init: bool = True, timeout: float = 60) -> None:
+        """Start the container (systemd as PID 1, or sshd alone with init=False) and wait for sshd."""
+        command = [
+            "systemd-nspawn",
+            f"--directory={self.rootfs}",
+            f"--machine={self.name}",
+            "--network-veth",
+            "--resolv-conf=replace-host",
+            # NOTE: no systemd (and so no D-Bus) on the test host: skip machined and the scope unit.
+            "--register=no",
+            "--keep-unit",
+            "--console=passive" if init else "--console=pipe",
+        ]
+        if init:
+            command.append("--boot")
+        else:
+            # A server without systemd: sshd in the foreground as PID 1, and the address set up by us.
+            command += ["--", "/bin/sh", "-c", self._no_init_script()]
+        log = self.console_log.open("ab")
+        self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        self.boots += 1
+        self._connect_host_side(timeout)
+        self.wait_for_ssh(timeout)
+
+    def _no_init_script(self) -> str:
+        return (
+            "while ! ip link show host0 | grep -q UP; do ip link set host0 up; sleep 0.2; done; "
+            f"ip addr add {self.address}/24 dev host0; ip route add default via {self.gateway}; "
+            "mkdir -p /run/sshd; exec /usr/sbin/sshd -D -e"
+        )
+
+    def _connect_host_side(self, timeout: float) -> None:
+        """Address and NAT for the host end of the veth (recreated at every boot)."""
+        deadline = time.monotonic() + timeout
+        while _run("ip", "link", "show", self.host_link, check=False).returncode:
+            self._check_alive()
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{self.host_link} did not appear; see {self.console_log}")
+            time.sleep(0.1)
+        _run("ip", "addr", "replace", f"{self.gateway}/24", "dev", self.host_link)
+        _run("ip", "link", "set", self.host_link, "up")
+        Path("/proc/sys/net/ipv4/ip_forward").write_text("1\n")
+        table = self.name.replace("-", "_")
+        _run("nft", "delete", "table", "ip", table, check=False)
+        rules = (
+            f"table ip {table} {{\n  chain postrouting {{\n    type nat hook postrouting priority srcnat;\n"
+            f'    ip saddr {self.address} oifname != "{self.host_link}" masquerade\n  }}\n}}\n'
+        )
+        subprocess.run(["nft", "-f", "-"], input=rules, text=True, check=True, capture_output=True)
+
+    def _check_alive(self) -> None:
+        if self.process and self.process.poll() is not None:
+            raise RuntimeError(f"container exited with {self.process.returncode}; see {self.console_log}")
+
+    def wait_for_ssh(self, timeout: float = 60) -> float:
+        """Seconds until sshd answers with its banner."""
+        start = time.monotonic()
+        while True:
+            self._check_alive()
+            try:
+                with socket.create_connection((self.address, 22), timeout=1) as sock:
+                    sock.settimeout(2)
+                    if sock.recv(4).startswith(b"SSH"):
+                        return time.monotonic() - start
+            except OSError:
+                pass
+            if time.monotonic() - start > timeout:
+                raise TimeoutError(f"sshd on {self.address} did not answer in {timeout}s; see {self.console_log}")
+            time.sleep(0.3)
+
+    def ssh(self, command: str, *, user: str = "root", check: bool = True) -> subprocess.CompletedProcess:
+        """Run a command in the container over the real SSH client."""
+        return subprocess.run(
+            ["ssh", *self.ssh_options(), f"{user}@{self.address}", command],
+            capture_output=True,
+            text=True,
+            check=check,
+            timeout=120,
+        )
+
+    def ssh_options(self) -> list[str]:
+        return [
+            "-i",
+            str(self.key),
+            "-o",
+            "BatchMode=yes",
+            "-o",
+            "StrictHostKeyChecking=no",
+            "-o",
+            "UserKnownHostsFile=/dev/null",
+            "-o",
+            "LogLevel=ERROR",
+            "-o",
+            "ConnectTimeout=5",
+        ]
+
+    def reboot(self, timeout: float = 120) -> None:
+        """Reboot from inside (`systemctl reboot`) and boot again: nspawn exits with 133 on a container reboot."""
+        self.ssh("systemctl reboot", check=False)
+        assert self.process is not None
+        self.process.wait(timeout=timeout)
+        self.process = None
+        self.boot(timeout=timeout)
+
+    def stop(self, timeout: float = 60) -> None:
+        """Power off (SIGTERM makes nspawn halt the container cleanly), then kill if it hangs."""
+        if self.process and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self.process = None
+
+    def destroy(self) -> None:
+        self.stop()
+        _run("nft", "delete", "table", "ip", self.name.replace("-", "_"), check=False)
+        shutil.rmtree(self.rootfs, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    if sys.argv[1:] != ["build"]:
+        sys.exit("usage: python3 tests/support/nspawn.py build")
+    started = time.monotonic()
+    print(f"rootfs: {build_rootfs()} ({time.monotonic() - started:.0f}s)")
