@@ -1,8 +1,10 @@
+import threading
 import uuid
 from datetime import UTC, datetime, timedelta
 
 import pytest
 from django.core import mail
+from django.db import connection
 from django.utils import timezone
 
 from prayer_room_api import digests, tasks
@@ -324,3 +326,32 @@ def test_a_failed_notification_can_be_retried(make_user, make_request, bouncing_
     settings.EMAIL_BACKEND = "django.core.mail.backends.locmem.EmailBackend"
     assert digests.send_response_notification(request.pk) is True
     assert len(mail.outbox) == 1
+
+
+@pytest.mark.django_db(transaction=True, serialized_rollback=True)
+def test_concurrent_runs_send_each_digest_once(make_user, make_request):
+    users = [make_user(digest="daily") for _ in range(10)]
+    for user in users:
+        pray(make_request(author=user), MONDAY_8AM - HOUR)
+    start = threading.Barrier(4)
+    results, errors = [], []
+
+    def run():
+        try:
+            start.wait()
+            results.append(digests.send_user_digests("daily", now=MONDAY_8AM))
+        except Exception as exc:  # noqa: BLE001 - reported by the assertion below
+            errors.append(exc)
+        finally:
+            connection.close()
+
+    threads = [threading.Thread(target=run) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+
+    assert errors == []
+    assert sorted(to for m in mail.outbox for to in m.to) == sorted(u.email for u in users)
+    assert sum(len(r.sent) for r in results) == 10
+    assert DigestDelivery.objects.filter(sent_at__isnull=False).count() == 10
