@@ -80,7 +80,12 @@ def _not_claimed(kind: str, period: datetime) -> Exists:
 def send_claimed(
     run: DigestRun, messages: dict[int, EmailMultiAlternatives], now: datetime, period: datetime
 ) -> DigestRun:
-    """Claim a delivery per user, send the won ones over one connection, record the outcome."""
+    """Claim a delivery per user, send the won ones over one connection, record the outcome.
+
+    A claim whose email could not be sent is released, so a retry sends it. A worker killed
+    between claiming and sending leaves its claims unsent: those users skip this period, and
+    their next digest reports everything since their last sent one.
+    """
     if not messages:
         return run
     claim = uuid.uuid4()
@@ -93,24 +98,31 @@ def send_claimed(
     )
     won = set(DigestDelivery.objects.filter(claim=claim).values_list("user_id", flat=True))
     run.already_claimed = len(messages) - len(won)
-    sent_ids, failed_ids = [], []
-    with get_connection() as connection:
-        for user_id in sorted(won):
-            message = messages[user_id]
-            message.connection = connection
-            try:
-                message.send()
-            except Exception:  # noqa: BLE001 - one bad address must not stop the others
-                logger.exception("%s digest to user %s failed", run.kind, user_id)
-                failed_ids.append(user_id)
-            else:
-                sent_ids.append(user_id)
-                run.sent.extend(message.to)
+    sent_ids = []
+    connection_error = None
+    try:
+        with get_connection() as connection:
+            for user_id in sorted(won):
+                message = messages[user_id]
+                message.connection = connection
+                try:
+                    message.send()
+                except Exception:  # noqa: BLE001 - one refused address must not stop the others
+                    logger.exception("%s digest to user %s failed", run.kind, user_id)
+                else:
+                    sent_ids.append(user_id)
+                    run.sent.extend(message.to)
+    except Exception as exc:  # noqa: BLE001 - opening or closing the connection failed; released below
+        logger.exception("%s digest: mail connection failed", run.kind)
+        connection_error = exc
     if sent_ids:
         DigestDelivery.objects.filter(claim=claim, user_id__in=sent_ids).update(sent_at=timezone.now())
-    if failed_ids:
-        DigestDelivery.objects.filter(claim=claim, user_id__in=failed_ids).delete()
-        raise DigestNotSent(f"{run.kind} digest failed for {len(failed_ids)} of {len(won)} users: {failed_ids}")
+    unsent = sorted(won.difference(sent_ids))
+    if unsent:
+        DigestDelivery.objects.filter(claim=claim, user_id__in=unsent).delete()
+        raise DigestNotSent(
+            f"{run.kind} digest not sent to {len(unsent)} of {len(won)} users: {unsent}"
+        ) from connection_error
     return run
 
 

@@ -52,6 +52,18 @@ def counted_connections(settings):
     return ConnectionCountingBackend
 
 
+class UnreachableBackend(EmailBackend):
+    """A mail server that cannot be reached."""
+
+    def open(self):
+        raise ConnectionRefusedError("mail server unreachable")
+
+
+@pytest.fixture
+def unreachable_email(settings):
+    settings.EMAIL_BACKEND = f"{__name__}.UnreachableBackend"
+
+
 @pytest.fixture
 def bouncing_email(settings):
     settings.EMAIL_BACKEND = f"{__name__}.BouncingBackend"

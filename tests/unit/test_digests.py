@@ -179,7 +179,7 @@ def test_a_refused_email_releases_its_claim_so_a_retry_sends_only_it(make_user, 
     for user in (ok, bouncing):
         pray(make_request(author=user), MONDAY_8AM - HOUR)
 
-    with pytest.raises(digests.DigestNotSent, match="1 of 2"):
+    with pytest.raises(digests.DigestNotSent, match="not sent to 1 of 2"):
         digests.send_user_digests("daily", now=MONDAY_8AM)
     assert [m.to for m in mail.outbox] == [["ok@example.org"]]
     assert list(DigestDelivery.objects.values_list("user__email", flat=True)) == ["ok@example.org"]
@@ -187,6 +187,15 @@ def test_a_refused_email_releases_its_claim_so_a_retry_sends_only_it(make_user, 
     settings.EMAIL_BACKEND = "django.core.mail.backends.locmem.EmailBackend"  # the address works again
     digests.send_user_digests("daily", now=MONDAY_8AM + timedelta(minutes=5))
     assert [m.to for m in mail.outbox] == [["ok@example.org"], ["bounce@example.org"]]
+
+
+def test_an_unreachable_mail_server_releases_every_claim(make_user, make_request, unreachable_email, settings):
+    pray(make_request(author=make_user(digest="daily")), MONDAY_8AM - HOUR)
+    with pytest.raises(digests.DigestNotSent, match="not sent to 1 of 1"):
+        digests.send_user_digests("daily", now=MONDAY_8AM)
+    assert not DigestDelivery.objects.exists()
+    settings.EMAIL_BACKEND = "django.core.mail.backends.locmem.EmailBackend"
+    assert len(digests.send_user_digests("daily", now=MONDAY_8AM).sent) == 1
 
 
 def test_a_digest_run_opens_one_connection(make_user, make_request, counted_connections):
