@@ -1,0 +1,187 @@
+"""What `fab provision` renders and refuses, without a server: each file checked by what reads it."""
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from supervisor.options import ServerOptions
+
+from deploy.config import DeployConfig
+from deploy.errors import DeployError
+from deploy.layout import WEB_PORTS
+from deploy.onserver import read_env_file
+from deploy.provision import (
+    FACTS_SCRIPT,
+    UNIT,
+    check_facts,
+    directories,
+    env_defaults,
+    merge_env_file,
+    parse_facts,
+    render_nginx_site,
+    render_supervisord_main,
+    render_unit,
+)
+
+REPO = Path(__file__).resolve().parents[2]
+CONFIG = DeployConfig()
+HOST = "203.0.113.7"
+GOOD_FACTS = {"systemd": "yes", "init": "systemd", "apt": "yes", "os": "Debian GNU/Linux 12", "python": "3.11"}
+
+
+def defaults(config: DeployConfig = CONFIG) -> dict[str, str]:
+    return env_defaults(config, HOST, secret_key="s" * 67, db_password="pw-_1")
+
+
+def production_settings(env: dict[str, str]) -> dict:
+    """The production settings Django builds from `env` (in a subprocess: settings load once per process)."""
+    code = (
+        "import json, django; django.setup(); from django.conf import settings as s; "
+        "print(json.dumps({'hosts': s.ALLOWED_HOSTS, 'db': s.DATABASES['default'], 'broker': s.CELERY_BROKER_URL, "
+        "'ssl_redirect': s.SECURE_SSL_REDIRECT, 'secure_cookies': s.SESSION_COOKIE_SECURE, "
+        "'static_root': str(s.STATIC_ROOT), 'debug': s.DEBUG}, default=str))"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code],
+        env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(REPO / "project"), **env},
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return json.loads(result.stdout)
+
+
+def test_env_file_is_what_production_settings_need_without_tls():
+    values = read_env_file(merge_env_file(None, defaults()))
+    settings = production_settings(values)
+    assert settings["hosts"] == [HOST, "127.0.0.1", "localhost"]
+    assert settings["db"]["ENGINE"] == "django.db.backends.postgresql"
+    assert (settings["db"]["HOST"], settings["db"]["NAME"], settings["db"]["PASSWORD"]) == (
+        "127.0.0.1",
+        "prayer_room",
+        "pw-_1",
+    )
+    assert settings["db"]["USER"] == CONFIG.user.replace("-", "_")
+    assert settings["broker"] == "redis://127.0.0.1:6379/0"
+    assert settings["static_root"] == str(CONFIG.layout.static)
+    assert not settings["ssl_redirect"] and not settings["secure_cookies"] and not settings["debug"]
+
+
+def test_env_file_names_the_domain_first():
+    values = defaults(DeployConfig(domain="prayer.example.org"))
+    assert values["ALLOWED_HOSTS"] == f"prayer.example.org,{HOST},127.0.0.1,localhost"
+
+
+def test_secrets_come_from_the_caller_each_time():
+    first = env_defaults(CONFIG, HOST, secret_key="a", db_password="b")
+    assert first["SECRET_KEY"] == "a" and ":b@" in first["DATABASE_URL"]
+
+
+def test_existing_env_file_is_kept_and_only_missing_keys_are_added():
+    existing = "# mine\nSECRET_KEY='keep-me'\nALLOWED_HOSTS=prayer.example.org\nEMAIL_URL=smtp://x:y@mail:587\n"
+    merged = merge_env_file(existing, defaults())
+    assert merged.startswith(existing)
+    values = read_env_file(merged)
+    assert values["SECRET_KEY"] == "keep-me" and values["ALLOWED_HOSTS"] == "prayer.example.org"
+    assert set(defaults()) <= set(values)
+    assert merge_env_file(merged, env_defaults(CONFIG, HOST, secret_key="other", db_password="other")) == merged
+
+
+def test_existing_env_file_without_final_newline_gets_one():
+    merged = merge_env_file("SECRET_KEY=x", {"SECRET_KEY": "y", "NEW": "1"})
+    assert merged == "SECRET_KEY=x\nNEW=1\n"
+
+
+def test_nginx_site_balances_both_web_ports_and_serves_static():
+    site = render_nginx_site(CONFIG, HOST)
+    for port in WEB_PORTS:
+        assert f"server 127.0.0.1:{port} max_fails=0;" in site
+    assert "proxy_next_upstream error timeout;" in site
+    assert f"alias {CONFIG.layout.static}/;" in site
+    assert f"server_name {HOST};" in site
+    assert "proxy_set_header X-Forwarded-Proto $scheme;" in site
+
+
+@pytest.mark.skipif(not shutil.which("nginx"), reason="nginx is not installed (.ci/setup.d installs it)")
+def test_nginx_accepts_the_site(tmp_path):
+    (tmp_path / "logs").mkdir()
+    site = tmp_path / "site.conf"
+    site.write_text(render_nginx_site(DeployConfig(domain="prayer.example.org"), HOST, ipv6=False))
+    (tmp_path / "nginx.conf").write_text(
+        f"pid {tmp_path}/nginx.pid; error_log {tmp_path}/error.log;\n"
+        f"events {{}}\nhttp {{ access_log off; include {site}; }}\n"
+    )
+    result = subprocess.run(
+        ["nginx", "-t", "-p", str(tmp_path), "-c", str(tmp_path / "nginx.conf")], capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stderr
+
+
+def test_unit_runs_supervisord_in_the_foreground_with_an_absolute_config_and_waits_for_the_worker():
+    unit = render_unit(CONFIG)
+    assert f"ExecStart=/usr/bin/supervisord --nodaemon --configuration {CONFIG.layout.supervisor_conf}\n" in unit
+    assert str(CONFIG.layout.supervisor_conf).startswith("/")
+    assert "KillMode=mixed" in unit and "WantedBy=multi-user.target" in unit
+    stop_timeout = int(unit.split("TimeoutStopSec=")[1].split()[0])
+    assert stop_timeout > CONFIG.task_time_limit + 30  # the worker's stopwaitsecs in supervisord.conf.j2
+    assert "After=network-online.target postgresql.service redis-server.service" in unit
+    assert UNIT == "prayer-room.service"
+
+
+def test_supervisord_main_config_is_private_and_includes_the_deployed_programs(tmp_path):
+    text = render_supervisord_main(CONFIG)
+    assert "[inet_http_server]" not in text
+    assert f"chown={CONFIG.user}:{CONFIG.user}" in text
+    assert f"files = {CONFIG.layout.programs_conf}" in text
+    # supervisord's own parser (as root, an existing user, and the paths moved under tmp_path).
+    config = DeployConfig(user="root", root=str(tmp_path / "srv"), etc=str(tmp_path / "etc"))
+    for path, _, _ in directories(config):
+        Path(path).mkdir(parents=True, exist_ok=True)
+    (tmp_path / "supervisord.conf").write_text(render_supervisord_main(config))
+    options = ServerOptions()
+    options.realize(args=["-c", str(tmp_path / "supervisord.conf")])
+    server = options.server_configs[0]
+    assert server["family"] == 1  # AF_UNIX: no TCP listener
+    assert server["file"] == str(config.layout.supervisor_socket)
+    assert not str(CONFIG.layout.supervisor_socket).startswith("/tmp")
+    assert server["chmod"] == 0o700 and server["chown"] == (0, 0)
+    assert options.pidfile.startswith(str(config.layout.run))
+
+
+def test_directories_let_nginx_reach_static_files_but_not_logs():
+    wanted = {str(path): (owner, mode) for path, owner, mode in directories(CONFIG)}
+    static = CONFIG.layout.static
+    for path in [static, *static.parents][: len(static.parents) - 1]:
+        if str(path) in wanted:
+            assert int(wanted[str(path)][1][-1]) & 1, f"{path} must be traversable by nginx"
+    assert wanted[str(CONFIG.layout.logs)][1] == "750" and wanted[str(CONFIG.layout.run)][1] == "750"
+    assert wanted[str(CONFIG.layout.etc)][0] == "root"
+
+
+@pytest.mark.parametrize(
+    ("facts", "expected"),
+    [
+        ({"systemd": "no", "init": "sshd"}, "does not run systemd (PID 1 is sshd)"),
+        ({"apt": "no", "os": "Fedora Linux 40"}, "no apt-get on Fedora Linux 40"),
+        ({"python": "3.9"}, "python3 3.9; the app needs python3 >= 3.11"),
+        ({"python": ""}, "no python3; the app needs python3 >= 3.11"),
+    ],
+)
+def test_server_that_cannot_be_provisioned_is_refused_with_what_to_do(facts, expected):
+    with pytest.raises(DeployError) as raised:
+        check_facts({**GOOD_FACTS, **facts}, "root@host:22")
+    message = str(raised.value)
+    assert message.startswith("root@host:22: ") and expected in message and "\n" not in message
+
+
+def test_supported_server_passes():
+    check_facts(GOOD_FACTS, "root@host:22")
+
+
+def test_facts_script_reports_every_fact_on_this_machine():
+    facts = parse_facts(subprocess.run(["sh", "-c", FACTS_SCRIPT], capture_output=True, text=True).stdout)
+    assert set(facts) == {"systemd", "init", "apt", "os", "python"}
+    assert facts["apt"] == "yes" and facts["python"].startswith("3.")
