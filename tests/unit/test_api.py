@@ -6,6 +6,7 @@ from django.conf import settings
 from django.core import mail
 from django.core.management import call_command
 from django.utils import timezone
+
 from prayer_room_api.models import Location, PrayerRequest
 
 pytestmark = pytest.mark.django_db
