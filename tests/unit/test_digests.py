@@ -364,3 +364,12 @@ def test_concurrent_runs_send_each_digest_once(make_user, make_request):
     assert sorted(to for m in mail.outbox for to in m.to) == sorted(u.email for u in users)
     assert sum(len(r.sent) for r in results) == 10
     assert DigestDelivery.objects.filter(sent_at__isnull=False).count() == 10
+
+
+def test_every_scheduled_task_name_is_a_registered_task():
+    from prayer_room_api.celery import app
+    from prayer_room_api.schedules import SCHEDULES
+
+    app.loader.import_default_modules()
+    assert {schedule.task for schedule in SCHEDULES} <= set(app.tasks)
+    assert "prayer_room_api.tasks.send_response_notification" in app.tasks
