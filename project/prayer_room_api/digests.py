@@ -46,7 +46,7 @@ class DigestRun:
 
     def summary(self) -> dict:
         return {
-            "kind": self.kind,
+            "kind": str(self.kind),
             "period_start": self.period_start.isoformat(),
             "sent": len(self.sent),
             "already_claimed": self.already_claimed,
