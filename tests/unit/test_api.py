@@ -200,6 +200,17 @@ def test_malformed_bodies_are_4xx_not_500(api, location, body, content_type):
     assert not PrayerRequest.objects.exists()
 
 
+@pytest.mark.parametrize("content_type", ["application/json", "application/x-www-form-urlencoded"])
+def test_a_body_over_the_upload_limit_is_400(api, location, settings, content_type):
+    settings.DATA_UPLOAD_MAX_MEMORY_SIZE = 10_000
+    body = json.dumps({"content": "x" * 20_000, "location": "chapel"})
+    if content_type != "application/json":
+        body = "location=chapel&content=" + "x" * 20_000
+    response = api.generic("POST", REQUESTS, body, content_type=content_type)
+    assert response.status_code == 400
+    assert not PrayerRequest.objects.exists()
+
+
 # --- praying and flagging ---
 
 
