@@ -22,11 +22,15 @@ class Context:
     def open(self) -> Context:
         """Create and migrate the database, seed the public requests, set Django up in this process."""
         self.database.create()
-        self.env = bench_env(self.database)
-        migrated(self.database, self.env)
-        flush_redis()
-        setup_django(self.env)
-        fixtures.approved_requests(APPROVED_REQUESTS)
+        try:
+            self.env = bench_env(self.database)
+            migrated(self.database, self.env)
+            flush_redis()
+            setup_django(self.env)
+            fixtures.approved_requests(APPROVED_REQUESTS)
+        except BaseException:
+            self.database.drop()
+            raise
         return self
 
     def close(self) -> None:

@@ -113,6 +113,10 @@ def markdown(results: list[Result]) -> str:
     """The same table in Markdown, for the README's Performance section."""
     out = ["| benchmark | metric | ours | baseline | ratio | target | met |", "|---|---|---|---|---|---|---|"]
     for result in results:
+        if result.error or result.skipped:
+            out.append(
+                f"| {result.name} | {'error: ' + result.error if result.error else 'skipped: ' + result.skipped} |||||"
+            )
         for row in result.rows:
             met = "" if row.met is None else ("yes" if row.met else "**no**")
             ours = f"{_fmt(row.ours)} {row.unit}".strip()

@@ -13,8 +13,8 @@ from tests.support.stack import MANAGE, REDIS_URL, REPO, Database, Process, mana
 
 PROJECT = REPO / "project"
 BIN = Path(sys.executable).parent
-# NOTE: a Redis db of the bench's own, flushed before each run; the tests use others.
-REDIS_DB = int(os.environ.get("BENCH_REDIS_DB", "11"))
+# NOTE: a Redis db of the bench's own, flushed before each run; the tests use 11-14.
+REDIS_DB = int(os.environ.get("BENCH_REDIS_DB", "9"))
 
 
 class Command(Process):
