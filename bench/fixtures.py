@@ -14,6 +14,7 @@ def location():
 def approved_requests(count: int) -> None:
     """`count` approved public requests, as the public list endpoint serves them."""
     from django.utils import timezone
+
     from prayer_room_api.models import PrayerRequest
 
     now, place = timezone.now(), location()
@@ -37,6 +38,7 @@ def digest_users(count: int, frequency: str = "daily", requests_each: int = 2) -
     """`count` users opted in to `frequency` digests, each with requests, one answered, prayed for."""
     from django.contrib.auth import get_user_model
     from django.utils import timezone
+
     from prayer_room_api import models
 
     User = get_user_model()
