@@ -69,3 +69,13 @@ def lock(c):
         f"{sys.executable} -m piptools compile -q --generate-hashes --strip-extras --allow-unsafe "
         "-o requirements.lock pyproject.toml"
     )
+
+
+@task
+def bench(c, only="", quick=False):
+    """Benchmark the stack against plain gunicorn and Celery (--only web,worker; --quick); see bench/results/."""
+    from bench.suite import main
+
+    code = main([name for name in only.split(",") if name], quick=quick)
+    if code:
+        raise Exit(code=code)
