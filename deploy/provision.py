@@ -394,10 +394,27 @@ def ensure_nginx(server: Server, host: str) -> bool:
 # --- the whole thing --------------------------------------------------------------------------
 
 
-def provision(
-    conn: Connection, config: DeployConfig, *, report: Callable[[Step], None] = lambda step: None
-) -> list[Step]:
-    """Check the server, then bring each part to the wanted state; `report` sees each step as it finishes."""
+def print_step(step: Step) -> None:
+    """One line per finished step, as `fab provision` shows them."""
+    note = f": {step.note}" if step.note else ""
+    print(f"   {'changed' if step.changed else 'ok':8} {step.name} ({step.seconds:.1f} s){note}", flush=True)
+
+
+def summary(where: str, steps: list[Step]) -> str:
+    """The closing line: how many steps changed the server (none on a re-run), and the total time."""
+    seconds = sum(step.seconds for step in steps)
+    changed = [step.name for step in steps if step.changed]
+    if not changed:
+        return f"provision {where}: nothing changed, the server was already provisioned ({seconds:.1f} s)"
+    what = f"{len(changed)} of {len(steps)} steps changed the server ({', '.join(changed)})"
+    return f"provision {where}: {what} in {seconds:.1f} s"
+
+
+def provision(conn: Connection, config: DeployConfig, *, report: Callable[[Step], None] = print_step) -> str:
+    """Check the server, then bring each part to the wanted state; `report` sees each step as it finishes.
+
+    Returns the summary line.
+    """
     server = connect_for_provision(conn, config)
     host = conn.host
     steps: list[Step] = []
@@ -425,4 +442,4 @@ def provision(
     )
     step("supervisord", lambda: ensure_supervisord(server))
     step("nginx", lambda: ensure_nginx(server, host))
-    return steps
+    return summary(server.name, steps)

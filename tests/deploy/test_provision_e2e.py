@@ -1,0 +1,169 @@
+"""`fab provision` then `fab deploy` on a fresh Debian 12 booted with systemd-nspawn, over real SSH, then a reboot.
+
+The tests share one container and run in file order: refusals on the fresh server (nothing changed),
+provision (as a sudo user), provision again (as root: nothing changed), deploy, reboot.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from tests.support.nspawn import Container, build_rootfs, missing_tools
+
+REPO = Path(__file__).resolve().parents[2]
+FAB = Path(sys.executable).with_name("fab")
+APP_USER = "prayer-room"
+SUPERVISORCTL = "supervisorctl -c /etc/prayer-room/supervisord.conf"
+PROGRAMS = {"prayer-room:web-1", "prayer-room:web-2", "prayer-room:worker", "prayer-room:beat"}
+
+pytestmark = [pytest.mark.deploy, pytest.mark.skipif(bool(missing_tools()), reason=str(missing_tools()))]
+timings: dict[str, float] = {}
+
+
+@pytest.fixture(scope="module")
+def vps(tmp_path_factory):
+    container = Container(tmp_path_factory.mktemp("vps")).create(build_rootfs())
+    container.add_user("admin", sudo=True)
+    container.add_user("nosudo", sudo=False)
+    container.boot()
+    yield container
+    container.destroy()
+    if timings:
+        print("\nprovision e2e timings: " + ", ".join(f"{k} {v:.1f} s" for k, v in timings.items()))
+
+
+def fab(vps: Container, *args: str, user: str = "root", key: Path | None = None, host: str | None = None, timeout=900):
+    """Run the real `fab` command line against the container, as an operator would."""
+    command = [str(FAB), "-H", f"{user}@{host or vps.address}", "-i", str(key or vps.key), *args]
+    env = {k: v for k, v in os.environ.items() if k != "SSH_AUTH_SOCK"}  # only the key given with -i
+    return subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=timeout, env=env)
+
+
+def http_get(url: str) -> tuple[int | None, str]:
+    try:
+        with urllib.request.urlopen(url, timeout=5) as response:
+            return response.status, response.read().decode(errors="replace")
+    except urllib.error.HTTPError as exc:
+        return exc.code, ""
+    except OSError as exc:
+        return None, str(exc)
+
+
+def untouched(vps: Container) -> None:
+    command = f"dpkg-query -W nginx; getent passwd {APP_USER}; ls -A /srv; ls -d /etc/prayer-room 2>/dev/null"
+    state = vps.ssh(command, check=False)
+    assert state.stdout.strip() == "", state.stdout
+
+
+def assert_one_line_error(result: subprocess.CompletedProcess, *expected: str) -> None:
+    assert result.returncode != 0
+    lines = [line for line in (result.stdout + result.stderr).splitlines() if line.strip()]
+    assert len(lines) == 1, lines
+    assert lines[0].startswith("error: ") and all(part in lines[0] for part in expected), lines[0]
+
+
+def test_a_wrong_key_is_refused_and_nothing_changes(vps, tmp_path):
+    other = tmp_path / "other_key"
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(other)], check=True)
+    assert_one_line_error(fab(vps, "provision", key=other), "SSH refused the login", "-i KEY")
+    untouched(vps)
+
+
+def test_a_user_without_sudo_is_refused_and_nothing_changes(vps):
+    assert_one_line_error(fab(vps, "provision", user="nosudo"), "nosudo cannot sudo without a password")
+    untouched(vps)
+
+
+def test_an_unreachable_host_is_refused(vps):
+    unused = vps.address.rsplit(".", 1)[0] + ".200"  # on the container's link, but nobody there
+    started = time.monotonic()
+    assert_one_line_error(fab(vps, "provision", host=unused, timeout=60), "cannot connect over SSH")
+    assert time.monotonic() - started < 30
+
+
+def test_provision_takes_a_fresh_server_to_a_ready_one(vps):
+    started = time.monotonic()
+    result = fab(vps, "provision", user="admin")  # a sudo user; the re-run below is as root
+    timings["provision, first run"] = time.monotonic() - started
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "7 of 7 steps changed the server" in result.stdout, result.stdout
+
+    env = vps.ssh("stat -c '%U %a' /srv/prayer-room/shared/env; cat /srv/prayer-room/shared/env").stdout
+    assert env.startswith(f"{APP_USER} 600\n")
+    secret = next(line.split("=", 1)[1] for line in env.splitlines() if line.startswith("SECRET_KEY="))
+    assert len(secret) >= 50 and secret not in result.stdout + result.stderr
+    assert f"ALLOWED_HOSTS={vps.address}," in env and "SECURE_SSL_REDIRECT=false" in env
+
+    checks = {
+        "unit enabled and running": "systemctl is-enabled prayer-room && systemctl is-active prayer-room",
+        "postgres, redis, nginx come back on boot": "systemctl is-enabled postgresql redis-server nginx",
+        "socket private to the app user": "stat -c '%U %a' /srv/prayer-room/run/supervisor.sock | grep -x "
+        f"'{APP_USER} 700'",
+        "supervisord config is root's": "stat -c '%U %a' /etc/prayer-room/supervisord.conf | grep -x 'root 644'"
+        f" && ! runuser -u {APP_USER} -- test -w /etc/prayer-room/supervisord.conf",
+        "no TCP control port": "! grep -q '^.inet_http_server' /etc/prayer-room/supervisord.conf",
+        "app user can use supervisorctl": f"runuser -u {APP_USER} -- {SUPERVISORCTL} pid",
+        "database login with the env file's DATABASE_URL": f"cd / && runuser -u {APP_USER} -- psql -tA "
+        "\"$(sed -n 's/^DATABASE_URL=//p' /srv/prayer-room/shared/env)\" -c 'select current_user'",
+    }
+    for what, command in checks.items():
+        outcome = vps.ssh(command, check=False)
+        assert outcome.returncode == 0, f"{what}: {outcome.stdout}{outcome.stderr}"
+
+    vps.ssh("echo hello > /srv/prayer-room/shared/static/probe.txt")
+    assert http_get(f"http://{vps.address}/static/probe.txt") == (200, "hello\n")
+    assert http_get(f"http://{vps.address}/")[0] == 502  # nginx proxies; nothing deployed yet
+
+
+def test_provision_again_changes_nothing(vps):
+    before = vps.ssh("md5sum /srv/prayer-room/shared/env /etc/prayer-room/* /etc/nginx/sites-enabled/*").stdout
+    pid = vps.ssh("systemctl show -p MainPID --value prayer-room").stdout
+    started = time.monotonic()
+    result = fab(vps, "provision")
+    timings["provision, second run"] = time.monotonic() - started
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "nothing changed, the server was already provisioned" in result.stdout, result.stdout
+    assert " changed " not in result.stdout
+    assert vps.ssh("md5sum /srv/prayer-room/shared/env /etc/prayer-room/* /etc/nginx/sites-enabled/*").stdout == before
+    assert vps.ssh("systemctl show -p MainPID --value prayer-room").stdout == pid  # supervisord not restarted
+
+
+def running_programs(vps: Container) -> set[str]:
+    status = vps.ssh(f"{SUPERVISORCTL} status", check=False).stdout
+    return {words[0] for words in map(str.split, status.splitlines()) if words[1:2] == ["RUNNING"]}
+
+
+def wait_until_serving(vps: Container, timeout: float = 180) -> float:
+    """Seconds until nginx answers /health/ with 200 and all programs are RUNNING."""
+    started = time.monotonic()
+    while time.monotonic() - started < timeout:
+        if http_get(f"http://{vps.address}/health/")[0] == 200 and running_programs(vps) >= PROGRAMS:
+            return time.monotonic() - started
+        time.sleep(0.5)
+    status = vps.ssh(f"{SUPERVISORCTL} status", check=False).stdout
+    raise AssertionError(f"not serving after {timeout} s: {http_get(f'http://{vps.address}/health/')} {status}")
+
+
+def test_deploy_then_the_site_answers_and_survives_a_reboot(vps):
+    started = time.monotonic()
+    result = fab(vps, "deploy", "--allow-dirty")
+    timings["deploy"] = time.monotonic() - started
+    assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
+    wait_until_serving(vps, timeout=30)
+    status, body = http_get(f"http://{vps.address}/health/")
+    assert status == 200, body
+
+    started = time.monotonic()
+    vps.reboot()
+    wait_until_serving(vps)
+    timings["reboot until serving"] = time.monotonic() - started
+    assert running_programs(vps) >= PROGRAMS
+    assert vps.boots == 2
