@@ -89,6 +89,16 @@ def test_an_unreachable_host_is_refused(vps):
     assert time.monotonic() - started < 30
 
 
+def test_a_server_without_systemd_is_refused_and_nothing_changes(tmp_path):
+    bare = Container(tmp_path).create(build_rootfs())
+    try:
+        bare.boot(init=False)  # sshd is PID 1
+        assert_one_line_error(fab(bare, "provision"), "does not run systemd", "Debian 12")
+        untouched(bare)
+    finally:
+        bare.destroy()
+
+
 def test_provision_takes_a_fresh_server_to_a_ready_one(vps):
     started = time.monotonic()
     result = fab(vps, "provision", user="admin")  # a sudo user; the re-run below is as root
