@@ -25,8 +25,8 @@ class Location(models.Model):
 
 class PrayerRequestQuerySet(models.QuerySet):
     def approved(self):
-        """Visible to the public: approved, not archived."""
-        return self.filter(approved_at__isnull=False, archived_at__isnull=True)
+        """Visible to the public: approved, not archived, not flagged since (approving again clears a flag)."""
+        return self.filter(approved_at__isnull=False, archived_at__isnull=True, flagged_at__isnull=True)
 
     def pending(self):
         """Waiting for a moderator: neither approved nor archived."""

@@ -227,15 +227,18 @@ def test_prayed_ignores_a_malformed_body(api, make_request):
     assert response.status_code == 200
 
 
-def test_flag_sends_a_request_to_moderation_but_keeps_it_listed(api, staff_api, make_request):
+def test_flag_hides_a_request_until_a_moderator_approves_it_again(api, staff_api, make_request):
     request = make_request()
     response = api.post(f"{REQUESTS}{request.pk}/flag/")
     assert response.json() == {"id": request.pk, "flagged": True}
     request.refresh_from_db()
     assert request.state == "flagged"
-    assert api.get(REQUESTS).json()["count"] == 1
+    assert api.get(REQUESTS).json()["count"] == 0
+    assert api.get(f"{REQUESTS}{request.pk}/").status_code == 404
     flagged = staff_api.get("/api/moderation/requests/", {"state": "flagged"}).json()["results"]
     assert [r["id"] for r in flagged] == [request.pk]
+    assert staff_api.post(f"/api/moderation/requests/{request.pk}/approve/").status_code == 200
+    assert api.get(REQUESTS).json()["count"] == 1
 
 
 def test_listing_allows_get_only(api):
@@ -248,11 +251,9 @@ def test_listing_allows_get_only(api):
 
 @pytest.mark.parametrize("scope, action", [("prayed", "prayed"), ("flag", "flag")])
 def test_pray_and_flag_are_rate_limited(api, make_request, scope, action):
-    request = make_request()
-    url = f"{REQUESTS}{request.pk}/{action}/"
     for _ in range(rate_limit(scope)):
-        assert api.post(url).status_code == 200
-    response = api.post(url)
+        assert api.post(f"{REQUESTS}{make_request().pk}/{action}/").status_code == 200
+    response = api.post(f"{REQUESTS}{make_request().pk}/{action}/")
     assert response.status_code == 429
     assert "Retry-After" in response.headers
 

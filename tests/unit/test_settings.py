@@ -62,3 +62,9 @@ def test_the_secret_key_is_never_printed_in_an_error():
     result = manage_with({**PRODUCTION, "WEB_WORKERS": "0"}, "check")
     assert result.returncode != 0
     assert PRODUCTION["SECRET_KEY"] not in result.stdout + result.stderr
+
+
+def test_production_refuses_a_per_process_cache_for_rate_limits():
+    result = manage_with({**PRODUCTION, "CACHE_URL": "locmemcache://"}, "check")
+    assert result.returncode != 0
+    assert "CACHE_URL must be shared by all web workers" in result.stderr
