@@ -9,7 +9,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from deploy.errors import DeployError
-from deploy.layout import ServerLayout
+from deploy.layout import WEB_PORTS, ServerLayout
 
 REPO_DIR = Path(__file__).resolve().parent.parent
 DEFAULT_CONFIG_FILE = REPO_DIR / "deploy.toml"
@@ -40,11 +40,26 @@ class DeployConfig:
     lock_expiry_seconds: int = 600
     health_timeout: int = 60
     require_systemd: bool = True
+    web_ports: tuple[int, ...] = WEB_PORTS
     extra_env: tuple[tuple[str, str], ...] = field(default=())
 
     @property
     def layout(self) -> ServerLayout:
         return ServerLayout(root=PurePosixPath(self.root), etc=PurePosixPath(self.etc))
+
+    def environment_defaults(self) -> list[tuple[str, str]]:
+        """Variables the env file may override, for the programs and the deploy's own commands alike."""
+        return [("DJANGO_SETTINGS_MODULE", self.settings_module), ("STATIC_ROOT", str(self.layout.static))]
+
+    def environment_overrides(self) -> list[tuple[str, str]]:
+        """Variables set over the env file: this config's process counts and time limits, then its `env`."""
+        return [
+            ("WEB_WORKERS", str(self.web_workers)),
+            ("WORKER_CONCURRENCY", str(self.worker_concurrency)),
+            ("CELERY_TASK_TIME_LIMIT", str(self.task_time_limit)),
+            ("WEB_GRACEFUL_TIMEOUT", str(self.web_graceful_timeout)),
+            *self.extra_env,
+        ]
 
 
 _FIELD_TYPES = {f.name: f.type for f in fields(DeployConfig)}
@@ -97,6 +112,10 @@ def _checked(table: Any, where: str) -> dict[str, Any]:
             if not isinstance(value, dict) or not all(isinstance(v, str) for v in value.values()):
                 raise DeployError(f'{where}: env must be a table of strings, e.g. env = {{ LOG_LEVEL = "info" }}.')
             values[key] = value
+        elif key == "web_ports":
+            if not isinstance(value, list) or not value or not all(type(p) is int and 0 < p < 65536 for p in value):
+                raise DeployError(f"{where}: web_ports must be a list of TCP ports, e.g. [8001, 8002].")
+            values[key] = tuple(value)
         elif key == "hosts":
             if not isinstance(value, list) or not all(isinstance(h, str) for h in value):
                 raise DeployError(f'{where}: hosts must be a list of strings, e.g. ["root@203.0.113.7"].')
@@ -133,6 +152,8 @@ def validate(config: DeployConfig, where: str = "deploy config") -> None:
     for key, minimum in minimums.items():
         if getattr(config, key) < minimum:
             raise DeployError(f"{where}: {key} must be at least {minimum}, got {getattr(config, key)}.")
+    if len(set(config.web_ports)) != len(config.web_ports):
+        raise DeployError(f"{where}: web_ports must be distinct, got {list(config.web_ports)}.")
     if config.workers > 16:
         raise DeployError(f"{where}: workers must be at most 16 (raise worker_concurrency instead).")
     if config.domain and not re.fullmatch(r"[A-Za-z0-9.-]+", config.domain):

@@ -11,7 +11,7 @@ from typing import Any
 import jinja2
 
 from deploy.errors import DeployError
-from deploy.layout import SUPERVISOR_GROUP
+from deploy.layout import SUPERVISOR_GROUP, WEB_PORTS
 
 TEMPLATE_DIR = Path(__file__).resolve().parent.parent
 TEMPLATE_NAME = "supervisord.conf.j2"
@@ -208,4 +208,27 @@ def local_context(
             "socket_owner": None,
             "include": (),
         },
+    }
+
+
+def server_context(
+    config, env_values: Mapping[str, str], *, home: str = "", web_ports: tuple[int, ...] = WEB_PORTS
+) -> dict[str, Any]:
+    """The programs of one server (a DeployConfig), running `current`'s code with the env file's values."""
+    layout = config.layout
+    environment = {**dict(config.environment_defaults()), **env_values, **dict(config.environment_overrides())}
+    return {
+        "group": SUPERVISOR_GROUP,
+        "directory": str(layout.current / "project"),
+        "python": str(layout.current / ".venv" / "bin" / "python"),
+        "manage": str(layout.current / "project" / "manage.py"),
+        "log_dir": str(layout.logs),
+        "user": config.user,
+        "home": home or str(layout.root),
+        "environment": environment,
+        "processes": {"web": len(web_ports), "worker": config.workers, "beat": 1},
+        "web_ports": tuple(web_ports),
+        "web_graceful_timeout": config.web_graceful_timeout,
+        "task_time_limit": config.task_time_limit,
+        "supervisord": None,
     }

@@ -1,0 +1,178 @@
+"""One SSH session to a server: connect with clear errors, run as root or as the app user, upload files."""
+
+from __future__ import annotations
+
+import io
+import json
+import shlex
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+
+import paramiko
+from fabric import Connection
+from invoke.exceptions import Failure, UnexpectedExit
+
+from deploy.config import DeployConfig
+from deploy.errors import DeployError
+
+HELPER_SOURCE = Path(__file__).resolve().with_name("onserver.py")
+
+
+def sh(*words: object) -> str:
+    """One shell command from words, each quoted."""
+    return shlex.join(str(word) for word in words)
+
+
+@dataclass(frozen=True)
+class Server:
+    """A checked connection: who we are on the host and how to become root and the app user."""
+
+    conn: Connection
+    config: DeployConfig
+    is_root: bool
+    sudo_password: bool
+    app_home: str
+
+    @property
+    def name(self) -> str:
+        return f"{self.conn.user}@{self.conn.host}" + (f":{self.conn.port}" if self.conn.port != 22 else "")
+
+    def root(self, command: str, *, what: str, warn: bool = False, timeout: float | None = None, **kwargs):
+        """Run a shell command as root; a failure raises DeployError naming `what` (unless warn)."""
+        if self.is_root:
+            return self._run(self.conn.run, command, what=what, warn=warn, timeout=timeout, **kwargs)
+        if self.sudo_password:
+            return self._run(self.conn.sudo, sh("sh", "-c", command), what=what, warn=warn, timeout=timeout, **kwargs)
+        return self._run(
+            self.conn.run, sh("sudo", "-n", "sh", "-c", command), what=what, warn=warn, timeout=timeout, **kwargs
+        )
+
+    def app(self, command: str, *, what: str, warn: bool = False, timeout: float | None = None, **kwargs):
+        """Run a shell command as the app user, with its HOME."""
+        user = self.config.user
+        if self.is_root:
+            wrapped = sh(
+                "runuser", "-u", user, "--", "env", f"HOME={self.app_home}", f"USER={user}", "sh", "-c", command
+            )
+            return self._run(self.conn.run, wrapped, what=what, warn=warn, timeout=timeout, **kwargs)
+        if self.sudo_password:
+            return self._run(self.conn.sudo, sh("sh", "-c", command), user=user, what=what, warn=warn, **kwargs)
+        wrapped = sh("sudo", "-n", "-H", "-u", user, "--", "sh", "-c", command)
+        return self._run(self.conn.run, wrapped, what=what, warn=warn, timeout=timeout, **kwargs)
+
+    def _run(self, runner, command: str, *, what: str, warn: bool, **kwargs):
+        kwargs.setdefault("hide", True)
+        kwargs.setdefault("in_stream", False)
+        try:
+            result = runner(command, warn=True, **kwargs)
+        except (Failure, OSError, paramiko.SSHException) as exc:
+            raise DeployError(f"{what} on {self.name}: {exc}") from exc
+        if kwargs.get("asynchronous"):
+            return result
+        if result.exited != 0 and not warn:
+            detail = (result.stderr.strip() or result.stdout.strip())[-1500:]
+            raise DeployError(f"{what} failed on {self.name} (exit {result.exited}): {detail}")
+        return result
+
+    def read(self, path: object, *, what: str) -> str | None:
+        """A root-readable file's text, or None when it does not exist."""
+        result = self.root(sh("cat", path), what=what, warn=True)
+        return result.stdout if result.exited == 0 else None
+
+    def upload(self, data: bytes | str, dest: object, *, owner: str, mode: str, what: str) -> None:
+        """Put `data` at `dest` with owner and mode, through a private temporary directory (no world-readable copy)."""
+        payload = data.encode() if isinstance(data, str) else data
+        tmpdir = self.conn.run("mktemp -d", hide=True, in_stream=False).stdout.strip()
+        try:
+            self.conn.put(io.BytesIO(payload), f"{tmpdir}/upload")
+            self.root(sh("install", "-D", "-o", owner, "-g", owner, "-m", mode, f"{tmpdir}/upload", dest), what=what)
+        except (OSError, paramiko.SSHException) as exc:
+            raise DeployError(f"{what} on {self.name}: {exc}") from exc
+        finally:
+            self.conn.run(sh("rm", "-rf", tmpdir), hide=True, warn=True, in_stream=False)
+
+    def put_file(self, local: Path, dest: object, *, owner: str, mode: str, what: str) -> None:
+        self.upload(local.read_bytes(), dest, owner=owner, mode=mode, what=what)
+
+    def helper(
+        self, release_dir: object, *args: str, what: str, timeout: float | None = None, on_lines=None
+    ) -> list[dict]:
+        """Run deploy/onserver.py with the release's Python as the app user; its JSON lines (ok=False raises).
+
+        `on_lines` sees the lines before a failure is raised (the prepare steps report their timings).
+        """
+        layout = self.config.layout
+        overlay = [f"--default={key}={value}" for key, value in self.config.environment_defaults()]
+        overlay += [f"--set={key}={value}" for key, value in self.config.environment_overrides()]
+        command = " ".join(
+            [
+                sh("cd", release_dir),
+                "&&",
+                sh(".venv/bin/python", "-c", HELPER_SOURCE.read_text(), "--env-file", layout.env_file, *overlay, *args),
+            ]
+        )
+        result = self.app(command, what=what, warn=True, timeout=timeout)
+        lines = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
+        if on_lines:
+            on_lines(lines)
+        failed = [line for line in lines if not line.get("ok")]
+        if failed or result.exited != 0:
+            reason = failed[0].get("error") if failed else (result.stderr.strip() or result.stdout.strip())[-1500:]
+            step = f" ({failed[0]['step']})" if failed and "step" in failed[0] else ""
+            raise DeployError(f"{what}{step} failed on {self.name}: {reason}")
+        return lines
+
+    def supervisorctl(self, *args: str, what: str, warn: bool = False, **kwargs):
+        return self.root(
+            sh(self.config.supervisorctl, "-c", self.config.layout.supervisor_conf, *args),
+            what=what,
+            warn=warn,
+            **kwargs,
+        )
+
+
+def connect(conn: Connection, config: DeployConfig) -> Server:
+    """Open `conn` and check the host can be deployed to; every problem is one DeployError line."""
+    where = f"{conn.user}@{conn.host}:{conn.port}"
+    try:
+        conn.client.load_system_host_keys()  # NOTE: Fabric loads no known_hosts by default: a changed key must fail
+    except (OSError, paramiko.SSHException):
+        pass
+    try:
+        conn.open()
+    except paramiko.BadHostKeyException as exc:
+        raise DeployError(
+            f"{where}: the host key changed ({exc}); check the server, then fix ~/.ssh/known_hosts."
+        ) from exc
+    except paramiko.AuthenticationException as exc:
+        raise DeployError(f"{where}: SSH refused the login ({exc}); pass the right key with -i KEY.") from exc
+    except socket.gaierror as exc:
+        raise DeployError(f"{where}: unknown host name ({exc}).") from exc
+    except (OSError, paramiko.SSHException, EOFError) as exc:
+        raise DeployError(f"{where}: cannot connect over SSH ({exc or type(exc).__name__}).") from exc
+    try:
+        uid = conn.run("id -u", hide=True, in_stream=False).stdout.strip()
+    except (UnexpectedExit, OSError, paramiko.SSHException) as exc:
+        raise DeployError(f"{where}: cannot run commands over SSH ({exc}).") from exc
+    is_root = uid == "0"
+    sudo_password = False
+    if not is_root:
+        if conn.run("sudo -n true", hide=True, warn=True, in_stream=False).exited != 0:
+            if not conn.config.sudo.password:
+                raise DeployError(
+                    f"{where}: {conn.user} cannot sudo without a password; log in as root, give it passwordless "
+                    "sudo, or add --prompt-for-sudo-password."
+                )
+            sudo_password = True
+    server = Server(conn, config, is_root, sudo_password, app_home="")
+    if config.require_systemd:
+        if server.root("test -d /run/systemd/system", what="checking for systemd", warn=True).exited != 0:
+            raise DeployError(
+                f"{where}: the server does not run systemd, which keeps supervisord (and the site) up across "
+                "reboots; use a systemd host (Debian 12, Ubuntu 24.04)."
+            )
+    passwd = server.root(sh("getent", "passwd", config.user), what="looking up the app user", warn=True)
+    if passwd.exited != 0:
+        raise DeployError(f"{where}: there is no app user {config.user!r}; run `fab provision` first.")
+    return Server(conn, config, is_root, sudo_password, app_home=passwd.stdout.split(":")[5])

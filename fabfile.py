@@ -1,0 +1,146 @@
+"""`fab` tasks for a VPS: thin wrappers over deploy/workflow.py. A DeployError becomes one line and exit 1.
+
+fab -H root@203.0.113.7 -i ~/.ssh/id_ed25519 deploy        # no config needed
+fab deploy --env production                                 # hosts and settings from deploy.toml
+"""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+from fabric import Connection, task
+from invoke import Exit
+
+from deploy import provision as provisioning
+from deploy import workflow
+from deploy.config import DeployConfig, load_config
+from deploy.errors import DeployError
+
+REPO = Path(__file__).resolve().parent
+CONNECT_TIMEOUT = 15
+
+COMMON_HELP = {
+    "env": "a named environment of the deploy config (hosts, user, paths, process counts)",
+    "config": "the deploy config file (default: deploy.toml next to this fabfile)",
+}
+
+
+def _targets(c, env: str | None, config: str | None) -> tuple[DeployConfig, list[Connection]]:
+    """The checked config and the hosts to act on: -H wins, else the environment's hosts."""
+    cfg = load_config(Path(config) if config else None, env)
+    if isinstance(c, Connection):
+        conns = [c]
+    elif cfg.hosts:
+        conns = [Connection(host, config=c.config) for host in cfg.hosts]
+    else:
+        raise DeployError("no host: pass -H user@host, or --env NAME for an environment with hosts in deploy.toml.")
+    for conn in conns:
+        if conn.connect_timeout is None:
+            conn.connect_timeout = CONNECT_TIMEOUT
+    return cfg, conns
+
+
+def _one_line_errors(body):
+    """Turn DeployError (and Ctrl-C) into invoke.Exit: a clear message, a non-zero exit, no traceback."""
+
+    @functools.wraps(body)
+    def wrapper(*args, **kwargs):
+        try:
+            return body(*args, **kwargs)
+        except DeployError as exc:
+            raise Exit(f"error: {exc}", code=1) from None
+        except KeyboardInterrupt:
+            raise Exit("interrupted (the deploy lock was released; `fab unlock` if it was not).", code=130) from None
+
+    return wrapper
+
+
+@task(help={**COMMON_HELP, "dry_run": "print the plan (config diff included) and change nothing",
+            "allow_dirty": "ship HEAD even though the work tree has uncommitted changes (they stay behind)",
+            "repo": "the git checkout to ship (default: this one)"})  # fmt: skip
+@_one_line_errors
+def deploy(c, env=None, config=None, dry_run=False, allow_dirty=False, repo=None):
+    """Ship the committed HEAD, migrate, switch, restart (web one port at a time), verify; roll back on failure."""
+    cfg, conns = _targets(c, env, config)
+    for conn in conns:
+        if dry_run:
+            print(workflow.plan(conn, cfg, Path(repo or REPO)))
+        else:
+            workflow.deploy(conn, cfg, Path(repo or REPO), allow_dirty=allow_dirty)
+
+
+@task(help={**COMMON_HELP, "repo": "the git checkout to ship (default: this one)"})
+@_one_line_errors
+def plan(c, env=None, config=None, repo=None):
+    """What `fab deploy` would change, including the supervisord config diff; touches nothing."""
+    cfg, conns = _targets(c, env, config)
+    for conn in conns:
+        print(workflow.plan(conn, cfg, Path(repo or REPO)))
+
+
+@task(help={**COMMON_HELP, "to": "a release id (default: the previous verified release)"})
+@_one_line_errors
+def rollback(c, env=None, config=None, to=None):
+    """Back to the previous release (code, virtualenv, supervisord programs), restarted and verified; DB untouched."""
+    cfg, conns = _targets(c, env, config)
+    for conn in conns:
+        workflow.rollback(conn, cfg, to=to)
+
+
+@task(help=COMMON_HELP)
+@_one_line_errors
+def status(c, env=None, config=None):
+    """Each program's state, the live release, the kept releases and the schedules beat runs."""
+    cfg, conns = _targets(c, env, config)
+    for conn in conns:
+        print(workflow.status(conn, cfg))
+
+
+@task(help={**COMMON_HELP, "program": "web, web-1, web-2, worker or beat (default: all)",
+            "lines": "how many lines", "follow": "keep streaming (Ctrl-C to stop)"})  # fmt: skip
+@_one_line_errors
+def logs(c, program=None, lines=100, follow=False, env=None, config=None):
+    """The last lines of a program's log."""
+    cfg, conns = _targets(c, env, config)
+    for conn in conns:
+        print(workflow.logs(conn, cfg, program, int(lines), follow), end="")
+
+
+@task(help={**COMMON_HELP, "program": "web, web-1, web-2, worker or beat (default: all)"})
+@_one_line_errors
+def restart(c, program=None, env=None, config=None):
+    """Restart a program (web: one port at a time, each checked) or all of them."""
+    cfg, conns = _targets(c, env, config)
+    for conn in conns:
+        print(workflow.restart(conn, cfg, program))
+
+
+@task(help={**COMMON_HELP, "command": 'the supervisorctl command line, e.g. "tail -f prayer-room:worker"'})
+@_one_line_errors
+def supervisorctl(c, command="status", env=None, config=None):
+    """Run supervisorctl on the server against the app's supervisord."""
+    cfg, conns = _targets(c, env, config)
+    code = 0
+    for conn in conns:
+        code = workflow.supervisorctl(conn, cfg, command) or code
+    if code:
+        raise Exit(code=code)
+
+
+@task(help=COMMON_HELP)
+@_one_line_errors
+def unlock(c, env=None, config=None):
+    """Remove the deploy lock left by a deploy that died; says whose it was."""
+    cfg, conns = _targets(c, env, config)
+    for conn in conns:
+        print(workflow.unlock(conn, cfg))
+
+
+@task(help=COMMON_HELP)
+@_one_line_errors
+def provision(c, env=None, config=None):
+    """Prepare a fresh Debian 12 / Ubuntu 24.04 server for `fab deploy`; a re-run changes nothing and says so."""
+    cfg, conns = _targets(c, env, config)
+    for conn in conns:
+        print(provisioning.provision(conn, cfg))

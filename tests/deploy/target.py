@@ -1,0 +1,364 @@
+"""A throwaway deploy target on this machine: sshd on loopback, a server layout in a temp dir, a real
+supervisord, nginx in front, PostgreSQL and Redis. Used by the end-to-end tests and bench/deploy.py."""
+
+from __future__ import annotations
+
+import os
+import pwd
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import redis
+
+from deploy.render import local_context, render_supervisord_conf
+from tests.support.stack import REDIS_URL, Database, free_port, services_unavailable
+
+REPO = Path(__file__).resolve().parents[2]
+VENV_BIN = Path(sys.executable).parent
+APP_USER = "prayer-room-e2e"
+SSHD = shutil.which("sshd") or "/usr/sbin/sshd"
+
+
+def unavailable() -> str | None:
+    """Why this machine cannot host the deploy target, or None."""
+    if os.geteuid() != 0:
+        return "the deploy target needs root (sshd, runuser, a system user)"
+    for tool in (SSHD, "ssh-keygen", "nginx", "git", "/usr/bin/python3"):
+        if not (shutil.which(tool) or Path(tool).exists()):
+            return f"{tool} is not installed (.ci/setup.d/20-deploy.sh installs it)"
+    if subprocess.run(["/usr/bin/python3", "-c", "import venv, ensurepip"], capture_output=True).returncode:
+        return "/usr/bin/python3 cannot make virtualenvs (apt-get install python3-venv)"
+    return services_unavailable()
+
+
+def ensure_app_user() -> None:
+    try:
+        pwd.getpwnam(APP_USER)
+    except KeyError:
+        subprocess.run(
+            ["useradd", "--system", "--create-home", "--home-dir", f"/var/lib/{APP_USER}", "--shell",
+             "/usr/sbin/nologin", APP_USER],
+            check=True,
+        )  # fmt: skip
+
+
+def wait_port(port: int, timeout: float = 15) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with socket.socket() as sock:
+            if sock.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.1)
+    raise RuntimeError(f"nothing listens on 127.0.0.1:{port} after {timeout} s")
+
+
+def http_get(url: str, timeout: float = 5) -> tuple[int | None, str]:
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as response:
+            return response.status, response.read().decode(errors="replace")
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode(errors="replace")
+    except (urllib.error.URLError, OSError) as exc:
+        return None, str(exc)
+
+
+@dataclass
+class RequestLoop:
+    """GETs `url` back to back in a thread, counting answers that are not 200."""
+
+    url: str
+    ok: int = 0
+    failures: list[str] = field(default_factory=list)
+    releases: set[str] = field(default_factory=set)
+    _stop: threading.Event = field(default_factory=threading.Event)
+    _thread: threading.Thread | None = None
+
+    def __enter__(self) -> RequestLoop:
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            status, body = http_get(self.url)
+            if status == 200:
+                self.ok += 1
+                if '"release"' in body:
+                    self.releases.add(body.split('"release":')[1].split('"')[1])
+            else:
+                self.failures.append(f"{status}: {body[:200]}")
+            time.sleep(0.01)
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join(10)
+
+
+class Clone:
+    """A temporary git clone of the repository: what `fab deploy --repo` ships."""
+
+    def __init__(self, path: Path, source: Path = REPO):
+        self.path = path
+        subprocess.run(["git", "clone", "--quiet", str(source), str(path)], check=True)
+        self.git("config", "user.email", "e2e@example.invalid")
+        self.git("config", "user.name", "deploy e2e")
+
+    def git(self, *args: str) -> str:
+        return subprocess.run(["git", "-C", str(self.path), *args], check=True, capture_output=True, text=True).stdout
+
+    def commit_file(self, relative: str, text: str, message: str) -> str:
+        target = self.path / relative
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_text(text)
+        self.git("add", relative)
+        self.git("commit", "--quiet", "-m", message)
+        return self.git("rev-parse", "HEAD").strip()
+
+    def revert_head(self) -> None:
+        self.git("revert", "--no-edit", "HEAD")
+
+
+class DeployTarget:
+    """Start with `start()`, stop with `stop()`; `fab(...)` runs this repo's fabfile against it."""
+
+    def __init__(self, workdir: Path, redis_db: int = 13, **config_overrides):
+        self.workdir = workdir
+        self.redis_db = redis_db
+        self.srv = workdir / "srv"
+        self.etc = workdir / "etc"
+        self.home = workdir / "home"  # the operator's HOME: an empty known_hosts and ssh config
+        self.ssh_port = free_port()
+        self.nginx_port = free_port()
+        self.web_ports = (free_port(), free_port())
+        self.key = workdir / "client_key"
+        self.config_file = workdir / "deploy.toml"
+        self.database = Database()
+        self.config_overrides = config_overrides
+        self._procs: list[subprocess.Popen] = []
+
+    # --- set-up -------------------------------------------------------------------------
+    def start(self) -> DeployTarget:
+        ensure_app_user()
+        for d in (self.srv, self.etc, self.home / ".ssh"):
+            d.mkdir(parents=True, exist_ok=True)
+        os.chmod(self.workdir, 0o755)  # the app user walks through it to reach srv/
+        self._start_sshd()
+        self.database.create()
+        redis.Redis.from_url(f"{REDIS_URL}/{self.redis_db}").flushdb()
+        self._provision_layout()
+        self._start_supervisord()
+        self._start_nginx()
+        self._write_config()
+        return self
+
+    def _start_sshd(self) -> None:
+        ssh = self.workdir / "ssh"
+        ssh.mkdir()
+        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(ssh / "host_key")], check=True)
+        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(self.key)], check=True)
+        shutil.copy(f"{self.key}.pub", ssh / "authorized_keys")
+        config = ssh / "sshd_config"
+        config.write_text(
+            textwrap.dedent(f"""\
+                Port {self.ssh_port}
+                ListenAddress 127.0.0.1
+                HostKey {ssh / "host_key"}
+                AuthorizedKeysFile {ssh / "authorized_keys"}
+                PidFile {ssh / "sshd.pid"}
+                PermitRootLogin prohibit-password
+                PasswordAuthentication no
+                KbdInteractiveAuthentication no
+                StrictModes no
+                UsePAM no
+                MaxStartups 50
+                MaxSessions 50
+                Subsystem sftp internal-sftp
+            """)
+        )
+        Path("/run/sshd").mkdir(mode=0o755, exist_ok=True)  # sshd's privilege separation directory
+        self._spawn([SSHD, "-D", "-e", "-f", str(config)], "sshd.log")
+        wait_port(self.ssh_port)
+
+    def _provision_layout(self) -> None:
+        """What `fab provision` leaves behind, minus the system services."""
+        user = pwd.getpwnam(APP_USER)
+        for d in (self.srv, self.srv / "shared", self.srv / "shared" / "static"):
+            d.mkdir(exist_ok=True)
+            os.chown(d, user.pw_uid, user.pw_gid)
+        for d in (self.srv / "log", self.srv / "run"):
+            d.mkdir(exist_ok=True)
+        env_file = self.srv / "shared" / "env"
+        env_file.write_text(
+            textwrap.dedent(f"""\
+                # written by the deploy e2e harness
+                SECRET_KEY={secrets.token_urlsafe(50)}%x
+                ALLOWED_HOSTS=127.0.0.1,localhost
+                DATABASE_URL={self.database.url}
+                CELERY_BROKER_URL={REDIS_URL}/{self.redis_db}
+                EMAIL_URL=consolemail://
+                SECURE_SSL_REDIRECT=false
+                SECURE_COOKIES=false
+                SECURE_HSTS_SECONDS=0
+            """)
+        )
+        os.chown(env_file, user.pw_uid, user.pw_gid)
+        env_file.chmod(0o600)
+
+    @property
+    def supervisord_conf(self) -> Path:
+        return self.etc / "supervisord.conf"
+
+    def _start_supervisord(self) -> None:
+        context = local_context(REPO, self.srv, sys.executable)
+        context.update(
+            processes={},
+            supervisord={
+                "socket": str(self.srv / "run" / "supervisor.sock"),
+                "pidfile": str(self.srv / "run" / "supervisord.pid"),
+                "logfile": str(self.srv / "log" / "supervisord.log"),
+                "socket_owner": f"{APP_USER}:{APP_USER}",
+                "include": [str(self.etc / "programs.conf")],
+            },
+        )
+        self.supervisord_conf.write_text(render_supervisord_conf(context))
+        self._spawn([str(VENV_BIN / "supervisord"), "-n", "-c", str(self.supervisord_conf)], "supervisord.out")
+        deadline = time.monotonic() + 15
+        while self.supervisorctl("pid").returncode != 0:
+            if time.monotonic() > deadline:
+                raise RuntimeError("supervisord did not answer on its socket")
+            time.sleep(0.2)
+
+    def _start_nginx(self) -> None:
+        nginx = self.workdir / "nginx"
+        nginx.mkdir()
+        upstream = "\n".join(f"        server 127.0.0.1:{port} max_fails=0;" for port in self.web_ports)
+        (nginx / "nginx.conf").write_text(
+            textwrap.dedent("""\
+                worker_processes 1;
+                pid {d}/nginx.pid;
+                error_log {d}/error.log;
+                events {{ worker_connections 256; }}
+                http {{
+                    access_log {d}/access.log;
+                    client_body_temp_path {d}/body;
+                    proxy_temp_path {d}/proxy;
+                    fastcgi_temp_path {d}/fastcgi;
+                    uwsgi_temp_path {d}/uwsgi;
+                    scgi_temp_path {d}/scgi;
+                    upstream prayer_room {{
+                {upstream}
+                        keepalive 8;
+                    }}
+                    server {{
+                        listen 127.0.0.1:{port};
+                        location / {{
+                            proxy_pass http://prayer_room;
+                            proxy_http_version 1.1;
+                            proxy_set_header Connection "";
+                            proxy_set_header Host localhost;
+                            proxy_next_upstream error timeout http_502 http_503;
+                            proxy_next_upstream_tries 0;
+                        }}
+                    }}
+                }}
+            """).format(d=nginx, upstream=upstream, port=self.nginx_port)
+        )
+        self._spawn(["nginx", "-p", str(nginx), "-c", str(nginx / "nginx.conf"), "-g", "daemon off;"], "nginx.out")
+        wait_port(self.nginx_port)
+
+    def _write_config(self) -> None:
+        settings = {
+            "hosts": [f"root@127.0.0.1:{self.ssh_port}"],
+            "user": APP_USER,
+            "root": str(self.srv),
+            "etc": str(self.etc),
+            "python": "/usr/bin/python3",
+            "supervisorctl": str(VENV_BIN / "supervisorctl"),
+            "require_systemd": False,
+            "web_ports": list(self.web_ports),
+            "web_workers": 2,
+            "worker_concurrency": 1,
+            "task_time_limit": 30,
+            "web_graceful_timeout": 10,
+            "health_timeout": 40,
+            **self.config_overrides,
+        }
+
+        def toml(value) -> str:
+            if isinstance(value, bool):
+                return "true" if value else "false"
+            if isinstance(value, list):
+                return "[" + ", ".join(toml(v) for v in value) + "]"
+            return str(value) if isinstance(value, int) else f'"{value}"'
+
+        lines = ["[environments.e2e]", *(f"{key} = {toml(value)}" for key, value in settings.items())]
+        self.config_file.write_text("\n".join(lines) + "\n")
+
+    def _spawn(self, argv: list[str], log: str) -> None:
+        out = (self.workdir / log).open("wb")
+        self._procs.append(subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, start_new_session=True))
+
+    # --- use ----------------------------------------------------------------------------
+    def fab(self, *args: str, repo: Path | None = None, timeout: float = 900) -> subprocess.CompletedProcess:
+        """`fab -i KEY TASK --env e2e --config ...` from this repository's fabfile; output captured."""
+        task, *rest = args
+        argv = [str(VENV_BIN / "fab"), "-r", str(REPO), "-i", str(self.key), task, "--env", "e2e"]
+        argv += ["--config", str(self.config_file), *rest]
+        if repo is not None:
+            argv += ["--repo", str(repo)]
+        env = {**os.environ, "HOME": str(self.home)}
+        return subprocess.run(argv, capture_output=True, text=True, timeout=timeout, env=env)
+
+    def fab_background(self, *args: str, repo: Path) -> subprocess.Popen:
+        task, *rest = args
+        argv = [str(VENV_BIN / "fab"), "-r", str(REPO), "-i", str(self.key), task, "--env", "e2e"]
+        argv += ["--config", str(self.config_file), *rest, "--repo", str(repo)]
+        env = {**os.environ, "HOME": str(self.home), "PYTHONUNBUFFERED": "1"}
+        return subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+
+    def supervisorctl(self, *args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [str(VENV_BIN / "supervisorctl"), "-c", str(self.supervisord_conf), *args], capture_output=True, text=True
+        )
+
+    def states(self) -> dict[str, str]:
+        out = self.supervisorctl("status").stdout
+        return {line.split()[0]: line.split()[1] for line in out.splitlines() if len(line.split()) > 1}
+
+    @property
+    def front_url(self) -> str:
+        return f"http://127.0.0.1:{self.nginx_port}/health/"
+
+    def live_release(self) -> str | None:
+        link = self.srv / "current"
+        return os.readlink(link).rstrip("/").rsplit("/", 1)[-1] if link.is_symlink() else None
+
+    def releases(self) -> list[str]:
+        return sorted(p.name for p in (self.srv / "releases").iterdir() if p.is_dir())
+
+    # --- tear-down ------------------------------------------------------------------------
+    def stop(self) -> None:
+        self.supervisorctl("stop", "all")
+        for proc in reversed(self._procs):
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+                try:
+                    proc.wait(30)
+                except subprocess.TimeoutExpired:
+                    os.killpg(proc.pid, signal.SIGKILL)
+        try:
+            self.database.drop()
+        except Exception:  # noqa: BLE001 - tear-down goes on
+            pass
+        redis.Redis.from_url(f"{REDIS_URL}/{self.redis_db}").flushdb()
