@@ -7,6 +7,7 @@ fab deploy --env production                                 # hosts and settings
 from __future__ import annotations
 
 import functools
+import logging
 from pathlib import Path
 
 from fabric import Connection, task
@@ -19,6 +20,9 @@ from deploy.errors import DeployError
 
 REPO = Path(__file__).resolve().parent
 CONNECT_TIMEOUT = 15
+
+# The health checks probe ports that are expected to be closed for a moment; paramiko would print each refusal.
+logging.getLogger("paramiko").addHandler(logging.NullHandler())
 
 COMMON_HELP = {
     "env": "a named environment of the deploy config (hosts, user, paths, process counts)",
@@ -113,7 +117,7 @@ def restart(c, program=None, env=None, config=None):
     """Restart a program (web: one port at a time, each checked) or all of them."""
     cfg, conns = _targets(c, env, config)
     for conn in conns:
-        print(workflow.restart(conn, cfg, program))
+        print(workflow.restart_programs(conn, cfg, program))
 
 
 @task(help={**COMMON_HELP, "command": 'the supervisorctl command line, e.g. "tail -f prayer-room:worker"'})

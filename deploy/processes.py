@@ -1,4 +1,4 @@
-"""The programs under supervisord: install their config, restart each the way it needs, read their state."""
+"""The programs under supervisord: their names, their config diff, and restarting each the way it needs."""
 
 from __future__ import annotations
 
@@ -8,7 +8,9 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from deploy.config import DeployConfig
 from deploy.errors import DeployError
+from deploy.layout import SUPERVISOR_GROUP
 from deploy.remote import Server, sh
 
 _ENV_PAIR = re.compile(r"""([A-Za-z_][A-Za-z0-9_]*)=("[^"]*"|'[^']*')""")
@@ -16,27 +18,40 @@ _ENV_PAIR = re.compile(r"""([A-Za-z_][A-Za-z0-9_]*)=("[^"]*"|'[^']*')""")
 
 @dataclass(frozen=True)
 class Programs:
-    """supervisorctl names of one rendered config, split by how they restart."""
+    """supervisorctl names (group:program) of a server's processes, split by how they restart."""
 
-    web: tuple[tuple[str, int], ...]  # (name, port)
-    others: tuple[str, ...]  # worker(s), then beat
+    web: tuple[tuple[str, int], ...]  # (name, port), restarted one at a time
+    others: tuple[str, ...]  # the worker(s), then beat
 
     @classmethod
-    def from_context(cls, context: dict) -> Programs:
-        group = context["group"]
-        web = tuple((f"{group}:web-{i}", port) for i, port in enumerate(context["web_ports"], start=1))
-        workers = context["processes"].get("worker", 0)
-        worker_names = [f"{group}:worker"] if workers == 1 else [f"{group}:worker-{n}" for n in range(workers)]
-        return cls(web=web, others=(*worker_names, f"{group}:beat"))
+    def from_config(cls, config: DeployConfig) -> Programs:
+        group = SUPERVISOR_GROUP
+        web = tuple((f"{group}:web-{i}", port) for i, port in enumerate(config.web_ports, start=1))
+        workers = [f"{group}:worker"] if config.workers == 1 else [f"{group}:worker-{n}" for n in range(config.workers)]
+        return cls(web=web, others=(*workers, f"{group}:beat"))
 
     @property
     def all(self) -> tuple[str, ...]:
         return (*(name for name, _ in self.web), *self.others)
 
+    def select(self, program: str | None) -> Programs:
+        """The subset named by `program` (web, web-1, worker, beat, ...); all of them for None."""
+        if not program:
+            return self
+
+        def wanted(name: str) -> bool:
+            short = name.split(":")[-1]
+            return short == program or short.startswith(f"{program}-")
+
+        subset = Programs(tuple(w for w in self.web if wanted(w[0])), tuple(n for n in self.others if wanted(n)))
+        if not subset.all:
+            known = sorted({n.split(":")[-1] for n in self.all} | {"web"})
+            raise DeployError(f"unknown program {program!r}; programs: {', '.join(known)}.")
+        return subset
+
 
 def redact(text: str) -> str:
     """The config with each environment value replaced by a short hash: diffable, never showing a secret."""
-
     lines = []
     for line in text.splitlines():
         if line.startswith("environment="):
@@ -60,103 +75,60 @@ def config_diff(live: str | None, rendered: str) -> str:
     )
 
 
-def live_config(server: Server) -> str | None:
-    return server.read(server.config.layout.programs_conf, what="reading the live supervisord programs")
-
-
-def stored_config(server: Server, release_id: str) -> str | None:
-    """The programs config a release was deployed with (kept for rollback)."""
-    return server.read(server.config.layout.etc / "releases" / f"{release_id}.conf", what="reading a release's config")
-
-
-def store_config(server: Server, release_id: str, text: str) -> None:
-    dest = server.config.layout.etc / "releases" / f"{release_id}.conf"
-    server.upload(text, dest, owner="root", mode="0600", what="keeping the release's supervisord programs")
-
-
-def install_config(server: Server, text: str) -> None:
-    """Write programs.conf (root, 0600: it holds the env file's values)."""
-    server.upload(text, server.config.layout.programs_conf, owner="root", mode="0600", what="installing programs.conf")
-
-
-def check_supervisord(server: Server) -> None:
-    if server.supervisorctl("pid", what="asking supervisord", warn=True).exited != 0:
-        raise DeployError(
-            f"supervisord is not answering on {server.config.layout.supervisor_socket} on {server.name}; "
-            "start the prayer-room service (systemctl status prayer-room), or run `fab provision`."
-        )
-
-
-def states(server: Server) -> dict[str, str]:
-    """supervisorctl name -> state (RUNNING, STARTING, FATAL, ...) for every program supervisord knows."""
-    out = server.supervisorctl("status", what="reading program states", warn=True).stdout
-    result = {}
-    for line in out.splitlines():
-        parts = line.split()
-        if len(parts) >= 2 and parts[1].isupper():
-            result[parts[0]] = parts[1]
-    return result
-
-
 def log_path(server: Server, name: str):
     """The log file of a supervisorctl name (group:program)."""
     return server.config.layout.logs / f"{name.split(':', 1)[-1]}.log"
 
 
-def log_size(server: Server, name: str) -> int:
-    out = server.root(f"stat -c %s {sh(log_path(server, name))} 2>/dev/null || echo 0", what="sizing a log").stdout
-    return int(out.strip() or 0)
-
-
-def log_tail(server: Server, name: str, lines: int = 30) -> str:
-    return server.root(sh("tail", "-n", lines, log_path(server, name)), what="reading a log", warn=True).stdout
-
-
-def apply_config(server: Server) -> None:
-    """`supervisorctl update`: load a changed programs.conf (supervisord restarts the changed group as a whole)."""
-    server.supervisorctl("update", what="supervisorctl update")
-
-
-def wait_running(server: Server, names: tuple[str, ...] | list[str], timeout: float = 30) -> None:
-    """Wait until every name is RUNNING; a FATAL/BACKOFF program fails with the tail of its log."""
+def wait_running(server: Server, names: tuple[str, ...], timeout: float = 30) -> None:
+    """Wait until every name is RUNNING; otherwise fail with their states and the tail of a failing log."""
+    status = server.supervisorctl_command("status", *names)
     script = (
-        f"end=$(( $(date +%s) + {int(timeout)} )); while :; do "
-        f"out=$({sh(server.config.supervisorctl, '-c', server.config.layout.supervisor_conf, 'status', *names)}); "
-        'n=$(printf "%s\\n" "$out" | grep -c " RUNNING "); '
-        f'[ "$n" -ge {len(names)} ] && exit 0; [ $(date +%s) -ge $end ] && {{ printf "%s\\n" "$out"; exit 1; }}; '
-        "sleep 0.3; done"
+        f"end=$(( $(date +%s) + {int(timeout)} )); while :; do out=$({status}); "
+        f'n=$(printf "%s\\n" "$out" | grep -c " RUNNING "); [ "$n" -ge {len(names)} ] && exit 0; '
+        '[ $(date +%s) -ge $end ] && { printf "%s\\n" "$out"; exit 1; }; sleep 0.3; done'
     )
     result = server.root(script, what="waiting for the programs", warn=True)
     if result.exited != 0:
-        bad = [line.split()[0] for line in result.stdout.splitlines() if " RUNNING " not in line and line.strip()]
-        detail = "; ".join(f"{name}: {log_tail(server, name, 8).strip()[-600:]}" for name in bad[:2])
-        raise DeployError(f"not RUNNING after {timeout:.0f} s: {result.stdout.strip()} -- last log lines: {detail}")
+        bad = [line.split()[0] for line in result.stdout.splitlines() if line.strip() and " RUNNING " not in line]
+        tail = server.root(sh("tail", "-n", "8", log_path(server, bad[0])), what="log", warn=True).stdout if bad else ""
+        states = " | ".join(result.stdout.strip().splitlines())
+        raise DeployError(f"not RUNNING after {timeout:.0f} s: {states} -- last log lines: {tail[-600:]}")
 
 
-def restart(server: Server, *names: str, asynchronous: bool = False):
-    """`supervisorctl restart`: stop (TERM, waiting stopwaitsecs) then start; the old process is gone first."""
-    return server.supervisorctl(
-        "restart", *names, what=f"restarting {', '.join(names)}", warn=True, asynchronous=asynchronous
-    )
+def restart(server: Server, *names: str) -> None:
+    """`supervisorctl restart`: stop (TERM, up to stopwaitsecs) then start; the old process is gone first."""
+    result = server.supervisorctl("restart", *names, what=f"restarting {', '.join(names)}", warn=True)
+    if "ERROR" in result.stdout or result.exited not in (0,):
+        raise DeployError(f"supervisorctl restart {' '.join(names)}: {result.stdout.strip() or result.stderr.strip()}")
 
 
 def rolling_restart(
-    server: Server, programs: Programs, check_web: Callable[[str, int], None], step: Callable[[str], object]
-) -> None:
-    """Web programs one at a time (each checked before the next stops), worker and beat meanwhile.
+    server: Server,
+    programs: Programs,
+    check_web: Callable[[int], None],
+    step: Callable[[str], object],
+    alongside: str | None = None,
+):
+    """Web programs one at a time, each checked before the next stops; each worker and beat meanwhile.
 
-    nginx keeps sending requests to the web program that is not restarting (proxy_next_upstream),
-    so no request meets a closed port.
+    nginx sends requests to the web program that is not restarting (proxy_next_upstream), so none
+    meets a closed port. `alongside` (a root shell command, e.g. the ping check, which waits for a
+    worker of the new release) runs at the same time; its result is returned.
     """
-    background = restart(server, *programs.others, asynchronous=True)
+    commands = [server.supervisorctl_command("restart", name) for name in programs.others]
+    background = [server.root(command, what="restarting", asynchronous=True) for command in commands]
+    checker = server.root(alongside, what="checking", asynchronous=True) if alongside else None
     try:
         for name, port in programs.web:
-            with step(f"restart {name.split(':')[-1]} (port {port}) and check it"):
+            with step(f"restart {name.split(':')[-1]} (port {port}), wait for its health check"):
                 restart(server, name)
-                check_web(name, port)
+                check_web(port)
     finally:
-        result = background.join()
-    with step(f"restart {', '.join(n.split(':')[-1] for n in programs.others)} (warm shutdown, beat stopped first)"):
-        if result.exited != 0 and "ERROR" in result.stdout:
-            raise DeployError(f"restarting worker and beat: {result.stdout.strip()}")
-        wait_running(server, programs.others)
+        with step(f"restart {', '.join(n.split(':')[-1] for n in programs.others)} (worker: warm shutdown)"):
+            results = [promise.join() for promise in background]
+            for name, result in zip(programs.others, results, strict=True):
+                if "ERROR" in result.stdout or result.exited != 0:
+                    raise DeployError(f"supervisorctl restart {name}: {result.stdout.strip()[:500]}")
+            wait_running(server, programs.others)
+    return checker.join() if checker is not None else None

@@ -48,18 +48,14 @@ class Server:
             self.conn.run, sh("sudo", "-n", "sh", "-c", command), what=what, warn=warn, timeout=timeout, **kwargs
         )
 
-    def app(self, command: str, *, what: str, warn: bool = False, timeout: float | None = None, **kwargs):
-        """Run a shell command as the app user, with its HOME."""
+    def as_app(self, command: str) -> str:
+        """A root shell command that runs `command` as the app user, with its HOME and USER."""
         user = self.config.user
-        if self.is_root:
-            wrapped = sh(
-                "runuser", "-u", user, "--", "env", f"HOME={self.app_home}", f"USER={user}", "sh", "-c", command
-            )
-            return self._run(self.conn.run, wrapped, what=what, warn=warn, timeout=timeout, **kwargs)
-        if self.sudo_password:
-            return self._run(self.conn.sudo, sh("sh", "-c", command), user=user, what=what, warn=warn, **kwargs)
-        wrapped = sh("sudo", "-n", "-H", "-u", user, "--", "sh", "-c", command)
-        return self._run(self.conn.run, wrapped, what=what, warn=warn, timeout=timeout, **kwargs)
+        return sh("runuser", "-u", user, "--", "env", f"HOME={self.app_home}", f"USER={user}", "sh", "-c", command)
+
+    def app(self, command: str, *, what: str, warn: bool = False, timeout: float | None = None, **kwargs):
+        """Run a shell command as the app user."""
+        return self.root(self.as_app(command), what=what, warn=warn, timeout=timeout, **kwargs)
 
     def _run(self, runner, command: str, *, what: str, warn: bool, **kwargs):
         kwargs.setdefault("hide", True)
@@ -80,20 +76,30 @@ class Server:
         result = self.root(sh("cat", path), what=what, warn=True)
         return result.stdout if result.exited == 0 else None
 
-    def upload(self, data: bytes | str, dest: object, *, owner: str, mode: str, what: str) -> None:
-        """Put `data` at `dest` with owner and mode, through a private temporary directory (no world-readable copy)."""
-        payload = data.encode() if isinstance(data, str) else data
-        tmpdir = self.conn.run("mktemp -d", hide=True, in_stream=False).stdout.strip()
-        try:
-            self.conn.put(io.BytesIO(payload), f"{tmpdir}/upload")
-            self.root(sh("install", "-D", "-o", owner, "-g", owner, "-m", mode, f"{tmpdir}/upload", dest), what=what)
-        except (OSError, paramiko.SSHException) as exc:
-            raise DeployError(f"{what} on {self.name}: {exc}") from exc
-        finally:
-            self.conn.run(sh("rm", "-rf", tmpdir), hide=True, warn=True, in_stream=False)
+    def upload(self, files: list[tuple[bytes | str, object, str, str]], *, then: str = "true", what: str) -> None:
+        """Put each (data, dest, owner, mode) in place, then run `then` as root: two round trips in all.
 
-    def put_file(self, local: Path, dest: object, *, owner: str, mode: str, what: str) -> None:
-        self.upload(local.read_bytes(), dest, owner=owner, mode=mode, what=what)
+        Files travel through a private temporary directory, so no copy is ever world-readable.
+        """
+        try:
+            tmpdir = self.conn.run("mktemp -d", hide=True, in_stream=False).stdout.strip()
+            sftp = self.conn.sftp()
+            installs = []
+            for number, (data, dest, owner, mode) in enumerate(files):
+                payload = data.encode() if isinstance(data, str) else data
+                sftp.putfo(io.BytesIO(payload), f"{tmpdir}/{number}")
+                installs.append(sh("install", "-D", "-o", owner, "-g", owner, "-m", mode, f"{tmpdir}/{number}", dest))
+        except (OSError, paramiko.SSHException, UnexpectedExit) as exc:
+            raise DeployError(f"{what} on {self.name}: {exc}") from exc
+        script = " && ".join([*installs, f"({then})"])
+        self.root(f"{script}; code=$?; rm -rf {sh(tmpdir)}; exit $code", what=what)
+
+    def helper_command(self, release_dir: object, *args: str) -> str:
+        """A root shell command running deploy/onserver.py ARGS with the release's Python, as the app user."""
+        overlay = [f"--default={key}={value}" for key, value in self.config.environment_defaults()]
+        overlay += [f"--set={key}={value}" for key, value in self.config.environment_overrides()]
+        python = sh(".venv/bin/python", "-c", HELPER_SOURCE.read_text(), "--env-file", self.config.layout.env_file)
+        return self.as_app(f"cd {sh(release_dir)} && {python} {sh(*overlay, *args)}")
 
     def helper(
         self, release_dir: object, *args: str, what: str, timeout: float | None = None, on_lines=None
@@ -102,17 +108,11 @@ class Server:
 
         `on_lines` sees the lines before a failure is raised (the prepare steps report their timings).
         """
-        layout = self.config.layout
-        overlay = [f"--default={key}={value}" for key, value in self.config.environment_defaults()]
-        overlay += [f"--set={key}={value}" for key, value in self.config.environment_overrides()]
-        command = " ".join(
-            [
-                sh("cd", release_dir),
-                "&&",
-                sh(".venv/bin/python", "-c", HELPER_SOURCE.read_text(), "--env-file", layout.env_file, *overlay, *args),
-            ]
-        )
-        result = self.app(command, what=what, warn=True, timeout=timeout)
+        result = self.root(self.helper_command(release_dir, *args), what=what, warn=True, timeout=timeout)
+        return self.helper_lines(result, what=what, on_lines=on_lines)
+
+    def helper_lines(self, result, *, what: str, on_lines=None) -> list[dict]:
+        """The JSON lines of a helper run; a line with ok=False, or a failed run, raises DeployError."""
         lines = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
         if on_lines:
             on_lines(lines)
@@ -123,13 +123,11 @@ class Server:
             raise DeployError(f"{what}{step} failed on {self.name}: {reason}")
         return lines
 
+    def supervisorctl_command(self, *args: str) -> str:
+        return sh(self.config.supervisorctl, "-c", self.config.layout.supervisor_conf, *args)
+
     def supervisorctl(self, *args: str, what: str, warn: bool = False, **kwargs):
-        return self.root(
-            sh(self.config.supervisorctl, "-c", self.config.layout.supervisor_conf, *args),
-            what=what,
-            warn=warn,
-            **kwargs,
-        )
+        return self.root(self.supervisorctl_command(*args), what=what, warn=warn, **kwargs)
 
 
 def connect(conn: Connection, config: DeployConfig) -> Server:
@@ -151,28 +149,29 @@ def connect(conn: Connection, config: DeployConfig) -> Server:
         raise DeployError(f"{where}: unknown host name ({exc}).") from exc
     except (OSError, paramiko.SSHException, EOFError) as exc:
         raise DeployError(f"{where}: cannot connect over SSH ({exc or type(exc).__name__}).") from exc
+    probe = (
+        "id -u; sudo -n true 2>/dev/null && echo sudo-ok; test -d /run/systemd/system && echo systemd; "
+        f"getent passwd {sh(config.user)} | sed 's/^/passwd:/'; true"
+    )
     try:
-        uid = conn.run("id -u", hide=True, in_stream=False).stdout.strip()
+        facts = conn.run(probe, hide=True, in_stream=False).stdout.splitlines()
     except (UnexpectedExit, OSError, paramiko.SSHException) as exc:
         raise DeployError(f"{where}: cannot run commands over SSH ({exc}).") from exc
-    is_root = uid == "0"
+    is_root = bool(facts) and facts[0].strip() == "0"
     sudo_password = False
-    if not is_root:
-        if conn.run("sudo -n true", hide=True, warn=True, in_stream=False).exited != 0:
-            if not conn.config.sudo.password:
-                raise DeployError(
-                    f"{where}: {conn.user} cannot sudo without a password; log in as root, give it passwordless "
-                    "sudo, or add --prompt-for-sudo-password."
-                )
-            sudo_password = True
-    server = Server(conn, config, is_root, sudo_password, app_home="")
-    if config.require_systemd:
-        if server.root("test -d /run/systemd/system", what="checking for systemd", warn=True).exited != 0:
+    if not is_root and "sudo-ok" not in facts:
+        if not conn.config.sudo.password:
             raise DeployError(
-                f"{where}: the server does not run systemd, which keeps supervisord (and the site) up across "
-                "reboots; use a systemd host (Debian 12, Ubuntu 24.04)."
+                f"{where}: {conn.user} cannot sudo without a password; log in as root, give it passwordless "
+                "sudo, or add --prompt-for-sudo-password."
             )
-    passwd = server.root(sh("getent", "passwd", config.user), what="looking up the app user", warn=True)
-    if passwd.exited != 0:
+        sudo_password = True
+    if config.require_systemd and "systemd" not in facts:
+        raise DeployError(
+            f"{where}: the server does not run systemd, which keeps supervisord (and the site) up across "
+            "reboots; use a systemd host (Debian 12, Ubuntu 24.04)."
+        )
+    passwd = [line[len("passwd:") :] for line in facts if line.startswith("passwd:")]
+    if not passwd:
         raise DeployError(f"{where}: there is no app user {config.user!r}; run `fab provision` first.")
-    return Server(conn, config, is_root, sudo_password, app_home=passwd.stdout.split(":")[5])
+    return Server(conn, config, is_root, sudo_password, app_home=passwd[0].split(":")[5])

@@ -2,37 +2,102 @@
 
 from __future__ import annotations
 
+import json
 import time
 
+import paramiko
+
 from deploy.errors import DeployError
-from deploy.processes import log_path
 from deploy.remote import Server, sh
 
 BEAT_SCHEDULER = "django_celery_beat.schedulers.DatabaseScheduler"
 
 
-def check_web(server: Server, release_dir, release_id: str, port: int) -> None:
-    """/health/ on the web program's port answers 200 naming `release_id`."""
+def health_host(env_values: dict[str, str]) -> str:
+    """A Host header Django accepts: the first plain name of ALLOWED_HOSTS."""
+    names = [h.strip().lstrip(".") for h in env_values.get("ALLOWED_HOSTS", "").split(",")]
+    names = [h for h in names if h and "*" not in h]
+    return names[0] if names else "localhost"
+
+
+def _get_over_ssh(server: Server, port: int, host: str) -> tuple[int | None, str]:
+    """GET /health/ on the server's loopback port through an SSH direct-tcpip channel (no process started)."""
+    transport = server.conn.transport
+    try:
+        channel = transport.open_channel("direct-tcpip", ("127.0.0.1", port), ("127.0.0.1", 0), timeout=10)
+    except paramiko.ChannelException as exc:
+        if exc.code == 1:  # administratively prohibited: sshd forbids TCP forwarding
+            raise
+        return None, f"port {port} refused the connection"
+    try:
+        channel.settimeout(15)
+        channel.sendall(
+            f"GET /health/ HTTP/1.0\r\nHost: {host}\r\nX-Forwarded-Proto: https\r\nConnection: close\r\n\r\n".encode()
+        )
+        data = b""
+        while chunk := channel.recv(65536):
+            data += chunk
+    except (OSError, paramiko.SSHException) as exc:
+        return None, f"{type(exc).__name__}: {exc}"
+    finally:
+        channel.close()
+    head, _, body = data.partition(b"\r\n\r\n")
+    try:
+        status = int(head.split(b" ", 2)[1])
+    except (IndexError, ValueError):
+        return None, f"no HTTP answer on port {port}"
+    return status, body.decode(errors="replace")
+
+
+def check_web(server: Server, release_dir, release_id: str, port: int, host: str) -> None:
+    """/health/ on the web program's port answers 200 naming `release_id`, within health_timeout."""
     timeout = server.config.health_timeout
-    server.helper(
-        release_dir, "health", "--port", str(port), "--expect", release_id, "--timeout", str(timeout),
-        what=f"health check on port {port}", timeout=timeout + 30,
-    )  # fmt: skip
+    deadline = time.monotonic() + timeout
+    last = "no answer"
+    while True:
+        try:
+            status, body = _get_over_ssh(server, port, host)
+        except paramiko.ChannelException:
+            server.helper(
+                release_dir, "health", "--port", str(port), "--expect", release_id, "--timeout", str(timeout),
+                what=f"health check on port {port}", timeout=timeout + 30,
+            )  # fmt: skip
+            return
+        if status == 200:
+            try:
+                release = json.loads(body).get("release")
+            except ValueError:
+                release = None
+            if release == release_id:
+                return
+            last = f"HTTP 200 from release {release!r}"
+        else:
+            last = f"HTTP {status}: {body[:300]}" if status else body
+        if time.monotonic() > deadline:
+            raise DeployError(f"port {port}: no healthy answer naming {release_id} in {timeout} s ({last})")
+        time.sleep(0.2)
+
+
+def ping_command(server: Server, release_dir, release_id: str) -> str:
+    """A root shell command: the ping task through the broker must come back from a worker of `release_id`."""
+    timeout = str(server.config.health_timeout)
+    return server.helper_command(release_dir, "ping", "--expect", release_id, "--timeout", timeout)
 
 
 def check_worker(server: Server, release_dir, release_id: str) -> str:
-    """A ping task sent through the broker is run by a worker of `release_id`; returns the worker's host name."""
-    timeout = server.config.health_timeout
-    lines = server.helper(
-        release_dir, "ping", "--expect", release_id, "--timeout", str(timeout),
-        what="ping task through the worker", timeout=timeout + 30,
-    )  # fmt: skip
+    """Run the ping check now; returns the answering worker's host name."""
+    result = server.root(ping_command(server, release_dir, release_id), what="ping task", warn=True)
+    return worker_answer(server, result)
+
+
+def worker_answer(server: Server, result) -> str:
+    lines = server.helper_lines(result, what="ping task through the worker")
     return lines[-1].get("hostname", "?")
 
 
-def check_beat(server: Server, beat_name: str, log_offset: int, timeout: float = 30) -> None:
+def check_beat(server: Server, log_offset: int, timeout: float = 30) -> None:
     """The beat started since `log_offset` in its log announced the DatabaseScheduler."""
-    path = log_path(server, beat_name)
+    path = server.config.layout.logs / "beat.log"
     # A log rotated since the restart is read from its start.
     probe = (
         f'f={sh(path)}; o={log_offset + 1}; [ $(stat -c %s "$f") -lt {log_offset} ] && o=1; '
@@ -45,7 +110,5 @@ def check_beat(server: Server, beat_name: str, log_offset: int, timeout: float =
             return
         if time.monotonic() > deadline:
             tail = server.root(sh("tail", "-n", "15", path), what="reading beat's log", warn=True).stdout
-            raise DeployError(
-                f"beat did not start with {BEAT_SCHEDULER} within {timeout:.0f} s; its log: {tail[-800:]}"
-            )
+            raise DeployError(f"beat did not start with {BEAT_SCHEDULER} in {timeout:.0f} s; its log: {tail[-800:]}")
         time.sleep(0.5)

@@ -3,82 +3,86 @@
 from __future__ import annotations
 
 import shlex
+import time
 from pathlib import Path
 
 from fabric import Connection
 
-from deploy import processes, release, verify
+from deploy import release, verify
 from deploy.config import DeployConfig
 from deploy.errors import DeployError
 from deploy.lock import DeployLock
-from deploy.onserver import read_env_file
-from deploy.processes import Programs
+from deploy.processes import Programs, config_diff, log_path, rolling_restart, wait_running
 from deploy.progress import Progress
 from deploy.remote import Server, connect, sh
 from deploy.render import render_supervisord_conf, server_context
+from deploy.state import ServerState, read_state
 
 
-def _env_values(server: Server) -> dict[str, str]:
-    text = server.read(server.config.layout.env_file, what="reading the env file")
-    if text is None:
-        raise DeployError(
-            f"{server.name} has no env file at {server.config.layout.env_file}; run `fab provision` first."
-        )
-    try:
-        return read_env_file(text)
-    except ValueError as exc:
-        raise DeployError(f"{server.config.layout.env_file} on {server.name}: {exc}.") from exc
+def _render(server: Server, state: ServerState) -> str:
+    """This server's programs config; a bad context or env value fails here, before anything is uploaded."""
+    context = server_context(
+        server.config, state.env_values(server), home=server.app_home, web_ports=server.config.web_ports
+    )
+    return render_supervisord_conf(context)
 
 
-def _render(server: Server) -> tuple[dict, str]:
-    config = server.config
-    context = server_context(config, _env_values(server), home=server.app_home, web_ports=config.web_ports)
-    return context, render_supervisord_conf(context)
-
-
-def _check_provisioned(server: Server) -> None:
-    layout = server.config.layout
-    if server.root(sh("test", "-d", layout.root), what="looking for the app directory", warn=True).exited != 0:
-        raise DeployError(f"{server.name} has no {layout.root}; run `fab provision` first.")
-    processes.check_supervisord(server)
-
-
-def _activate(
-    server: Server, release_id: str, config_text: str, context: dict, config_changed: bool, progress: Progress
-) -> None:
-    """Make `release_id` live: switch `current`, load its programs, restart them, verify; mark it deployed."""
+def _activate(server: Server, state: ServerState, release_id: str, programs_text: str, progress: Progress) -> None:
+    """Make `release_id` live: switch `current`, load its programs, restart each as it needs, verify, mark it."""
     layout = server.config.layout
     release_dir = layout.releases / release_id
-    programs = Programs.from_context(context)
-    beat = programs.others[-1]
-    beat_offset = processes.log_size(server, beat)
-    with progress.step(f"switch current -> {release_id}"):
-        release.switch_current(server, release_id)
-
-    def web_ok(name: str, port: int) -> None:
-        verify.check_web(server, release_dir, release_id, port)
-
-    if config_changed:
-        with progress.step("install programs.conf and `supervisorctl update` (the whole group restarts)"):
-            processes.install_config(server, config_text)
-            processes.apply_config(server)
-            processes.wait_running(server, programs.all, timeout=server.config.health_timeout)
+    programs = Programs.from_config(server.config)
+    host = verify.health_host(state.env_values(server))
+    ping = verify.ping_command(server, release_dir, release_id)
+    switch = release.switch_command(server, release_id)
+    if state.live_programs != programs_text:
+        with progress.step(f"switch current -> {release_id}; install programs.conf; supervisorctl update"):
+            progress.say("   the programs config changed: supervisord restarts the whole group at once")
+            server.upload(
+                [(programs_text, layout.programs_conf, "root", "0600")],
+                then=f"{switch} && {server.supervisorctl_command('update')}",
+                what="installing programs.conf",
+            )
+            wait_running(server, programs.all, timeout=server.config.health_timeout)
         for name, port in programs.web:
-            with progress.step(f"check {name.split(':')[-1]} (port {port})"):
-                web_ok(name, port)
+            with progress.step(f"health check of {name.split(':')[-1]} (port {port})"):
+                verify.check_web(server, release_dir, release_id, port, host)
+        with progress.step("verify: a worker of this release runs the ping task"):
+            progress.say(f"   answered by {verify.check_worker(server, release_dir, release_id)}")
     else:
-        processes.rolling_restart(server, programs, web_ok, progress.step)
-    with progress.step("verify: a worker of this release runs the ping task"):
-        host = verify.check_worker(server, release_dir, release_id)
-        progress.say(f"   ping answered by {host}")
+        with progress.step(f"switch current -> {release_id}"):
+            server.root(switch, what="switching current")
+        result = rolling_restart(
+            server,
+            programs,
+            lambda port: verify.check_web(server, release_dir, release_id, port, host),
+            progress.step,
+            alongside=ping,
+        )
+        with progress.step("verify: a worker of this release ran the ping task"):
+            progress.say(f"   answered by {verify.worker_answer(server, result)}")
     with progress.step("verify: beat runs the DatabaseScheduler"):
-        verify.check_beat(server, beat, beat_offset)
-        processes.wait_running(server, programs.all, timeout=10)
-    release.mark_deployed(server, release_id)
+        verify.check_beat(server, state.beat_log_size)
+        wait_running(server, programs.all, timeout=10)
+
+
+def _locked(server: Server, action: str, progress: Progress):
+    lock = DeployLock(server, action)
+    with progress.step("take the deploy lock"):
+        lock.acquire()
+    last = [time.monotonic()]
+
+    def heartbeat() -> None:
+        if time.monotonic() - last[0] > 30:
+            lock.refresh()
+            last[0] = time.monotonic()
+
+    progress.heartbeat = heartbeat
+    return lock
 
 
 def deploy(conn: Connection, config: DeployConfig, repo: Path, *, allow_dirty: bool = False) -> str:
-    """Ship HEAD of `repo` to the server, make it live and verify it; roll back on any failure. Returns the id."""
+    """Ship HEAD of `repo`, prepare it, make it live and verify it; roll back on any failure. Returns the id."""
     source = release.local_source(repo)
     if source.dirty and not allow_dirty:
         listed = ", ".join(source.dirty[:5]) + (" ..." if len(source.dirty) > 5 else "")
@@ -89,16 +93,15 @@ def deploy(conn: Connection, config: DeployConfig, repo: Path, *, allow_dirty: b
     progress = Progress(f"deploy {source.short} to {conn.host}")
     if source.dirty:
         progress.say(f"WARNING: shipping HEAD {source.short}; {len(source.dirty)} uncommitted change(s) stay behind.")
-    with progress.step("connect and check the server"):
+    with progress.step("connect"):
         server = connect(conn, config)
-        _check_provisioned(server)
-        context, config_text = _render(server)  # a bad context fails here, before anything is uploaded
-    lock = DeployLock(server, f"deploy {source.short}")
-    with progress.step("take the deploy lock"):
-        lock.acquire()
+    lock = _locked(server, f"deploy {source.short}", progress)
     try:
-        progress.heartbeat = lock.refresh
-        release_id = _deploy_locked(server, source, context, config_text, progress)
+        with progress.step("read the server's state; render the supervisord programs"):
+            state = read_state(server)
+            state.require_provisioned(server)
+            programs_text = _render(server, state)  # a bad context fails here, before anything is uploaded
+        release_id = _deploy_locked(server, state, source, programs_text, progress)
     except BaseException as exc:
         progress.say(progress.summary(f"FAILED ({type(exc).__name__})"))
         raise
@@ -108,16 +111,17 @@ def deploy(conn: Connection, config: DeployConfig, repo: Path, *, allow_dirty: b
     return release_id
 
 
-def _deploy_locked(server: Server, source, context: dict, config_text: str, progress: Progress) -> str:
-    state = release.server_state(server)
+def _deploy_locked(server: Server, state: ServerState, source, programs_text: str, progress: Progress) -> str:
     previous = state.current
     release_id = source.release_id()
     with progress.step(f"upload {release_id}"):
-        release.upload_release(server, source, release_id)
+        release.upload_release(server, source, release_id, programs_text)
     try:
-        with progress.step("virtualenv for requirements.lock " + source.lock_hash):
-            built = release.ensure_venv(server, release_id, source.lock_hash)
-            progress.say(f"   {'built' if built else 'reused'} venvs/{source.lock_hash}")
+        if source.lock_hash in state.ready_venvs:
+            progress.say(f"   virtualenv venvs/{source.lock_hash} reused (requirements.lock unchanged)")
+        else:
+            with progress.step(f"build virtualenv venvs/{source.lock_hash} from requirements.lock"):
+                release.build_venv(server, release_id, source.lock_hash)
         with progress.step("prepare: check --deploy, migrate, seed_schedules, collectstatic"):
 
             def report(lines: list[dict]) -> None:
@@ -128,9 +132,6 @@ def _deploy_locked(server: Server, source, context: dict, config_text: str, prog
                         )
 
             server.helper(server.config.layout.releases / release_id, "prepare", what="prepare", on_lines=report)
-        with progress.step("keep this release's supervisord programs"):
-            processes.store_config(server, release_id, config_text)
-            live = processes.live_config(server)
     except BaseException as exc:
         release.remove_release(server, release_id)
         serving = f"{previous} keeps serving" if previous else "nothing was live"
@@ -138,33 +139,33 @@ def _deploy_locked(server: Server, source, context: dict, config_text: str, prog
             raise DeployError(f"{exc} -- stopped before the switch; {serving}.") from exc
         raise
     try:
-        _activate(server, release_id, config_text, context, live != config_text, progress)
+        _activate(server, state, release_id, programs_text, progress)
     except BaseException as exc:
         reason = str(exc) or type(exc).__name__
         if previous is None:
             raise DeployError(f"{reason} -- and there is no earlier release to roll back to.") from exc
         progress.say(f"!! {reason}\n!! rolling back to {previous}")
         try:
-            _rollback_to(server, previous, config_text, progress)
+            _rollback_to(server, previous, progress)
         except DeployError as again:
             raise DeployError(f"{reason} -- and the rollback to {previous} failed too: {again}") from exc
         release.remove_release(server, release_id)
         if isinstance(exc, DeployError):
             raise DeployError(f"deploy of {release_id} failed and was rolled back to {previous}: {reason}") from exc
         raise
-    with progress.step("prune old releases and virtualenvs"):
-        removed = release.prune(server, release.server_state(server))
+    with progress.step("mark the release verified; prune old releases and virtualenvs"):
+        removed = release.finish(server, state, release_id, source.lock_hash)
         if removed:
             progress.say(f"   removed {', '.join(removed)}")
     return release_id
 
 
-def _rollback_to(server: Server, target: str, live_text: str | None, progress: Progress) -> None:
-    """Make an earlier release live again with the programs config it was deployed with."""
-    stored = processes.stored_config(server, target)
-    context, rendered = _render(server)
-    text = stored or rendered
-    _activate(server, target, text, context, (live_text or "") != text, progress)
+def _rollback_to(server: Server, target: str, progress: Progress) -> None:
+    """Make an earlier release live again, with the programs config it was deployed with."""
+    state = read_state(server)
+    stored = server.read(release.history_path(server, target), what="reading the release's programs config")
+    _activate(server, state, target, stored or _render(server, state), progress)
+    release.finish(server, state, target, state.venvs.get(target, ""))
 
 
 def rollback(conn: Connection, config: DeployConfig, *, to: str | None = None) -> str:
@@ -172,22 +173,17 @@ def rollback(conn: Connection, config: DeployConfig, *, to: str | None = None) -
     progress = Progress(f"rollback on {conn.host}")
     with progress.step("connect and check the server"):
         server = connect(conn, config)
-        _check_provisioned(server)
-        state = release.server_state(server)
+        state = read_state(server)
+        state.require_provisioned(server)
         target = to or state.previous()
         if target is None:
-            raise DeployError(
-                f"{server.name} has no earlier verified release than {state.current}; nothing to roll back to."
-            )
+            raise DeployError(f"{server.name} has no verified release older than {state.current} to roll back to.")
         if target not in state.releases:
             raise DeployError(f"{server.name} has no release {target}; releases: {', '.join(state.releases)}.")
-    lock = DeployLock(server, f"rollback to {target}")
-    with progress.step("take the deploy lock"):
-        lock.acquire()
+    lock = _locked(server, f"rollback to {target}", progress)
     try:
-        progress.heartbeat = lock.refresh
-        progress.say(f"   {state.current} -> {target} (database untouched)")
-        _rollback_to(server, target, processes.live_config(server), progress)
+        progress.say(f"   {state.current} -> {target} (the database is left as it is)")
+        _rollback_to(server, target, progress)
     except BaseException as exc:
         progress.say(progress.summary(f"FAILED ({type(exc).__name__})"))
         raise
@@ -201,47 +197,44 @@ def plan(conn: Connection, config: DeployConfig, repo: Path) -> str:
     """What `deploy` would do, touching nothing: the release, the virtualenv, the programs config diff."""
     source = release.local_source(repo)
     server = connect(conn, config)
-    _check_provisioned(server)
-    state = release.server_state(server)
-    context, rendered = _render(server)
-    live = processes.live_config(server)
+    state = read_state(server)
+    state.require_provisioned(server)
+    rendered = _render(server, state)
+    venv = "reused" if source.lock_hash in state.ready_venvs else "built (requirements.lock changed)"
+    dirty = f" ({len(source.dirty)} uncommitted change(s) NOT shipped)" if source.dirty else ""
     lines = [
         f"deploy plan for {server.name} (environment {config.name})",
-        f"  ship:        HEAD {source.short}"
-        + (f" ({len(source.dirty)} uncommitted change(s) NOT shipped)" if source.dirty else ""),
+        f"  ship:        HEAD {source.short}{dirty}",
         f"  live now:    {state.current or 'nothing'}",
-        f"  virtualenv:  venvs/{source.lock_hash} "
-        + ("reused" if release.venv_ready(server, source.lock_hash) else "to build (requirements.lock changed)"),
-        "  then:        check --deploy, migrate, seed_schedules, collectstatic; switch current",
-        f"  releases:    {len(state.releases)} kept now, keep {config.keep_releases}",
+        f"  virtualenv:  venvs/{source.lock_hash} {venv}",
+        "  prepare:     check --deploy, migrate --noinput, seed_schedules, collectstatic; then switch current",
+        f"  releases:    {len(state.releases)} on the server; the newest {config.keep_releases} are kept",
     ]
-    if live == rendered:
-        lines.append("  programs:    programs.conf unchanged -> rolling restart (web one at a time), worker, beat")
+    if state.live_programs == rendered:
+        lines.append("  programs:    programs.conf unchanged; rolling restart (web one at a time), worker, beat")
     else:
-        lines.append("  programs:    programs.conf changes -> `supervisorctl update` restarts the whole group:")
-        lines.append(processes.config_diff(live, rendered).rstrip())
+        lines.append("  programs:    programs.conf changes; `supervisorctl update` restarts the whole group:")
+        lines.append(config_diff(state.live_programs, rendered).rstrip())
     return "\n".join(lines)
 
 
 def status(conn: Connection, config: DeployConfig) -> str:
     """Each program's state, the live release, the releases kept, and the schedules beat runs."""
     server = connect(conn, config)
-    state = release.server_state(server)
+    state = read_state(server)
     lines = [f"{server.name}: live release {state.current or 'none'}"]
     out = server.supervisorctl("status", what="supervisorctl status", warn=True).stdout.rstrip()
     lines += ["programs:", *(f"  {line}" for line in out.splitlines())]
-    marks = [
-        f"  {r}{'  (live)' if r == state.current else ''}{'' if r in state.deployed else '  (not verified)'}"
-        for r in state.releases
-    ]
-    lines += ["releases:", *marks]
+    lines.append("releases:")
+    for r in state.releases:
+        lines.append(
+            f"  {r}{'  (live)' if r == state.current else ''}{'' if r in state.deployed else '  (unverified)'}"
+        )
     if state.current:
         try:
-            rows = server.helper(config.layout.current, "schedules", what="reading schedules", timeout=60)[-1][
-                "schedules"
-            ]
-            lines.append("schedules (DatabaseScheduler):")
-            for row in rows:
+            answer = server.helper(config.layout.current, "schedules", what="reading schedules", timeout=60)
+            lines.append("schedules (beat, DatabaseScheduler):")
+            for row in answer[-1]["schedules"]:
                 flag = "on " if row["enabled"] else "off"
                 lines.append(f"  {flag} {row['name']}: {row['task']} {row['schedule']} (last run {row['last_run']})")
         except DeployError as exc:
@@ -249,59 +242,50 @@ def status(conn: Connection, config: DeployConfig) -> str:
     return "\n".join(lines)
 
 
-def _names(server: Server, program: str | None) -> tuple[Programs, list[str]]:
-    context, _ = _render(server)
-    programs = Programs.from_context(context)
-    if not program:
-        return programs, list(programs.all)
-    wanted = [n for n in programs.all if n.split(":")[-1] == program or n.split(":")[-1].startswith(f"{program}-")]
-    if not wanted:
-        known = ", ".join(sorted({n.split(":")[-1] for n in programs.all} | {"web", "worker"}))
-        raise DeployError(f"unknown program {program!r}; programs: {known}.")
-    return programs, wanted
-
-
 def logs(
     conn: Connection, config: DeployConfig, program: str | None = None, lines: int = 100, follow: bool = False
 ) -> str:
-    """The last lines of a program's log (all of them without PROGRAM); --follow keeps streaming."""
+    """The last lines of a program's log (all programs without PROGRAM); `follow` keeps streaming."""
     server = connect(conn, config)
-    _, names = _names(server, program)
-    paths = [processes.log_path(server, name) for name in names]
+    paths = [log_path(server, name) for name in Programs.from_config(config).select(program).all]
     if follow:
         server.root(sh("tail", "-n", lines, "-F", *paths), what="following logs", hide=False, pty=True, warn=True)
         return ""
     return server.root(sh("tail", "-n", lines, *paths), what="reading logs", warn=True).stdout
 
 
-def restart(conn: Connection, config: DeployConfig, program: str | None = None) -> str:
-    """Restart one program (web: one port at a time) or all of them, then check the live release."""
-    progress = Progress(f"restart {program or 'all'} on {conn.host}")
+def restart_programs(conn: Connection, config: DeployConfig, program: str | None = None) -> str:
+    """Restart one program (web: one port at a time, each checked) or all of them, on the live release."""
+    progress = Progress(f"restart {program or 'all programs'} on {conn.host}")
     server = connect(conn, config)
-    processes.check_supervisord(server)
-    state = release.server_state(server)
+    state = read_state(server)
+    state.require_provisioned(server)
     if not state.current:
         raise DeployError(f"{server.name} has no live release; run `fab deploy` first.")
-    programs, names = _names(server, program)
-    release_dir = config.layout.current
-    web = tuple((n, p) for n, p in programs.web if n in names)
-    others = tuple(n for n in programs.others if n in names)
-    subset = Programs(web=web, others=others)
-    check = lambda name, port: verify.check_web(server, release_dir, state.current, port)  # noqa: E731
-    if others:
-        processes.rolling_restart(server, subset, check, progress.step)
-    else:
-        for name, port in web:
-            with progress.step(f"restart {name.split(':')[-1]} (port {port}) and check it"):
-                processes.restart(server, name)
-                check(name, port)
-    return progress.summary("restarted " + ", ".join(n.split(":")[-1] for n in names))
+    subset = Programs.from_config(config).select(program)
+    host = verify.health_host(state.env_values(server))
+    release_dir = config.layout.releases / state.current
+    result = rolling_restart(
+        server,
+        subset,
+        lambda port: verify.check_web(server, release_dir, state.current, port, host),
+        progress.step,
+    )
+    if subset.others:
+        with progress.step("wait for worker and beat"):
+            if result is not None and result.exited != 0:
+                raise DeployError(f"restarting {', '.join(subset.others)}: {result.stdout.strip()[:500]}")
+            wait_running(server, subset.others)
+    return progress.summary("restarted " + ", ".join(n.split(":")[-1] for n in subset.all))
 
 
 def supervisorctl(conn: Connection, config: DeployConfig, command: str) -> int:
     """Run `supervisorctl COMMAND` on the server against the app's supervisord; returns its exit code."""
     server = connect(conn, config)
-    result = server.supervisorctl(*shlex.split(command or "status"), what="supervisorctl", warn=True, hide=False)
+    pty = command.split()[:1] == ["tail"] and "-f" in command.split()
+    result = server.supervisorctl(
+        *shlex.split(command or "status"), what="supervisorctl", warn=True, hide=False, pty=pty
+    )
     return result.exited
 
 
