@@ -269,7 +269,7 @@ def sync_file(server: Server, path: PurePosixPath, text: str, *, owner: str, mod
         stat = server.root(sh("stat", "--format=%U %G %a", path), what=f"checking {path}").stdout.split()
         if stat == [owner, owner, mode.lstrip("0")]:
             return False
-    server.upload(text, path, owner=owner, mode=mode, what=f"writing {path}")
+    server.upload([(text, path, owner, mode)], what=f"writing {path}")
     return True
 
 

@@ -132,10 +132,28 @@ class Container:
             f"[Match]\nName=host0\n\n[Network]\nAddress={self.address}/24\nGateway={self.gateway}\nLinkLocalAddressing=no\n"
         )
         _run("ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "prayer-room-tests", "-f", str(self.key))
+        self._trust_what_the_host_trusts()
         ssh_dir = self.rootfs / "root/.ssh"
         ssh_dir.mkdir(mode=0o700, exist_ok=True)
         shutil.copy(self.key.with_suffix(".pub"), ssh_dir / "authorized_keys")
         return self
+
+    def _trust_what_the_host_trusts(self) -> None:
+        """Give the container the host's CA certificates and pip's pointer to them, as it gets its resolver.
+
+        NOTE: where the host reaches PyPI through a TLS-inspecting proxy, pip inside (a vendored certifi)
+        fails with CERTIFICATE_VERIFY_FAILED without this. A real VPS needs neither.
+        """
+        bundle = Path("/etc/ssl/certs/ca-certificates.crt")
+        if not bundle.is_file():
+            return
+        (self.rootfs / "etc/ssl/certs").mkdir(parents=True, exist_ok=True)
+        shutil.copy(bundle, self.rootfs / bundle.relative_to("/"))
+        local = self.rootfs / "usr/local/share/ca-certificates"  # kept if apt runs update-ca-certificates
+        local.mkdir(parents=True, exist_ok=True)
+        for cert in Path("/usr/local/share/ca-certificates").glob("*.crt"):
+            shutil.copy(cert, local / cert.name)
+        (self.rootfs / "etc/pip.conf").write_text(f"[global]\ncert = {bundle}\n")
 
     def add_user(self, name: str, *, sudo: bool) -> None:
         """A login user with the same key, with passwordless sudo or none (before boot or while running)."""
