@@ -7,15 +7,20 @@
 from __future__ import annotations
 
 import json
-import resource
 import sys
 import time
 from pathlib import Path
 
 
-def rss_mb() -> float:
-    pages = int(Path("/proc/self/statm").read_text().split()[1])
-    return pages * resource.getpagesize() / 2**20
+def status_mb(field: str) -> float:
+    """A memory line of /proc/self/status (VmRSS, VmHWM) in MB."""
+    line = next(line for line in Path("/proc/self/status").read_text().splitlines() if line.startswith(field + ":"))
+    return int(line.split()[1]) / 1024
+
+
+def reset_peak() -> None:
+    """Start the peak RSS (VmHWM) afresh, so it shows the run and not the start-up (Linux clear_refs 5)."""
+    Path("/proc/self/clear_refs").write_text("5")
 
 
 def send() -> dict:
@@ -31,12 +36,13 @@ def send() -> dict:
         return execute(sql, params, many, context)
 
     connection.ensure_connection()
-    before = rss_mb()
+    before = status_mb("VmRSS")
+    reset_peak()
     with connection.execute_wrapper(count):
         started = time.perf_counter()
         summary = send_user_digest("daily")  # the task body, in this one process
         seconds = time.perf_counter() - started
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peak = status_mb("VmHWM")
     return {"seconds": seconds, "queries": queries, "peak_rss_mb": peak, "rss_before_mb": before, **summary}
 
 

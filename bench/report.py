@@ -23,12 +23,22 @@ class Row:
     baseline: float | None = None
     target: str = ""
     met: bool | None = None
+    paired_ratio: float | None = None  # median of ours/baseline over back-to-back pairs, when measured so
 
     @property
     def ratio(self) -> float | None:
+        if self.paired_ratio is not None:
+            return self.paired_ratio
         if self.baseline is None:
             return None
         return self.ours / self.baseline if self.baseline else float("nan")
+
+
+def paired(metric: str, unit: str, ours: list[float], theirs: list[float]) -> Row:
+    """A row from back-to-back pairs of measurements: medians of each side, median of the pair ratios."""
+    from bench.stats import median, paired_ratio
+
+    return Row(metric, median(ours), unit, median(theirs), paired_ratio=paired_ratio(ours, theirs))
 
 
 @dataclass

@@ -14,6 +14,7 @@ from tests.support.stack import MANAGE, REDIS_URL, REPO, Database, Process, mana
 PROJECT = REPO / "project"
 BIN = Path(sys.executable).parent
 # NOTE: a Redis db of the bench's own, flushed before each run; the tests use 11-14.
+# The worker benchmark also uses the next one, for its second worker.
 REDIS_DB = int(os.environ.get("BENCH_REDIS_DB", "9"))
 
 
@@ -64,8 +65,8 @@ def migrated(database: Database, env: dict[str, str]) -> None:
     manage(env, "migrate", "--noinput")
 
 
-def flush_redis() -> redis.Redis:
-    client = redis.Redis.from_url(f"{REDIS_URL}/{REDIS_DB}")
+def flush_redis(db: int = REDIS_DB) -> redis.Redis:
+    client = redis.Redis.from_url(f"{REDIS_URL}/{db}")
     client.flushdb()
     return client
 

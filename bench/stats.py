@@ -31,3 +31,8 @@ def interleaved(sides: Sequence[str], repeats: int) -> list[tuple[int, str]]:
         ordered = list(sides) if repeat % 2 == 0 else list(reversed(sides))
         order += [(repeat, side) for side in ordered]
     return order
+
+
+def paired_ratio(ours: Sequence[float], theirs: Sequence[float]) -> float:
+    """Median of ours[i] / theirs[i]: each pair ran back to back, so machine noise mostly cancels."""
+    return median([ratio(a, b) for a, b in zip(ours, theirs, strict=True)])

@@ -1,7 +1,9 @@
 """Item 2: `prodserver worker` against plain `celery -A prayer_room_api worker`, same ARGS and concurrency.
 
-Latency is from `apply_async` to the no-op `ping` task's result time (`date_done`, written the moment the
-task returns): an upper bound on the start latency, the same for both sides.
+Both workers run side by side, each on a Redis db of its own; latency and throughput rounds alternate
+between them (ABBA) and each ratio is the median over back-to-back pairs. Latency runs from
+`apply_async` to the no-op `ping` task's result time (`date_done`, written the moment it returns):
+an upper bound on the start latency, the same for both sides.
 """
 
 from __future__ import annotations
@@ -9,43 +11,51 @@ from __future__ import annotations
 import time
 
 from bench.context import Context
-from bench.report import Result, Row
-from bench.services import BIN, Command, cli_args, flush_redis, prodserver
-from bench.stats import interleaved, median, percentile
+from bench.report import Result, paired
+from bench.services import BIN, REDIS_DB, Command, cli_args, flush_redis, prodserver
+from bench.stats import interleaved, percentile
+from tests.support.stack import REDIS_URL
 
 SIDES = ("prodserver", "celery")
+REDIS_DBS = {"prodserver": REDIS_DB, "celery": REDIS_DB + 1}
+PING = "prayer_room_api.tasks.ping"
 
 
 def start(side: str, ctx: Context, log_dir) -> Command:
     from django.conf import settings
 
+    env = {**ctx.env, "CELERY_BROKER_URL": f"{REDIS_URL}/{REDIS_DBS[side]}"}
     if side == "prodserver":
-        worker = prodserver("worker", ctx.env, log_dir)
-    else:
-        args = cli_args(settings.PRODUCTION_PROCESSES["worker"]["ARGS"])
-        worker = Command("celery", [str(BIN / "celery"), "-A", "prayer_room_api", "worker", *args], ctx.env, log_dir)
-    worker.wait_for_output(" ready.", timeout=60)
-    return worker
+        return prodserver("worker", env, log_dir)
+    args = cli_args(settings.PRODUCTION_PROCESSES["worker"]["ARGS"])
+    return Command("celery", [str(BIN / "celery"), "-A", "prayer_room_api", "worker", *args], env, log_dir)
 
 
-def latencies(count: int) -> list[float]:
+def client(side: str):
+    """A Celery app with the project's settings that sends to and reads results from `side`'s Redis db."""
+    from celery import Celery
+
+    app = Celery(f"bench-{side}", set_as_current=False)
+    app.config_from_object("django.conf:settings", namespace="CELERY")
+    url = f"{REDIS_URL}/{REDIS_DBS[side]}"
+    app.conf.update(broker_url=url, result_backend=url)
+    return app
+
+
+def latencies(app, count: int) -> list[float]:
     """Milliseconds from sending each of `count` pings, one at a time, to its result time."""
-    from prayer_room_api.tasks import ping
-
     out = []
     for _ in range(count):
         sent = time.time()
-        result = ping.apply_async()
+        result = app.send_task(PING)
         result.get(timeout=30)
         out.append((result.date_done.timestamp() - sent) * 1000)
     return out
 
 
-def throughput(count: int) -> float:
+def throughput(app, count: int) -> float:
     """Tasks per second the worker drains from a burst of `count` pings (first to last result time)."""
-    from prayer_room_api.tasks import ping
-
-    results = [ping.apply_async() for _ in range(count)]
+    results = [app.send_task(PING) for _ in range(count)]
     for result in results:
         result.get(timeout=300)
     done = sorted(result.date_done.timestamp() for result in results)
@@ -53,28 +63,35 @@ def throughput(count: int) -> float:
 
 
 def run(ctx: Context) -> Result:
-    repeats, sequential, burst = (2, 50, 500) if ctx.quick else (5, 200, 2000)
+    rounds, sequential, burst = (2, 50, 500) if ctx.quick else (6, 100, 2000)
+    for db in REDIS_DBS.values():
+        flush_redis(db)
+    workers, apps = {}, {side: client(side) for side in SIDES}
     samples: dict[str, list[dict]] = {side: [] for side in SIDES}
-    for repeat, side in interleaved(SIDES, repeats):
-        flush_redis()
-        worker = start(side, ctx, ctx.logs("worker", f"{repeat}-{side}"))
-        try:
-            latencies(10)  # warm-up: pool processes, connections
-            lat = latencies(sequential)
-            samples[side].append(
-                {"p50_ms": percentile(lat, 50), "p99_ms": percentile(lat, 99), "tasks_per_s": throughput(burst)}
-            )
-        finally:
+    try:
+        for side in SIDES:
+            workers[side] = start(side, ctx, ctx.logs("worker", side))
+        for side in SIDES:
+            workers[side].wait_for_output(" ready.", timeout=60)
+            latencies(apps[side], 10)  # warm-up: pool processes, connections
+        for _, side in interleaved(SIDES, rounds):
+            lat = latencies(apps[side], sequential)
+            sample = {"p50_ms": percentile(lat, 50), "p99_ms": percentile(lat, 99)}
+            samples[side].append(sample | {"tasks_per_s": throughput(apps[side], burst)})
+    finally:
+        for worker in workers.values():
             worker.stop()
 
-    def med(side: str, key: str) -> float:
-        return median([sample[key] for sample in samples[side]])
+    def series(side: str, key: str) -> list[float]:
+        return [sample[key] for sample in samples[side]]
 
-    tput = Row(f"throughput, {burst:,} no-op tasks", med("prodserver", "tasks_per_s"), "tasks/s")
-    tput.baseline = med("celery", "tasks_per_s")
+    def row(metric: str, unit: str, key: str):
+        return paired(metric, unit, series("prodserver", key), series("celery", key))
+
+    tput = row(f"throughput, {burst:,} no-op tasks", "tasks/s", "tasks_per_s")
     tput.target, tput.met = "ratio >= 0.97", tput.ratio >= 0.97
-    p50 = Row("apply_async to task p50", med("prodserver", "p50_ms"), "ms", med("celery", "p50_ms"))
+    p50 = row("apply_async to task p50", "ms", "p50_ms")
     p50.target, p50.met = "within 5 ms", p50.ours - p50.baseline <= 5
-    p99 = Row("apply_async to task p99", med("prodserver", "p99_ms"), "ms", med("celery", "p99_ms"))
-    params = {"repeats": repeats, "sequential_tasks": sequential, "burst_tasks": burst, "broker": "redis"}
+    p99 = row("apply_async to task p99", "ms", "p99_ms")
+    params = {"rounds": rounds, "sequential_tasks": sequential, "burst_tasks": burst, "broker": "redis"}
     return Result("worker", [tput, p50, p99], params, {"samples": samples})
