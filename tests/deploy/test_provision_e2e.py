@@ -6,6 +6,7 @@ provision (as a sudo user), provision again (as root: nothing changed), deploy, 
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -20,6 +21,7 @@ from tests.support.nspawn import Container, build_rootfs, missing_tools
 
 REPO = Path(__file__).resolve().parents[2]
 FAB = Path(sys.executable).with_name("fab")
+ARTIFACTS = REPO / "test-artifacts"
 APP_USER = "prayer-room"
 SUPERVISORCTL = "supervisorctl -c /etc/prayer-room/supervisord.conf"
 PROGRAMS = {"prayer-room:web-1", "prayer-room:web-2", "prayer-room:worker", "prayer-room:beat"}
@@ -37,7 +39,8 @@ def vps(tmp_path_factory):
     yield container
     container.destroy()
     if timings:
-        print("\nprovision e2e timings: " + ", ".join(f"{k} {v:.1f} s" for k, v in timings.items()))
+        ARTIFACTS.mkdir(exist_ok=True)
+        (ARTIFACTS / "provision-e2e-timings.json").write_text(json.dumps(timings, indent=1) + "\n")
 
 
 def fab(vps: Container, *args: str, user: str = "root", key: Path | None = None, host: str | None = None, timeout=900):
@@ -162,6 +165,16 @@ def wait_until_serving(vps: Container, timeout: float = 180) -> float:
     raise AssertionError(f"not serving after {timeout} s: {http_get(f'http://{vps.address}/health/')} {status}")
 
 
+# NOTE: Debian 12's python3 is 3.11.2, and redis needs async-timeout below 3.11.3; a lock compiled on a newer
+# 3.11 leaves it out and the deploy stops at `pip check` (reported in dd4d554). Runs for real once it is in.
+LOCK_MISSES_ASYNC_TIMEOUT = "async-timeout==" not in (REPO / "requirements.lock").read_text()
+
+
+@pytest.mark.xfail(
+    LOCK_MISSES_ASYNC_TIMEOUT,
+    reason="requirements.lock lacks async-timeout, which redis needs on Debian 12's Python 3.11.2",
+    strict=True,
+)
 def test_deploy_then_the_site_answers_and_survives_a_reboot(vps):
     started = time.monotonic()
     result = fab(vps, "deploy", "--allow-dirty")
