@@ -4,6 +4,9 @@ from drf_spectacular.views import SpectacularAPIView
 
 from . import views
 
+handler400 = views.bad_request
+handler404 = views.not_found
+
 urlpatterns = [
     path("health/", views.health, name="health"),
     path("admin/", admin.site.urls),

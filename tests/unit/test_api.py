@@ -1,3 +1,4 @@
+import base64
 import json
 from io import StringIO
 
@@ -420,3 +421,139 @@ def test_openapi_schema_documents_every_endpoint_without_warnings():
 
 def test_schema_endpoint_serves(api):
     assert api.get("/api/schema/").status_code == 200
+
+
+# --- bad input found by tests/integration/test_api_fuzz.py: 4xx in JSON, never a 500 ---
+
+
+def json_post(api, path, body: bytes):
+    return api.generic("POST", path, body, content_type="application/json")
+
+
+@pytest.mark.parametrize("depth", [2_000, 100_000])
+def test_json_nested_deeper_than_python_recurses_is_400(api, location, depth):
+    body = b'{"content": ' + b"[" * depth + b"]" * depth + b', "location": "chapel"}'
+    response = json_post(api, REQUESTS, body)
+    assert response.status_code == 400
+    assert "nested too deeply" in response.json()["detail"]
+    assert not PrayerRequest.objects.exists()
+
+
+@pytest.mark.parametrize(
+    "body", [b'{"content": "x", "location": "chapel", "type": "\\ud800"}', b'{"content": "x", "\\udfff": 1}']
+)
+def test_a_lone_surrogate_in_json_is_400(api, location, body):
+    response = json_post(api, REQUESTS, body)
+    assert response.status_code == 400
+    assert "lone surrogate" in response.json()["detail"]
+    assert not PrayerRequest.objects.exists()
+
+
+def test_a_lone_surrogate_in_preferences_is_400(api, make_user):
+    api.force_authenticate(make_user())
+    response = api.generic("PATCH", PREFERENCES, b'{"digest_frequency": "\\ud800"}', content_type="application/json")
+    assert response.status_code == 400
+
+
+def test_paired_surrogates_are_text_and_accepted(api, location):
+    response = json_post(api, REQUESTS, b'{"content": "praise \\ud83d\\ude4f", "location": "chapel"}')
+    assert response.status_code == 201
+    assert PrayerRequest.objects.get().content == "praise \N{PERSON WITH FOLDED HANDS}"
+
+
+@pytest.mark.parametrize("slug", ["cha\x00pel", "\x00", "chapel\x00"])
+def test_a_nul_in_the_location_of_a_submission_is_400(api, location, slug):
+    response = submit(api, location=slug)
+    assert response.status_code == 400
+    assert response.json() == {
+        "location": ['Enter a valid "slug" consisting of letters, numbers, underscores or hyphens.']
+    }
+
+
+@pytest.mark.parametrize("path", ["cha%00pel/", "%00/", "not a slug/", "x.y/"])
+def test_a_location_url_that_is_no_slug_is_a_json_404(api, location, path):
+    response = api.get(f"/api/locations/{path}")
+    assert response.status_code == 404
+    assert response["Content-Type"] == "application/json"
+
+
+def test_a_location_is_found_by_its_slug(api, location):
+    assert api.get("/api/locations/chapel/").json() == {"slug": "chapel", "name": "Chapel"}
+
+
+@pytest.mark.parametrize("username", ["mod\x00erator", "\x00"])
+def test_a_nul_in_a_basic_auth_username_is_refused_not_a_500(api, make_user, username):
+    make_user(username="moderator", staff=True)
+    token = base64.b64encode(f"{username}:pw".encode()).decode()
+    response = api.get(REQUESTS, HTTP_AUTHORIZATION=f"Basic {token}")
+    assert response.status_code == 403
+    assert response.json() == {"detail": "Invalid username/password."}
+
+
+def test_basic_auth_signs_a_moderator_in(api, make_user):
+    make_user(username="moderator", staff=True)
+    token = base64.b64encode(b"moderator:pw").decode()
+    assert api.get("/api/moderation/requests/", HTTP_AUTHORIZATION=f"Basic {token}").status_code == 200
+
+
+@pytest.mark.parametrize("path", ["/api/requests/abc/", "/api/requests/-1/prayed/", "/api/no-such-thing/"])
+def test_api_urls_that_match_nothing_are_json_404s(api, path):
+    response = api.get(path)
+    assert response.status_code == 404
+    assert response.json() == {"detail": "Not found."}
+
+
+def test_other_urls_that_match_nothing_keep_the_html_404(api):
+    response = api.get("/no-such-page/")
+    assert response.status_code == 404
+    assert response["Content-Type"].startswith("text/html")
+
+
+def test_a_body_over_the_upload_limit_is_a_json_400(api, location, settings):
+    settings.DATA_UPLOAD_MAX_MEMORY_SIZE = 10_000
+    body = json.dumps({"content": "x" * 20_000, "location": "chapel"})
+    response = api.generic("POST", REQUESTS, body, content_type="application/json")
+    assert response.status_code == 400
+    assert response.json() == {"detail": "Bad request."}
+
+
+def openapi_schema() -> dict:
+    out = StringIO()
+    call_command("spectacular", "--format", "openapi-json", stdout=out)
+    return json.loads(out.getvalue())
+
+
+def test_schema_documents_the_errors_each_operation_answers():
+    paths = openapi_schema()["paths"]
+
+    def statuses(path, method):
+        return set(paths[path][method]["responses"])
+
+    assert statuses("/api/requests/", "get") == {"200", "400", "403", "404"}
+    assert statuses("/api/requests/", "post") == {"201", "400", "403", "415", "429"}
+    assert statuses("/api/requests/{id}/", "get") == {"200", "403", "404"}
+    assert statuses("/api/requests/{id}/prayed/", "post") == {"200", "403", "404", "429"}
+    assert statuses("/api/moderation/requests/{id}/respond/", "post") == {"200", "400", "403", "404", "415"}
+    assert statuses("/api/me/preferences/", "patch") == {"200", "400", "403", "415"}
+    assert statuses("/api/locations/", "get") == {"200", "403"}
+    for path, operations in paths.items():
+        for method, operation in operations.items():
+            for status, response in operation["responses"].items():
+                assert list(response["content"]) == ["application/json"], (method, path, status)
+
+
+def test_schema_states_what_the_api_really_accepts_and_answers():
+    schema = openapi_schema()
+    components = schema["components"]["schemas"]
+    assert components["ModerationRequest"]["properties"]["author"]["nullable"] is True
+    assert components["SubmitRequestRequest"]["properties"]["location"]["pattern"] == "^[-a-zA-Z0-9_]+$"
+    assert components["SubmitRequestRequest"]["properties"]["content"]["minLength"] == 1
+    assert components["RespondRequest"]["properties"]["response"]["minLength"] == 1
+    filters = {p["name"]: p["schema"] for p in schema["paths"]["/api/requests/"]["get"]["parameters"]}
+    assert filters["location"]["pattern"] == "^[-a-zA-Z0-9_]+$" and filters["location"]["maxLength"] == 100
+    assert "/api/schema/" not in schema["paths"]
+
+
+def test_a_request_without_an_author_lists_author_as_null(staff_api, make_request):
+    make_request()
+    assert staff_api.get("/api/moderation/requests/").json()["results"][0]["author"] is None

@@ -1,5 +1,8 @@
 """What the API reads and writes: public requests, submissions, moderation, a user's preferences."""
 
+import re
+
+from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
 
 from prayer_room_api.models import Location, PrayerRequest, UserProfile
@@ -11,6 +14,19 @@ class StrictCharField(serializers.CharField):
     def to_internal_value(self, data):
         if not isinstance(data, str):
             self.fail("invalid")
+        return super().to_internal_value(data)
+
+
+@extend_schema_field({"type": "string", "pattern": "^[-a-zA-Z0-9_]+$", "maxLength": 100})
+class LocationSlugField(serializers.SlugRelatedField):
+    """A location named by its slug; text that is not a slug is refused before it reaches the database.
+
+    NOTE: PostgreSQL raises on a NUL in a query parameter, so "a\x00b" would otherwise be a 500.
+    """
+
+    def to_internal_value(self, data):
+        if not isinstance(data, str) or not re.fullmatch(r"[-a-zA-Z0-9_]+", data):
+            raise serializers.ValidationError(serializers.SlugField.default_error_messages["invalid"])
         return super().to_internal_value(data)
 
 
@@ -53,7 +69,7 @@ class RequestFilterSerializer(serializers.Serializer):
 class SubmitRequestSerializer(serializers.ModelSerializer):
     """A new request from the public; it waits for a moderator before anyone sees it."""
 
-    location = serializers.SlugRelatedField(slug_field="slug", queryset=Location.objects.all())
+    location = LocationSlugField(slug_field="slug", queryset=Location.objects.all())
     content = StrictCharField(max_length=2000)
     name = StrictCharField(max_length=100, required=False, allow_blank=True, help_text="Anonymous if left out.")
 
@@ -94,7 +110,7 @@ class ModerationRequestSerializer(serializers.ModelSerializer):
     """A request as staff see it, with its state and author."""
 
     location = serializers.SlugRelatedField(slug_field="slug", read_only=True)
-    author = serializers.CharField(source="author.get_username", read_only=True, default=None)
+    author = serializers.CharField(source="author.get_username", read_only=True, default=None, allow_null=True)
     state = serializers.ChoiceField(choices=PrayerRequest.State.choices, read_only=True)
 
     class Meta:

@@ -1,8 +1,7 @@
 """The JSON API: public requests, staff moderation, a signed-in user's preferences."""
 
 from django.db import transaction
-from drf_spectacular.types import OpenApiTypes
-from drf_spectacular.utils import OpenApiParameter, extend_schema, extend_schema_view
+from drf_spectacular.utils import extend_schema, extend_schema_view
 from rest_framework import generics, mixins, permissions, status, viewsets
 from rest_framework.decorators import action
 from rest_framework.response import Response
@@ -14,6 +13,7 @@ from . import serializers
 from .throttles import FlagRateThrottle, PrayedRateThrottle, SubmitRateThrottle
 
 ID_PATTERN = r"[0-9]+"
+SLUG_PATTERN = r"[-a-zA-Z0-9_]+"
 
 
 class LocationViewSet(viewsets.ReadOnlyModelViewSet):
@@ -22,16 +22,14 @@ class LocationViewSet(viewsets.ReadOnlyModelViewSet):
     queryset = Location.objects.filter(is_active=True)
     serializer_class = serializers.LocationSerializer
     lookup_field = "slug"
+    lookup_value_regex = SLUG_PATTERN
     pagination_class = None
 
 
 @extend_schema_view(
     list=extend_schema(
         summary="Approved requests, newest first",
-        parameters=[
-            OpenApiParameter("type", OpenApiTypes.STR, enum=PrayerRequest.Type.values),
-            OpenApiParameter("location", OpenApiTypes.STR, description="A location's slug."),
-        ],
+        parameters=[serializers.RequestFilterSerializer],
     ),
     retrieve=extend_schema(summary="One approved request"),
     create=extend_schema(
@@ -91,7 +89,7 @@ class PrayerRequestViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, vie
 @extend_schema_view(
     list=extend_schema(
         summary="All requests, for staff",
-        parameters=[OpenApiParameter("state", OpenApiTypes.STR, enum=PrayerRequest.State.values)],
+        parameters=[serializers.ModerationFilterSerializer],
     ),
 )
 class ModerationViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.GenericViewSet):

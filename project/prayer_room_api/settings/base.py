@@ -84,6 +84,7 @@ DATABASES = {"default": env.db("DATABASE_URL", default=f"sqlite:///{REPO_DIR / '
 DATABASES["default"]["CONN_MAX_AGE"] = env_int("CONN_MAX_AGE", 60)
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
+AUTHENTICATION_BACKENDS = ["prayer_room_api.backends.ModelBackend"]
 AUTH_PASSWORD_VALIDATORS = [
     {"NAME": "django.contrib.auth.password_validation.UserAttributeSimilarityValidator"},
     {"NAME": "django.contrib.auth.password_validation.MinimumLengthValidator"},
@@ -106,7 +107,12 @@ DEFAULT_FROM_EMAIL = env("DEFAULT_FROM_EMAIL", default="Prayer room <prayer-room
 SERVER_EMAIL = DEFAULT_FROM_EMAIL
 
 REST_FRAMEWORK = {
-    "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
+    "DEFAULT_SCHEMA_CLASS": "prayer_room_api.api.schema.ErrorDocumentingAutoSchema",
+    "DEFAULT_PARSER_CLASSES": [
+        "prayer_room_api.api.parsers.JSONParser",
+        "rest_framework.parsers.FormParser",
+        "rest_framework.parsers.MultiPartParser",
+    ],
     "DEFAULT_PAGINATION_CLASS": "rest_framework.pagination.PageNumberPagination",
     "PAGE_SIZE": 20,
     "DEFAULT_AUTHENTICATION_CLASSES": [
@@ -119,7 +125,14 @@ REST_FRAMEWORK = {
         "flag": env("THROTTLE_FLAG", default="20/hour"),
     },
 }
-SPECTACULAR_SETTINGS = {"TITLE": "Prayer room API", "VERSION": "1.0.0"}
+SPECTACULAR_SETTINGS = {
+    "TITLE": "Prayer room API",
+    "VERSION": "1.0.0",
+    # The schema endpoint is left out of the schema it serves.
+    "SERVE_INCLUDE_SCHEMA": False,
+    # Request bodies get components of their own: writable fields only, and minLength 1 where blank is refused.
+    "COMPONENT_SPLIT_REQUEST": True,
+}
 
 CACHES = {"default": env.cache("CACHE_URL", default="locmemcache://")}
 
