@@ -53,7 +53,8 @@ def _one_line_errors(body):
         try:
             return body(*args, **kwargs)
         except DeployError as exc:
-            raise Exit(f"error: {exc}", code=1) from None
+            lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+            raise Exit(f"error: {' | '.join(lines)}", code=1) from None
         except KeyboardInterrupt:
             raise Exit("interrupted (the deploy lock was released; `fab unlock` if it was not).", code=130) from None
 
@@ -101,7 +102,7 @@ def status(c, env=None, config=None):
         print(workflow.status(conn, cfg))
 
 
-@task(help={**COMMON_HELP, "program": "web, web-1, web-2, worker or beat (default: all)",
+@task(positional=["program"], help={**COMMON_HELP, "program": "web, web-1, web-2, worker or beat (default: all)",
             "lines": "how many lines", "follow": "keep streaming (Ctrl-C to stop)"})  # fmt: skip
 @_one_line_errors
 def logs(c, program=None, lines=100, follow=False, env=None, config=None):
@@ -111,7 +112,7 @@ def logs(c, program=None, lines=100, follow=False, env=None, config=None):
         print(workflow.logs(conn, cfg, program, int(lines), follow), end="")
 
 
-@task(help={**COMMON_HELP, "program": "web, web-1, web-2, worker or beat (default: all)"})
+@task(positional=["program"], help={**COMMON_HELP, "program": "web, web-1, web-2, worker or beat (default: all)"})
 @_one_line_errors
 def restart(c, program=None, env=None, config=None):
     """Restart a program (web: one port at a time, each checked) or all of them."""
@@ -120,14 +121,17 @@ def restart(c, program=None, env=None, config=None):
         print(workflow.restart_programs(conn, cfg, program))
 
 
-@task(help={**COMMON_HELP, "command": 'the supervisorctl command line, e.g. "tail -f prayer-room:worker"'})
+@task(
+    positional=["command"],
+    help={**COMMON_HELP, "command": 'the supervisorctl command line, e.g. "tail -f prayer-room:worker"'},
+)
 @_one_line_errors
-def supervisorctl(c, command="status", env=None, config=None):
+def supervisorctl(c, command=None, env=None, config=None):
     """Run supervisorctl on the server against the app's supervisord."""
     cfg, conns = _targets(c, env, config)
     code = 0
     for conn in conns:
-        code = workflow.supervisorctl(conn, cfg, command) or code
+        code = workflow.supervisorctl(conn, cfg, command or "status") or code
     if code:
         raise Exit(code=code)
 

@@ -50,7 +50,9 @@ def load_environment(env_file: str, defaults: list[str], overrides: list[str]) -
 
 
 def emit(**fields) -> None:
-    print(json.dumps(fields), flush=True)
+    """One JSON line for the caller, on a line of its own even after a command's unfinished line."""
+    sys.stdout.flush()
+    print("\n" + json.dumps(fields), flush=True)
 
 
 def prepare(args) -> int:

@@ -41,6 +41,8 @@ BROKER_URL = "redis://127.0.0.1:6379/0"
 # gunicorn's own timeout (WEB_TIMEOUT) is 30 s; nginx must wait at least that long for an answer.
 PROXY_READ_TIMEOUT = 60
 MIN_PYTHON = (3, 11)
+# VERBOSITY=terse: an error never quotes the statement (which may hold a password) back.
+PSQL = ("runuser", "-u", "postgres", "--", "psql", "-X", "-q", "-tA", "-v", "ON_ERROR_STOP=1", "-v", "VERBOSITY=terse")
 _SQL_NAME = re.compile(r"[a-z_][a-z0-9_]{0,62}")
 
 
@@ -299,7 +301,7 @@ def ensure_database(server: Server, database_url: str, *, new_password: bool) ->
         )
 
     def psql(sql: str | None = None, *, stdin: str | None = None, what: str):
-        command = sh("runuser", "-u", "postgres", "--", "psql", "-X", "-q", "-tA", "-v", "ON_ERROR_STOP=1")
+        command = sh(*PSQL)
         if sql:
             command += " " + sh("-c", sql)
         kwargs = {"in_stream": io.StringIO(stdin)} if stdin else {}

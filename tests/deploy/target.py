@@ -278,6 +278,10 @@ class DeployTarget:
         wait_port(self.nginx_port)
 
     def _write_config(self) -> None:
+        self.config_file_with()
+
+    def config_file_with(self, **overrides) -> Path:
+        """Write the e2e environment (plus `overrides`) to a deploy config; the first one is self.config_file."""
         settings = {
             "hosts": [f"root@127.0.0.1:{self.ssh_port}"],
             "user": APP_USER,
@@ -293,6 +297,7 @@ class DeployTarget:
             "web_graceful_timeout": 10,
             "health_timeout": 40,
             **self.config_overrides,
+            **overrides,
         }
 
         def toml(value) -> str:
@@ -303,28 +308,35 @@ class DeployTarget:
             return str(value) if isinstance(value, int) else f'"{value}"'
 
         lines = ["[environments.e2e]", *(f"{key} = {toml(value)}" for key, value in settings.items())]
-        self.config_file.write_text("\n".join(lines) + "\n")
+        path = (
+            self.config_file
+            if not overrides
+            else self.workdir / f"deploy-{len(list(self.workdir.glob('deploy*.toml')))}.toml"
+        )
+        path.write_text("\n".join(lines) + "\n")
+        return path
 
     def _spawn(self, argv: list[str], log: str) -> None:
         out = (self.workdir / log).open("wb")
         self._procs.append(subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, start_new_session=True))
 
     # --- use ----------------------------------------------------------------------------
-    def fab(self, *args: str, repo: Path | None = None, timeout: float = 900) -> subprocess.CompletedProcess:
-        """`fab -i KEY TASK --env e2e --config ...` from this repository's fabfile; output captured."""
-        task, *rest = args
-        argv = [str(VENV_BIN / "fab"), "-r", str(REPO), "-i", str(self.key), task, "--env", "e2e"]
-        argv += ["--config", str(self.config_file), *rest]
-        if repo is not None:
-            argv += ["--repo", str(repo)]
+    def fab_argv(self, task: str, *args: str, repo=None, key=None, hosts=None, env="e2e", config=None) -> list[str]:
+        """`fab -i KEY [-H HOSTS] TASK --env e2e --config ... ARGS [--repo REPO]` with this repository's fabfile."""
+        argv = [str(VENV_BIN / "fab"), "-r", str(REPO), "-i", str(key or self.key)]
+        argv += ["-H", hosts] if hosts else []
+        argv += [task, "--env", env, "--config", str(config or self.config_file), *args]
+        return argv + (["--repo", str(repo)] if repo is not None else [])
+
+    def fab(self, task: str, *args: str, timeout: float = 900, **options) -> subprocess.CompletedProcess:
+        """Run a fab task against this target; output captured. HOME is an empty one (no known_hosts)."""
         env = {**os.environ, "HOME": str(self.home)}
+        argv = self.fab_argv(task, *args, **options)
         return subprocess.run(argv, capture_output=True, text=True, timeout=timeout, env=env)
 
-    def fab_background(self, *args: str, repo: Path) -> subprocess.Popen:
-        task, *rest = args
-        argv = [str(VENV_BIN / "fab"), "-r", str(REPO), "-i", str(self.key), task, "--env", "e2e"]
-        argv += ["--config", str(self.config_file), *rest, "--repo", str(repo)]
+    def fab_background(self, task: str, *args: str, **options) -> subprocess.Popen:
         env = {**os.environ, "HOME": str(self.home), "PYTHONUNBUFFERED": "1"}
+        argv = self.fab_argv(task, *args, **options)
         return subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
 
     def supervisorctl(self, *args: str) -> subprocess.CompletedProcess:

@@ -1,0 +1,253 @@
+"""`fab deploy`, redeploy, rollback and refusals over real SSH to a real supervisord, PostgreSQL, Redis and nginx.
+
+The tests share one target and run in file order: each starts from the release the previous one left live.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pwd
+import re
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+from celery import Celery
+
+from tests.deploy.target import APP_USER, REDIS_URL, Clone, DeployTarget, RequestLoop, http_get, unavailable
+
+pytestmark = [pytest.mark.deploy, pytest.mark.timeout(900)]
+
+MIGRATIONS = Path("project/prayer_room_api/migrations")
+LOCK_PATCH = """async-timeout==5.0.1 \\
+    --hash=sha256:39e3809566ff85354557ec2398b55e096c8364bacac9405a7a1fa429e77fe76c \\
+    --hash=sha256:d9321a7a3d5a6a5e187e824d2fa0793ce379a202935782d555d6e9d2735677d3
+    # via redis, below Python 3.11.3 (Debian 12 has 3.11.2)
+"""
+
+
+@pytest.fixture(scope="module")
+def target(tmp_path_factory):
+    reason = unavailable()
+    if reason:
+        pytest.skip(reason)
+    # NOTE: not under pytest's tmp dirs: they are 0700 and the app user must reach the server root.
+    workdir = Path(tempfile.mkdtemp(prefix="prayer-room-deploy-e2e-"))
+    target = DeployTarget(workdir)
+    try:
+        yield target.start()
+    finally:
+        target.stop()
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def clone(target):
+    clone = Clone(target.workdir / "repo")
+    if "async-timeout==" not in (clone.path / "requirements.lock").read_text():
+        # NOTE: the committed lock misses async-timeout, which redis needs on Debian 12's Python 3.11.2;
+        # test_committed_lock_installs_on_the_target_python reports that. Patched here so the rest runs.
+        clone.commit_file("requirements.lock", (clone.path / "requirements.lock").read_text() + LOCK_PATCH, "lock")
+    return clone
+
+
+def ok(result) -> str:
+    assert result.returncode == 0, f"exit {result.returncode}\n{result.stdout}\n{result.stderr}"
+    return result.stdout
+
+
+def failed(result) -> str:
+    """The one error line of a refused command (no traceback)."""
+    assert result.returncode != 0, result.stdout
+    lines = [line for line in result.stderr.strip().splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    assert "Traceback" not in result.stdout + result.stderr
+    return lines[0]
+
+
+def live_release_over_http(target: DeployTarget) -> str:
+    status, body = http_get(target.front_url)
+    assert status == 200, body
+    return json.loads(body)["release"]
+
+
+def run_ping(target: DeployTarget) -> dict:
+    broker = f"{REDIS_URL}/{target.redis_db}"
+    app = Celery(broker=broker, backend=broker)
+    try:
+        return app.send_task("prayer_room_api.tasks.ping").get(timeout=60)
+    finally:
+        app.close()
+
+
+def test_first_deploy_runs_web_worker_and_beat_behind_the_front_server(target, clone):
+    out = ok(target.fab("deploy", repo=clone.path))
+    release = target.live_release()
+    assert release and release.endswith(clone.git("rev-parse", "HEAD")[:12])
+    assert re.search(r"is live in [\d.]+ s", out) and "ok  prepare" in out
+    states = target.states()
+    assert states == {f"prayer-room:{name}": "RUNNING" for name in ("web-1", "web-2", "worker", "beat")}, states
+    assert live_release_over_http(target) == release
+    assert run_ping(target)["release"] == release
+    beat_log = (target.srv / "log" / "beat.log").read_text()
+    assert "django_celery_beat.schedulers.DatabaseScheduler" in beat_log
+    assert target.database.query("SELECT count(*) FROM django_celery_beat_periodictask")[0][0] > 0
+    for pid in target.supervisorctl("pid", "all").stdout.split():
+        assert Path(f"/proc/{pid}").stat().st_uid == pwd.getpwnam(APP_USER).pw_uid
+    assert (target.srv / "current" / "REVISION").read_text().strip() == release
+    assert oct((target.etc / "programs.conf").stat().st_mode & 0o777) == "0o600"
+
+
+def test_committed_lock_installs_on_the_target_python(target):
+    """The repository's own requirements.lock must be complete for Debian 12's Python (3.11.2)."""
+    lock = (Path(__file__).resolve().parents[2] / "requirements.lock").read_text()
+    assert "async-timeout==" in lock, "requirements.lock lacks async-timeout, which redis needs below Python 3.11.3"
+
+
+def test_code_change_redeploy_fails_no_request(target, clone):
+    before = target.live_release()
+    clone.commit_file("docs/redeploy-marker.txt", f"{time.time()}\n", "a code-only change")
+    with RequestLoop(target.front_url) as loop:
+        out = ok(target.fab("deploy", repo=clone.path))
+        time.sleep(0.5)
+    after = target.live_release()
+    assert after != before and after.endswith(clone.git("rev-parse", "HEAD")[:12])
+    assert "reused (requirements.lock unchanged)" in out
+    assert "restart web-1" in out and "restart web-2" in out  # rolling, not a group restart
+    assert loop.failures == [] and loop.ok > 20, loop.failures[:5]
+    assert after in loop.releases
+    assert run_ping(target)["release"] == after
+
+
+def test_rollback_brings_back_the_previous_release(target):
+    current = target.live_release()
+    releases = target.releases()
+    previous = releases[releases.index(current) - 1]
+    out = ok(target.fab("rollback"))
+    assert f"{previous} is live" in out
+    assert target.live_release() == previous
+    assert live_release_over_http(target) == previous
+    assert run_ping(target)["release"] == previous
+    assert set(target.states().values()) == {"RUNNING"}
+
+
+def test_plan_shows_the_change_and_touches_nothing(target, clone):
+    before = (target.releases(), target.live_release(), (target.etc / "programs.conf").read_text())
+    out = ok(target.fab("plan", repo=clone.path))
+    assert "venvs/" in out and "reused" in out and "programs.conf unchanged" in out
+    secret = target.srv.joinpath("shared/env").read_text().split("SECRET_KEY=")[1].split("\n")[0]
+    drifted = before[2].replace("stopwaitsecs=20", "stopwaitsecs=21").replace('SECRET_KEY="', 'SECRET_KEY="old')
+    (target.etc / "programs.conf").write_text(drifted)
+    try:
+        out = ok(target.fab("deploy", "--dry-run", repo=clone.path))
+        assert "-stopwaitsecs=21" in out and "+stopwaitsecs=20" in out
+        assert re.search(r"^-\s+SECRET_KEY=<\w{8}>$", out, re.M) and re.search(r"^\+\s+SECRET_KEY=<\w{8}>$", out, re.M)
+        assert secret not in out and secret.replace("%", "%%") not in out and "old" + secret[:10] not in out
+    finally:
+        (target.etc / "programs.conf").write_text(before[2])
+    assert (target.releases(), target.live_release()) == before[:2]
+
+
+def test_broken_migration_stops_before_the_switch(target, clone):
+    live = target.live_release()
+    leaf = sorted(p.stem for p in (clone.path / MIGRATIONS).glob("0*.py"))[-1]
+    clone.commit_file(
+        str(MIGRATIONS / "9999_broken.py"),
+        "from django.db import migrations\n\n\n"
+        "class Migration(migrations.Migration):\n"
+        f"    dependencies = [('prayer_room_api', '{leaf}')]\n"
+        "    operations = [migrations.RunSQL('SELECT 1/0', migrations.RunSQL.noop)]\n",
+        "a migration that fails",
+    )
+    try:
+        result = target.fab("deploy", repo=clone.path)
+        line = failed(result)
+        assert "(migrate)" in line and "division by zero" in line and f"{live} keeps serving" in line
+        assert target.live_release() == live and live_release_over_http(target) == live
+        assert not any(r.endswith(clone.git("rev-parse", "HEAD")[:12]) for r in target.releases())
+        assert set(target.states().values()) == {"RUNNING"}
+    finally:
+        clone.revert_head()
+
+
+def test_failed_verification_rolls_back_automatically(target, clone):
+    live = target.live_release()
+    tasks = clone.path / "project/prayer_room_api/tasks.py"
+    clone.commit_file(
+        str(tasks.relative_to(clone.path)),
+        tasks.read_text().replace(
+            '    return {"release"', '    raise RuntimeError("broken ping")\n    return {"release"'
+        ),
+        "a worker that cannot run the ping task",
+    )
+    try:
+        result = target.fab("deploy", repo=clone.path)
+        line = failed(result)
+        assert "rolled back to" in line and live in line and "broken ping" in line
+        assert "rolling back to" in result.stdout
+        assert target.live_release() == live and live_release_over_http(target) == live
+        assert run_ping(target)["release"] == live
+    finally:
+        clone.revert_head()
+
+
+def test_a_second_deploy_is_refused_while_one_runs(target, clone):
+    first = target.fab_background("deploy", repo=clone.path)
+    seen = ""
+    while "take the deploy lock (" not in seen:
+        line = first.stdout.readline()
+        assert line, f"the first deploy ended early:\n{seen}"
+        seen += line
+    second = target.fab("deploy", repo=clone.path)
+    rest, _ = first.communicate(timeout=300)
+    assert first.returncode == 0, seen + rest
+    line = failed(second)
+    assert "is locked by" in line and "deploy " in line and "since" in line and "fab unlock" in line
+    assert not (target.srv / "deploy.lock").exists()
+
+
+def test_a_stale_lock_is_broken_and_unlock_removes_a_lock(target, clone):
+    lock = target.srv / "deploy.lock"
+    lock.mkdir()
+    (lock / "owner").write_text(json.dumps({"holder": "ghost@laptop", "since": 0, "action": "deploy dead"}))
+    out = ok(target.fab("unlock"))
+    assert "ghost@laptop" in out and not lock.exists()
+    lock.mkdir()
+    (lock / "owner").write_text(json.dumps({"holder": "ghost@laptop", "since": 0, "action": "deploy dead"}))
+    os.utime(lock / "owner", (time.time() - 3600, time.time() - 3600))
+    out = ok(target.fab("deploy", repo=clone.path))
+    assert "breaking a stale deploy lock of ghost@laptop" in out and not lock.exists()
+
+
+def test_status_logs_restart_and_supervisorctl(target):
+    live = target.live_release()
+    out = ok(target.fab("status"))
+    assert f"live release {live}" in out and "prayer-room:worker" in out and "RUNNING" in out
+    assert "schedules (beat, DatabaseScheduler):" in out
+    assert "Starting gunicorn" in ok(target.fab("logs", "web-1", "--lines", "200"))
+    out = ok(target.fab("restart", "web"))
+    assert "restart web-1" in out and "restart web-2" in out
+    assert "RUNNING" in ok(target.fab("supervisorctl", "status prayer-room:beat"))
+    assert "unknown program 'flower'" in failed(target.fab("logs", "flower"))
+
+
+def test_bad_input_is_one_line_and_changes_nothing(target, clone, tmp_path):
+    before = (target.releases(), target.live_release())
+    assert "unknown environment 'nope'" in failed(target.fab("deploy", env="nope", repo=clone.path))
+    (clone.path / "uncommitted.txt").write_text("x")
+    try:
+        assert "uncommitted changes (uncommitted.txt)" in failed(target.fab("deploy", repo=clone.path))
+    finally:
+        (clone.path / "uncommitted.txt").unlink()
+    other_key = tmp_path / "other_key"
+    os.system(f"ssh-keygen -q -t ed25519 -N '' -f {other_key}")
+    wrong = target.fab("deploy", repo=clone.path, key=other_key)
+    assert "SSH refused the login" in failed(wrong)
+    closed = target.fab("status", hosts="root@127.0.0.1:1")
+    assert "cannot connect over SSH" in failed(closed)
+    systemd = target.fab("deploy", config=target.config_file_with(require_systemd=True), repo=clone.path)
+    assert "does not run systemd" in failed(systemd)
+    assert (target.releases(), target.live_release()) == before
