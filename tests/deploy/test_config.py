@@ -1,0 +1,100 @@
+"""deploy.toml: named environments into a frozen DeployConfig, refused with a clear error before any host."""
+
+import dataclasses
+from pathlib import Path, PurePosixPath
+
+import pytest
+
+from deploy.config import DEFAULT_CONFIG_FILE, DeployConfig, load_config
+from deploy.errors import DeployError
+from deploy.layout import WEB_PORTS
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "deploy.toml"
+    path.write_text(text)
+    return path
+
+
+def test_the_committed_config_loads_every_environment():
+    assert load_config(DEFAULT_CONFIG_FILE).name == "default"
+    production = load_config(DEFAULT_CONFIG_FILE, "production")
+    assert production.hosts and production.domain
+    assert production.web_ports == WEB_PORTS
+    assert load_config(DEFAULT_CONFIG_FILE, "staging").web_workers == 1
+
+
+def test_without_a_file_the_defaults_serve_dash_h(tmp_path):
+    config = load_config(tmp_path / "absent.toml")
+    assert config == DeployConfig()
+    assert config.layout.root == PurePosixPath("/srv/prayer-room")
+    assert config.layout.programs_conf == PurePosixPath("/etc/prayer-room/programs.conf")
+
+
+def test_environment_values_override_defaults_and_config_is_frozen(tmp_path):
+    path = write(
+        tmp_path,
+        """
+        [defaults]
+        user = "app"
+        workers = 2
+        env = { LOG_LEVEL = "info", A = "1" }
+        [environments.prod]
+        hosts = ["root@203.0.113.7", "deploy@example.org:2222"]
+        root = "/opt/app"
+        workers = 3
+        env = { A = "2" }
+        """,
+    )
+    config = load_config(path, "prod")
+    assert (config.user, config.workers, config.root) == ("app", 3, "/opt/app")
+    assert config.hosts == ("root@203.0.113.7", "deploy@example.org:2222")
+    assert dict(config.extra_env) == {"LOG_LEVEL": "info", "A": "2"}
+    assert config.layout.releases == PurePosixPath("/opt/app/releases")
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        config.user = "root"
+
+
+@pytest.mark.parametrize(
+    "text, environment, message",
+    [
+        ("[environments.prod]\n", "staging", "unknown environment 'staging'.*known: prod"),
+        ("[defaults]\nusr = 'x'\n", None, "unknown setting\\(s\\) usr"),
+        ("[server]\n", None, "unknown table\\(s\\) server"),
+        ("[defaults]\nworkers = '2'\n", None, "workers must be a int"),
+        ("[defaults]\nrequire_systemd = 1\n", None, "require_systemd must be a bool"),
+        ("[defaults]\nweb_workers = 0\n", None, "web_workers must be at least 1"),
+        ("[defaults]\nkeep_releases = 1\n", None, "keep_releases must be at least 2"),
+        ("[defaults]\nroot = 'srv'\n", None, "root must be an absolute directory"),
+        ("[defaults]\nroot = '/tmp'\n", None, "root must be an absolute directory"),
+        ("[defaults]\nuser = 'Bad User'\n", None, "not a valid Unix user name"),
+        ("[defaults]\nweb_ports = [8001, 8001]\n", None, "web_ports must be distinct"),
+        ("[defaults]\nweb_ports = []\n", None, "web_ports must be a list of TCP ports"),
+        ("[environments.p]\nhosts = 'root@x'\n", "p", "hosts must be a list"),
+        ("[environments.p]\nhosts = ['root@bad host']\n", "p", "is not user@host"),
+        ("[defaults]\nenv = { A = 1 }\n", None, "env must be a table of strings"),
+        ("not toml = = \n", None, "is not valid TOML"),
+    ],
+)
+def test_bad_config_is_refused_naming_the_setting(tmp_path, text, environment, message):
+    with pytest.raises(DeployError, match=message):
+        load_config(write(tmp_path, text), environment)
+
+
+def test_an_environment_needs_a_config_file(tmp_path):
+    with pytest.raises(DeployError, match="unknown environment 'prod': there is no deploy config"):
+        load_config(tmp_path / "absent.toml", "prod")
+
+
+def test_fab_refuses_an_unknown_environment_before_any_host(tmp_path):
+    import subprocess
+    import sys
+
+    fab = Path(sys.executable).parent / "fab"
+    repo = Path(__file__).resolve().parents[2]
+    result = subprocess.run([fab, "-r", repo, "deploy", "--env", "nope"], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines() == [
+        f"error: unknown environment 'nope' in {repo / 'deploy.toml'}; known: production, staging."
+    ]
+    assert result.stdout == ""
