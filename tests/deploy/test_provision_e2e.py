@@ -190,3 +190,6 @@ def test_deploy_then_the_site_answers_and_survives_a_reboot(vps):
     timings["reboot until serving"] = time.monotonic() - started
     assert running_programs(vps) >= PROGRAMS
     assert vps.boots == 2
+
+    again = fab(vps, "provision")  # a deployed, rebooted server is still exactly as provision leaves it
+    assert again.returncode == 0 and "nothing changed" in again.stdout, again.stdout + again.stderr
