@@ -25,7 +25,7 @@ SUITE = "bookworm"
 # Bump when the package set or the build steps change: a new name means a fresh build.
 ROOTFS = CACHE_DIR / f"rootfs-{SUITE}-v1"
 PACKAGES = ("systemd", "systemd-sysv", "dbus", "openssh-server", "python3", "sudo", "iproute2")
-HOST_TOOLS = ("debootstrap", "systemd-nspawn", "nft", "ip", "ssh-keygen")
+HOST_TOOLS = ("debootstrap", "systemd-nspawn", "nft", "ip", "ssh", "ssh-keygen")
 SUBNET_PREFIX = "10.231"
 
 
