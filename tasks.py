@@ -64,10 +64,14 @@ def lint(c):
 
 @task
 def lock(c):
-    """Re-pin requirements.lock (hashed) from pyproject.toml; the deploy installs exactly this."""
+    """Re-pin requirements.lock (hashed) from pyproject.toml; the deploy installs exactly this.
+
+    A universal lock keeps environment markers, so it also installs on Debian 12's Python 3.11.2,
+    which needs packages a newer Python does not (redis-py's async-timeout before 3.11.3).
+    """
     c.run(
-        f"{sys.executable} -m piptools compile -q --generate-hashes --strip-extras --allow-unsafe "
-        "-o requirements.lock pyproject.toml"
+        f"{sys.executable} -m uv pip compile pyproject.toml --universal --python-version 3.11 "
+        "--generate-hashes --quiet -o requirements.lock"
     )
 
 
