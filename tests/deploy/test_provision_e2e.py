@@ -165,16 +165,6 @@ def wait_until_serving(vps: Container, timeout: float = 180) -> float:
     raise AssertionError(f"not serving after {timeout} s: {http_get(f'http://{vps.address}/health/')} {status}")
 
 
-# NOTE: Debian 12's python3 is 3.11.2, and redis needs async-timeout below 3.11.3; a lock compiled on a newer
-# 3.11 leaves it out and the deploy stops at `pip check` (reported in dd4d554). Runs for real once it is in.
-LOCK_MISSES_ASYNC_TIMEOUT = "async-timeout==" not in (REPO / "requirements.lock").read_text()
-
-
-@pytest.mark.xfail(
-    LOCK_MISSES_ASYNC_TIMEOUT,
-    reason="requirements.lock lacks async-timeout, which redis needs on Debian 12's Python 3.11.2",
-    strict=True,
-)
 def test_deploy_then_the_site_answers_and_survives_a_reboot(vps):
     started = time.monotonic()
     result = fab(vps, "deploy", "--allow-dirty")
