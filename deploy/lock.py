@@ -71,6 +71,15 @@ class DeployLock:
     def refresh(self) -> None:
         self.server.root(sh("touch", self.path / "owner"), what="refreshing the deploy lock", warn=True)
 
+    def kept_alive(self, command: str) -> str:
+        """`command` (a root shell command) with the lock refreshed every 20 s while it runs.
+
+        A long step (a virtualenv build, a long migration) cannot outlive the lock's expiry this way.
+        """
+        owner = sh(self.path / "owner")
+        keeper = f"( while sleep 20; do touch {owner}; done ) </dev/null >/dev/null 2>&1 & keeper=$!"
+        return f"{keeper}; {command}; code=$?; kill $keeper; exit $code"
+
     def release(self) -> None:
         self.server.root(sh("rm", "-rf", self.path), what="releasing the deploy lock", warn=True)
 

@@ -117,10 +117,12 @@ def health(args) -> int:
 
 def ping(args) -> int:
     """Send the ping task through the broker and wait for a worker of the expected release to answer."""
-    import django
+    from celery import Celery
 
-    django.setup()
-    from prayer_room_api.celery import app
+    # Django is not needed to send a task by name: a bare app on the project's broker starts in a fraction.
+    broker = os.environ.get("CELERY_BROKER_URL", "redis://127.0.0.1:6379/0")
+    app = Celery(broker=broker, backend=os.environ.get("CELERY_RESULT_BACKEND", broker))
+    app.conf.broker_connection_retry_on_startup = True
 
     deadline = time.monotonic() + args.timeout
     last = "no answer"

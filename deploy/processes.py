@@ -116,14 +116,25 @@ def rolling_restart(
     meets a closed port. `alongside` (a root shell command, e.g. the ping check, which waits for a
     worker of the new release) runs at the same time; its result is returned.
     """
-    commands = [server.supervisorctl_command("restart", name) for name in programs.others]
-    background = [server.root(command, what="restarting", asynchronous=True) for command in commands]
-    checker = server.root(alongside, what="checking", asynchronous=True) if alongside else None
+    background, checker = [], None
+
+    def start_others() -> None:
+        nonlocal checker
+        for name in programs.others:
+            command = server.supervisorctl_command("restart", name)
+            background.append(server.root(command, what=f"restarting {name}", asynchronous=True))
+        checker = server.root(alongside, what="checking", asynchronous=True) if alongside else None
+
     try:
-        for name, port in programs.web:
+        for index, (name, port) in enumerate(programs.web):
             with step(f"restart {name.split(':')[-1]} (port {port}), wait for its health check"):
                 restart(server, name)
                 check_web(port)
+            if index == 0:
+                # NOTE: after the first web program is back, so it boots without competing for the CPU.
+                start_others()
+        if not programs.web:
+            start_others()
     finally:
         with step(f"restart {', '.join(n.split(':')[-1] for n in programs.others)} (worker: warm shutdown)"):
             results = [promise.join() for promise in background]

@@ -98,25 +98,26 @@ def upload_release(server: Server, source: Source, release_id: str, programs_tex
     )
 
 
-def build_venv(server: Server, release_id: str, lock_hash: str) -> None:
+def build_venv(server: Server, release_id: str, lock_hash: str, wrap=lambda command: command) -> None:
     """Build venvs/<lock hash> from the release's requirements.lock (hash-checked), then `pip check` it.
 
-    A half-built venv (no completion mark) is rebuilt from scratch.
+    A half-built venv (no completion mark) is rebuilt from scratch. `wrap` wraps the long root command.
     """
     layout, config = server.config.layout, server.config
     venv = layout.venvs / lock_hash
     lock = layout.releases / release_id / "requirements.lock"
     pip = sh(venv / "bin" / "pip", "install", "--quiet", "--disable-pip-version-check", "--require-hashes")
-    server.app(
-        " && ".join(
-            [
-                sh("rm", "-rf", venv),
-                sh(config.python, "-m", "venv", venv),
-                # NOTE: --no-deps: the lock is complete; pip must not re-resolve markers for another
-                # Python than the one it was compiled with (pip's "secure installs" advice).
-                f"{pip} {sh('--no-deps', '-r', lock)}",
-            ]
-        ),
+    build = " && ".join(
+        [
+            sh("rm", "-rf", venv),
+            sh(config.python, "-m", "venv", venv),
+            # NOTE: --no-deps: the lock is complete; pip must not re-resolve markers for another
+            # Python than the one it was compiled with (pip's "secure installs" advice).
+            f"{pip} {sh('--no-deps', '-r', lock)}",
+        ]
+    )
+    server.root(
+        wrap(server.as_app(build)),
         what=f"building the virtualenv from requirements.lock with {config.python}",
         timeout=1800,
     )

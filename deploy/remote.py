@@ -102,13 +102,15 @@ class Server:
         return self.as_app(f"cd {sh(release_dir)} && {python} {sh(*overlay, *args)}")
 
     def helper(
-        self, release_dir: object, *args: str, what: str, timeout: float | None = None, on_lines=None
+        self, release_dir: object, *args: str, what: str, timeout: float | None = None, on_lines=None, wrap=None
     ) -> list[dict]:
         """Run deploy/onserver.py with the release's Python as the app user; its JSON lines (ok=False raises).
 
-        `on_lines` sees the lines before a failure is raised (the prepare steps report their timings).
+        `on_lines` sees the lines before a failure is raised (the prepare steps report their timings);
+        `wrap` turns the root shell command into another (the deploy lock keeps it alive).
         """
-        result = self.root(self.helper_command(release_dir, *args), what=what, warn=True, timeout=timeout)
+        command = self.helper_command(release_dir, *args)
+        result = self.root(wrap(command) if wrap else command, what=what, warn=True, timeout=timeout)
         return self.helper_lines(result, what=what, on_lines=on_lines)
 
     def helper_lines(self, result, *, what: str, on_lines=None) -> list[dict]:

@@ -101,7 +101,7 @@ def deploy(conn: Connection, config: DeployConfig, repo: Path, *, allow_dirty: b
             state = read_state(server)
             state.require_provisioned(server)
             programs_text = _render(server, state)  # a bad context fails here, before anything is uploaded
-        release_id = _deploy_locked(server, state, source, programs_text, progress)
+        release_id = _deploy_locked(server, state, source, programs_text, progress, lock)
     except BaseException as exc:
         progress.say(progress.summary(f"FAILED ({type(exc).__name__})"))
         raise
@@ -111,7 +111,9 @@ def deploy(conn: Connection, config: DeployConfig, repo: Path, *, allow_dirty: b
     return release_id
 
 
-def _deploy_locked(server: Server, state: ServerState, source, programs_text: str, progress: Progress) -> str:
+def _deploy_locked(
+    server: Server, state: ServerState, source, programs_text: str, progress: Progress, lock: DeployLock
+) -> str:
     previous = state.current
     release_id = source.release_id()
     with progress.step(f"upload {release_id}"):
@@ -121,7 +123,7 @@ def _deploy_locked(server: Server, state: ServerState, source, programs_text: st
             progress.say(f"   virtualenv venvs/{source.lock_hash} reused (requirements.lock unchanged)")
         else:
             with progress.step(f"build virtualenv venvs/{source.lock_hash} from requirements.lock"):
-                release.build_venv(server, release_id, source.lock_hash)
+                release.build_venv(server, release_id, source.lock_hash, wrap=lock.kept_alive)
         with progress.step("prepare: check --deploy, migrate, seed_schedules, collectstatic"):
 
             def report(lines: list[dict]) -> None:
@@ -131,7 +133,8 @@ def _deploy_locked(server: Server, state: ServerState, source, programs_text: st
                             f"   {'ok' if line.get('ok') else 'FAILED'}  {line['step']} ({line['seconds']:.1f} s)"
                         )
 
-            server.helper(server.config.layout.releases / release_id, "prepare", what="prepare", on_lines=report)
+            release_dir = server.config.layout.releases / release_id
+            server.helper(release_dir, "prepare", what="prepare", on_lines=report, wrap=lock.kept_alive)
     except BaseException as exc:
         release.remove_release(server, release_id)
         serving = f"{previous} keeps serving" if previous else "nothing was live"
