@@ -61,7 +61,6 @@ def measure(workdir: Path, repeats: int) -> Result:
     }
     try:
         clone = Clone(workdir / "repo")
-        clone.ensure_lock_installable()
         first = _timed_fab(target, "deploy", repo=clone.path, log=raw["summaries"])
         for n in range(repeats):
             seconds, failed, total = _under_load(

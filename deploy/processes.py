@@ -135,7 +135,11 @@ def rolling_restart(
                 start_others()
         if not programs.web:
             start_others()
-    finally:
+    except BaseException:
+        for promise in [*background, *([checker] if checker is not None else [])]:
+            promise.join()  # let the restarts started in the background finish before rolling back
+        raise
+    if background:
         with step(f"restart {', '.join(n.split(':')[-1] for n in programs.others)} (worker: warm shutdown)"):
             results = [promise.join() for promise in background]
             for name, result in zip(programs.others, results, strict=True):

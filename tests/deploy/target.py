@@ -105,13 +105,6 @@ class RequestLoop:
         self._thread.join(10)
 
 
-LOCK_PATCH = """async-timeout==5.0.1 \\
-    --hash=sha256:39e3809566ff85354557ec2398b55e096c8364bacac9405a7a1fa429e77fe76c \\
-    --hash=sha256:d9321a7a3d5a6a5e187e824d2fa0793ce379a202935782d555d6e9d2735677d3
-    # via redis, below Python 3.11.3 (Debian 12 has 3.11.2)
-"""
-
-
 class Clone:
     """A temporary git clone of the repository: what `fab deploy --repo` ships."""
 
@@ -131,14 +124,6 @@ class Clone:
         self.git("add", relative)
         self.git("commit", "--quiet", "-m", message)
         return self.git("rev-parse", "HEAD").strip()
-
-    def ensure_lock_installable(self) -> None:
-        """Commit async-timeout into the clone's lock when it lacks it (see test_committed_lock_...)."""
-        lock = self.path / "requirements.lock"
-        if "async-timeout==" not in lock.read_text():
-            self.commit_file(
-                "requirements.lock", lock.read_text() + LOCK_PATCH, "lock: async-timeout for Python 3.11.2"
-            )
 
     def revert_head(self) -> None:
         self.git("revert", "--no-edit", "HEAD")
