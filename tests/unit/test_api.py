@@ -1,6 +1,7 @@
 import base64
 import json
-from io import StringIO
+from io import BytesIO, StringIO
+from wsgiref.util import setup_testing_defaults
 
 import pytest
 from django.conf import settings
@@ -557,3 +558,34 @@ def test_schema_states_what_the_api_really_accepts_and_answers():
 def test_a_request_without_an_author_lists_author_as_null(staff_api, make_request):
     make_request()
     assert staff_api.get("/api/moderation/requests/").json()["results"][0]["author"] is None
+
+
+def wsgi_request(query: str, content_type: str, body: bytes = b""):
+    from prayer_room_api.wsgi import WSGIRequest
+
+    environ = {
+        "REQUEST_METHOD": "POST",
+        "PATH_INFO": "/api/requests/",
+        "QUERY_STRING": query,
+        "CONTENT_TYPE": content_type,
+        "CONTENT_LENGTH": str(len(body)),
+        "wsgi.input": BytesIO(body),
+    }
+    setup_testing_defaults(environ)
+    return WSGIRequest(environ)
+
+
+@pytest.mark.parametrize("charset", ["rot13", "zlib", "base64", "idna", "punycode", "undefined", "no-such-charset"])
+def test_a_charset_that_cannot_decode_text_is_ignored_like_an_unknown_one(charset):
+    request = wsgi_request(
+        "location=chapel", f"application/x-www-form-urlencoded; charset={charset}", b"content=x%C3%A9&name=a%3Db"
+    )
+    assert request.encoding is None
+    assert request.GET["location"] == "chapel"
+    assert (request.POST["content"], request.POST["name"]) == ("x\N{LATIN SMALL LETTER E WITH ACUTE}", "a=b")
+
+
+def test_a_charset_that_decodes_text_is_used():
+    request = wsgi_request("location=x%E9", "text/plain; charset=latin-1")
+    assert request.encoding == "latin-1"
+    assert request.GET["location"] == "x\N{LATIN SMALL LETTER E WITH ACUTE}"
