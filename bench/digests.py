@@ -75,12 +75,15 @@ def run(ctx: Context) -> Result:
         times = [[sample["seconds"] for sample in samples[users][backend]] for backend in ("smtp", "locmem")]
         smtp = paired(f"{users:,} users: wall, SMTP sink vs locmem", "s", *times)
         smtp.target, smtp.met = "ratio <= 2", smtp.ratio <= 2
+        cpu = [[sample["cpu_seconds"] for sample in samples[users][backend]] for backend in ("smtp", "locmem")]
+        cpu_row = paired(f"{users:,} users: task CPU, SMTP sink vs locmem", "s", *cpu)
         locmem = Row(f"{users:,} users: wall, locmem", smtp.baseline, "s")
         if users == 10000:
             locmem.target, locmem.met = "<= 60 s", locmem.ours <= 60
         rows += [
             locmem,
             smtp,
+            cpu_row,
             Row(f"{users:,} users: SQL queries", med(users, "locmem", "queries")),
             Row(f"{users:,} users: RSS before the run", med(users, "locmem", "rss_before_mb"), "MB"),
             Row(f"{users:,} users: peak RSS in the run, locmem", med(users, "locmem", "peak_rss_mb"), "MB"),

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from bench.context import Context
 from bench.load import wrk
+from bench.procs import process_tree, started_at, usage
 from bench.report import Result, Row
 from bench.services import BIN, REPO, Command
 from bench.stats import median
@@ -33,34 +34,6 @@ ENV_PASSED = (
     "SECURE_SSL_REDIRECT",
     "SECURE_COOKIES",
 )
-
-
-def process_tree(root: int) -> list[int]:
-    """`root` and all its descendants, from /proc."""
-    children: dict[int, list[int]] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
-    tree, todo = [], [root]
-    while todo:
-        pid = todo.pop()
-        tree.append(pid)
-        todo += children.get(pid, [])
-    return tree
-
-
-def usage(pid: int) -> dict | None:
-    """RSS and PSS in MB of one process, and what it is."""
-    try:
-        rollup = Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines()
-        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-    except OSError:
-        return None
-    kb = {line.split(":")[0]: int(line.split()[1]) for line in rollup[1:] if line.split()[-1] == "kB"}
-    return {"pid": pid, "rss_mb": kb["Rss"] / 1024, "pss_mb": kb["Pss"] / 1024, "command": cmdline.strip()[:160]}
 
 
 def snapshot(root: int) -> dict:
@@ -86,14 +59,6 @@ def start_stack(ctx: Context, port: int) -> tuple[Command, Path]:
     config.write_text(render_supervisord_conf(context))
     stack = Command("supervisord", [str(BIN / "supervisord"), "-n", "-c", str(config)], ctx.env, var)
     return stack, var / "log"
-
-
-def started_at(pid: int) -> str | None:
-    """The process's start time in clock ticks: with the pid, an identity that survives pid reuse."""
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
-    except OSError:
-        return None
 
 
 def stop(stack: Command) -> None:

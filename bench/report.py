@@ -66,7 +66,8 @@ def machine() -> dict:
     }
 
 
-def write(result: Result, results_dir: Path = RESULTS_DIR) -> Path:
+def write(result: Result, results_dir: Path | None = None) -> Path:
+    results_dir = results_dir or RESULTS_DIR
     results_dir.mkdir(parents=True, exist_ok=True)
     path = results_dir / f"{result.name}.json"
     rows = [{**asdict(row), "ratio": row.ratio} for row in result.rows]

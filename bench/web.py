@@ -12,7 +12,8 @@ import time
 import urllib.request
 
 from bench.context import Context
-from bench.load import Load, wrk
+from bench.load import wrk
+from bench.procs import cpu_seconds
 from bench.report import Result, Row, paired
 from bench.services import BIN, Command, cli_args, prodserver
 from bench.stats import interleaved
@@ -21,6 +22,7 @@ from tests.support.stack import free_port, http_status
 LIST_PATH = os.environ.get("BENCH_LIST_PATH", "/api/requests/")
 HEALTH_PATH = "/health/"
 SIDES = ("prodserver", "gunicorn")
+METRICS = {"rps": "req/s", "cpu_ms_per_request": "server CPU per request", "p50_ms": "p50", "p99_ms": "p99"}
 
 
 def start(side: str, ctx: Context, port: int, log_dir) -> Command:
@@ -66,7 +68,17 @@ def startup_times(ctx: Context, repeats: int) -> dict[str, list[float]]:
     return times
 
 
-def loads(ctx: Context, rounds: int, seconds: float) -> dict[str, dict[str, list[Load]]]:
+def measured_load(server: Command, url: str, seconds: float) -> dict:
+    """One wrk load, with the CPU time the server's processes spent on it per request."""
+    cpu = cpu_seconds(server.popen.pid)
+    load = wrk(url, seconds)
+    cpu = cpu_seconds(server.popen.pid) - cpu
+    return {"rps": load.rps, "p50_ms": load.p50_ms, "p99_ms": load.p99_ms, "failed": load.failed} | {
+        "cpu_ms_per_request": cpu * 1000 / max(load.requests, 1)
+    }
+
+
+def loads(ctx: Context, rounds: int, seconds: float) -> dict[str, dict[str, list[dict]]]:
     """wrk loads per endpoint and side, both servers up, the sides alternating round by round."""
     bases, servers = {}, {}
     try:
@@ -74,7 +86,7 @@ def loads(ctx: Context, rounds: int, seconds: float) -> dict[str, dict[str, list
             port = free_port()
             bases[side] = f"http://127.0.0.1:{port}"
             servers[side] = start(side, ctx, port, ctx.logs("web", f"load-{side}"))
-        out: dict[str, dict[str, list[Load]]] = {}
+        out: dict[str, dict[str, list[dict]]] = {}
         for side in SIDES:
             wait_for_200(servers[side], bases[side] + HEALTH_PATH)
             check_list_endpoint(bases[side])
@@ -83,7 +95,7 @@ def loads(ctx: Context, rounds: int, seconds: float) -> dict[str, dict[str, list
                 wrk(bases[side] + path, 2)  # warm-up: connections, caches, lazy imports
             out[label] = {side: [] for side in SIDES}
             for _, side in interleaved(SIDES, rounds):
-                out[label][side].append(wrk(bases[side] + path, seconds))
+                out[label][side].append(measured_load(servers[side], bases[side] + path, seconds))
         return out
     finally:
         for server in servers.values():
@@ -97,19 +109,18 @@ def run(ctx: Context) -> Result:
     rows = []
     for label, path in (("list", f"{LIST_PATH} page of 20"), ("health", HEALTH_PATH)):
         ours, theirs = measured[label]["prodserver"], measured[label]["gunicorn"]
-        for metric, unit in (("rps", "req/s"), ("p50_ms", "ms"), ("p99_ms", "ms")):
-            values = [[getattr(load, metric) for load in side] for side in (ours, theirs)]
-            row = paired(f"{path} {metric.removesuffix('_ms')}", unit, *values)
+        for metric, unit in (("rps", "req/s"), ("cpu_ms_per_request", "ms"), ("p50_ms", "ms"), ("p99_ms", "ms")):
+            values = [[sample[metric] for sample in side] for side in (ours, theirs)]
+            row = paired(f"{path} {METRICS[metric]}", unit, *values)
             if metric == "rps":
                 row.target, row.met = "ratio >= 0.97", row.ratio >= 0.97
+            if metric == "cpu_ms_per_request":
+                row.target, row.met = "ratio <= 1.03", row.ratio <= 1 / 0.97
             rows.append(row)
-    failed = sum(load.failed for by_side in measured.values() for side in by_side.values() for load in side)
+    failed = sum(sample["failed"] for by_side in measured.values() for side in by_side.values() for sample in side)
     up = paired("start to first 200", "s", startup["prodserver"], startup["gunicorn"])
     up.target, up.met = "ratio <= 1.10", up.ratio <= 1.10
     rows += [up, Row("failed requests (both sides)", failed, "", target="0", met=failed == 0)]
     params = {"rounds": rounds, "seconds_per_load": seconds, "starts_per_side": starts, "connections": 4}
-    raw = {
-        "startup_s": startup,
-        "loads": {label: {side: [vars(x) for x in xs] for side, xs in by.items()} for label, by in measured.items()},
-    }
+    raw = {"startup_s": startup, "loads": measured}
     return Result("web", rows, params | {"list_path": LIST_PATH, "wrk_threads": 1}, raw)

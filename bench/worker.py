@@ -8,9 +8,13 @@ an upper bound on the start latency, the same for both sides.
 
 from __future__ import annotations
 
+import os
+import re
 import time
+from contextlib import contextmanager
 
 from bench.context import Context
+from bench.procs import cpu_seconds
 from bench.report import Result, paired
 from bench.services import BIN, REDIS_DB, Command, cli_args, flush_redis, prodserver
 from bench.stats import interleaved, percentile
@@ -32,14 +36,22 @@ def start(side: str, ctx: Context, log_dir) -> Command:
 
 
 def client(side: str):
-    """A Celery app with the project's settings that sends to and reads results from `side`'s Redis db."""
+    """A Celery app that sends to and reads results from `side`'s Redis db (json, the project's serializer)."""
     from celery import Celery
 
-    app = Celery(f"bench-{side}", set_as_current=False)
-    app.config_from_object("django.conf:settings", namespace="CELERY")
     url = f"{REDIS_URL}/{REDIS_DBS[side]}"
-    app.conf.update(broker_url=url, result_backend=url)
-    return app
+    return Celery(f"bench-{side}", broker=url, backend=url, set_as_current=False)
+
+
+@contextmanager
+def own_brokers():
+    """NOTE: Celery prefers $CELERY_BROKER_URL to any app's broker_url (celery/app/utils.py): hide it meanwhile."""
+    saved = os.environ.pop("CELERY_BROKER_URL", None)
+    try:
+        yield
+    finally:
+        if saved is not None:
+            os.environ["CELERY_BROKER_URL"] = saved
 
 
 def latencies(app, count: int) -> list[float]:
@@ -62,13 +74,22 @@ def throughput(app, count: int) -> float:
     return (count - 1) / (done[-1] - done[0])
 
 
+@contextmanager
+def stopping(workers: dict[str, Command]):
+    try:
+        yield
+    finally:
+        for worker in workers.values():
+            worker.stop()
+
+
 def run(ctx: Context) -> Result:
     rounds, sequential, burst = (2, 50, 500) if ctx.quick else (6, 100, 2000)
     for db in REDIS_DBS.values():
         flush_redis(db)
     workers, apps = {}, {side: client(side) for side in SIDES}
     samples: dict[str, list[dict]] = {side: [] for side in SIDES}
-    try:
+    with own_brokers(), stopping(workers):
         for side in SIDES:
             workers[side] = start(side, ctx, ctx.logs("worker", side))
         for side in SIDES:
@@ -77,10 +98,15 @@ def run(ctx: Context) -> Result:
         for _, side in interleaved(SIDES, rounds):
             lat = latencies(apps[side], sequential)
             sample = {"p50_ms": percentile(lat, 50), "p99_ms": percentile(lat, 99)}
-            samples[side].append(sample | {"tasks_per_s": throughput(apps[side], burst)})
-    finally:
-        for worker in workers.values():
-            worker.stop()
+            cpu = cpu_seconds(workers[side].popen.pid)
+            sample["tasks_per_s"] = throughput(apps[side], burst)
+            sample["cpu_ms_per_task"] = (cpu_seconds(workers[side].popen.pid) - cpu) * 1000 / burst
+            samples[side].append(sample)
+    for side, worker in workers.items():  # each side must have run its own tasks
+        received = len(set(re.findall(r"\[([0-9a-f-]{36})\] received", worker.output())))
+        expected = 10 + rounds * (sequential + burst)
+        if received != expected:
+            raise RuntimeError(f"the {side} worker ran {received} tasks, not the {expected} sent to it")
 
     def series(side: str, key: str) -> list[float]:
         return [sample[key] for sample in samples[side]]
@@ -90,8 +116,10 @@ def run(ctx: Context) -> Result:
 
     tput = row(f"throughput, {burst:,} no-op tasks", "tasks/s", "tasks_per_s")
     tput.target, tput.met = "ratio >= 0.97", tput.ratio >= 0.97
+    cpu = row("worker CPU per task", "ms", "cpu_ms_per_task")
+    cpu.target, cpu.met = "ratio <= 1.03", cpu.ratio <= 1 / 0.97
     p50 = row("apply_async to task p50", "ms", "p50_ms")
     p50.target, p50.met = "within 5 ms", p50.ours - p50.baseline <= 5
     p99 = row("apply_async to task p99", "ms", "p99_ms")
     params = {"rounds": rounds, "sequential_tasks": sequential, "burst_tasks": burst, "broker": "redis"}
-    return Result("worker", [tput, p50, p99], params, {"samples": samples})
+    return Result("worker", [tput, cpu, p50, p99], params, {"samples": samples})
