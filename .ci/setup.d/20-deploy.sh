@@ -5,3 +5,6 @@ apt-get install -y -qq openssh-server openssh-client nginx-light python3-venv gi
 mkdir -p /run/sshd
 id prayer-room-e2e >/dev/null 2>&1 || useradd --system --create-home --home-dir /var/lib/prayer-room-e2e \
     --shell /usr/sbin/nologin prayer-room-e2e
+# A user that logs in over SSH but cannot sudo: the "no sudo" refusal is tested with it.
+id prayer-room-nosudo >/dev/null 2>&1 || useradd --system --create-home --home-dir /var/lib/prayer-room-nosudo \
+    --shell /bin/sh -p '*' prayer-room-nosudo

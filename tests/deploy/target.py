@@ -27,6 +27,7 @@ from tests.support.stack import REDIS_URL, Database, free_port, services_unavail
 REPO = Path(__file__).resolve().parents[2]
 VENV_BIN = Path(sys.executable).parent
 APP_USER = "prayer-room-e2e"
+NO_SUDO_USER = "prayer-room-nosudo"  # logs in over SSH, cannot sudo
 SSHD = shutil.which("sshd") or "/usr/sbin/sshd"
 
 
@@ -42,15 +43,19 @@ def unavailable() -> str | None:
     return services_unavailable()
 
 
-def ensure_app_user() -> None:
+def ensure_user(name: str, shell: str = "/usr/sbin/nologin") -> None:
+    """A system user; a login shell and an unlocked account (password "*") when it must log in over SSH."""
     try:
-        pwd.getpwnam(APP_USER)
+        pwd.getpwnam(name)
     except KeyError:
-        subprocess.run(
-            ["useradd", "--system", "--create-home", "--home-dir", f"/var/lib/{APP_USER}", "--shell",
-             "/usr/sbin/nologin", APP_USER],
-            check=True,
-        )  # fmt: skip
+        home = f"/var/lib/{name}"
+        subprocess.run(["useradd", "--system", "--create-home", "--home-dir", home, "--shell", shell, name], check=True)
+    if shell != "/usr/sbin/nologin":
+        subprocess.run(["usermod", "--shell", shell, "-p", "*", name], check=True)
+
+
+def ensure_app_user() -> None:
+    ensure_user(APP_USER)
 
 
 def wait_port(port: int, timeout: float = 15) -> None:

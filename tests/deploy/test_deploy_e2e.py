@@ -17,7 +17,17 @@ from pathlib import Path
 import pytest
 from celery import Celery
 
-from tests.deploy.target import APP_USER, REDIS_URL, Clone, DeployTarget, RequestLoop, http_get, unavailable
+from tests.deploy.target import (
+    APP_USER,
+    NO_SUDO_USER,
+    REDIS_URL,
+    Clone,
+    DeployTarget,
+    RequestLoop,
+    ensure_user,
+    http_get,
+    unavailable,
+)
 
 pytestmark = [pytest.mark.deploy, pytest.mark.timeout(900)]
 
@@ -233,6 +243,9 @@ def test_bad_input_is_one_line_and_changes_nothing(target, clone, tmp_path):
     assert "SSH refused the login" in failed(wrong)
     closed = target.fab("status", hosts="root@127.0.0.1:1")
     assert "cannot connect over SSH" in failed(closed)
+    ensure_user(NO_SUDO_USER, shell="/bin/sh")
+    no_sudo = target.fab("deploy", hosts=f"{NO_SUDO_USER}@127.0.0.1:{target.ssh_port}", repo=clone.path)
+    assert f"{NO_SUDO_USER} cannot sudo without a password" in failed(no_sudo)
     systemd = target.fab("deploy", config=target.config_file_with(require_systemd=True), repo=clone.path)
     assert "does not run systemd" in failed(systemd)
     assert (target.releases(), target.live_release()) == before
