@@ -10,6 +10,7 @@ import os
 import pwd
 import re
 import shutil
+import signal
 import tempfile
 import time
 from pathlib import Path
@@ -202,6 +203,23 @@ def test_a_second_deploy_is_refused_while_one_runs(target, clone):
     line = failed(second)
     assert "is locked by" in line and "deploy " in line and "since" in line and "fab unlock" in line
     assert not (target.srv / "deploy.lock").exists()
+
+
+def test_an_interrupted_deploy_releases_the_lock_and_the_old_release_serves(target, clone):
+    live = target.live_release()
+    clone.commit_file("docs/interrupted-marker.txt", f"{time.time()}\n", "a deploy to interrupt")
+    deploy = target.fab_background("deploy", repo=clone.path)
+    seen = ""
+    while "-> prepare" not in seen:
+        line = deploy.stdout.readline()
+        assert line, f"the deploy ended early:\n{seen}"
+        seen += line
+    deploy.send_signal(signal.SIGINT)  # Ctrl-C
+    rest, _ = deploy.communicate(timeout=120)
+    assert deploy.returncode != 0, seen + rest
+    assert not (target.srv / "deploy.lock").exists(), seen + rest
+    assert target.live_release() == live and live_release_over_http(target) == live
+    assert set(target.states().values()) == {"RUNNING"}
 
 
 def test_a_stale_lock_is_broken_and_unlock_removes_a_lock(target, clone):
