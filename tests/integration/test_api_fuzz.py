@@ -173,18 +173,19 @@ def test_generated_requests_get_no_server_error_and_match_the_schema(api_schema,
         "cookies": staff_session.cookies.get_dict(),
         "headers": {"X-CSRFToken": staff_session.cookies["csrftoken"]},
     }
-    sent, failures = [], []
+    generated, swept, failures = [], [], []
     operations = [result.ok() for result in api_schema.get_all_operations()]
     for operation in operations:
         credentials = staff if needs_login(operation) else {}
         for mode in (GenerationMode.POSITIVE, GenerationMode.NEGATIVE):
-            failure = fuzz(operation, mode, credentials, sent)
+            failure = fuzz(operation, mode, credentials, generated)
             if failure:
                 failures.append(failure)
-        failures += sweep(operation, credentials, sent)
-    print(f"\n{len(sent)} generated requests over {len(operations)} operations")
+        failures += sweep(operation, credentials, swept)
+    print(f"\n{len(generated)} generated and {len(swept)} nasty-value requests over {len(operations)} operations")
     assert len(operations) == 15
     assert not failures, "\n\n".join(failures)
+    assert len(generated) > 300 and len(swept) > 200, "generation stalled: see Hypothesis' statistics"
 
 
 def basic_auth(username: str, password: str) -> dict:
