@@ -38,8 +38,12 @@ ACCEPTANCE_CHECKS = [schemathesis.checks.positive_data_acceptance, schemathesis.
 
 
 @pytest.fixture(scope="module")
-def web(env, tmp_path_factory):
-    """`prodserver web` on the production settings, with a staff user, some requests and generous rate limits."""
+def web(env, redis_db, tmp_path_factory):
+    """`prodserver web` on the production settings, with a staff user, some requests and generous rate limits.
+
+    Its rate-limit counters go to the module's Redis db, flushed afterwards: in the production default
+    (db 1) they would throttle other webs on this machine for an hour.
+    """
     stack.manage(env, "shell", "-c", SEED)
     stack.manage(
         {**env, "DJANGO_SUPERUSER_PASSWORD": STAFF[1]},
@@ -47,7 +51,8 @@ def web(env, tmp_path_factory):
     )
     port = stack.free_port()
     rates = {f"THROTTLE_{scope}": "100000/hour" for scope in ("SUBMIT", "PRAYED", "FLAG")}
-    process = stack.Process("web", {**env, "PORT": str(port), **rates}, tmp_path_factory.mktemp("web"))
+    cache = {"CACHE_URL": f"{stack.REDIS_URL}/{redis_db}"}
+    process = stack.Process("web", {**env, "PORT": str(port), **rates, **cache}, tmp_path_factory.mktemp("web"))
     base_url = f"http://127.0.0.1:{port}"
     process.wait_for_http(f"{base_url}/health/")
     yield base_url
