@@ -165,13 +165,58 @@ def schedules(args) -> int:
     return 0
 
 
+def supervisor_rpc(socket_path: str):
+    """An XML-RPC proxy to supervisord over its unix socket, with the standard library only."""
+    import http.client
+    import socket
+    import xmlrpc.client
+
+    class UnixConnection(http.client.HTTPConnection):
+        def connect(self):
+            self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            self.sock.connect(socket_path)
+
+    class UnixTransport(xmlrpc.client.Transport):
+        def make_connection(self, host):
+            return UnixConnection("localhost")
+
+    return xmlrpc.client.ServerProxy("http://localhost/RPC2", transport=UnixTransport())
+
+
+def cycle(args) -> int:
+    """Stop each program (waiting: TERM, then its graceful stop), then start it without waiting for startsecs.
+
+    The caller's health check is the real readiness test, so `supervisorctl restart`'s wait is saved.
+    """
+    import xmlrpc.client
+
+    rpc = supervisor_rpc(args.socket)
+    for name in args.names:
+        try:
+            rpc.supervisor.stopProcess(name, True)
+        except xmlrpc.client.Fault as fault:
+            if fault.faultCode != 70:  # NOT_RUNNING is fine
+                emit(ok=False, error=f"stopping {name}: {fault.faultString}")
+                return 1
+        try:
+            rpc.supervisor.startProcess(name, False)
+        except xmlrpc.client.Fault as fault:
+            emit(ok=False, error=f"starting {name}: {fault.faultString}")
+            return 1
+    emit(ok=True)
+    return 0
+
+
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="onserver")
-    parser.add_argument("--env-file", required=True)
+    parser.add_argument("--env-file")
     parser.add_argument("--default", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("prepare")
+    cycle_parser = sub.add_parser("cycle")
+    cycle_parser.add_argument("--socket", required=True)
+    cycle_parser.add_argument("names", nargs="+")
     sub.add_parser("schedules")
     health_parser = sub.add_parser("health")
     health_parser.add_argument("--port", type=int, required=True)
@@ -179,8 +224,10 @@ def main(argv: list[str]) -> int:
         p.add_argument("--expect", required=True)
         p.add_argument("--timeout", type=float, default=60)
     args = parser.parse_args(argv)
-    load_environment(args.env_file, args.default, args.set)
-    return {"prepare": prepare, "health": health, "ping": ping, "schedules": schedules}[args.command](args)
+    if args.env_file:
+        load_environment(args.env_file, args.default, args.set)
+    commands = {"prepare": prepare, "health": health, "ping": ping, "schedules": schedules, "cycle": cycle}
+    return commands[args.command](args)
 
 
 if __name__ == "__main__":

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from deploy.config import DeployConfig
 from deploy.errors import DeployError
 from deploy.layout import SUPERVISOR_GROUP
-from deploy.remote import Server, sh
+from deploy.remote import HELPER_SOURCE, Server, sh
 
 _ENV_PAIR = re.compile(r"""([A-Za-z_][A-Za-z0-9_]*)=("[^"]*"|'[^']*')""")
 
@@ -96,11 +96,13 @@ def wait_running(server: Server, names: tuple[str, ...], timeout: float = 30) ->
         raise DeployError(f"not RUNNING after {timeout:.0f} s: {states} -- last log lines: {tail[-600:]}")
 
 
-def restart(server: Server, *names: str) -> None:
-    """`supervisorctl restart`: stop (TERM, up to stopwaitsecs) then start; the old process is gone first."""
-    result = server.supervisorctl("restart", *names, what=f"restarting {', '.join(names)}", warn=True)
-    if "ERROR" in result.stdout or result.exited not in (0,):
-        raise DeployError(f"supervisorctl restart {' '.join(names)}: {result.stdout.strip() or result.stderr.strip()}")
+def cycle(server: Server, name: str) -> None:
+    """Stop a program (graceful, waited for), then start it without waiting for startsecs (the caller checks it)."""
+    layout, config = server.config.layout, server.config
+    script = HELPER_SOURCE.read_text()
+    command = sh(config.python, "-c", script, "cycle", "--socket", layout.supervisor_socket, name)
+    result = server.root(command, what=f"restarting {name}", warn=True)
+    server.helper_lines(result, what=f"restarting {name}")
 
 
 def rolling_restart(
@@ -128,7 +130,7 @@ def rolling_restart(
     try:
         for index, (name, port) in enumerate(programs.web):
             with step(f"restart {name.split(':')[-1]} (port {port}), wait for its health check"):
-                restart(server, name)
+                cycle(server, name)
                 check_web(port)
             if index == 0:
                 # NOTE: after the first web program is back, so it boots without competing for the CPU.
