@@ -28,6 +28,7 @@ REPO = Path(__file__).resolve().parents[2]
 VENV_BIN = Path(sys.executable).parent
 APP_USER = "prayer-room-e2e"
 NO_SUDO_USER = "prayer-room-nosudo"  # logs in over SSH, cannot sudo
+SUDO_USER = "prayer-room-sudoer"  # logs in over SSH, passwordless sudo
 SSHD = shutil.which("sshd") or "/usr/sbin/sshd"
 
 
@@ -35,7 +36,7 @@ def unavailable() -> str | None:
     """Why this machine cannot host the deploy target, or None."""
     if os.geteuid() != 0:
         return "the deploy target needs root (sshd, runuser, a system user)"
-    for tool in (SSHD, "ssh-keygen", "nginx", "git", "/usr/bin/python3"):
+    for tool in (SSHD, "ssh-keygen", "nginx", "git", "sudo", "/usr/bin/python3"):
         if not (shutil.which(tool) or Path(tool).exists()):
             return f"{tool} is not installed (.ci/setup.d/20-deploy.sh installs it)"
     if subprocess.run(["/usr/bin/python3", "-c", "import venv, ensurepip"], capture_output=True).returncode:
@@ -52,6 +53,15 @@ def ensure_user(name: str, shell: str = "/usr/sbin/nologin") -> None:
         subprocess.run(["useradd", "--system", "--create-home", "--home-dir", home, "--shell", shell, name], check=True)
     if shell != "/usr/sbin/nologin":
         subprocess.run(["usermod", "--shell", shell, "-p", "*", name], check=True)
+
+
+def ensure_sudoer(name: str) -> None:
+    """A login user with passwordless sudo (what many VPS images give instead of root)."""
+    ensure_user(name, shell="/bin/sh")
+    rule = Path(f"/etc/sudoers.d/{name}")
+    if not rule.exists():
+        rule.write_text(f"{name} ALL=(ALL) NOPASSWD: ALL\n")
+        rule.chmod(0o440)
 
 
 def ensure_app_user() -> None:

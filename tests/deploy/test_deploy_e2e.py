@@ -22,9 +22,11 @@ from tests.deploy.target import (
     APP_USER,
     NO_SUDO_USER,
     REDIS_URL,
+    SUDO_USER,
     Clone,
     DeployTarget,
     RequestLoop,
+    ensure_sudoer,
     ensure_user,
     http_get,
     unavailable,
@@ -233,6 +235,19 @@ def test_a_stale_lock_is_broken_and_unlock_removes_a_lock(target, clone):
     os.utime(lock / "owner", (time.time() - 3600, time.time() - 3600))
     out = ok(target.fab("deploy", repo=clone.path))
     assert "breaking a stale deploy lock of ghost@laptop" in out and not lock.exists()
+
+
+def test_a_sudo_user_deploys_and_rolls_back(target, clone):
+    ensure_sudoer(SUDO_USER)
+    host = f"{SUDO_USER}@127.0.0.1:{target.ssh_port}"
+    before = target.live_release()
+    clone.commit_file("docs/sudo-marker.txt", f"{time.time()}\n", "a deploy by a sudo user")
+    ok(target.fab("deploy", hosts=host, repo=clone.path))
+    after = target.live_release()
+    assert after != before and live_release_over_http(target) == after
+    assert (target.srv / "releases" / after).owner() == APP_USER
+    assert f"{before} is live" in ok(target.fab("rollback", hosts=host))
+    assert live_release_over_http(target) == before
 
 
 def test_status_logs_restart_and_supervisorctl(target):
