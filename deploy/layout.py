@@ -77,6 +77,11 @@ class ServerLayout:
         return self.etc / "programs.conf"
 
     @property
+    def programs_history(self) -> PurePosixPath:
+        """<release id>.conf: the programs.conf each release was deployed with (root, 0600), for rollback."""
+        return self.etc / "releases"
+
+    @property
     def lock(self) -> PurePosixPath:
         """The deploy lock directory (mkdir is atomic); holds who and since when."""
         return self.root / "deploy.lock"

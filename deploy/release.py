@@ -73,7 +73,7 @@ def local_source(repo: Path) -> Source:
 
 def history_path(server: Server, release_id: str):
     """Where the programs config a release was deployed with is kept (root-only: it holds the env values)."""
-    return server.config.layout.etc / "releases" / f"{release_id}.conf"
+    return server.config.layout.programs_history / f"{release_id}.conf"
 
 
 def upload_release(server: Server, source: Source, release_id: str, programs_text: str) -> None:

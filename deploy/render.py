@@ -10,6 +10,7 @@ from typing import Any
 
 import jinja2
 
+from deploy.config import DeployConfig
 from deploy.errors import DeployError
 from deploy.layout import SUPERVISOR_GROUP, WEB_PORTS
 
@@ -214,7 +215,7 @@ def local_context(
 
 
 def server_context(
-    config, env_values: Mapping[str, str], *, home: str = "", web_ports: tuple[int, ...] = WEB_PORTS
+    config: DeployConfig, env_values: Mapping[str, str], *, home: str = "", web_ports: tuple[int, ...] = WEB_PORTS
 ) -> dict[str, Any]:
     """The programs of one server (a DeployConfig), running `current`'s code with the env file's values."""
     layout = config.layout
