@@ -51,6 +51,24 @@ class Source:
             target.addfile(info, io.BytesIO(revision))
         return out.getvalue()
 
+    def migrations(self) -> set[str]:
+        """The migration files of the commit, relative to the release root."""
+        names = _git(self.repo, "ls-tree", "-r", "--name-only", self.sha, "project").decode().split()
+        return {n for n in names if "/migrations/" in n and n.endswith(".py") and not n.endswith("__init__.py")}
+
+    def commits_since(self, release_id: str | None) -> list[str]:
+        """One line per commit between a release (its id ends with its sha12) and this one, if known here."""
+        if not release_id:
+            return []
+        try:
+            return (
+                _git(self.repo, "log", "--oneline", f"{release_id.rsplit('-', 1)[-1]}..{self.sha}")
+                .decode()
+                .splitlines()
+            )
+        except DeployError:
+            return ["(the live release's commit is not in this repository)"]
+
 
 def _git(repo: Path, *args: str) -> bytes:
     try:
@@ -69,6 +87,17 @@ def local_source(repo: Path) -> Source:
     status = _git(repo, "status", "--porcelain", "--untracked-files=normal").decode()
     dirty = tuple(line[3:] for line in status.splitlines() if line.strip())
     return Source(repo=repo, sha=sha, dirty=dirty)
+
+
+def live_migrations(server: Server) -> set[str]:
+    """The migration files of the live release."""
+    current = server.config.layout.current
+    out = server.root(
+        f"cd {sh(current)} 2>/dev/null && find project -path '*/migrations/*.py' ! -name __init__.py",
+        what="listing the live migrations",
+        warn=True,
+    ).stdout
+    return set(out.split())
 
 
 def history_path(server: Server, release_id: str):

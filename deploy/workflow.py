@@ -205,11 +205,15 @@ def plan(conn: Connection, config: DeployConfig, repo: Path) -> str:
     rendered = _render(server, state)
     venv = "reused" if source.lock_hash in state.ready_venvs else "built (requirements.lock changed)"
     dirty = f" ({len(source.dirty)} uncommitted change(s) NOT shipped)" if source.dirty else ""
+    commits = source.commits_since(state.current)
+    new_migrations = sorted(source.migrations() - release.live_migrations(server)) if state.current else []
     lines = [
         f"deploy plan for {server.name} (environment {config.name})",
         f"  ship:        HEAD {source.short}{dirty}",
         f"  live now:    {state.current or 'nothing'}",
+        *(f"  commits:     {line}" for line in commits[:20]),
         f"  virtualenv:  venvs/{source.lock_hash} {venv}",
+        f"  migrations:  {', '.join(Path(m).name for m in new_migrations) or 'none new'}",
         "  prepare:     check --deploy, migrate --noinput, seed_schedules, collectstatic; then switch current",
         f"  releases:    {len(state.releases)} on the server; the newest {config.keep_releases} are kept",
     ]
@@ -226,6 +230,11 @@ def status(conn: Connection, config: DeployConfig) -> str:
     server = connect(conn, config)
     state = read_state(server)
     lines = [f"{server.name}: live release {state.current or 'none'}"]
+    held = DeployLock(server, "status").holder()
+    if held:
+        lines.append(
+            f"deploy lock: {held.get('holder', '?')} ({held.get('action', '?')}), last step {held['idle']} s ago"
+        )
     out = server.supervisorctl("status", what="supervisorctl status", warn=True).stdout.rstrip()
     lines += ["programs:", *(f"  {line}" for line in out.splitlines())]
     lines.append("releases:")

@@ -136,6 +136,7 @@ def test_plan_shows_the_change_and_touches_nothing(target, clone):
     before = (target.releases(), target.live_release(), (target.etc / "programs.conf").read_text())
     out = ok(target.fab("plan", repo=clone.path))
     assert "venvs/" in out and "reused" in out and "programs.conf unchanged" in out
+    assert "migrations:  none new" in out and "commits:" in out  # HEAD is ahead of the rolled-back release
     secret = target.srv.joinpath("shared/env").read_text().split("SECRET_KEY=")[1].split("\n")[0]
     drifted = before[2].replace("stopwaitsecs=20", "stopwaitsecs=21").replace('SECRET_KEY="', 'SECRET_KEY="old')
     (target.etc / "programs.conf").write_text(drifted)
@@ -161,6 +162,7 @@ def test_broken_migration_stops_before_the_switch(target, clone):
         "a migration that fails",
     )
     try:
+        assert "migrations:  9999_broken.py" in ok(target.fab("plan", repo=clone.path))
         result = target.fab("deploy", repo=clone.path)
         line = failed(result)
         assert "(migrate)" in line and "division by zero" in line and f"{live} keeps serving" in line
