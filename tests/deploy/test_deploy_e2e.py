@@ -132,6 +132,21 @@ def test_rollback_brings_back_the_previous_release(target):
     assert set(target.states().values()) == {"RUNNING"}
 
 
+def test_a_config_change_reloads_the_group_and_rollback_restores_the_old_config(target, clone):
+    before = target.live_release()
+    smaller = target.config_file_with(web_workers=1)
+    clone.commit_file("docs/config-marker.txt", f"{time.time()}\n", "a deploy with fewer gunicorn workers")
+    out = ok(target.fab("deploy", config=smaller, repo=clone.path))
+    assert "the programs config changed" in out and "supervisorctl update" in out
+    assert 'WEB_WORKERS="1"' in (target.etc / "programs.conf").read_text()
+    assert set(target.states().values()) == {"RUNNING"}
+    assert live_release_over_http(target) == target.live_release() != before
+    out = ok(target.fab("rollback", config=smaller))
+    assert f"{before} is live" in out and "the programs config changed" in out
+    assert 'WEB_WORKERS="2"' in (target.etc / "programs.conf").read_text()  # the config `before` ran with
+    assert live_release_over_http(target) == before and run_ping(target)["release"] == before
+
+
 def test_plan_shows_the_change_and_touches_nothing(target, clone):
     before = (target.releases(), target.live_release(), (target.etc / "programs.conf").read_text())
     out = ok(target.fab("plan", repo=clone.path))
