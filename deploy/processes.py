@@ -110,22 +110,28 @@ def rolling_restart(
     programs: Programs,
     check_web: Callable[[int], None],
     step: Callable[[str], object],
-    alongside: str | None = None,
+    after_workers: str | None = None,
 ):
-    """Web programs one at a time, each checked before the next stops; each worker and beat meanwhile.
+    """Web programs one at a time, each checked before the next stops; the workers and beat meanwhile.
 
     nginx sends requests to the web program that is not restarting (proxy_next_upstream), so none
-    meets a closed port. `alongside` (a root shell command, e.g. the ping check, which waits for a
-    worker of the new release) runs at the same time; its result is returned.
+    meets a closed port. `after_workers` (a root shell command: the ping check) runs once the workers
+    have restarted, so no worker of the old release can take its task; its output is returned.
     """
-    background, checker = [], None
+    background: list[tuple[str, object]] = []
+    marker = "@@after-workers@@"
 
     def start_others() -> None:
-        nonlocal checker
-        for name in programs.others:
+        workers = [n for n in programs.others if not n.endswith(":beat")]
+        beat = [n for n in programs.others if n.endswith(":beat")]
+        if workers:
+            chain = server.supervisorctl_command("restart", *workers)
+            if after_workers:
+                chain = f"{chain}; echo {marker}; {after_workers}"
+            background.append((", ".join(workers), server.root(chain, what="restarting", asynchronous=True)))
+        for name in beat:
             command = server.supervisorctl_command("restart", name)
-            background.append(server.root(command, what=f"restarting {name}", asynchronous=True))
-        checker = server.root(alongside, what="checking", asynchronous=True) if alongside else None
+            background.append((name, server.root(command, what=f"restarting {name}", asynchronous=True)))
 
     try:
         for index, (name, port) in enumerate(programs.web):
@@ -138,14 +144,16 @@ def rolling_restart(
         if not programs.web:
             start_others()
     except BaseException:
-        for promise in [*background, *([checker] if checker is not None else [])]:
+        for _, promise in background:
             promise.join()  # let the restarts started in the background finish before rolling back
         raise
-    if background:
-        with step(f"restart {', '.join(n.split(':')[-1] for n in programs.others)} (worker: warm shutdown)"):
-            results = [promise.join() for promise in background]
-            for name, result in zip(programs.others, results, strict=True):
-                if "ERROR" in result.stdout or result.exited != 0:
-                    raise DeployError(f"supervisorctl restart {name}: {result.stdout.strip()[:500]}")
-            wait_running(server, programs.others)
-    return checker.join() if checker is not None else None
+    if not background:
+        return None
+    with step(f"restart {', '.join(n.split(':')[-1] for n in programs.others)} (worker: warm shutdown)"):
+        results = [(names, promise.join()) for names, promise in background]
+        for names, result in results:
+            restarted = result.stdout.split(marker)[0]
+            if "ERROR" in restarted:
+                raise DeployError(f"supervisorctl restart {names}: {restarted.strip()[:500]}")
+        wait_running(server, programs.others)
+    return results[0][1] if after_workers else None

@@ -166,6 +166,12 @@ def switch_command(server: Server, release_id: str) -> str:
     return f"{sh('ln', '-sfn', layout.releases / release_id, tmp)} && {sh('mv', '-T', tmp, layout.current)}"
 
 
+def unmark(server: Server, release_id: str) -> None:
+    """Take a release's verified mark away: rollbacks no longer return to it (a new deploy of it can)."""
+    mark = server.config.layout.releases / release_id / DEPLOYED_MARK
+    server.root(sh("rm", "-f", mark), what="unmarking the release rolled back from")
+
+
 def remove_release(server: Server, release_id: str) -> None:
     server.root(
         sh("rm", "-rf", server.config.layout.releases / release_id, history_path(server, release_id)),

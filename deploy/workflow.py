@@ -57,7 +57,7 @@ def _activate(server: Server, state: ServerState, release_id: str, programs_text
             programs,
             lambda port: verify.check_web(server, release_dir, release_id, port, host),
             progress.step,
-            alongside=ping,
+            after_workers=ping,
         )
         with progress.step("verify: a worker of this release ran the ping task"):
             progress.say(f"   answered by {verify.worker_answer(server, result)}")
@@ -164,10 +164,15 @@ def _deploy_locked(
 
 
 def _rollback_to(server: Server, target: str, progress: Progress) -> None:
-    """Make an earlier release live again, with the programs config it was deployed with."""
+    """Make an earlier release live again, with the programs config it was deployed with.
+
+    The release rolled back from loses its verified mark, so the next rollback skips it.
+    """
     state = read_state(server)
     stored = server.read(release.history_path(server, target), what="reading the release's programs config")
     _activate(server, state, target, stored or _render(server, state), progress)
+    if state.current and state.current != target:
+        release.unmark(server, state.current)
     release.finish(server, state, target, state.venvs.get(target, ""))
 
 
@@ -240,7 +245,7 @@ def status(conn: Connection, config: DeployConfig) -> str:
     lines.append("releases:")
     for r in state.releases:
         lines.append(
-            f"  {r}{'  (live)' if r == state.current else ''}{'' if r in state.deployed else '  (unverified)'}"
+            f"  {r}{'  (live)' if r == state.current else ''}{'' if r in state.deployed else '  (rolled back from)'}"
         )
     if state.current:
         try:
