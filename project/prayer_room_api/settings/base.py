@@ -172,6 +172,7 @@ PRODUCTION_PROCESSES = {
     "web": {
         "BACKEND": "django_prodserver.backends.servers.gunicorn.GunicornServer",
         "ARGS": {
+            "config": "python:prayer_room_api.gunicorn_conf",
             "bind": f"{BIND_HOST}:{PORT}",
             "workers": WEB_WORKERS,
             "timeout": WEB_TIMEOUT,
@@ -179,6 +180,8 @@ PRODUCTION_PROCESSES = {
             "log-level": LOG_LEVEL,
             "access-logfile": "-",
             "error-logfile": "-",
+            # gunicorn 25.1+ opens a control socket at ~/.gunicorn/gunicorn.ctl, shared by every master of a user.
+            "no-control-socket": None,
         },
     },
     "worker": {
