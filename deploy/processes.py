@@ -96,12 +96,15 @@ def wait_running(server: Server, names: tuple[str, ...], timeout: float = 30) ->
         raise DeployError(f"not RUNNING after {timeout:.0f} s: {states} -- last log lines: {tail[-600:]}")
 
 
-def cycle(server: Server, name: str) -> None:
-    """Stop a program (graceful, waited for), then start it without waiting for startsecs (the caller checks it)."""
+def cycle_command(server: Server, *names: str) -> str:
+    """A root shell command: stop each program (graceful, waited for), then start it without waiting for
+    startsecs; the caller's check (health, ping, beat's log) is the readiness test."""
     layout, config = server.config.layout, server.config
-    script = HELPER_SOURCE.read_text()
-    command = sh(config.python, "-c", script, "cycle", "--socket", layout.supervisor_socket, name)
-    result = server.root(command, what=f"restarting {name}", warn=True)
+    return sh(config.python, "-c", HELPER_SOURCE.read_text(), "cycle", "--socket", layout.supervisor_socket, *names)
+
+
+def cycle(server: Server, name: str) -> None:
+    result = server.root(cycle_command(server, name), what=f"restarting {name}", warn=True)
     server.helper_lines(result, what=f"restarting {name}")
 
 
@@ -125,12 +128,12 @@ def rolling_restart(
         workers = [n for n in programs.others if not n.endswith(":beat")]
         beat = [n for n in programs.others if n.endswith(":beat")]
         if workers:
-            chain = server.supervisorctl_command("restart", *workers)
+            chain = cycle_command(server, *workers)
             if after_workers:
                 chain = f"{chain}; echo {marker}; {after_workers}"
             background.append((", ".join(workers), server.root(chain, what="restarting", asynchronous=True)))
         for name in beat:
-            command = server.supervisorctl_command("restart", name)
+            command = cycle_command(server, name)
             background.append((name, server.root(command, what=f"restarting {name}", asynchronous=True)))
 
     try:
@@ -153,7 +156,7 @@ def rolling_restart(
         results = [(names, promise.join()) for names, promise in background]
         for names, result in results:
             restarted = result.stdout.split(marker)[0]
-            if "ERROR" in restarted:
-                raise DeployError(f"supervisorctl restart {names}: {restarted.strip()[:500]}")
+            if '"ok": false' in restarted or (marker not in result.stdout and result.exited != 0):
+                raise DeployError(f"restarting {names}: {(restarted.strip() or result.stderr.strip())[:500]}")
         wait_running(server, programs.others)
     return results[0][1] if after_workers else None
