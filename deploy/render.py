@@ -146,17 +146,6 @@ def program_list(context: Mapping[str, Any]) -> list[dict[str, Any]]:
     return programs
 
 
-def program_names(context: Mapping[str, Any]) -> list[str]:
-    """supervisorctl names (group:process) of every process the context renders."""
-    names = []
-    for program in program_list(context):
-        if program["numprocs"] > 1:
-            names += [f"{context['group']}:{program['name']}-{n}" for n in range(program["numprocs"])]
-        else:
-            names.append(f"{context['group']}:{program['name']}")
-    return names
-
-
 def render_supervisord_conf(context: Mapping[str, Any], template_dir: Path = TEMPLATE_DIR) -> str:
     """Render supervisord.conf.j2 for `context`; raises DeployError for a context it must not render."""
     check_context(context)
