@@ -133,9 +133,7 @@ def program_list(context: Mapping[str, Any]) -> list[dict[str, Any]]:
     for index, port in enumerate(context.get("web_ports") or (), start=1):
         if index > processes.get("web", 0):
             break
-        # NOTE: gunicorn 25.1+ opens a control socket at $HOME/.gunicorn/gunicorn.ctl: the web programs
-        # would share (and unlink) one path, and closing it adds ~2 s to every stop. The API does not use it.
-        env = {"GUNICORN_CMD_ARGS": "--no-control-socket", **base, "BIND_HOST": "127.0.0.1", "PORT": str(port)}
+        env = {**base, "BIND_HOST": "127.0.0.1", "PORT": str(port)}
         env["WEB_GRACEFUL_TIMEOUT"] = str(context["web_graceful_timeout"])
         programs.append({"name": f"web-{index}", "kind": "web", "environment": env, "numprocs": 1})
     if processes.get("worker"):
