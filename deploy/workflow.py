@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import shlex
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from fabric import Connection
@@ -66,7 +68,9 @@ def _activate(server: Server, state: ServerState, release_id: str, programs_text
         wait_running(server, programs.all, timeout=10)
 
 
-def _locked(server: Server, action: str, progress: Progress):
+@contextmanager
+def _locked(server: Server, action: str, progress: Progress) -> Iterator[DeployLock]:
+    """Hold the deploy lock (refreshed between steps) for the block; on failure print the summary; always release."""
     lock = DeployLock(server, action)
     with progress.step("take the deploy lock"):
         lock.acquire()
@@ -78,7 +82,13 @@ def _locked(server: Server, action: str, progress: Progress):
             last[0] = time.monotonic()
 
     progress.heartbeat = heartbeat
-    return lock
+    try:
+        yield lock
+    except BaseException as exc:
+        progress.say(progress.summary(f"FAILED ({type(exc).__name__})"))
+        raise
+    finally:
+        lock.release()
 
 
 def deploy(conn: Connection, config: DeployConfig, repo: Path, *, allow_dirty: bool = False) -> str:
@@ -95,18 +105,12 @@ def deploy(conn: Connection, config: DeployConfig, repo: Path, *, allow_dirty: b
         progress.say(f"WARNING: shipping HEAD {source.short}; {len(source.dirty)} uncommitted change(s) stay behind.")
     with progress.step("connect"):
         server = connect(conn, config)
-    lock = _locked(server, f"deploy {source.short}", progress)
-    try:
+    with _locked(server, f"deploy {source.short}", progress) as lock:
         with progress.step("read the server's state; render the supervisord programs"):
             state = read_state(server)
             state.require_provisioned(server)
             programs_text = _render(server, state)  # a bad context fails here, before anything is uploaded
         release_id = _deploy_locked(server, state, source, programs_text, progress, lock)
-    except BaseException as exc:
-        progress.say(progress.summary(f"FAILED ({type(exc).__name__})"))
-        raise
-    finally:
-        lock.release()
     progress.say(progress.summary(f"{release_id} is live"))
     return release_id
 
@@ -188,15 +192,9 @@ def rollback(conn: Connection, config: DeployConfig, *, to: str | None = None) -
             raise DeployError(f"{server.name} has no verified release older than {state.current} to roll back to.")
         if target not in state.releases:
             raise DeployError(f"{server.name} has no release {target}; releases: {', '.join(state.releases)}.")
-    lock = _locked(server, f"rollback to {target}", progress)
-    try:
+    with _locked(server, f"rollback to {target}", progress):
         progress.say(f"   {state.current} -> {target} (the database is left as it is)")
         _rollback_to(server, target, progress)
-    except BaseException as exc:
-        progress.say(progress.summary(f"FAILED ({type(exc).__name__})"))
-        raise
-    finally:
-        lock.release()
     progress.say(progress.summary(f"{target} is live"))
     return target
 
