@@ -73,7 +73,6 @@ def read_state(server: Server) -> ServerState:
     script = "; ".join(f"echo {sh(mark + name)}; ( {command} )" for name, command in sections.items())
     out = server.root(script + "; true", what="reading the server's state").stdout
     parts: dict[str, str] = {}
-    name = None
     for chunk in out.split(mark)[1:]:
         name, _, body = chunk.partition("\n")
         parts[name] = body
