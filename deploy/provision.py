@@ -266,7 +266,13 @@ def ensure_directories(server: Server) -> bool:
 
 def sync_file(server: Server, path: PurePosixPath, text: str, *, owner: str, mode: str) -> bool:
     """Upload `text` to `path` unless it is there already with that owner and mode; True when it changed."""
-    current = server.read(path, what=f"reading {path}")
+    return sync_read_file(server, path, server.read(path, what=f"reading {path}"), text, owner=owner, mode=mode)
+
+
+def sync_read_file(
+    server: Server, path: PurePosixPath, current: str | None, text: str, *, owner: str, mode: str
+) -> bool:
+    """`sync_file` for a file already read: `current` is its text, None when it does not exist."""
     if current == text:
         stat = server.root(sh("stat", "--format=%U %G %a", path), what=f"checking {path}").stdout.split()
         if stat == [owner, owner, mode.lstrip("0")]:
@@ -285,7 +291,7 @@ def ensure_env_file(server: Server, host: str) -> tuple[bool, dict[str, str], bo
     had_database_url = existing is not None and "DATABASE_URL" in read_env_file(existing)
     defaults = env_defaults(config, host, secret_key=secrets.token_urlsafe(50), db_password=secrets.token_urlsafe(24))
     text = merge_env_file(existing, defaults)
-    changed = sync_file(server, config.layout.env_file, text, owner=config.user, mode="0600")
+    changed = sync_read_file(server, config.layout.env_file, existing, text, owner=config.user, mode="0600")
     return changed, read_env_file(text), not had_database_url
 
 
