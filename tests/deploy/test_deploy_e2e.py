@@ -71,6 +71,16 @@ def failed(result) -> str:
     return lines[0]
 
 
+def output_until(process, marker: str) -> str:
+    """The background fab's output up to and including the line that contains `marker`."""
+    seen = ""
+    while marker not in seen:
+        line = process.stdout.readline()
+        assert line, f"the deploy ended early:\n{seen}"
+        seen += line
+    return seen
+
+
 def live_release_over_http(target: DeployTarget) -> str:
     status, body = http_get(target.front_url)
     assert status == 200, body
@@ -211,11 +221,7 @@ def test_failed_verification_rolls_back_automatically(target, clone):
 
 def test_a_second_deploy_is_refused_while_one_runs(target, clone):
     first = target.fab_background("deploy", repo=clone.path)
-    seen = ""
-    while "take the deploy lock (" not in seen:
-        line = first.stdout.readline()
-        assert line, f"the first deploy ended early:\n{seen}"
-        seen += line
+    seen = output_until(first, "take the deploy lock (")
     second = target.fab("deploy", repo=clone.path)
     rest, _ = first.communicate(timeout=300)
     assert first.returncode == 0, seen + rest
@@ -228,11 +234,7 @@ def test_an_interrupted_deploy_releases_the_lock_and_the_old_release_serves(targ
     live = target.live_release()
     clone.commit_file("docs/interrupted-marker.txt", f"{time.time()}\n", "a deploy to interrupt")
     deploy = target.fab_background("deploy", repo=clone.path)
-    seen = ""
-    while "-> prepare" not in seen:
-        line = deploy.stdout.readline()
-        assert line, f"the deploy ended early:\n{seen}"
-        seen += line
+    seen = output_until(deploy, "-> prepare")
     deploy.send_signal(signal.SIGINT)  # Ctrl-C
     rest, _ = deploy.communicate(timeout=120)
     assert deploy.returncode != 0, seen + rest

@@ -1,14 +1,13 @@
-import threading
 import uuid
 from datetime import UTC, datetime, timedelta
 
 import pytest
 from django.core import mail
-from django.db import connection
 from django.utils import timezone
 
 from prayer_room_api import digests, tasks
 from prayer_room_api.models import DigestDelivery, Prayer, PrayerRequest
+from tests.support.concurrency import run_in_threads
 
 pytestmark = pytest.mark.django_db
 
@@ -344,23 +343,8 @@ def test_concurrent_runs_send_each_digest_once(make_user, make_request):
     users = [make_user(digest="daily") for _ in range(10)]
     for user in users:
         pray(make_request(author=user), MONDAY_8AM - HOUR)
-    start = threading.Barrier(4)
-    results, errors = [], []
-
-    def run():
-        try:
-            start.wait()
-            results.append(digests.send_user_digests("daily", now=MONDAY_8AM))
-        except Exception as exc:  # noqa: BLE001 - reported by the assertion below
-            errors.append(exc)
-        finally:
-            connection.close()
-
-    threads = [threading.Thread(target=run) for _ in range(4)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
+    results = []
+    errors = run_in_threads(lambda: results.append(digests.send_user_digests("daily", now=MONDAY_8AM)), 4)
 
     assert errors == []
     assert sorted(to for m in mail.outbox for to in m.to) == sorted(u.email for u in users)

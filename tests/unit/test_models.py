@@ -1,10 +1,9 @@
-import threading
-
 import pytest
-from django.db import IntegrityError, connection
+from django.db import IntegrityError
 from django.utils import timezone
 
 from prayer_room_api.models import DigestDelivery, Location, Prayer, PrayerRequest, UserProfile
+from tests.support.concurrency import run_in_threads
 
 pytestmark = pytest.mark.django_db
 
@@ -59,23 +58,12 @@ def test_record_prayer_counts_and_logs_each_prayer(make_request):
 @pytest.mark.django_db(transaction=True, serialized_rollback=True)
 def test_concurrent_prayers_are_all_counted(make_request):
     request = make_request()
-    errors = []
 
     def pray():
-        try:
-            for _ in range(10):
-                PrayerRequest.objects.get(pk=request.pk).record_prayer()
-        except Exception as exc:  # noqa: BLE001 - reported by the assertion below
-            errors.append(exc)
-        finally:
-            connection.close()
+        for _ in range(10):
+            PrayerRequest.objects.get(pk=request.pk).record_prayer()
 
-    threads = [threading.Thread(target=pray) for _ in range(4)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    assert errors == []
+    assert run_in_threads(pray, 4) == []
     request.refresh_from_db()
     assert request.prayer_count == 40
 
