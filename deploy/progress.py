@@ -11,34 +11,54 @@ from typing import TextIO
 
 
 @dataclass
+class Outcome:
+    """What a step may report beyond success: whether it changed the server, and a short note."""
+
+    changed: bool | None = None
+    note: str = ""
+
+
+@dataclass(frozen=True)
+class StepRecord:
+    name: str
+    seconds: float
+    ok: bool = True
+    changed: bool | None = None
+    note: str = ""
+
+
+@dataclass
 class Progress:
     """Times the steps of one command; `heartbeat` runs before each step (it refreshes the deploy lock)."""
 
     title: str
     out: TextIO = sys.stdout
     heartbeat: Callable[[], None] | None = None
-    steps: list[tuple[str, float, bool]] = field(default_factory=list)
+    steps: list[StepRecord] = field(default_factory=list)
     started: float = field(default_factory=time.monotonic)
 
     def say(self, text: str) -> None:
         print(text, file=self.out, flush=True)
 
     @contextmanager
-    def step(self, name: str) -> Iterator[None]:
+    def step(self, name: str) -> Iterator[Outcome]:
+        """Time the block as step `name`; it may set the yielded Outcome's `changed` and `note`."""
         if self.heartbeat:
             self.heartbeat()
         self.say(f"-> {name}")
         begun = time.monotonic()
+        outcome = Outcome()
         try:
-            yield
+            yield outcome
         except BaseException:
             self.record(name, time.monotonic() - begun, ok=False)
             raise
-        self.record(name, time.monotonic() - begun)
+        self.record(name, time.monotonic() - begun, changed=outcome.changed, note=outcome.note)
 
-    def record(self, name: str, seconds: float, ok: bool = True) -> None:
-        self.steps.append((name, seconds, ok))
-        self.say(f"   {'ok' if ok else 'FAILED'}  {name} ({seconds:.1f} s)")
+    def record(self, name: str, seconds: float, ok: bool = True, changed: bool | None = None, note: str = "") -> None:
+        self.steps.append(StepRecord(name, seconds, ok, changed, note))
+        label = "FAILED" if not ok else "changed" if changed else "ok"
+        self.say(f"   {label}  {name} ({seconds:.1f} s){f': {note}' if note else ''}")
 
     @property
     def elapsed(self) -> float:
@@ -46,5 +66,5 @@ class Progress:
 
     def summary(self, outcome: str) -> str:
         lines = [f"{self.title}: {outcome} in {self.elapsed:.1f} s"]
-        lines += [f"  {'  ' if ok else '! '}{seconds:6.1f} s  {name}" for name, seconds, ok in self.steps]
+        lines += [f"  {'  ' if step.ok else '! '}{step.seconds:6.1f} s  {step.name}" for step in self.steps]
         return "\n".join(lines)

@@ -1,5 +1,6 @@
 """What `fab provision` renders and refuses, without a server: each file checked by what reads it."""
 
+import io
 import json
 import shutil
 import subprocess
@@ -13,7 +14,9 @@ from deploy.config import DeployConfig
 from deploy.errors import DeployError
 from deploy.layout import WEB_PORTS
 from deploy.onserver import read_env_file
-from deploy.provision import (
+from deploy.progress import Progress
+from deploy.provision import summary
+from deploy.server_files import (
     FACTS_SCRIPT,
     UNIT,
     check_facts,
@@ -185,3 +188,17 @@ def test_facts_script_reports_every_fact_on_this_machine():
     facts = parse_facts(subprocess.run(["sh", "-c", FACTS_SCRIPT], capture_output=True, text=True).stdout)
     assert set(facts) == {"systemd", "init", "apt", "os", "python"}
     assert facts["apt"] == "yes" and facts["python"].startswith("3.")
+
+
+def test_summary_counts_the_steps_that_changed_the_server():
+    out = io.StringIO()
+    progress = Progress("provision vps", out=out)
+    for name, changed in (("packages", True), ("app user", False), ("nginx", True)):
+        with progress.step(name) as outcome:
+            outcome.changed, outcome.note = changed, "note" if changed else ""
+    assert "   changed  packages (" in out.getvalue() and "   ok  app user (" in out.getvalue()
+    assert "2 of 3 steps changed the server (packages, nginx)" in summary("vps", progress)
+    quiet = Progress("provision vps", out=io.StringIO())
+    with quiet.step("packages") as outcome:
+        outcome.changed = False
+    assert "nothing changed" in summary("vps", quiet)

@@ -1,0 +1,155 @@
+"""What `fab provision` puts on a server, rendered without one: env file, supervisord main config, systemd unit,
+nginx site, the layout's directories, and the checks of the server's facts. Pure: context in, text out."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from pathlib import Path, PurePosixPath
+from urllib.parse import quote
+
+from deploy.config import DeployConfig
+from deploy.errors import DeployError
+from deploy.layout import WEB_PORTS
+from deploy.onserver import read_env_file
+from deploy.render import render_supervisord_conf, template_environment
+
+TEMPLATE_DIR = Path(__file__).resolve().parent / "templates" / "provision"
+# Debian's and Ubuntu's supervisor package: root-owned and patched by apt. Its own system-wide
+# supervisor.service is turned off; the app runs its own supervisord from UNIT with our config.
+SUPERVISORD = "/usr/bin/supervisord"
+UNIT = "prayer-room.service"
+DATABASE = "prayer_room"
+BROKER_URL = "redis://127.0.0.1:6379/0"
+# gunicorn's own timeout (WEB_TIMEOUT) is 30 s; nginx must wait at least that long for an answer.
+PROXY_READ_TIMEOUT = 60
+MIN_PYTHON = (3, 11)
+
+
+def site_names(config: DeployConfig, host: str) -> list[str]:
+    """The names the site answers to: the configured domain, then the address or name given with -H."""
+    names = [name for name in (config.domain, host) if name]
+    return list(dict.fromkeys(names))
+
+
+def env_defaults(config: DeployConfig, host: str, *, secret_key: str, db_password: str) -> dict[str, str]:
+    """The env file's values for a server without TLS (the health check reaches gunicorn as 127.0.0.1)."""
+    layout = config.layout
+    role = config.user.replace("-", "_")
+    return {
+        "DJANGO_SETTINGS_MODULE": config.settings_module,
+        "SECRET_KEY": secret_key,
+        "ALLOWED_HOSTS": ",".join([*site_names(config, host), "127.0.0.1", "localhost"]),
+        "DATABASE_URL": f"postgres://{role}:{quote(db_password, safe='')}@127.0.0.1:5432/{DATABASE}",
+        "CELERY_BROKER_URL": BROKER_URL,
+        "STATIC_ROOT": str(layout.static),
+        "SECURE_SSL_REDIRECT": "false",
+        "SECURE_COOKIES": "false",
+    }
+
+
+def merge_env_file(existing: str | None, defaults: Mapping[str, str]) -> str:
+    """The env file text: `existing` untouched plus a line for each default it lacks (the whole file when new)."""
+    if existing is None:
+        return template_environment(TEMPLATE_DIR).get_template("env.j2").render(values=defaults)
+    present = read_env_file(existing)
+    missing = [f"{key}={value}\n" for key, value in defaults.items() if key not in present]
+    if not missing:
+        return existing
+    return existing + ("" if existing.endswith("\n") or not existing else "\n") + "".join(missing)
+
+
+def render_nginx_site(config: DeployConfig, host: str, *, ipv6: bool = True) -> str:
+    """The nginx site: both web ports behind one upstream, static files from the shared directory."""
+    return (
+        template_environment(TEMPLATE_DIR)
+        .get_template("nginx-site.conf.j2")
+        .render(
+            upstream="prayer_room_web",
+            web_ports=WEB_PORTS,
+            ipv6=ipv6,
+            server_names=site_names(config, host),
+            max_body="1m",
+            static_root=str(config.layout.static),
+            read_timeout=PROXY_READ_TIMEOUT,
+        )
+    )
+
+
+def render_unit(config: DeployConfig) -> str:
+    """The systemd unit that keeps the app's supervisord (and so web, worker, beat) up across reboots."""
+    return (
+        template_environment(TEMPLATE_DIR)
+        .get_template("app.service.j2")
+        .render(
+            supervisord=SUPERVISORD,
+            supervisor_conf=str(config.layout.supervisor_conf),
+            # The worker may take task_time_limit + 30 s to stop (its stopwaitsecs): wait a little longer.
+            stop_timeout=config.task_time_limit + 60,
+        )
+    )
+
+
+def render_supervisord_main(config: DeployConfig) -> str:
+    """supervisord's root-owned main config: the app user's private socket, and the programs deploy renders."""
+    layout = config.layout
+    return render_supervisord_conf(
+        {
+            "processes": {},
+            "log_dir": str(layout.logs),
+            "supervisord": {
+                "socket": str(layout.supervisor_socket),
+                "socket_owner": f"{config.user}:{config.user}",
+                "pidfile": str(layout.run / "supervisord.pid"),
+                "logfile": str(layout.logs / "supervisord.log"),
+                "include": (str(layout.programs_conf),),
+            },
+        }
+    )
+
+
+def directories(config: DeployConfig) -> list[tuple[PurePosixPath, str, str]]:
+    """(path, owner, mode) of every directory provision creates; nginx must traverse down to static/."""
+    layout, user = config.layout, config.user
+    return [
+        (layout.root, user, "755"),
+        (layout.releases, user, "755"),
+        (layout.venvs, user, "755"),
+        (layout.env_file.parent, user, "755"),
+        (layout.static, user, "755"),
+        (layout.logs, user, "750"),
+        (layout.run, user, "750"),
+        (layout.etc, "root", "755"),
+    ]
+
+
+def check_facts(facts: Mapping[str, str], where: str) -> None:
+    """Refuse a server provision cannot handle, before anything changes, with what to do about it."""
+    if facts.get("systemd") != "yes":
+        raise DeployError(
+            f"{where}: the server does not run systemd (PID 1 is {facts.get('init') or 'unknown'}), which provision "
+            "needs to bring the site back after a reboot; use a Debian 12 or Ubuntu 24.04 server with systemd."
+        )
+    if facts.get("apt") != "yes":
+        raise DeployError(
+            f"{where}: no apt-get on {facts.get('os') or 'this system'}; provision supports Debian 12 and Ubuntu 24.04."
+        )
+    python = facts.get("python", "")
+    if not re.fullmatch(r"\d+\.\d+", python) or tuple(map(int, python.split("."))) < MIN_PYTHON:
+        found = f"python3 {python}" if python else "no python3"
+        raise DeployError(
+            f"{where}: {found}; the app needs python3 >= {'.'.join(map(str, MIN_PYTHON))} (Debian 12, Ubuntu 24.04)."
+        )
+
+
+def parse_facts(text: str) -> dict[str, str]:
+    return dict(line.split("=", 1) for line in text.splitlines() if "=" in line)
+
+
+FACTS_SCRIPT = """\
+if [ -d /run/systemd/system ]; then echo systemd=yes; else echo systemd=no; fi
+echo "init=$(cat /proc/1/comm 2>/dev/null)"
+if command -v apt-get >/dev/null 2>&1; then echo apt=yes; else echo apt=no; fi
+echo "os=$(. /etc/os-release 2>/dev/null && echo "$PRETTY_NAME")"
+echo "python=$(python3 -c 'import sys; print("%d.%d" % sys.version_info[:2])' 2>/dev/null)"
+"""
