@@ -45,7 +45,7 @@ def seed(c, check=False):
 @task
 def test(c, k="", unit=False):
     """Run the test suite (-k EXPR to select, --unit for the fast layer only)."""
-    args = ["-m 'not integration and not deploy and not browser'"] if unit else []
+    args = ["-m 'not integration and not deploy and not browser and not faults'"] if unit else []
     if k:
         args.append(f"-k {k!r}")
     result = c.run(f"{sys.executable} -m pytest {' '.join(args)}", warn=True, pty=sys.stdout.isatty())

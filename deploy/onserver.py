@@ -165,6 +165,28 @@ def schedules(args) -> int:
     return 0
 
 
+def beat_leader(args) -> int:
+    """Exactly one beat holds the leader lock (prayer_room_api.beat); waits out a takeover in progress."""
+    import django
+
+    django.setup()
+    from django.db import connection
+
+    from prayer_room_api.beat import leaders
+
+    deadline = time.monotonic() + args.timeout
+    while True:
+        with connection.cursor() as cursor:
+            rows = leaders(cursor)
+        if len(rows) == 1:
+            emit(ok=True, leader=rows[0][0], address=rows[0][1])
+            return 0
+        if time.monotonic() > deadline:
+            emit(ok=False, error=f"{len(rows)} beats hold the leader lock after {args.timeout:.0f} s, not one")
+            return 1
+        time.sleep(0.5)
+
+
 def supervisor_rpc(socket_path: str):
     """An XML-RPC proxy to supervisord over its unix socket, with the standard library only."""
     import http.client
@@ -218,6 +240,7 @@ def main(argv: list[str]) -> int:
     cycle_parser.add_argument("--socket", required=True)
     cycle_parser.add_argument("names", nargs="+")
     sub.add_parser("schedules")
+    sub.add_parser("beat-leader").add_argument("--timeout", type=float, default=20)
     health_parser = sub.add_parser("health")
     health_parser.add_argument("--port", type=int, required=True)
     for p in (health_parser, sub.add_parser("ping")):
@@ -226,7 +249,14 @@ def main(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     if args.env_file:
         load_environment(args.env_file, args.default, args.set)
-    commands = {"prepare": prepare, "health": health, "ping": ping, "schedules": schedules, "cycle": cycle}
+    commands = {
+        "prepare": prepare,
+        "health": health,
+        "ping": ping,
+        "schedules": schedules,
+        "cycle": cycle,
+        "beat-leader": beat_leader,
+    }
     return commands[args.command](args)
 
 

@@ -95,20 +95,30 @@ def worker_answer(server: Server, result) -> str:
     return lines[-1].get("hostname", "?")
 
 
-def check_beat(server: Server, log_offset: int, timeout: float = 30) -> None:
-    """The beat started since `log_offset` in its log announced the DatabaseScheduler."""
+LEADER_SCHEDULER = "prayer_room_api.beat.LeaderDatabaseScheduler"
+LOCK_DECIDED = ("took the leader lock", "standby: the leader lock is held")
+
+
+def check_beat(server: Server, log_offset: int, release_dir=None, timeout: float = 30) -> str:
+    """The beat started since `log_offset` runs a database scheduler; with the leader lock, exactly one beat leads.
+
+    Returns what the check saw: the leader's session name, or the scheduler of a release without the lock.
+    """
     path = server.config.layout.logs / "beat.log"
     # A log rotated since the restart is read from its start.
-    probe = (
-        f'f={sh(path)}; o={log_offset + 1}; [ $(stat -c %s "$f") -lt {log_offset} ] && o=1; '
-        f'tail -c +$o "$f" | grep -c {sh(BEAT_SCHEDULER)}'
-    )
+    since = f'f={sh(path)}; o={log_offset + 1}; [ $(stat -c %s "$f") -lt {log_offset} ] && o=1; tail -c +$o "$f"'
     deadline = time.monotonic() + timeout
     while True:
-        result = server.root(probe, what="reading beat's log", warn=True)
-        if result.stdout.strip() not in ("", "0"):
-            return
+        log = server.root(since, what="reading beat's log", warn=True).stdout
+        started = BEAT_SCHEDULER in log or LEADER_SCHEDULER in log
+        if started and (LEADER_SCHEDULER not in log or any(line in log for line in LOCK_DECIDED)):
+            break
         if time.monotonic() > deadline:
             tail = server.root(sh("tail", "-n", "15", path), what="reading beat's log", warn=True).stdout
-            raise DeployError(f"beat did not start with {BEAT_SCHEDULER} in {timeout:.0f} s; its log: {tail[-800:]}")
+            what = "took or waited for the leader lock" if started else f"started with {BEAT_SCHEDULER}"
+            raise DeployError(f"beat never {what} in {timeout:.0f} s; its log: {tail[-800:]}")
         time.sleep(0.5)
+    if LEADER_SCHEDULER not in log or release_dir is None:
+        return BEAT_SCHEDULER  # a release from before the leader lock
+    lines = server.helper(release_dir, "beat-leader", "--timeout", "20", what="beat leader check", timeout=60)
+    return lines[-1].get("leader", "?")

@@ -63,8 +63,8 @@ def _activate(server: Server, state: ServerState, release_id: str, programs_text
         )
         with progress.step("verify: a worker of this release ran the ping task"):
             progress.say(f"   answered by {verify.worker_answer(server, result)}")
-    with progress.step("verify: beat runs the DatabaseScheduler"):
-        verify.check_beat(server, state.beat_log_size)
+    with progress.step("verify: beat runs the DatabaseScheduler; one beat leads"):
+        progress.say(f"   leader: {verify.check_beat(server, state.beat_log_size, release_dir)}")
         wait_running(server, programs.all, timeout=10)
 
 

@@ -1,6 +1,7 @@
 """Celery tasks; periodic schedules point at these names from the database."""
 
 import socket
+import time
 
 from celery import shared_task
 from django.conf import settings
@@ -8,12 +9,19 @@ from django.conf import settings
 from . import digests
 
 # A failed email releases its claim and fails the run; a retry sends only what is still unsent.
-RETRY = {"autoretry_for": (digests.DigestNotSent,), "retry_backoff": 60, "max_retries": 3}
+# NOTE: a retry's countdown is spent unacknowledged in the worker; capped at the hard limit, it stays
+# inside the broker's visibility timeout (settings), so Redis never hands a waiting retry to a second worker.
+BACKOFF = {"retry_backoff": 60, "retry_backoff_max": min(600, settings.CELERY_TASK_TIME_LIMIT), "max_retries": 3}
+RETRY = {"autoretry_for": (digests.DigestNotSent,), **BACKOFF}
 
 
 @shared_task(name="prayer_room_api.tasks.ping")
-def ping() -> dict:
-    """Answer with this worker's release, so a deploy can check the new code runs tasks."""
+def ping(seconds: float = 0) -> dict:
+    """Answer with this worker's release, so a deploy can check the new code runs tasks.
+
+    `seconds` (at most 60) keeps the worker busy first: the fault tests kill workers with tasks in hand.
+    """
+    time.sleep(min(max(float(seconds), 0.0), 60.0))
     return {"release": settings.RELEASE, "hostname": socket.gethostname()}
 
 
@@ -32,8 +40,7 @@ def send_user_digest(frequency: str) -> dict:
 @shared_task(
     name="prayer_room_api.tasks.send_response_notification",
     autoretry_for=(OSError,),
-    retry_backoff=60,
-    max_retries=3,
+    **BACKOFF,
 )
 def send_response_notification(request_id: int) -> bool:
     """Email the author of a request the staff response, once, if they opted in."""

@@ -107,7 +107,8 @@ def test_first_deploy_runs_web_worker_and_beat_behind_the_front_server(target, c
     assert live_release_over_http(target) == release
     assert run_ping(target)["release"] == release
     beat_log = (target.srv / "log" / "beat.log").read_text()
-    assert "django_celery_beat.schedulers.DatabaseScheduler" in beat_log
+    assert "prayer_room_api.beat.LeaderDatabaseScheduler" in beat_log and "took the leader lock" in beat_log
+    assert "one beat leads" in out and "leader: prayer-room beat " in out
     assert target.database.query("SELECT count(*) FROM django_celery_beat_periodictask")[0][0] > 0
     for pid in target.supervisorctl("pid", "all").stdout.split():
         assert Path(f"/proc/{pid}").stat().st_uid == pwd.getpwnam(APP_USER).pw_uid

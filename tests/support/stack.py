@@ -96,9 +96,17 @@ def manage(env: dict[str, str], *args: str, check: bool = True) -> subprocess.Co
 class Process:
     """A process under test with its output in a log file; by default `manage.py prodserver NAME`."""
 
-    def __init__(self, name: str, env: dict[str, str], log_dir: Path, *extra_args: str, argv: list[str] | None = None):
+    def __init__(
+        self,
+        name: str,
+        env: dict[str, str],
+        log_dir: Path,
+        *extra_args: str,
+        argv: list[str] | None = None,
+        log_name: str | None = None,
+    ):
         self.name = name
-        self.log_path = log_dir / f"{name}.log"
+        self.log_path = log_dir / f"{log_name or name}.log"
         self._log = self.log_path.open("wb")
         self.popen = subprocess.Popen(
             argv or [sys.executable, str(MANAGE), "prodserver", name, *extra_args],

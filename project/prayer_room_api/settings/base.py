@@ -143,17 +143,28 @@ CELERY_RESULT_EXPIRES = 3600
 # django-celery-beat reads crontab timezones from CELERY_TIMEZONE, not TIME_ZONE.
 CELERY_TIMEZONE = TIME_ZONE
 CELERY_ENABLE_UTC = True
-# Digests are idempotent, so a task lost with its worker is redelivered rather than dropped.
+# Every task is idempotent (each email is claimed in the database before it is sent), so a task is
+# acknowledged only once it has run, and one whose worker or pool child was killed runs again.
 CELERY_TASK_ACKS_LATE = True
+CELERY_TASK_REJECT_ON_WORKER_LOST = True
+# A worker holds no more messages than it has pool processes: a kill -9 strands at most that many.
 CELERY_WORKER_PREFETCH_MULTIPLIER = 1
 CELERY_TASK_TIME_LIMIT = env_int("CELERY_TASK_TIME_LIMIT", 300, minimum=1)
 CELERY_TASK_SOFT_TIME_LIMIT = env_int("CELERY_TASK_SOFT_TIME_LIMIT", 240)
-# Redis redelivers an unacknowledged task after this; it must exceed the task time limit.
-CELERY_BROKER_TRANSPORT_OPTIONS = {"visibility_timeout": max(3600, 2 * CELERY_TASK_TIME_LIMIT)}
+# A retry waits at most the hard limit (tasks.py), so a message is unacknowledged for at most a countdown
+# plus a run: 2 limits. Redis hands a message held longer to another worker: the margin keeps a live
+# worker's task from running twice, and a dead worker's tasks run again within ~2 limits + 35 s.
+CELERY_BROKER_TRANSPORT_OPTIONS = {
+    "visibility_timeout": 2 * CELERY_TASK_TIME_LIMIT + 30,
+    # Look for expired messages every 5 s (kombu's default sweep is every 100 s).
+    "unacked_restore_interval": 5,
+    "unacked_restore_throttle": 1,
+}
 CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
 CELERY_TASK_SERIALIZER = "json"
 CELERY_ACCEPT_CONTENT = ["json"]
-CELERY_BEAT_SCHEDULER = "django_celery_beat.schedulers:DatabaseScheduler"
+# DatabaseScheduler behind a PostgreSQL advisory lock: of any number of beats, one dispatches (beat.py).
+CELERY_BEAT_SCHEDULER = "prayer_room_api.beat:LeaderDatabaseScheduler"
 # Write last_run_at after every dispatch, so a killed beat does not re-run a crontab task.
 CELERY_BEAT_SYNC_EVERY = 1
 CELERY_WORKER_HIJACK_ROOT_LOGGER = False

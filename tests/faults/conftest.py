@@ -1,0 +1,93 @@
+"""The fault layer: real prodserver processes on real PostgreSQL and Redis, killed and cut off on purpose."""
+
+import re
+
+import pytest
+from celery import Celery
+
+from tests.support import stack
+
+pytestmark = pytest.mark.faults
+
+SUCCEEDED = re.compile(r"Task prayer_room_api\.tasks\.ping\[([^\]]+)\] succeeded")
+RECEIVED = re.compile(r"Task prayer_room_api\.tasks\.ping\[([^\]]+)\] received")
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        if "tests/faults/" in str(item.fspath):
+            item.add_marker(pytest.mark.faults)
+
+
+@pytest.fixture(scope="session")
+def services():
+    reason = stack.services_unavailable()
+    if reason:
+        pytest.skip(reason)
+
+
+@pytest.fixture(scope="module")
+def database(services):
+    db = stack.Database().create()
+    yield db
+    db.drop()
+
+
+@pytest.fixture(scope="module")
+def redis_db(services):
+    import redis
+
+    number = 12
+    client = redis.Redis.from_url(f"{stack.REDIS_URL}/{number}")
+    client.flushdb()
+    yield number
+    client.flushdb()
+
+
+@pytest.fixture(scope="module")
+def env(database, redis_db):
+    env = stack.production_env(database, redis_db, WORKER_CONCURRENCY="2", CELERY_TASK_TIME_LIMIT="5")
+    env["CELERY_TASK_SOFT_TIME_LIMIT"] = "4"
+    stack.manage(env, "migrate", "--noinput")
+    return env
+
+
+@pytest.fixture(scope="module")
+def celery_client(env):
+    app = Celery(broker=env["CELERY_BROKER_URL"], backend=env["CELERY_BROKER_URL"])
+    yield app
+    app.close()
+
+
+@pytest.fixture
+def start(env, tmp_path):
+    """Start `prodserver NAME` (log NAME-N.log); every process is stopped after the test."""
+    started = []
+
+    def _start(name, *args, **extra_env):
+        process = stack.Process(name, {**env, **extra_env}, tmp_path, *args, log_name=f"{name}-{len(started)}")
+        started.append(process)
+        return process
+
+    yield _start
+    for process in started:
+        process.stop()
+
+
+def add_interval_task(database, name: str, task: str, every: int, args: str = "[]") -> None:
+    """A periodic task every `every` seconds, saved the way beat notices at once."""
+    database.query("INSERT INTO django_celery_beat_intervalschedule (every, period) VALUES (%s, 'seconds')", (every,))
+    (interval_id,) = database.query("SELECT max(id) FROM django_celery_beat_intervalschedule")[0]
+    database.query(
+        """INSERT INTO django_celery_beat_periodictask
+           (name, task, args, kwargs, enabled, interval_id, total_run_count, date_changed, description,
+            one_off, headers)
+           VALUES (%s, %s, %s, '{}', true, %s, 0, now(), '', false, '{}')""",
+        (name, task, args, interval_id),
+    )
+    database.query("UPDATE django_celery_beat_periodictasks SET last_update = now() WHERE ident = 1")
+
+
+def report(line: str) -> None:
+    """A measured figure, printed with -s and kept in the terminal summary of failures."""
+    print(f"\nMEASURED {line}")
