@@ -183,3 +183,20 @@ class DigestDelivery(models.Model):
 
     def __str__(self) -> str:
         return f"{self.get_kind_display()} for {self.user} ({self.period_start:%Y-%m-%d %H:%M})"
+
+
+class OutboxMessage(models.Model):
+    """A task the web started, saved with the change that caused it and sent to the broker after commit (outbox.py)."""
+
+    task = models.CharField(max_length=200)
+    args = models.JSONField(default=list, blank=True)
+    created_at = models.DateTimeField(default=timezone.now)
+    enqueued_at = models.DateTimeField(null=True, blank=True, help_text="Last handed to the broker.")
+    enqueue_count = models.PositiveSmallIntegerField(default=0)
+    done_at = models.DateTimeField(null=True, blank=True, help_text="When the task ran to its end.")
+
+    class Meta:
+        indexes = [models.Index(fields=["created_at"], condition=Q(done_at__isnull=True), name="outbox_pending_idx")]
+
+    def __str__(self) -> str:
+        return f"{self.task}{tuple(self.args)} ({'done' if self.done_at else 'pending'})"

@@ -51,6 +51,13 @@ SCHEDULES: tuple[Schedule, ...] = (
         args=("weekly",),
         description="Mondays at 08:00: the same digest for users who chose a weekly one.",
     ),
+    Schedule(
+        name="send-outbox",
+        task="prayer_room_api.tasks.send_outbox",
+        crontab={"minute": "*"},
+        description="Every minute: hands the broker the tasks the web saved but could not send (a broker "
+        "outage), such as response emails; each email still goes out once.",
+    ),
 )
 
 

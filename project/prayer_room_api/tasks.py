@@ -6,7 +6,7 @@ import time
 from celery import shared_task
 from django.conf import settings
 
-from . import digests
+from . import digests, outbox
 
 # A failed email releases its claim and fails the run; a retry sends only what is still unsent.
 # NOTE: a retry's countdown is spent unacknowledged in the worker; capped at the hard limit, it stays
@@ -42,6 +42,14 @@ def send_user_digest(frequency: str) -> dict:
     autoretry_for=(OSError,),
     **BACKOFF,
 )
-def send_response_notification(request_id: int) -> bool:
+def send_response_notification(request_id: int, outbox_id: int | None = None) -> bool:
     """Email the author of a request the staff response, once, if they opted in."""
-    return digests.send_response_notification(request_id)
+    sent = digests.send_response_notification(request_id)
+    outbox.mark_done(outbox_id)
+    return sent
+
+
+@shared_task(name="prayer_room_api.tasks.send_outbox")
+def send_outbox() -> dict:
+    """Hand the broker what the web saved but could not send (a broker outage), or what the broker lost."""
+    return outbox.send_pending()

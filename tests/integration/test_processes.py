@@ -23,7 +23,8 @@ def test_web_serves_the_project_on_port(start):
     web = start("web", PORT=str(port), RELEASE="it-release")
     web.wait_for_http(f"http://127.0.0.1:{port}/health/")
     with stack.urllib.request.urlopen(f"http://127.0.0.1:{port}/health/") as response:
-        assert json.load(response) == {"status": "ok", "release": "it-release"}
+        checks = {"database": "ok", "cache": "ok", "broker": "ok"}
+        assert json.load(response) == {"status": "ok", "release": "it-release", "checks": checks}
     assert stack.http_status(f"http://127.0.0.1:{port}/admin/login/") == 200
     assert "Deprecat" not in web.output()
 

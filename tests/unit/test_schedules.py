@@ -15,10 +15,11 @@ EXPECTED = {
     "moderator-digest-hourly": ("prayer_room_api.tasks.send_moderator_digest", [], ("0", "*", "*")),
     "user-digest-daily": ("prayer_room_api.tasks.send_user_digest", ["daily"], ("0", "8", "*")),
     "user-digest-weekly": ("prayer_room_api.tasks.send_user_digest", ["weekly"], ("0", "8", "1")),
+    "send-outbox": ("prayer_room_api.tasks.send_outbox", [], ("*", "*", "*")),
 }
 
 
-def test_the_migration_seeds_exactly_the_three_schedules():
+def test_the_migrations_seed_exactly_the_declared_schedules():
     tasks = {t.name: t for t in PeriodicTask.objects.select_related("crontab")}
     assert set(tasks) == set(EXPECTED)
     for name, (task, args, (minute, hour, day_of_week)) in EXPECTED.items():
@@ -54,7 +55,7 @@ def test_seed_schedules_keeps_what_staff_changed(capsys):
     assert not PeriodicTask.objects.get(name="moderator-digest-hourly").enabled
     daily.refresh_from_db()
     assert (daily.crontab.minute, daily.crontab.hour) == ("30", "9")
-    assert "0 created, 3 already present" in capsys.readouterr().out
+    assert "0 created, 4 already present" in capsys.readouterr().out
 
 
 def test_check_reports_staff_changes_as_drift_without_failing(capsys):

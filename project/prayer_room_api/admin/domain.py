@@ -1,10 +1,9 @@
 """Admin screens for the prayer room's data, with moderation actions on requests."""
 
 from django.contrib import admin, messages
-from django.db import transaction
 from django.utils import timezone
 
-from prayer_room_api import tasks
+from prayer_room_api import outbox
 from prayer_room_api.models import DigestDelivery, Location, Prayer, PrayerRequest, UserProfile
 
 
@@ -96,8 +95,8 @@ class PrayerRequestAdmin(admin.ModelAdmin):
         if responded:
             obj.respond(obj.response, by=request.user)
         super().save_model(request, obj, form, change)
-        if responded:
-            transaction.on_commit(lambda: tasks.send_response_notification.delay(obj.pk))
+        if responded:  # the admin's change view runs in a transaction: the email is saved with the response
+            outbox.enqueue_on_commit("prayer_room_api.tasks.send_response_notification", obj.pk)
 
 
 @admin.register(Prayer)

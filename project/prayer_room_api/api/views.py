@@ -6,7 +6,7 @@ from rest_framework import generics, mixins, permissions, status, viewsets
 from rest_framework.decorators import action
 from rest_framework.response import Response
 
-from prayer_room_api import tasks
+from prayer_room_api import outbox
 from prayer_room_api.models import Location, PrayerRequest, UserProfile
 
 from . import serializers
@@ -143,7 +143,7 @@ class ModerationViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewse
         with transaction.atomic():
             prayer_request.respond(body.validated_data["response"], by=request.user)
             prayer_request.save(update_fields=["response", "responded_at", "responded_by", "updated_at"])
-            transaction.on_commit(lambda: tasks.send_response_notification.delay(prayer_request.pk))
+            outbox.enqueue_on_commit("prayer_room_api.tasks.send_response_notification", prayer_request.pk)
         return Response(self.get_serializer(prayer_request).data)
 
 

@@ -27,6 +27,9 @@ if CACHES["default"]["BACKEND"].endswith("LocMemCache"):
     raise ImproperlyConfigured(
         "CACHE_URL must be shared by all web workers in production, e.g. redis://127.0.0.1:6379/1."
     )
+if CACHES["default"]["BACKEND"].endswith("RedisCache"):
+    # A cache that does not answer in a second counts as down (rate limits then fail open), not a hung request.
+    CACHES["default"].setdefault("OPTIONS", {}).update(socket_connect_timeout=1, socket_timeout=1)
 # Rate limits key on the client address nginx passes in X-Forwarded-For (one proxy in front).
 REST_FRAMEWORK = {**REST_FRAMEWORK, "NUM_PROXIES": env_int("NUM_PROXIES", 1)}
 
