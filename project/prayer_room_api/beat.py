@@ -71,6 +71,7 @@ class LeaderLock:
     def __init__(self, alias: str = "default"):
         self.alias = alias
         self.conn = None
+        self.unreachable = False  # logged once an outage, not at every try
 
     def _connect(self):
         import psycopg
@@ -91,11 +92,15 @@ class LeaderLock:
         try:
             if self.conn is None or self.conn.closed:
                 self.conn = self._connect()
-            return bool(self.conn.execute("SELECT pg_try_advisory_lock(%s, %s)", LOCK_KEY).fetchone()[0])
+            taken = bool(self.conn.execute("SELECT pg_try_advisory_lock(%s, %s)", LOCK_KEY).fetchone()[0])
         except psycopg.Error as exc:
-            logger.warning("beat: cannot reach the database for the leader lock: %s", _first_line(exc))
+            if not self.unreachable:
+                logger.warning("beat: cannot reach the database for the leader lock: %s", _first_line(exc))
+            self.unreachable = True
             self.close()
             return False
+        self.unreachable = False
+        return taken
 
     def still_held(self) -> bool:
         """A round trip on the lock's session: while the session lives, the lock is ours."""

@@ -48,7 +48,9 @@ def send(message: OutboxMessage) -> bool:
     from .celery import app
 
     try:
-        app.signature(message.task, args=message.args, kwargs={"outbox_id": message.pk}).apply_async()
+        # NOTE: ignore_result: the web waits for no result, and subscribing to one (redis backend) while Redis
+        # is down retries for 20 s, then leaves the process's result consumer broken for good.
+        app.signature(message.task, args=message.args, kwargs={"outbox_id": message.pk}).apply_async(ignore_result=True)
     except Exception as exc:  # noqa: BLE001 - a broker outage must not fail the request; the sweep resends
         logger.warning(
             "outbox: %s(%s) not handed to the broker (%s: %s); the send-outbox sweep will retry",

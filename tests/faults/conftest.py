@@ -47,7 +47,6 @@ def redis_db(services):
 @pytest.fixture(scope="module")
 def env(database, redis_db):
     env = stack.production_env(database, redis_db, WORKER_CONCURRENCY="2", CELERY_TASK_TIME_LIMIT="5")
-    env["CELERY_TASK_SOFT_TIME_LIMIT"] = "4"
     stack.manage(env, "migrate", "--noinput")
     return env
 

@@ -68,3 +68,17 @@ def test_production_refuses_a_per_process_cache_for_rate_limits():
     result = manage_with({**PRODUCTION, "CACHE_URL": "locmemcache://"}, "check")
     assert result.returncode != 0
     assert "CACHE_URL must be shared by all web workers" in result.stderr
+
+
+def test_the_soft_time_limit_follows_a_lower_hard_limit_and_may_not_exceed_it():
+    shown = manage_with(
+        {**PRODUCTION, "CELERY_TASK_TIME_LIMIT": "60"},
+        "shell",
+        "-c",
+        "from django.conf import settings as s; "
+        "print(s.CELERY_TASK_SOFT_TIME_LIMIT, s.CELERY_BROKER_TRANSPORT_OPTIONS['visibility_timeout'])",
+    )
+    assert shown.stdout.splitlines()[-1].split() == ["48", "150"], shown.stderr
+    refused = manage_with({**PRODUCTION, "CELERY_TASK_TIME_LIMIT": "60", "CELERY_TASK_SOFT_TIME_LIMIT": "90"}, "check")
+    assert refused.returncode != 0
+    assert "CELERY_TASK_SOFT_TIME_LIMIT (90) must not exceed CELERY_TASK_TIME_LIMIT (60)" in refused.stderr

@@ -150,7 +150,14 @@ CELERY_TASK_REJECT_ON_WORKER_LOST = True
 # A worker holds no more messages than it has pool processes: a kill -9 strands at most that many.
 CELERY_WORKER_PREFETCH_MULTIPLIER = 1
 CELERY_TASK_TIME_LIMIT = env_int("CELERY_TASK_TIME_LIMIT", 300, minimum=1)
-CELERY_TASK_SOFT_TIME_LIMIT = env_int("CELERY_TASK_SOFT_TIME_LIMIT", 240)
+# The soft limit (SoftTimeLimitExceeded: a digest stops cleanly) comes first; by default at 4/5 of the hard one.
+CELERY_TASK_SOFT_TIME_LIMIT = env_int("CELERY_TASK_SOFT_TIME_LIMIT", CELERY_TASK_TIME_LIMIT * 4 // 5)
+if CELERY_TASK_SOFT_TIME_LIMIT > CELERY_TASK_TIME_LIMIT:
+    # NOTE: Celery refuses to send any task then ("soft_time_limit must be less than or equal to time_limit").
+    raise ImproperlyConfigured(
+        f"CELERY_TASK_SOFT_TIME_LIMIT ({CELERY_TASK_SOFT_TIME_LIMIT}) must not exceed CELERY_TASK_TIME_LIMIT "
+        f"({CELERY_TASK_TIME_LIMIT}); leave it unset for 4/5 of the hard limit."
+    )
 # A retry waits at most the hard limit (tasks.py), so a message is unacknowledged for at most a countdown
 # plus a run: 2 limits. Redis hands a message held longer to another worker: the margin keeps a live
 # worker's task from running twice, and a dead worker's tasks run again within ~2 limits + 35 s.
