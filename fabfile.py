@@ -63,16 +63,17 @@ def _one_line_errors(body):
 
 @task(help={**COMMON_HELP, "dry_run": "print the plan (config diff included) and change nothing",
             "allow_dirty": "ship HEAD even though the work tree has uncommitted changes (they stay behind)",
+            "maintenance": "run migrations the live release cannot live with in a short 503 window",
             "repo": "the git checkout to ship (default: this one)"})  # fmt: skip
 @_one_line_errors
-def deploy(c, env=None, config=None, dry_run=False, allow_dirty=False, repo=None):
-    """Ship the committed HEAD, migrate, switch, restart (web one port at a time), verify; roll back on failure."""
+def deploy(c, env=None, config=None, dry_run=False, allow_dirty=False, maintenance=False, repo=None):
+    """Ship HEAD, check and back up, migrate, switch, restart (web one port at a time), verify; roll back on failure."""
     cfg, conns = _targets(c, env, config)
     for conn in conns:
         if dry_run:
             print(workflow.plan(conn, cfg, Path(repo or REPO)))
         else:
-            workflow.deploy(conn, cfg, Path(repo or REPO), allow_dirty=allow_dirty)
+            workflow.deploy(conn, cfg, Path(repo or REPO), allow_dirty=allow_dirty, maintenance=maintenance)
 
 
 @task(help={**COMMON_HELP, "repo": "the git checkout to ship (default: this one)"})
@@ -84,13 +85,47 @@ def plan(c, env=None, config=None, repo=None):
         print(workflow.plan(conn, cfg, Path(repo or REPO)))
 
 
-@task(help={**COMMON_HELP, "to": "a release id (default: the previous verified release)"})
+@task(help={**COMMON_HELP, "to": "a release id (default: the previous verified release)",
+            "unapply": "first migrate back, with the newer release's code, the migrations the target lacks",
+            "restore": "put this backup back (the one taken before the deploy): writes since then are LOST",
+            "keep_schema": "switch even though the database has migrations the target lacks"})  # fmt: skip
 @_one_line_errors
-def rollback(c, env=None, config=None, to=None):
-    """Back to the previous release (code, virtualenv, supervisord programs), restarted and verified; DB untouched."""
+def rollback(c, env=None, config=None, to=None, unapply=False, restore=None, keep_schema=False):
+    """Back to the previous release, restarted and verified; refused when the database has migrations it lacks.
+
+    Then choose: --unapply, --restore BACKUP or --keep-schema.
+    """
     cfg, conns = _targets(c, env, config)
     for conn in conns:
-        workflow.rollback(conn, cfg, to=to)
+        workflow.rollback(conn, cfg, to=to, unapply=unapply, restore=restore, keep_schema=keep_schema)
+
+
+@task(help={**COMMON_HELP, "download": "also copy it to this file or directory (sha256 checked)"})
+@_one_line_errors
+def backup(c, env=None, config=None, download=None):
+    """Back up the database now (pg_dump custom format, root-only on the server, checksummed)."""
+    cfg, conns = _targets(c, env, config)
+    for conn in conns:
+        print(workflow.backup_now(conn, cfg, download=Path(download) if download else None))
+
+
+@task(help=COMMON_HELP)
+@_one_line_errors
+def backups(c, env=None, config=None):
+    """The backups on the server: name, kind, release, size, age."""
+    cfg, conns = _targets(c, env, config)
+    for conn in conns:
+        print(workflow.list_backups(conn, cfg))
+
+
+@task(positional=["name"], help={**COMMON_HELP, "name": "the backup (`fab backups`)",
+            "yes": "yes, replace the database (every write since the backup is lost)"})  # fmt: skip
+@_one_line_errors
+def restore(c, name, env=None, config=None, yes=False):
+    """Put a backup back: the current state is backed up first; maintenance page, programs stopped, restart, verify."""
+    cfg, conns = _targets(c, env, config)
+    for conn in conns:
+        print(workflow.restore(conn, cfg, name, yes=yes))
 
 
 @task(help=COMMON_HELP)

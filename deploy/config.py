@@ -28,6 +28,8 @@ class DeployConfig:
     user: str = "prayer-room"
     root: str = "/srv/prayer-room"
     etc: str = "/etc/prayer-room"
+    backup_dir: str = "/var/backups/prayer-room"
+    backup_keep: int = 14
     python: str = "python3"
     supervisorctl: str = "supervisorctl"
     settings_module: str = "prayer_room_api.settings.production"
@@ -45,7 +47,9 @@ class DeployConfig:
 
     @property
     def layout(self) -> ServerLayout:
-        return ServerLayout(root=PurePosixPath(self.root), etc=PurePosixPath(self.etc))
+        return ServerLayout(
+            root=PurePosixPath(self.root), etc=PurePosixPath(self.etc), backups=PurePosixPath(self.backup_dir)
+        )
 
     def environment_defaults(self) -> list[tuple[str, str]]:
         """Variables the env file may override, for the programs and the deploy's own commands alike."""
@@ -132,7 +136,7 @@ def validate(config: DeployConfig, where: str = "deploy config") -> None:
     """Refuse values that would break the server, naming the setting."""
     if not _USER.fullmatch(config.user):
         raise DeployError(f"{where}: user {config.user!r} is not a valid Unix user name.")
-    for key in ("root", "etc"):
+    for key in ("root", "etc", "backup_dir"):
         value = getattr(config, key)
         if not value.startswith("/") or value.rstrip("/") in ("", "/tmp") or ".." in value.split("/"):
             raise DeployError(f"{where}: {key} must be an absolute directory other than / and /tmp, got {value!r}.")
@@ -146,6 +150,7 @@ def validate(config: DeployConfig, where: str = "deploy config") -> None:
         "web_graceful_timeout": 1,
         "task_time_limit": 1,
         "keep_releases": 2,
+        "backup_keep": 1,
         "lock_expiry_seconds": 60,
         "health_timeout": 5,
     }

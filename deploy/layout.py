@@ -20,6 +20,8 @@ class ServerLayout:
     root: PurePosixPath = PurePosixPath("/srv/prayer-room")
     # Root-owned configuration; tests point both at a temporary directory.
     etc: PurePosixPath = PurePosixPath("/etc/prayer-room")
+    # Database backups (pg_dump -Fc + a .json record each): root-only (0700), outside the app's tree.
+    backups: PurePosixPath = PurePosixPath("/var/backups/prayer-room")
 
     @property
     def releases(self) -> PurePosixPath:
@@ -80,6 +82,11 @@ class ServerLayout:
     def programs_history(self) -> PurePosixPath:
         """<release id>.conf: the programs.conf each release was deployed with (root, 0600), for rollback."""
         return self.etc / "releases"
+
+    @property
+    def maintenance_flag(self) -> PurePosixPath:
+        """While this file exists nginx answers 503 with a small page (deploy.maintenance creates and removes it)."""
+        return self.root / "maintenance-on"
 
     @property
     def lock(self) -> PurePosixPath:

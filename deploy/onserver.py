@@ -55,34 +55,251 @@ def emit(**fields) -> None:
     print("\n" + json.dumps(fields), flush=True)
 
 
-def prepare(args) -> int:
-    """check --deploy, migrate, seed_schedules, collectstatic, each timed; stop at the first failure."""
-    started = time.monotonic()
+def _setup_django(started: float) -> bool:
     try:
         import django
 
         django.setup()
     except Exception as exc:  # noqa: BLE001 - an import or settings error of the new release
         emit(step="import", ok=False, error=f"{type(exc).__name__}: {exc}", seconds=time.monotonic() - started)
-        return 1
+        return False
     emit(step="import", ok=True, seconds=round(time.monotonic() - started, 2))
+    return True
+
+
+def applied_migrations() -> set[tuple[str, str]]:
+    from django.db import connection
+    from django.db.migrations.recorder import MigrationRecorder
+
+    return set(MigrationRecorder(connection).applied_migrations())
+
+
+def prepare(args) -> int:
+    """The release's steps, each timed, stopping at the first failure.
+
+    Stage `before` (check --deploy, collectstatic) touches no schema; stage `migrate` (migrate, then
+    seed_schedules) reports which migrations it applied, even when it fails halfway.
+    """
+    if not _setup_django(time.monotonic()):
+        return 1
     from django.core.management import call_command
 
-    steps = [
-        ("check --deploy", lambda: call_command("check", deploy=True, fail_level="ERROR")),
-        ("migrate", lambda: call_command("migrate", interactive=False, verbosity=1)),
-        ("seed_schedules", lambda: call_command("seed_schedules")),
-        ("collectstatic", lambda: call_command("collectstatic", interactive=False, verbosity=0)),
-    ]
+    stages = {
+        "before": [
+            ("check --deploy", lambda: call_command("check", deploy=True, fail_level="ERROR")),
+            ("collectstatic", lambda: call_command("collectstatic", interactive=False, verbosity=0)),
+        ],
+        "migrate": [
+            ("migrate", lambda: call_command("migrate", interactive=False, verbosity=1)),
+            ("seed_schedules", lambda: call_command("seed_schedules")),
+        ],
+    }
+    chosen = args.stage or list(stages)
+    steps = [step for stage in chosen for step in stages[stage]]
+    before = applied_migrations() if "migrate" in chosen else set()
     for name, run in steps:
         started = time.monotonic()
         try:
             run()
         except BaseException as exc:  # noqa: BLE001 - SystemCheckError, CommandError, DB errors alike
-            emit(step=name, ok=False, error=f"{type(exc).__name__}: {exc}"[-2000:], seconds=time.monotonic() - started)
+            sys.stdout.flush()
+            extra = {}
+            if "migrate" in chosen:
+                extra["applied"] = sorted(".".join(key) for key in applied_migrations() - before)
+            error = f"{type(exc).__name__}: {exc}"[-2000:]
+            emit(step=name, ok=False, error=error, seconds=time.monotonic() - started, **extra)
             return 1
         sys.stdout.flush()
-        emit(step=name, ok=True, seconds=round(time.monotonic() - started, 2))
+        extra = {"applied": sorted(".".join(k) for k in applied_migrations() - before)} if name == "migrate" else {}
+        emit(step=name, ok=True, seconds=round(time.monotonic() - started, 2), **extra)
+    return 0
+
+
+# --- the schema: what is applied, what a release knows, what a new migration does to the running release ----
+
+INCOMPATIBLE = {
+    "RemoveField": (
+        "drops a column the running release still reads",
+        "split it into two deploys: first ship code that no longer uses the field (remove it from the model "
+        "with SeparateDatabaseAndState, or keep it with null=True), then drop the column in a later deploy",
+    ),
+    "RenameField": (
+        "renames a column the running release reads under its old name",
+        "add the new field beside the old one, copy the data, switch the code, and drop the old one in a later deploy",
+    ),
+    "RenameModel": (
+        "renames a table the running release reads under its old name",
+        "keep the table name (Meta.db_table = the old name) or split the rename over several deploys",
+    ),
+    "DeleteModel": (
+        "drops a table the running release still uses",
+        "first ship code that no longer uses the model (SeparateDatabaseAndState), then delete it in a later deploy",
+    ),
+    "AlterModelTable": (
+        "moves a table the running release reads under its old name",
+        "keep the old db_table, or split the move over several deploys",
+    ),
+}
+
+
+def unsafe_operation(app_label: str, operation, state) -> tuple[str, str] | None:
+    """Why `operation` of `app_label` (on project `state`) breaks the running release, and the fix; or None.
+
+    The running release knows neither the new columns nor the new constraints: it inserts rows without
+    them and reads the columns and tables it had.
+    """
+    from django.db.models import NOT_PROVIDED
+
+    kind = type(operation).__name__
+    if kind in INCOMPATIBLE:
+        return INCOMPATIBLE[kind]
+    if kind == "AddField":
+        field = operation.field
+        if field.many_to_many or field.null or getattr(field, "db_default", NOT_PROVIDED) is not NOT_PROVIDED:
+            return None
+        default = field.default if field.default is not NOT_PROVIDED else None
+        hint = f"db_default={default!r}" if default is not None and not callable(default) else "db_default=..."
+        return (
+            f"adds the NOT NULL column {operation.model_name}.{operation.name} without a database default: "
+            "the running release inserts rows without it and fails",
+            f"use {hint} (the database fills it in), or null=True, or split into two deploys",
+        )
+    if kind == "AlterField":
+        old = state.models.get((app_label, operation.model_name_lower))
+        old_field = old.fields.get(operation.name) if old is not None else None
+        new = operation.field
+        if old_field is not None and old_field.null and not new.null:
+            if getattr(new, "db_default", NOT_PROVIDED) is not NOT_PROVIDED:
+                return None
+            return (
+                f"makes {operation.model_name}.{operation.name} NOT NULL: the running release may still write NULL",
+                "give it a db_default, or keep null=True until every release writes a value, then alter it",
+            )
+    return None
+
+
+def check_migrations(plan, loader) -> list[dict]:
+    """Each operation of the migrations in `plan` (forwards, in order) the running release cannot live with."""
+    found = []
+    if not plan:
+        return found
+    # The schema before the plan: every ancestor of its migrations, none of them.
+    state = loader.project_state([(m.app_label, m.name) for m, _ in plan], at_end=False)
+    for migration, _backwards in plan:
+        for operation in migration.operations:
+            problem = unsafe_operation(migration.app_label, operation, state)
+            if problem:
+                found.append(
+                    {
+                        "migration": f"{migration.app_label}.{migration.name}",
+                        "operation": operation.describe(),
+                        "problem": problem[0],
+                        "fix": problem[1],
+                    }
+                )
+            operation.state_forwards(migration.app_label, state)
+    return found
+
+
+def migrations(args) -> int:
+    """What the database has applied against what this release has on disk, and the new migrations' risks."""
+    if not _setup_django(time.monotonic()):
+        return 1
+    from django.db import connection
+    from django.db.migrations.executor import MigrationExecutor
+
+    executor = MigrationExecutor(connection)
+    loader = executor.loader
+    applied = set(loader.applied_migrations)
+    known = set(loader.disk_migrations) | {r for m in loader.disk_migrations.values() for r in (m.replaces or [])}
+    plan = executor.migration_plan(loader.graph.leaf_nodes())
+    emit(
+        ok=True,
+        applied=sorted(".".join(k) for k in applied),
+        unknown=sorted(".".join(k) for k in applied - known),
+        new=sorted(f"{m.app_label}.{m.name}" for m, _ in plan),
+        unsafe=check_migrations(plan, loader),
+    )
+    return 0
+
+
+def unapply(args) -> int:
+    """Unapply the named migrations (app.name) and whatever applied depends on them, newest first.
+
+    With --check, only say whether every operation on the way can be reversed.
+    """
+    if not _setup_django(time.monotonic()):
+        return 1
+    from django.db import connection
+    from django.db.migrations.executor import MigrationExecutor
+
+    executor = MigrationExecutor(connection)
+    loader = executor.loader
+    graph = loader.graph
+    applied = set(loader.applied_migrations)
+    wanted = {tuple(name.split(".", 1)) for name in args.names}
+    missing = sorted(".".join(k) for k in wanted - set(graph.nodes))
+    if missing:
+        emit(ok=False, error=f"this release does not have {', '.join(missing)}, so it cannot unapply them")
+        return 1
+    doomed = {key for name in wanted for key in graph.backwards_plan(name) if key in applied}
+    order = executor.migration_plan(graph.leaf_nodes(), clean_start=True)
+    plan = [
+        (loader.graph.nodes[(m.app_label, m.name)], True) for m, _ in reversed(order) if (m.app_label, m.name) in doomed
+    ]
+    irreversible = [
+        f"{m.app_label}.{m.name}: {op.describe()}" for m, _ in plan for op in m.operations if not op.reversible
+    ]
+    if irreversible:
+        emit(ok=False, error=f"cannot be reversed: {'; '.join(irreversible)}", irreversible=irreversible)
+        return 1
+    names = [f"{m.app_label}.{m.name}" for m, _ in plan]
+    if args.check:
+        emit(ok=True, unapply=names)
+        return 0
+    started = time.monotonic()
+    executor.migrate([], plan=plan)
+    emit(ok=True, unapplied=names, seconds=round(time.monotonic() - started, 2))
+    return 0
+
+
+def verify_writes(args) -> int:
+    """`migrate --check`, then the public write path (a PrayerRequest through the API's serializer) rolled back."""
+    if not _setup_django(time.monotonic()):
+        return 1
+    from django.core.management import call_command
+    from django.db import transaction
+
+    try:
+        call_command("migrate", check=True, interactive=False, verbosity=0)
+    except SystemExit:
+        from django.db import connection
+        from django.db.migrations.executor import MigrationExecutor
+
+        executor = MigrationExecutor(connection)
+        plan = executor.migration_plan(executor.loader.graph.leaf_nodes())
+        pending = ", ".join(f"{m.app_label}.{m.name}" for m, _ in plan)
+        emit(ok=False, error=f"migrate --check: unapplied migrations: {pending}")
+        return 1
+    started = time.monotonic()
+    try:
+        from prayer_room_api.api.serializers import SubmitRequestSerializer
+        from prayer_room_api.models import Location
+
+        with transaction.atomic():
+            location = Location.objects.filter(is_active=True).first() or Location.objects.create(
+                name="deploy smoke test", slug="deploy-smoke-test"
+            )
+            serializer = SubmitRequestSerializer(
+                data={"type": "prayer", "content": "deploy smoke test", "location": location.slug}
+            )
+            serializer.is_valid(raise_exception=True)
+            serializer.save()
+            transaction.set_rollback(True)
+    except Exception as exc:  # noqa: BLE001 - the write path's own error is the report
+        emit(ok=False, error=f"the write path fails: {type(exc).__name__}: {exc}"[:1500])
+        return 1
+    emit(ok=True, seconds=round(time.monotonic() - started, 2))
     return 0
 
 
@@ -187,6 +404,168 @@ def beat_leader(args) -> int:
         time.sleep(0.5)
 
 
+# --- backups: run as root with the system's python3 (no Django), pg_dump/pg_restore from the server -------------
+
+BACKUP_SUFFIX = ".dump"
+
+
+def database_environment() -> dict[str, str]:
+    """libpq's variables for the env file's DATABASE_URL: the password travels in the environment, not argv."""
+    from urllib.parse import unquote, urlsplit
+
+    url = urlsplit(os.environ.get("DATABASE_URL", ""))
+    if url.scheme not in ("postgres", "postgresql", "pgsql") or not url.path.strip("/"):
+        raise ValueError("the env file's DATABASE_URL is not a postgres:// URL with a database name")
+    values = {
+        "PGHOST": url.hostname or "127.0.0.1",
+        "PGPORT": str(url.port or 5432),
+        "PGUSER": unquote(url.username or ""),
+        "PGPASSWORD": unquote(url.password or ""),
+        "PGDATABASE": unquote(url.path.lstrip("/")),
+    }
+    return {**os.environ, **{key: value for key, value in values.items() if value}}
+
+
+def sha256_of(path: str) -> str:
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def read_backups(directory: str) -> list[dict]:
+    """The backups' records (name, release, kind, created, size, sha256), oldest first."""
+    records = []
+    try:
+        names = os.listdir(directory)
+    except FileNotFoundError:
+        return []
+    for name in names:
+        if name.endswith(BACKUP_SUFFIX + ".json"):
+            try:
+                with open(os.path.join(directory, name)) as handle:
+                    records.append(json.load(handle))
+            except (OSError, ValueError):
+                continue
+    return sorted(records, key=lambda r: (r.get("created", 0), r.get("name", "")))
+
+
+def backup(args) -> int:
+    """pg_dump -Fc into the root-only backups directory, with a record of its release, size and sha256.
+
+    Keeps the newest --keep backups of the same kind (0: all).
+    """
+    import subprocess
+
+    os.makedirs(args.dir, mode=0o700, exist_ok=True)
+    os.chmod(args.dir, 0o700)
+    now = time.time()
+    release = args.release or "none"
+    name = f"{time.strftime('%Y%m%d%H%M%S', time.gmtime(now))}-{args.kind}-{release}{BACKUP_SUFFIX}"
+    path = os.path.join(args.dir, name)
+    partial = path + ".partial"
+    started = time.monotonic()
+    try:
+        env = database_environment()
+    except ValueError as exc:
+        emit(ok=False, error=str(exc))
+        return 1
+    os.umask(0o077)
+    run = subprocess.run(
+        ["pg_dump", "--format=custom", "--no-owner", "--no-privileges", f"--file={partial}"],
+        env=env, capture_output=True, text=True,
+    )  # fmt: skip
+    if run.returncode != 0:
+        if os.path.exists(partial):
+            os.unlink(partial)
+        emit(ok=False, error=f"pg_dump failed: {run.stderr.strip()[-1000:]}")
+        return 1
+    os.rename(partial, path)
+    record = {
+        "name": name,
+        "release": release,
+        "kind": args.kind,
+        "created": int(now),
+        "size": os.path.getsize(path),
+        "sha256": sha256_of(path),
+        "seconds": round(time.monotonic() - started, 2),
+    }
+    with open(path + ".json", "w") as handle:
+        json.dump(record, handle)
+    removed = []
+    if args.keep:
+        same = [r for r in read_backups(args.dir) if r.get("kind") == args.kind]
+        for old in same[: max(0, len(same) - args.keep)]:
+            for suffix in ("", ".json"):
+                try:
+                    os.unlink(os.path.join(args.dir, old["name"] + suffix))
+                except FileNotFoundError:
+                    pass
+            removed.append(old["name"])
+    emit(ok=True, backup=record, removed=removed)
+    return 0
+
+
+def backups(args) -> int:
+    emit(ok=True, backups=read_backups(args.dir), now=int(time.time()))
+    return 0
+
+
+def restore(args) -> int:
+    """Replace the database's public schema with a backup's, in one transaction: all of it or nothing.
+
+    The checksum is checked first. Tables the backup does not have (from later migrations) go too.
+    """
+    import shutil
+    import subprocess
+    import tempfile
+
+    records = {r["name"]: r for r in read_backups(args.dir)}
+    record = records.get(args.name)
+    path = os.path.join(args.dir, args.name)
+    if record is None or not os.path.exists(path):
+        emit(ok=False, error=f"there is no backup {args.name}; `fab backups` lists them")
+        return 1
+    if sha256_of(path) != record["sha256"]:
+        emit(ok=False, error=f"{args.name} does not match its recorded sha256: the file is damaged; nothing restored")
+        return 1
+    try:
+        env = database_environment()
+    except ValueError as exc:
+        emit(ok=False, error=str(exc))
+        return 1
+    started = time.monotonic()
+    with tempfile.TemporaryFile() as psql_err, tempfile.TemporaryFile() as dump_err:
+        psql = subprocess.Popen(
+            ["psql", "-X", "-q", "--single-transaction", "-v", "ON_ERROR_STOP=1"],
+            stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=psql_err, env=env,
+        )  # fmt: skip
+        dump = subprocess.Popen(
+            ["pg_restore", "--no-owner", "--no-privileges", "--file=-", path],
+            stdout=subprocess.PIPE, stderr=dump_err, env=env,
+        )  # fmt: skip
+        try:
+            psql.stdin.write(b"DROP SCHEMA public CASCADE;\nCREATE SCHEMA public;\n")
+            shutil.copyfileobj(dump.stdout, psql.stdin)
+        except BrokenPipeError:
+            pass
+        finally:
+            psql.stdin.close()
+        dump.wait()
+        psql.wait()
+        psql_err.seek(0)
+        dump_err.seek(0)
+        errors = (psql_err.read() or dump_err.read()).decode(errors="replace").strip()[-1000:]
+    if dump.returncode != 0 or psql.returncode != 0:
+        emit(ok=False, error=f"restoring {args.name} failed, the database is unchanged (one transaction): {errors}")
+        return 1
+    emit(ok=True, restored=record, seconds=round(time.monotonic() - started, 2))
+    return 0
+
+
 def supervisor_rpc(socket_path: str):
     """An XML-RPC proxy to supervisord over its unix socket, with the standard library only."""
     import http.client
@@ -235,7 +614,13 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--default", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("prepare")
+    prepare_parser = sub.add_parser("prepare")
+    prepare_parser.add_argument("--stage", action="append", choices=("before", "migrate"), default=[])
+    sub.add_parser("migrations")
+    sub.add_parser("verify-writes")
+    unapply_parser = sub.add_parser("unapply")
+    unapply_parser.add_argument("--check", action="store_true")
+    unapply_parser.add_argument("names", nargs="+")
     cycle_parser = sub.add_parser("cycle")
     cycle_parser.add_argument("--socket", required=True)
     cycle_parser.add_argument("names", nargs="+")
@@ -243,6 +628,14 @@ def main(argv: list[str]) -> int:
     sub.add_parser("beat-leader").add_argument("--timeout", type=float, default=20)
     health_parser = sub.add_parser("health")
     health_parser.add_argument("--port", type=int, required=True)
+    backup_parser = sub.add_parser("backup")
+    backup_parser.add_argument("--kind", default="manual")
+    backup_parser.add_argument("--release", default="")
+    backup_parser.add_argument("--keep", type=int, default=0)
+    restore_parser = sub.add_parser("restore")
+    restore_parser.add_argument("name")
+    for p in (backup_parser, restore_parser, sub.add_parser("backups")):
+        p.add_argument("--dir", required=True)
     for p in (health_parser, sub.add_parser("ping")):
         p.add_argument("--expect", required=True)
         p.add_argument("--timeout", type=float, default=60)
@@ -251,11 +644,17 @@ def main(argv: list[str]) -> int:
         load_environment(args.env_file, args.default, args.set)
     commands = {
         "prepare": prepare,
+        "migrations": migrations,
+        "unapply": unapply,
+        "verify-writes": verify_writes,
         "health": health,
         "ping": ping,
         "schedules": schedules,
         "cycle": cycle,
         "beat-leader": beat_leader,
+        "backup": backup,
+        "backups": backups,
+        "restore": restore,
     }
     return commands[args.command](args)
 

@@ -24,6 +24,8 @@ BROKER_URL = "redis://127.0.0.1:6379/0"
 # gunicorn's own timeout (WEB_TIMEOUT) is 30 s; nginx must wait at least that long for an answer.
 PROXY_READ_TIMEOUT = 60
 MIN_PYTHON = (3, 11)
+# Seconds a client is told to wait during a maintenance window (the measured window is shorter).
+MAINTENANCE_RETRY_AFTER = 30
 
 
 def site_names(config: DeployConfig, host: str) -> list[str]:
@@ -62,7 +64,7 @@ def merge_env_file(existing: str | None, defaults: Mapping[str, str]) -> str:
 def render_nginx_site(config: DeployConfig, host: str, *, ipv6: bool = True) -> str:
     """The nginx site: both web ports behind one upstream, static files from the shared directory."""
     return (
-        template_environment(TEMPLATE_DIR)
+        _nginx_environment()
         .get_template("nginx-site.conf.j2")
         .render(
             upstream="prayer_room_web",
@@ -72,8 +74,33 @@ def render_nginx_site(config: DeployConfig, host: str, *, ipv6: bool = True) -> 
             max_body="1m",
             static_root=str(config.layout.static),
             read_timeout=PROXY_READ_TIMEOUT,
+            **maintenance_context(config),
         )
     )
+
+
+def maintenance_context(config: DeployConfig) -> dict[str, object]:
+    page = " ".join((TEMPLATE_DIR / "maintenance.html").read_text().split())
+    flag = str(config.layout.maintenance_flag)
+    return {"maintenance_flag": flag, "retry_after": MAINTENANCE_RETRY_AFTER, "page": page}
+
+
+def _nginx_environment():
+    env = template_environment(TEMPLATE_DIR)
+    # Inside "...": backslash and quote escaped; `$` would start a variable and has no escape, so it is refused.
+    env.filters["nginx_string"] = _nginx_string
+    return env
+
+
+def _nginx_string(text: str) -> str:
+    if "$" in text:
+        raise DeployError("an nginx string cannot hold '$' (it would be read as a variable).")
+    return text.replace("\\", "\\\\").replace('"', '\\"')
+
+
+def render_nginx_maintenance(config: DeployConfig) -> str:
+    """The nginx server-block lines that answer 503 while the maintenance flag exists (the site includes them)."""
+    return _nginx_environment().get_template("nginx-maintenance.conf.j2").render(**maintenance_context(config))
 
 
 def render_unit(config: DeployConfig) -> str:

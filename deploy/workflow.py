@@ -5,19 +5,21 @@ from __future__ import annotations
 import shlex
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 from fabric import Connection
 
-from deploy import release, verify
+from deploy import backup, release, schema, verify
 from deploy.config import DeployConfig
 from deploy.errors import DeployError
 from deploy.lock import DeployLock
+from deploy.maintenance import window as maintenance_window
 from deploy.processes import Programs, config_diff, log_path, rolling_restart, wait_running
 from deploy.progress import Progress
 from deploy.remote import Server, connect, sh
 from deploy.render import render_supervisord_conf, server_context
+from deploy.schema import SchemaReport
 from deploy.state import ServerState, read_state
 
 
@@ -66,6 +68,14 @@ def _activate(server: Server, state: ServerState, release_id: str, programs_text
     with progress.step("verify: beat runs the DatabaseScheduler; one beat leads"):
         progress.say(f"   leader: {verify.check_beat(server, state.beat_log_size, release_dir)}")
         wait_running(server, programs.all, timeout=10)
+    with progress.step("verify: migrate --check; a request written through the API serializer, rolled back"):
+        server.helper(release_dir, "verify-writes", what="verifying that writes work", timeout=120)
+
+
+def _stop_all(server: Server, progress: Progress) -> None:
+    """Stop web, worker and beat (the worker warm: running tasks finish), e.g. while the schema changes."""
+    with progress.step("stop web, worker and beat"):
+        server.supervisorctl("stop", *Programs.from_config(server.config).all, what="stopping the programs")
 
 
 @contextmanager
@@ -91,8 +101,13 @@ def _locked(server: Server, action: str, progress: Progress) -> Iterator[DeployL
         lock.release()
 
 
-def deploy(conn: Connection, config: DeployConfig, repo: Path, *, allow_dirty: bool = False) -> str:
-    """Ship HEAD of `repo`, prepare it, make it live and verify it; roll back on any failure. Returns the id."""
+def deploy(
+    conn: Connection, config: DeployConfig, repo: Path, *, allow_dirty: bool = False, maintenance: bool = False
+) -> str:
+    """Ship HEAD of `repo`, prepare it, make it live and verify it; roll back on any failure. Returns the id.
+
+    New migrations the live release cannot run against are refused, unless `maintenance` (a 503 window).
+    """
     source = release.local_source(repo)
     if source.dirty and not allow_dirty:
         listed = ", ".join(source.dirty[:5]) + (" ..." if len(source.dirty) > 5 else "")
@@ -110,56 +125,122 @@ def deploy(conn: Connection, config: DeployConfig, repo: Path, *, allow_dirty: b
             state = read_state(server)
             state.require_provisioned(server)
             programs_text = _render(server, state)  # a bad context fails here, before anything is uploaded
-        release_id = _deploy_locked(server, state, source, programs_text, progress, lock)
+        release_id = _deploy_locked(server, state, source, programs_text, progress, lock, maintenance=maintenance)
     progress.say(progress.summary(f"{release_id} is live"))
     return release_id
 
 
+def _report_steps(progress: Progress, seen: list[dict]):
+    def report(lines: list[dict]) -> None:
+        seen.extend(lines)
+        for line in lines:
+            if "step" in line:
+                progress.say(f"   {'ok' if line.get('ok') else 'FAILED'}  {line['step']} ({line['seconds']:.1f} s)")
+
+    return report
+
+
+def _undo_migrations(server: Server, release_dir, applied: list[str], saved: dict | None, progress: Progress) -> str:
+    """Unapply the migrations a failed deploy applied (with its own code); a sentence on the database's state."""
+    if not applied:
+        return "no migration was applied"
+    try:
+        with progress.step(f"unapply the {len(applied)} migration(s) this deploy applied"):
+            undone = schema.unapply(server, release_dir, applied)
+        return f"the migrations it applied were unapplied ({', '.join(undone)}): the schema is as before"
+    except DeployError as exc:
+        back = (
+            f"`fab restore {saved['name']} --yes` puts back the database of before the deploy (writes since are lost)"
+            if saved
+            else "no backup was taken"
+        )
+        return f"the database KEEPS the migrations {', '.join(applied)} ({exc}); {back}"
+
+
 def _deploy_locked(
-    server: Server, state: ServerState, source, programs_text: str, progress: Progress, lock: DeployLock
+    server: Server,
+    state: ServerState,
+    source,
+    programs_text: str,
+    progress: Progress,
+    lock: DeployLock,
+    *,
+    maintenance: bool = False,
 ) -> str:
     previous = state.current
     release_id = source.release_id()
+    release_dir = server.config.layout.releases / release_id
+    serving = f"{previous} keeps serving" if previous else "nothing was live"
     with progress.step(f"upload {release_id}"):
         release.upload_release(server, source, release_id, programs_text)
+    saved = None
     try:
         if source.lock_hash in state.ready_venvs:
             progress.say(f"   virtualenv venvs/{source.lock_hash} reused (requirements.lock unchanged)")
         else:
             with progress.step(f"build virtualenv venvs/{source.lock_hash} from requirements.lock"):
                 release.build_venv(server, release_id, source.lock_hash, wrap=lock.kept_alive)
-        with progress.step("prepare: check --deploy, migrate, seed_schedules, collectstatic"):
-
-            def report(lines: list[dict]) -> None:
-                for line in lines:
-                    if "step" in line:
-                        progress.say(
-                            f"   {'ok' if line.get('ok') else 'FAILED'}  {line['step']} ({line['seconds']:.1f} s)"
-                        )
-
-            release_dir = server.config.layout.releases / release_id
-            server.helper(release_dir, "prepare", what="prepare", on_lines=report, wrap=lock.kept_alive)
+        with progress.step("check the new migrations against the live release"):
+            report = SchemaReport.read(server, release_dir, wrap=lock.kept_alive)
+            progress.say(f"   new migrations: {', '.join(report.new) or 'none'}")
+            for item in report.unsafe:
+                progress.say(f"   UNSAFE {item['migration']}: {item['problem']}")
+            if report.unsafe and previous and not maintenance:
+                raise DeployError(schema.refuse_unsafe(report.unsafe, previous))
+        with progress.step("prepare: check --deploy, collectstatic"):
+            server.helper(
+                release_dir, "prepare", "--stage", "before", what="prepare",
+                on_lines=_report_steps(progress, []), wrap=lock.kept_alive,
+            )  # fmt: skip
+        if report.new and previous:
+            with progress.step(f"back up the database before migrating (named after {release_id})"):
+                saved = backup.take(server, "deploy", release_id, wrap=lock.kept_alive)
+                progress.say(f"   {saved['name']}: {backup.size(saved['size'])} in {saved['seconds']:.1f} s")
     except BaseException as exc:
         release.remove_release(server, release_id)
-        serving = f"{previous} keeps serving" if previous else "nothing was live"
         if isinstance(exc, DeployError):
-            raise DeployError(f"{exc} -- stopped before the switch; {serving}.") from exc
+            raise DeployError(f"{exc} -- stopped before the switch and before any migration; {serving}.") from exc
         raise
-    try:
-        _activate(server, state, release_id, programs_text, progress)
-    except BaseException as exc:
-        reason = str(exc) or type(exc).__name__
-        if previous is None:
-            raise DeployError(f"{reason} -- and there is no earlier release to roll back to.") from exc
-        progress.say(f"!! {reason}\n!! rolling back to {previous}")
+    windowed = maintenance and bool(report.new) and previous is not None
+    with maintenance_window(server, progress, "the schema changes") if windowed else nullcontext():
+        if windowed:
+            _stop_all(server, progress)
+        seen: list[dict] = []
         try:
-            _rollback_to(server, previous, progress)
-        except DeployError as again:
-            raise DeployError(f"{reason} -- and the rollback to {previous} failed too: {again}") from exc
-        release.remove_release(server, release_id)
-        if isinstance(exc, DeployError):
-            raise DeployError(f"deploy of {release_id} failed and was rolled back to {previous}: {reason}") from exc
-        raise
+            with progress.step("prepare: migrate, seed_schedules"):
+                server.helper(
+                    release_dir, "prepare", "--stage", "migrate", what="prepare",
+                    on_lines=_report_steps(progress, seen), wrap=lock.kept_alive,
+                )  # fmt: skip
+        except BaseException as exc:
+            applied = next((line.get("applied", []) for line in seen if "applied" in line), [])
+            where = _undo_migrations(server, release_dir, applied, saved, progress)
+            if windowed:
+                with progress.step(f"start {previous}'s programs again"):
+                    server.supervisorctl("start", *Programs.from_config(server.config).all, what="starting")
+            release.remove_release(server, release_id)
+            if isinstance(exc, DeployError):
+                raise DeployError(f"{exc} -- failed at the schema step; {where}; {serving}.") from exc
+            raise
+        applied = next((line.get("applied", []) for line in seen if "applied" in line), [])
+        try:
+            _activate(server, state, release_id, programs_text, progress)
+        except BaseException as exc:
+            reason = str(exc) or type(exc).__name__
+            if previous is None:
+                raise DeployError(f"{reason} -- and there is no earlier release to roll back to.") from exc
+            progress.say(f"!! {reason}\n!! rolling back to {previous}")
+            where = _undo_migrations(server, release_dir, applied, saved, progress)
+            try:
+                _rollback_to(server, previous, progress)
+            except DeployError as again:
+                raise DeployError(f"{reason} -- and the rollback to {previous} failed too: {again}; {where}") from exc
+            release.remove_release(server, release_id)
+            if isinstance(exc, DeployError):
+                raise DeployError(
+                    f"deploy of {release_id} failed and was rolled back to {previous}: {reason}; {where}"
+                ) from exc
+            raise
     with progress.step("mark the release verified; prune old releases and virtualenvs"):
         removed = release.finish(server, state, release_id, source.lock_hash)
         if removed:
@@ -180,8 +261,19 @@ def _rollback_to(server: Server, target: str, progress: Progress) -> None:
     release.finish(server, state, target, state.venvs.get(target, ""))
 
 
-def rollback(conn: Connection, config: DeployConfig, *, to: str | None = None) -> str:
-    """Back to the previous verified release (code, virtualenv, programs config); the database is left alone."""
+def rollback(
+    conn: Connection,
+    config: DeployConfig,
+    *,
+    to: str | None = None,
+    unapply: bool = False,
+    restore: str | None = None,
+    keep_schema: bool = False,
+) -> str:
+    """Back to the previous verified release (code, virtualenv, programs config), refused when the database has
+    migrations that release lacks, unless told what to do with them: `unapply`, `restore` a backup, `keep_schema`."""
+    if sum((unapply, bool(restore), keep_schema)) > 1:
+        raise DeployError("choose one of --unapply, --restore BACKUP and --keep-schema.")
     progress = Progress(f"rollback on {conn.host}")
     with progress.step("connect and check the server"):
         server = connect(conn, config)
@@ -192,11 +284,92 @@ def rollback(conn: Connection, config: DeployConfig, *, to: str | None = None) -
             raise DeployError(f"{server.name} has no verified release older than {state.current} to roll back to.")
         if target not in state.releases:
             raise DeployError(f"{server.name} has no release {target}; releases: {', '.join(state.releases)}.")
+    layout = config.layout
     with _locked(server, f"rollback to {target}", progress):
-        progress.say(f"   {state.current} -> {target} (the database is left as it is)")
-        _rollback_to(server, target, progress)
+        with progress.step(f"compare the database's migrations with {target}'s"):
+            report = SchemaReport.read(server, layout.releases / target)
+        if restore:
+            record = backup.find(server, restore)
+            progress.say(
+                f"   {state.current} -> {target}, the database back to {restore} (taken for {record['release']}): "
+                "every write made since that backup is LOST"
+            )
+            _restore_locked(server, record, progress, then=lambda: _rollback_to(server, target, progress))
+        elif report.unknown and unapply:
+            current_dir = layout.releases / (state.current or target)
+            with progress.step(f"check that {state.current}'s code can reverse {', '.join(report.unknown)}"):
+                names = schema.unapply(server, current_dir, list(report.unknown), check=True)
+            with maintenance_window(server, progress, "migrations are unapplied"):
+                _stop_all(server, progress)
+                with progress.step(f"unapply {', '.join(names)} with {state.current}'s code"):
+                    schema.unapply(server, current_dir, list(report.unknown))
+                _rollback_to(server, target, progress)
+        elif report.unknown and not keep_schema:
+            deploys = [r for r in backup.records(server)[0] if r["kind"] == "deploy" and r["release"] > target]
+            raise DeployError(
+                schema.refuse_rollback(target, state.current, report.unknown, deploys[0]["name"] if deploys else None)
+            )
+        else:
+            if report.unknown:
+                progress.say(f"   --keep-schema: {target} runs against {', '.join(report.unknown)}, which it lacks")
+            progress.say(f"   {state.current} -> {target} (the schema is left as it is)")
+            _rollback_to(server, target, progress)
     progress.say(progress.summary(f"{target} is live"))
     return target
+
+
+def _restore_locked(server: Server, record: dict, progress: Progress, then) -> None:
+    """Back up the database, then (maintenance page on, programs stopped) put `record` back; `then` restarts."""
+    with progress.step("back up the database it replaces"):
+        state = read_state(server)
+        saved = backup.take(server, "restore", state.current)
+        progress.say(f"   {saved['name']} ({backup.size(saved['size'])}, {saved['seconds']:.1f} s)")
+    with maintenance_window(server, progress, f"restoring {record['name']}"):
+        _stop_all(server, progress)
+        with progress.step(f"restore {record['name']} (one transaction)"):
+            done = backup.restore(server, record["name"])
+            progress.say(f"   restored in {done['seconds']:.1f} s")
+        then()
+
+
+def backup_now(conn: Connection, config: DeployConfig, *, download: Path | None = None) -> str:
+    """Take a backup (named after the live release); `download` copies it to this machine."""
+    server = connect(conn, config)
+    state = read_state(server)
+    record = backup.take(server, "manual", state.current)
+    line = f"{record['name']}: {backup.size(record['size'])} in {record['seconds']:.1f} s, sha256 {record['sha256']}"
+    if download:
+        line += f"\ndownloaded to {backup.download(server, record, download)} (sha256 checked)"
+    return line
+
+
+def list_backups(conn: Connection, config: DeployConfig) -> str:
+    found, now = backup.records(connect(conn, config))
+    return backup.format_list(found, now)
+
+
+def restore(conn: Connection, config: DeployConfig, name: str, *, yes: bool = False) -> str:
+    """Put backup `name` back (the current state backed up first), restart the live release and verify it."""
+    progress = Progress(f"restore {name} on {conn.host}")
+    with progress.step("connect and check the server"):
+        server = connect(conn, config)
+        state = read_state(server)
+        state.require_provisioned(server)
+        record = backup.find(server, name)
+    if not yes:
+        raise DeployError(
+            f"restoring {name} (taken for {record['release']}) replaces the whole database: every write made since "
+            "is lost (the current state is backed up first); run again with --yes."
+        )
+    if not state.current:
+        raise DeployError(f"{server.name} has no live release to restart after the restore; `fab deploy` first.")
+
+    def restart() -> None:
+        _activate(server, state, state.current, state.live_programs or _render(server, state), progress)
+
+    with _locked(server, f"restore {name}", progress):
+        _restore_locked(server, record, progress, then=restart)
+    return progress.summary(f"{name} restored; {state.current} serves it")
 
 
 def plan(conn: Connection, config: DeployConfig, repo: Path) -> str:
@@ -217,7 +390,8 @@ def plan(conn: Connection, config: DeployConfig, repo: Path) -> str:
         *(f"  commits:     {line}" for line in commits[:20]),
         f"  virtualenv:  venvs/{source.lock_hash} {venv}",
         f"  migrations:  {', '.join(Path(m).name for m in new_migrations) or 'none new'}",
-        "  prepare:     check --deploy, migrate --noinput, seed_schedules, collectstatic; then switch current",
+        "  prepare:     check the new migrations, check --deploy, collectstatic, back up (with new migrations),"
+        " migrate, seed_schedules; then switch current",
         f"  releases:    {len(state.releases)} on the server; the newest {config.keep_releases} are kept",
     ]
     if state.live_programs == rendered:
@@ -238,6 +412,10 @@ def status(conn: Connection, config: DeployConfig) -> str:
         lines.append(
             f"deploy lock: {held.get('holder', '?')} ({held.get('action', '?')}), last step {held['idle']} s ago"
         )
+    try:
+        lines.append(backup.freshness(*backup.records(server)))
+    except DeployError as exc:
+        lines.append(f"backups: unavailable ({exc})")
     out = server.supervisorctl("status", what="supervisorctl status", warn=True).stdout.rstrip()
     lines += ["programs:", *(f"  {line}" for line in out.splitlines())]
     lines.append("releases:")

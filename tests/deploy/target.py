@@ -21,7 +21,9 @@ from pathlib import Path
 
 import redis
 
+from deploy.config import DeployConfig
 from deploy.render import local_context, render_supervisord_conf
+from deploy.server_files import render_nginx_maintenance
 from tests.support.stack import REDIS_URL, Database, free_port, services_unavailable
 
 REPO = Path(__file__).resolve().parents[2]
@@ -277,6 +279,7 @@ class DeployTarget:
                     }}
                     server {{
                         listen 127.0.0.1:{port};
+                {maintenance}
                         location / {{
                             proxy_pass http://prayer_room;
                             proxy_http_version 1.1;
@@ -287,10 +290,15 @@ class DeployTarget:
                         }}
                     }}
                 }}
-            """).format(d=nginx, upstream=upstream, port=self.nginx_port)
+            """).format(d=nginx, upstream=upstream, port=self.nginx_port, maintenance=self._maintenance_block())
         )
         self._spawn(["nginx", "-p", str(nginx), "-c", str(nginx / "nginx.conf"), "-g", "daemon off;"], "nginx.out")
         wait_port(self.nginx_port)
+
+    def _maintenance_block(self) -> str:
+        """The provisioned site's maintenance lines, for this target's paths."""
+        config = DeployConfig(root=str(self.srv), etc=str(self.etc))
+        return textwrap.indent(render_nginx_maintenance(config), "    ")
 
     def _write_config(self) -> None:
         self.config_file_with()
@@ -311,6 +319,7 @@ class DeployTarget:
             "task_time_limit": 30,
             "web_graceful_timeout": 10,
             "health_timeout": 40,
+            "backup_dir": str(self.workdir / "backups"),
             **self.config_overrides,
             **overrides,
         }

@@ -1,0 +1,112 @@
+"""Database backups on the server: pg_dump -Fc into the root-only backups directory, listed, restored, downloaded."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from deploy.errors import DeployError
+from deploy.remote import HELPER_SOURCE, Server, sh
+
+DAY = 24 * 3600
+
+
+def root_helper_command(server: Server, *args: str) -> str:
+    """deploy/onserver.py ARGS as root with the server's python3 (no virtualenv, no Django): the backups are root's."""
+    config = server.config
+    return sh(config.python, "-c", HELPER_SOURCE.read_text(), "--env-file", config.layout.env_file, *args)
+
+
+def _run(server: Server, *args: str, what: str, wrap=None) -> dict:
+    command = root_helper_command(server, *args)
+    result = server.root(wrap(command) if wrap else command, what=what, warn=True, timeout=3600)
+    return server.helper_lines(result, what=what)[-1]
+
+
+def take(server: Server, kind: str, release: str | None, wrap=None) -> dict:
+    """A new backup of `kind` (manual, deploy, restore, daily) named after `release`; returns its record."""
+    layout, keep = server.config.layout, server.config.backup_keep
+    args = ["backup", "--dir", str(layout.backups), "--kind", kind, "--release", release or "", "--keep", str(keep)]
+    return _run(server, *args, what="backing up the database (pg_dump)", wrap=wrap)["backup"]
+
+
+def records(server: Server) -> tuple[list[dict], int]:
+    """The backups on the server, oldest first, and the server's clock."""
+    answer = _run(server, "backups", "--dir", str(server.config.layout.backups), what="listing the backups")
+    return answer["backups"], answer["now"]
+
+
+def find(server: Server, name: str) -> dict:
+    found, _ = records(server)
+    for record in found:
+        if record["name"] == name:
+            return record
+    names = ", ".join(r["name"] for r in found[-5:]) or "none"
+    raise DeployError(f"{server.name} has no backup {name!r}; the newest: {names} (`fab backups` lists all).")
+
+
+def restore(server: Server, name: str, wrap=None) -> dict:
+    """Replace the database with backup `name` in one transaction (the programs must be stopped)."""
+    return _run(
+        server, "restore", "--dir", str(server.config.layout.backups), name, what=f"restoring {name}", wrap=wrap
+    )
+
+
+def download(server: Server, record: dict, to: Path) -> Path:
+    """Copy a backup to the operator's machine (through a private temporary copy) and check its sha256."""
+    import hashlib
+
+    to = to / record["name"] if to.is_dir() else to
+    source = server.config.layout.backups / record["name"]
+    tmp = server.conn.run("mktemp", hide=True, in_stream=False).stdout.strip()
+    try:
+        server.root(f"cp {sh(source)} {sh(tmp)} && chown {sh(server.conn.user)} {sh(tmp)}", what="staging the download")
+        server.conn.get(tmp, str(to))
+    finally:
+        server.conn.run(sh("rm", "-f", tmp), hide=True, in_stream=False, warn=True)
+    digest = hashlib.sha256(to.read_bytes()).hexdigest()
+    if digest != record["sha256"]:
+        raise DeployError(f"the download of {record['name']} does not match its sha256; try again.")
+    to.chmod(0o600)
+    return to
+
+
+def age(seconds: float) -> str:
+    """A short age: 45 s, 12 min, 5 h, 3 d."""
+    if seconds < 90:
+        return f"{int(seconds)} s"
+    if seconds < 90 * 60:
+        return f"{int(seconds // 60)} min"
+    if seconds < 2 * DAY:
+        return f"{seconds / 3600:.0f} h"
+    return f"{seconds / DAY:.0f} d"
+
+
+def size(n: int) -> str:
+    for unit in ("B", "kB", "MB", "GB"):
+        if n < 1024 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+def format_list(found: list[dict], now: float) -> str:
+    """One line per backup, newest first: name, kind, release, size, age."""
+    if not found:
+        return "no backups yet: `fab backup` takes one (a daily timer and every deploy with migrations do too)."
+    lines = [f"{'NAME':44} {'KIND':7} {'RELEASE':28} {'SIZE':>9}  AGE"]
+    for r in reversed(found):
+        lines.append(
+            f"{r['name']:44} {r['kind']:7} {r['release']:28} {size(r['size']):>9}  {age(now - r['created'])} ago"
+        )
+    return "\n".join(lines)
+
+
+def freshness(found: list[dict], now: float) -> str:
+    """The status line about the last backup; a WARNING when there is none or it is older than a day."""
+    if not found:
+        return "backups: WARNING no backup on the server; run `fab backup` (and `fab provision` for the daily timer)"
+    last = max(found, key=lambda r: r["created"])
+    line = f"backups: last {last['name']} ({last['kind']}), {age(now - last['created'])} ago, {len(found)} kept"
+    if now - last["created"] > DAY:
+        line += "; WARNING older than a day: is the daily timer running? (systemctl status prayer-room-backup.timer)"
+    return line
