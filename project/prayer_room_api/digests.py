@@ -1,8 +1,8 @@
 """Who gets which digest email, claimed per user and period so a repeated run sends nothing twice.
 
-Each run costs a fixed number of queries whatever the number of recipients: one for the
-recipients, one prefetch for their requests, a bulk insert of claims, one read of the
-claims won, one update of the sent ones.
+Each run costs a fixed number of queries whatever the number of recipients (the recipients, a
+prefetch of their requests, a takeover of stale claims, a bulk insert of claims, a read of the
+claims won), plus one update per email sent: each is recorded as sent the moment it has gone.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from zoneinfo import ZoneInfo
 
+from celery.exceptions import SoftTimeLimitExceeded
 from django.conf import settings
 from django.contrib.auth import get_user_model
 from django.core.mail import EmailMultiAlternatives, get_connection
@@ -73,22 +74,38 @@ def _last_sent(kind_filter: Q, user_ref: str = "pk") -> Subquery:
     )
 
 
-def _not_claimed(kind: str, period: datetime) -> Exists:
-    return ~Exists(DigestDelivery.objects.filter(user=OuterRef("pk"), kind=kind, period_start=period))
+def stale_before(now: datetime) -> datetime:
+    """Claims older than the hard time limit and still unsent belong to a run that died: the next run takes them."""
+    return now - timedelta(seconds=settings.CELERY_TASK_TIME_LIMIT)
+
+
+def _not_claimed(kind: str, period: datetime, now: datetime) -> Exists:
+    live = Q(sent_at__isnull=False) | Q(covered_until__gte=stale_before(now))
+    return ~Exists(DigestDelivery.objects.filter(live, user=OuterRef("pk"), kind=kind, period_start=period))
 
 
 def send_claimed(
     run: DigestRun, messages: dict[int, EmailMultiAlternatives], now: datetime, period: datetime
 ) -> DigestRun:
-    """Claim a delivery per user, send the won ones over one connection, record the outcome.
+    """Claim a delivery per user, send the won ones over one connection, recording each as it is sent.
 
-    A claim whose email could not be sent is released, so a retry sends it. A worker killed
-    between claiming and sending leaves its claims unsent: those users skip this period, and
-    their next digest reports everything since their last sent one.
+    A run killed at any point and run again sends each user's digest once: what was sent is
+    recorded, and the dead run's unsent claims go stale after the hard time limit and are taken
+    over (only a kill between the mail server accepting a message and its record, a window of
+    one UPDATE, can send one twice). A failed email, a failed connection or the soft time limit
+    releases the unsent claims and raises DigestNotSent, so the task's retry sends only those.
     """
     if not messages:
         return run
     claim = uuid.uuid4()
+    # NOTE: one UPDATE takes a dead run's claims over atomically: of two runs, the second finds them fresh.
+    DigestDelivery.objects.filter(
+        kind=run.kind,
+        period_start=period,
+        user_id__in=list(messages),
+        sent_at__isnull=True,
+        covered_until__lt=stale_before(now),
+    ).update(claim=claim, covered_until=now)
     DigestDelivery.objects.bulk_create(
         [
             DigestDelivery(user_id=user_id, kind=run.kind, period_start=period, covered_until=now, claim=claim)
@@ -99,7 +116,7 @@ def send_claimed(
     won = set(DigestDelivery.objects.filter(claim=claim).values_list("user_id", flat=True))
     run.already_claimed = len(messages) - len(won)
     sent_ids = []
-    connection_error = None
+    stopped_by = None
     try:
         with get_connection() as connection:
             for user_id in sorted(won):
@@ -107,22 +124,27 @@ def send_claimed(
                 message.connection = connection
                 try:
                     message.send()
+                except SoftTimeLimitExceeded:
+                    raise
                 except Exception:  # noqa: BLE001 - one refused address must not stop the others
                     logger.exception("%s digest to user %s failed", run.kind, user_id)
-                else:
-                    sent_ids.append(user_id)
-                    run.sent.extend(message.to)
+                    continue
+                DigestDelivery.objects.filter(claim=claim, user_id=user_id).update(sent_at=timezone.now())
+                sent_ids.append(user_id)
+                run.sent.extend(message.to)
+    except SoftTimeLimitExceeded as exc:
+        logger.warning("%s digest: soft time limit after %s of %s emails; a retry sends the rest", run.kind,
+                       len(sent_ids), len(won))  # fmt: skip
+        stopped_by = exc
     except Exception as exc:  # noqa: BLE001 - opening or closing the connection failed; released below
         logger.exception("%s digest: mail connection failed", run.kind)
-        connection_error = exc
-    if sent_ids:
-        DigestDelivery.objects.filter(claim=claim, user_id__in=sent_ids).update(sent_at=timezone.now())
+        stopped_by = exc
     unsent = sorted(won.difference(sent_ids))
     if unsent:
         DigestDelivery.objects.filter(claim=claim, user_id__in=unsent).delete()
         raise DigestNotSent(
             f"{run.kind} digest not sent to {len(unsent)} of {len(won)} users: {unsent}"
-        ) from connection_error
+        ) from stopped_by
     return run
 
 
@@ -154,7 +176,7 @@ def send_user_digests(kind: str, now: datetime | None = None) -> DigestRun:
         get_user_model()
         .objects.filter(is_active=True, profile__digest_frequency=kind)
         .exclude(email="")
-        .filter(_not_claimed(kind, period))
+        .filter(_not_claimed(kind, period, now))
         .annotate(since=Coalesce(_last_sent(user_kinds), Value(first_since)))
         .prefetch_related(Prefetch("prayer_requests", queryset=activity, to_attr="digest_requests"))
         .order_by("pk")
@@ -187,7 +209,7 @@ def send_moderator_digest(now: datetime | None = None) -> DigestRun:
         get_user_model()
         .objects.filter(is_active=True, is_staff=True)
         .exclude(email="")
-        .filter(_not_claimed(Kind.MODERATOR, period))
+        .filter(_not_claimed(Kind.MODERATOR, period, now))
         .annotate(since=_last_sent(Q(kind=Kind.MODERATOR)))
         .order_by("pk")
     )
