@@ -9,7 +9,7 @@ from pathlib import Path
 
 import redis
 
-from tests.support.stack import MANAGE, REDIS_URL, REPO, Database, Process, manage, production_env
+from tests.support.stack import MANAGE, REPO, Database, Process, manage, production_env, redis_url
 
 PROJECT = REPO / "project"
 BIN = Path(sys.executable).parent
@@ -46,9 +46,9 @@ class BenchDatabase(Database):
     def create_from(self, template: Database) -> BenchDatabase:
         import psycopg
 
-        from tests.support.stack import POSTGRES_ADMIN_URL
+        from tests.support.stack import postgres_url
 
-        with psycopg.connect(POSTGRES_ADMIN_URL, autocommit=True) as conn:
+        with psycopg.connect(postgres_url(), autocommit=True) as conn:
             conn.execute(f'CREATE DATABASE "{self.name}" TEMPLATE "{template.name}"')
         return self
 
@@ -66,7 +66,7 @@ def migrated(database: Database, env: dict[str, str]) -> None:
 
 
 def flush_redis(db: int = REDIS_DB) -> redis.Redis:
-    client = redis.Redis.from_url(f"{REDIS_URL}/{db}")
+    client = redis.Redis.from_url(f"{redis_url()}/{db}")
     client.flushdb()
     return client
 

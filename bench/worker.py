@@ -18,7 +18,7 @@ from bench.procs import cpu_seconds
 from bench.report import Result, paired
 from bench.services import BIN, REDIS_DB, Command, cli_args, flush_redis, prodserver
 from bench.stats import interleaved, percentile
-from tests.support.stack import REDIS_URL
+from tests.support.stack import redis_url
 
 SIDES = ("prodserver", "celery")
 REDIS_DBS = {"prodserver": REDIS_DB, "celery": REDIS_DB + 1}
@@ -28,7 +28,7 @@ PING = "prayer_room_api.tasks.ping"
 def start(side: str, ctx: Context, log_dir) -> Command:
     from django.conf import settings
 
-    env = {**ctx.env, "CELERY_BROKER_URL": f"{REDIS_URL}/{REDIS_DBS[side]}"}
+    env = {**ctx.env, "CELERY_BROKER_URL": f"{redis_url()}/{REDIS_DBS[side]}"}
     if side == "prodserver":
         return prodserver("worker", env, log_dir)
     args = cli_args(settings.PRODUCTION_PROCESSES["worker"]["ARGS"])
@@ -39,7 +39,7 @@ def client(side: str):
     """A Celery app that sends to and reads results from `side`'s Redis db (json, the project's serializer)."""
     from celery import Celery
 
-    url = f"{REDIS_URL}/{REDIS_DBS[side]}"
+    url = f"{redis_url()}/{REDIS_DBS[side]}"
     return Celery(f"bench-{side}", broker=url, backend=url, set_as_current=False)
 
 

@@ -25,8 +25,6 @@ CHROMIUM_ARGS = [
     "--disable-component-update",
     "--disable-sync",
 ]
-# Redis db of its own: the test settings use 14, the integration tests 11.
-REDIS_DB = int(os.environ.get("BROWSER_TEST_REDIS_DB", "12"))
 ARTIFACTS_DIR = stack.REPO / "test-artifacts" / "browser"
 PROCESS_NAMES = ("web", "worker", "beat")
 
@@ -75,17 +73,14 @@ def admin_stack(tmp_path_factory):
     reason = stack.services_unavailable()
     if reason:
         pytest.skip(reason)
-    import redis
-
     workdir = tmp_path_factory.mktemp("admin-stack")
     static_root = workdir / "static"
-    redis_client = redis.Redis.from_url(f"{stack.REDIS_URL}/{REDIS_DB}")
-    redis_client.flushdb()
+    redis_db = stack.claim_redis_db("browser")
     database = stack.Database().create()
     port = stack.free_port()
     env = stack.production_env(
         database,
-        REDIS_DB,
+        redis_db,
         PORT=str(port),
         STATIC_ROOT=str(static_root),
         WEB_WORKERS="2",
@@ -126,8 +121,7 @@ def admin_stack(tmp_path_factory):
         for process in processes.values():
             process.stop()
         database.drop()
-        redis_client.flushdb()
-        redis_client.close()
+        stack.release_redis_db(redis_db)
 
 
 def _serve_static(static_root: Path):

@@ -24,7 +24,7 @@ import redis
 from deploy.config import DeployConfig
 from deploy.render import local_context, render_supervisord_conf
 from deploy.server_files import render_nginx_maintenance
-from tests.support.stack import REDIS_URL, Database, free_port, services_unavailable
+from tests.support.stack import Database, claim_redis_db, free_port, redis_url, release_redis_db, services_unavailable
 
 REPO = Path(__file__).resolve().parents[2]
 VENV_BIN = Path(sys.executable).parent
@@ -149,9 +149,10 @@ class Clone:
 class DeployTarget:
     """Start with `start()`, stop with `stop()`; `fab(...)` runs this repo's fabfile against it."""
 
-    def __init__(self, workdir: Path, redis_db: int = 13, **config_overrides):
+    def __init__(self, workdir: Path, redis_db: int | None = None, **config_overrides):
         self.workdir = workdir
-        self.redis_db = redis_db
+        self.redis_db = redis_db  # None: one claimed for this target at start()
+        self._claimed_redis_db = redis_db is None
         self.srv = workdir / "srv"
         self.etc = workdir / "etc"
         self.home = workdir / "home"  # the operator's HOME: an empty known_hosts and ssh config
@@ -172,7 +173,9 @@ class DeployTarget:
         os.chmod(self.workdir, 0o755)  # the app user walks through it to reach srv/
         self._start_sshd()
         self.database.create()
-        redis.Redis.from_url(f"{REDIS_URL}/{self.redis_db}").flushdb()
+        if self._claimed_redis_db:
+            self.redis_db = claim_redis_db("deploy")
+        redis.Redis.from_url(f"{redis_url()}/{self.redis_db}").flushdb()
         self._provision_layout()
         self._start_supervisord()
         self._start_nginx()
@@ -222,7 +225,7 @@ class DeployTarget:
                 SECRET_KEY={secrets.token_urlsafe(50)}%x
                 ALLOWED_HOSTS=127.0.0.1,localhost
                 DATABASE_URL={self.database.url}
-                CELERY_BROKER_URL={REDIS_URL}/{self.redis_db}
+                CELERY_BROKER_URL={redis_url()}/{self.redis_db}
                 EMAIL_URL=consolemail://
                 SECURE_SSL_REDIRECT=false
                 SECURE_COOKIES=false
@@ -397,4 +400,7 @@ class DeployTarget:
             self.database.drop()
         except Exception:  # noqa: BLE001 - tear-down goes on
             pass
-        redis.Redis.from_url(f"{REDIS_URL}/{self.redis_db}").flushdb()
+        if self.redis_db is not None:
+            redis.Redis.from_url(f"{redis_url()}/{self.redis_db}").flushdb()
+            if self._claimed_redis_db:
+                release_redis_db(self.redis_db)

@@ -40,7 +40,7 @@ def target():
     if reason:
         pytest.skip(reason)
     workdir = Path(tempfile.mkdtemp(prefix="prayer-room-data-e2e-"))
-    target = DeployTarget(workdir, redis_db=12)
+    target = DeployTarget(workdir)
     try:
         target.start()
         with (target.srv / "shared" / "env").open("a") as env:

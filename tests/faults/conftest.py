@@ -35,13 +35,9 @@ def database(services):
 
 @pytest.fixture(scope="module")
 def redis_db(services):
-    import redis
-
-    number = 12
-    client = redis.Redis.from_url(f"{stack.REDIS_URL}/{number}")
-    client.flushdb()
+    number = stack.claim_redis_db("faults")
     yield number
-    client.flushdb()
+    stack.release_redis_db(number)
 
 
 @pytest.fixture(scope="module")

@@ -51,7 +51,7 @@ def web(env, redis_db, tmp_path_factory):
     )
     port = stack.free_port()
     rates = {f"THROTTLE_{scope}": "100000/hour" for scope in ("SUBMIT", "PRAYED", "FLAG")}
-    cache = {"CACHE_URL": f"{stack.REDIS_URL}/{redis_db}"}
+    cache = {"CACHE_URL": f"{stack.redis_url()}/{redis_db}"}
     process = stack.Process("web", {**env, "PORT": str(port), **rates, **cache}, tmp_path_factory.mktemp("web"))
     base_url = f"http://127.0.0.1:{port}"
     process.wait_for_http(f"{base_url}/health/")

@@ -1,11 +1,13 @@
-"""Run the real stack for tests: a throwaway PostgreSQL database, a Redis db, prodserver processes."""
+"""Run the real stack for tests: a throwaway PostgreSQL database, a Redis db, prodserver processes.
+
+The servers are the session's (tests/support/services.py): `postgres_url()` and `redis_url()`;
+`POSTGRES_ADMIN_URL` and `REDIS_URL` are the same, resolved when first read."""
 
 from __future__ import annotations
 
 import os
 import secrets
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -16,31 +18,22 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import psycopg
-import redis
+
+from tests.support.services import claim_redis_db, free_port, postgres_url, redis_url, release_redis_db
+from tests.support.services import unavailable as services_unavailable
 
 REPO = Path(__file__).resolve().parents[2]
 MANAGE = REPO / "project" / "manage.py"
-POSTGRES_ADMIN_URL = os.environ.get("TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
-REDIS_URL = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379")
+
+__all__ = ["claim_redis_db", "free_port", "postgres_url", "redis_url", "release_redis_db", "services_unavailable"]
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def services_unavailable() -> str | None:
-    """Why PostgreSQL or Redis cannot be reached, or None when both answer."""
-    try:
-        psycopg.connect(POSTGRES_ADMIN_URL, connect_timeout=3).close()
-    except psycopg.Error as exc:
-        return f"PostgreSQL at {POSTGRES_ADMIN_URL} is not reachable: {exc}"
-    try:
-        redis.Redis.from_url(REDIS_URL, socket_connect_timeout=3).ping()
-    except redis.RedisError as exc:
-        return f"Redis at {REDIS_URL} is not reachable: {exc}"
-    return None
+def __getattr__(name: str) -> str:
+    if name == "POSTGRES_ADMIN_URL":
+        return postgres_url()
+    if name == "REDIS_URL":
+        return redis_url()
+    raise AttributeError(name)
 
 
 @dataclass
@@ -51,15 +44,15 @@ class Database:
 
     @property
     def url(self) -> str:
-        return POSTGRES_ADMIN_URL.rsplit("/", 1)[0] + f"/{self.name}"
+        return postgres_url().rsplit("/", 1)[0] + f"/{self.name}"
 
     def create(self) -> Database:
-        with psycopg.connect(POSTGRES_ADMIN_URL, autocommit=True) as conn:
+        with psycopg.connect(postgres_url(), autocommit=True) as conn:
             conn.execute(f'CREATE DATABASE "{self.name}"')
         return self
 
     def drop(self) -> None:
-        with psycopg.connect(POSTGRES_ADMIN_URL, autocommit=True) as conn:
+        with psycopg.connect(postgres_url(), autocommit=True) as conn:
             conn.execute(f'DROP DATABASE IF EXISTS "{self.name}" WITH (FORCE)')
 
     def query(self, sql: str, params: tuple = ()) -> list[tuple]:
@@ -76,8 +69,8 @@ def production_env(database: Database, redis_db: int, **extra: str) -> dict[str,
         SECRET_KEY=secrets.token_urlsafe(50),
         ALLOWED_HOSTS="127.0.0.1,localhost",
         DATABASE_URL=database.url,
-        CELERY_BROKER_URL=f"{REDIS_URL}/{redis_db}",
-        CACHE_URL=f"{REDIS_URL}/{redis_db}",
+        CELERY_BROKER_URL=f"{redis_url()}/{redis_db}",
+        CACHE_URL=f"{redis_url()}/{redis_db}",
         EMAIL_URL="consolemail://",
         SECURE_SSL_REDIRECT="false",
         SECURE_COOKIES="false",
