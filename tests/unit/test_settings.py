@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from tests.support.stack import MANAGE, POSTGRES_ADMIN_URL
+from tests.support.stack import MANAGE
 
 
 def manage_with(env: dict[str, str], *args: str) -> subprocess.CompletedProcess:
@@ -21,7 +21,7 @@ def manage_with(env: dict[str, str], *args: str) -> subprocess.CompletedProcess:
 PRODUCTION = {
     "SECRET_KEY": secrets.token_urlsafe(50),
     "ALLOWED_HOSTS": "prayer.example.org",
-    "DATABASE_URL": POSTGRES_ADMIN_URL,
+    "DATABASE_URL": "postgres://prayer-room@db.example.org:5432/prayer_room",  # checks do not connect
 }
 
 
@@ -58,10 +58,31 @@ def test_a_bad_number_names_the_variable():
     assert "WEB_WORKERS must be a whole number, got 'two'" in result.stderr
 
 
-def test_the_secret_key_is_never_printed_in_an_error():
-    result = manage_with({**PRODUCTION, "WEB_WORKERS": "0"}, "check")
-    assert result.returncode != 0
-    assert PRODUCTION["SECRET_KEY"] not in result.stdout + result.stderr
+PASSWORD = secrets.token_urlsafe(16)
+
+
+@pytest.mark.parametrize(
+    ("wrong", "message"),
+    [
+        # The value that is wrong carries the secret: an error quoting it would print the secret.
+        ({"DATABASE_URL": f"mysql://prayer:{PASSWORD}@db.example.org/prayer"}, "DATABASE_URL must point at PostgreSQL"),
+        ({"CACHE_URL": f"bogus://prayer:{PASSWORD}@cache.example.org"}, "Invalid cache schema bogus"),
+        ({"EMAIL_URL": f"bogus://prayer:{PASSWORD}@smtp.example.org:587"}, "Invalid email schema bogus"),
+        ({"CACHE_URL": "locmemcache://"}, "CACHE_URL must be shared"),
+    ],
+)
+def test_no_secret_is_printed_in_a_configuration_error(wrong, message):
+    env = {
+        **PRODUCTION,
+        "EMAIL_URL": f"smtp+tls://prayer:{PASSWORD}@smtp.example.org:587",
+        "CACHE_URL": f"redis://:{PASSWORD}@127.0.0.1:6379/1",
+        **wrong,
+    }
+    result = manage_with(env, "check")
+    output = result.stdout + result.stderr
+    assert result.returncode != 0 and message in result.stderr, output
+    assert PRODUCTION["SECRET_KEY"] not in output
+    assert PASSWORD not in output
 
 
 def test_production_refuses_a_per_process_cache_for_rate_limits():
