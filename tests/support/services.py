@@ -220,11 +220,14 @@ class PostgresServer(_Server):
         bin_dir = Path(spec.submodule_search_locations[0]) / "pginstall" / "bin"
         if not self.user or _runs_as(self.user, bin_dir / "postgres"):
             return bin_dir
-        copy = self.directory / "pginstall"
+        copy = self.directory / "pgserver-copy"  # the wheel's layout: its binaries find ../../../pgserver.libs
         if not copy.exists():
-            shutil.copytree(bin_dir.parent, copy, symlinks=True)
+            site = bin_dir.parents[2]
+            shutil.copytree(bin_dir.parent, copy / "pgserver" / "pginstall", symlinks=True)
+            if (site / "pgserver.libs").is_dir():
+                shutil.copytree(site / "pgserver.libs", copy / "pgserver.libs", symlinks=True)
             os.chmod(self.directory, 0o755)
-        return copy / "bin"
+        return copy / "pgserver" / "pginstall" / "bin"
 
 
 def _runs_as(user: str, binary: Path, *args: str) -> bool:
