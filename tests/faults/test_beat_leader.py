@@ -29,7 +29,8 @@ def test_one_of_two_beats_dispatches_and_the_standby_takes_over_when_it_is_kille
     assert sent(second) == 0, "the standby dispatched while the leader held the lock"
     report(f"beat: two beats, a 1 s task: {during} dispatches in {window:.1f} s (ratio {during / window:.2f})")
     holders = database.query(
-        "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND granted AND classid = %s AND objid = %s",
+        "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND granted AND classid = %s AND objid = %s"
+        " AND database = (SELECT oid FROM pg_database WHERE datname = current_database())",
         LOCK_KEY,
     )
     assert holders == [(1,)]
