@@ -1,4 +1,9 @@
-"""The deploy lock on the server: a directory made atomically by mkdir, naming who holds it and since when."""
+"""The deploy lock on the server: a directory naming who holds it (with an owner token) and since when.
+
+Every change to it runs under flock(1) on a guard file beside it, so checking the owner and acting
+on it is one step: refresh and release touch only the lock whose token is ours, and a stale lock is
+broken and retaken in one go (two deploys breaking the same stale lock: one gets it).
+"""
 
 from __future__ import annotations
 
@@ -7,10 +12,15 @@ import json
 import os
 import socket
 import time
-from dataclasses import dataclass
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 
 from deploy.errors import DeployError
 from deploy.remote import Server, sh
+
+GUARD_WAIT = 30  # seconds flock waits for another lock operation
 
 
 def holder_name() -> str:
@@ -20,37 +30,66 @@ def holder_name() -> str:
 
 @dataclass(frozen=True)
 class DeployLock:
-    """Held for one deploy or rollback; refreshed at each step, stale after config.lock_expiry_seconds without one."""
+    """Held for one deploy, rollback, restart or provision; refreshed at each step, stale after
+    config.lock_expiry_seconds without one."""
 
     server: Server
     action: str
+    token: str = field(default_factory=lambda: uuid.uuid4().hex)
 
     @property
     def path(self):
         return self.server.config.layout.lock
 
+    @property
+    def guard(self):
+        return self.path.parent / f".{self.path.name}.guard"
+
+    def _guarded(self, script: str) -> str:
+        """A root shell command running `script` while holding the guard's flock."""
+        return sh("flock", "-w", str(GUARD_WAIT), self.guard, "sh", "-c", script)
+
+    def _ours(self) -> str:
+        """Shell test: the lock's owner record carries our token."""
+        return f"grep -qF {sh(self.token)} {sh(self.path / 'owner')} 2>/dev/null"
+
     def acquire(self) -> None:
         """Take the lock, breaking it only when stale; otherwise say who holds it and since when."""
         owner = json.dumps(
-            {"holder": holder_name(), "pid": os.getpid(), "since": int(time.time()), "action": self.action}
+            {
+                "holder": holder_name(),
+                "pid": os.getpid(),
+                "since": int(time.time()),
+                "action": self.action,
+                "token": self.token,
+            }
         )
-        take = f"mkdir {sh(self.path)} 2>/dev/null && printf %s {sh(owner)} > {sh(self.path / 'owner')}"
-        for _attempt in range(2):
-            if self.server.root(take, what="taking the deploy lock", warn=True).exited == 0:
-                return
-            held = self.holder()
-            if held is None:
-                continue  # released between our mkdir and our look
-            age = held["idle"]
-            if age <= self.server.config.lock_expiry_seconds:
-                raise DeployError(
-                    f"{self.server.name} is locked by {held.get('holder', '?')} ({held.get('action', '?')}) since "
-                    f"{time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(held.get('since', 0)))} "
-                    f"(last step {age} s ago); wait for it, or run `fab unlock` if that deploy is dead."
-                )
-            print(f"  breaking a stale deploy lock of {held.get('holder', '?')} (idle {age} s)")
-            self.break_lock()
-        raise DeployError(f"{self.server.name}: could not take the deploy lock at {self.path}; try again.")
+        lock, record = sh(self.path), sh(self.path / "owner")
+        take = f"mkdir {lock} && printf %s {sh(owner)} > {record}"
+        script = (
+            f"if mkdir {lock} 2>/dev/null; then printf %s {sh(owner)} > {record}; exit 0; fi; "
+            f"idle=$(( $(date +%s) - $(stat -c %Y {record} 2>/dev/null || echo 0) )); "
+            f'printf "%s " "$idle"; cat {record} 2>/dev/null; echo; '
+            f'if [ "$idle" -gt {int(self.server.config.lock_expiry_seconds)} ]; then '
+            f"rm -rf {lock} && {take} && exit 10; exit 2; fi; exit 1"
+        )
+        result = self.server.root(self._guarded(script), what="taking the deploy lock", warn=True)
+        if result.exited == 0:
+            return
+        idle, held = _parse_held(result.stdout)
+        if result.exited == 10:
+            print(f"  breaking a stale deploy lock of {held.get('holder', '?')} (idle {idle} s)")
+            return
+        if result.exited == 1:
+            raise DeployError(
+                f"{self.server.name} is locked by {held.get('holder', '?')} ({held.get('action', '?')}) since "
+                f"{time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(held.get('since', 0)))} "
+                f"(last step {idle} s ago); wait for it, or run `fab unlock` if that deploy is dead."
+            )
+        raise DeployError(
+            f"{self.server.name}: could not take the deploy lock at {self.path} "
+            f"({(result.stderr or result.stdout).strip()[-300:] or f'exit {result.exited}'}); try again."
+        )
 
     def holder(self) -> dict | None:
         """The lock's owner record plus `idle` seconds since its last refresh, or None when unlocked."""
@@ -69,19 +108,53 @@ class DeployLock:
         return record
 
     def refresh(self) -> None:
-        self.server.root(sh("touch", self.path / "owner"), what="refreshing the deploy lock", warn=True)
+        """Mark a step: only our own lock; one broken as stale and taken by another deploy stops this one."""
+        touch = f"{self._ours()} && touch {sh(self.path / 'owner')}"
+        if self.server.root(self._guarded(touch), what="refreshing the deploy lock", warn=True).exited == 0:
+            return
+        held = self.holder()
+        who = f"{held.get('holder', '?')} ({held.get('action', '?')})" if held else "nobody"
+        raise DeployError(
+            f"{self.server.name}: this {self.action} lost the deploy lock (it went stale and is now held by {who}); "
+            "stopping. Check `fab status` before deploying again."
+        )
 
     def kept_alive(self, command: str) -> str:
-        """`command` (a root shell command) with the lock refreshed every 20 s while it runs.
+        """`command` (a root shell command) with our lock refreshed every 20 s while it runs.
 
         A long step (a virtualenv build, a long migration) cannot outlive the lock's expiry this way.
         """
-        owner = sh(self.path / "owner")
-        keeper = f"( while sleep 20; do touch {owner}; done ) </dev/null >/dev/null 2>&1 & keeper=$!"
+        touch = self._guarded(f"{self._ours()} && touch {sh(self.path / 'owner')}")
+        keeper = f"( while sleep 20; do {touch}; done ) </dev/null >/dev/null 2>&1 & keeper=$!"
         return f"{keeper}; {command}; code=$?; kill $keeper; exit $code"
 
     def release(self) -> None:
-        self.server.root(sh("rm", "-rf", self.path), what="releasing the deploy lock", warn=True)
+        """Remove the lock if it is still ours (a lock broken as stale and retaken belongs to someone else)."""
+        remove = f"if {self._ours()}; then rm -rf {sh(self.path)}; fi"
+        self.server.root(self._guarded(remove), what="releasing the deploy lock", warn=True)
 
     def break_lock(self) -> None:
-        self.release()
+        """Remove the lock whoever holds it (`fab unlock`)."""
+        self.server.root(self._guarded(f"rm -rf {sh(self.path)}"), what="breaking the deploy lock", warn=True)
+
+    @contextmanager
+    def held(self) -> Iterator[DeployLock]:
+        """Hold the lock for a block; released on the way out, whatever happened."""
+        self.acquire()
+        try:
+            yield self
+        finally:
+            self.release()
+
+
+def _parse_held(stdout: str) -> tuple[int, dict]:
+    """`IDLE OWNER-JSON` as the acquire script prints it; an unreadable owner is reported as unknown."""
+    idle, _, record = stdout.strip().partition(" ")
+    try:
+        held = json.loads(record)
+    except ValueError:
+        held = {"holder": "unknown"}
+    try:
+        return int(idle), held
+    except ValueError:
+        return 10**9, held

@@ -87,6 +87,7 @@ def prepare(args) -> int:
     stages = {
         "before": [
             ("check --deploy", lambda: call_command("check", deploy=True, fail_level="ERROR")),
+            ("mail server", lambda: mail_server_warning(args.env_file or "the env file")),
             ("collectstatic", lambda: call_command("collectstatic", interactive=False, verbosity=0)),
         ],
         "migrate": [
@@ -100,7 +101,7 @@ def prepare(args) -> int:
     for name, run in steps:
         started = time.monotonic()
         try:
-            run()
+            outcome = run()
         except BaseException as exc:  # noqa: BLE001 - SystemCheckError, CommandError, DB errors alike
             sys.stdout.flush()
             extra = {}
@@ -111,8 +112,33 @@ def prepare(args) -> int:
             return 1
         sys.stdout.flush()
         extra = {"applied": sorted(".".join(k) for k in applied_migrations() - before)} if name == "migrate" else {}
+        if isinstance(outcome, str):
+            extra["warning"] = outcome
         emit(step=name, ok=True, seconds=round(time.monotonic() - started, 2), **extra)
     return 0
+
+
+def mail_server_warning(env_file: str) -> str | None:
+    """None when EMAIL_URL's SMTP server accepts a connection (and the login, if any); else what to set.
+
+    Opens and closes a connection as the digests do; no mail is sent.
+    """
+    from django.conf import settings
+    from django.core.mail import get_connection
+
+    if not settings.EMAIL_BACKEND.endswith("smtp.EmailBackend"):
+        return None
+    try:
+        connection = get_connection(timeout=5)
+        connection.open()
+        connection.close()
+    except Exception as exc:  # noqa: BLE001 - refused, unreachable, TLS or login failure: all mean no mail
+        return (
+            f"no mail will go out: the SMTP server {settings.EMAIL_HOST}:{settings.EMAIL_PORT} of EMAIL_URL did not "
+            f"accept a connection ({type(exc).__name__}: {exc}); set EMAIL_URL in {env_file}, e.g. "
+            "EMAIL_URL=smtp+tls://user:password@smtp.example.org:587, then run `fab deploy` again"
+        )
+    return None
 
 
 # --- the schema: what is applied, what a release knows, what a new migration does to the running release ----

@@ -18,6 +18,7 @@ from fabric import Connection
 
 from deploy.config import DeployConfig
 from deploy.errors import DeployError
+from deploy.lock import DeployLock
 from deploy.onserver import read_env_file
 from deploy.progress import Progress
 from deploy.remote import Server, connect, sh
@@ -291,11 +292,13 @@ def provision(conn: Connection, config: DeployConfig, *, progress: Progress | No
     step("packages", lambda: install_packages(server))
     step("app user", lambda: ensure_app_user(server))
     step("directories", lambda: ensure_directories(server))
-    step("env file", env_file)
-    step(
-        "database",
-        lambda: ensure_database(server, env["values"]["DATABASE_URL"], new_password=bool(env["new_password"])),
-    )
-    step("supervisord", lambda: ensure_supervisord(server))
-    step("nginx", lambda: ensure_nginx(server, host))
+    # The deploy lock lives in the app directory: from here on no deploy, rollback or restart runs meanwhile.
+    with DeployLock(server, "provision").held():
+        step("env file", env_file)
+        step(
+            "database",
+            lambda: ensure_database(server, env["values"]["DATABASE_URL"], new_password=bool(env["new_password"])),
+        )
+        step("supervisord", lambda: ensure_supervisord(server))
+        step("nginx", lambda: ensure_nginx(server, host))
     return summary(server.name, progress)

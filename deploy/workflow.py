@@ -136,6 +136,8 @@ def _report_steps(progress: Progress, seen: list[dict]):
         for line in lines:
             if "step" in line:
                 progress.say(f"   {'ok' if line.get('ok') else 'FAILED'}  {line['step']} ({line['seconds']:.1f} s)")
+            if line.get("warning"):
+                progress.say(f"   WARNING: {line['warning']}")
 
     return report
 
@@ -277,15 +279,16 @@ def rollback(
     progress = Progress(f"rollback on {conn.host}")
     with progress.step("connect and check the server"):
         server = connect(conn, config)
+        read_state(server).require_provisioned(server)
+    layout = config.layout
+    with _locked(server, f"rollback{' to ' + to if to else ''}", progress):
+        # NOTE: the target is chosen under the lock: a deploy that finished meanwhile changed what "previous" is.
         state = read_state(server)
-        state.require_provisioned(server)
         target = to or state.previous()
         if target is None:
             raise DeployError(f"{server.name} has no verified release older than {state.current} to roll back to.")
         if target not in state.releases:
             raise DeployError(f"{server.name} has no release {target}; releases: {', '.join(state.releases)}.")
-    layout = config.layout
-    with _locked(server, f"rollback to {target}", progress):
         with progress.step(f"compare the database's migrations with {target}'s"):
             report = SchemaReport.read(server, layout.releases / target)
         if restore:
@@ -457,18 +460,20 @@ def restart_programs(conn: Connection, config: DeployConfig, program: str | None
         raise DeployError(f"{server.name} has no live release; run `fab deploy` first.")
     subset = Programs.from_config(config).select(program)
     host = verify.health_host(state.env_values(server))
-    release_dir = config.layout.releases / state.current
-    result = rolling_restart(
-        server,
-        subset,
-        lambda port: verify.check_web(server, release_dir, state.current, port, host),
-        progress.step,
-    )
-    if subset.others:
-        with progress.step("wait for worker and beat"):
-            if result is not None and result.exited != 0:
-                raise DeployError(f"restarting {', '.join(subset.others)}: {result.stdout.strip()[:500]}")
-            wait_running(server, subset.others)
+    with _locked(server, f"restart {program or 'all'}", progress):
+        state = read_state(server)  # under the lock: the release live now
+        release_dir = config.layout.releases / state.current
+        result = rolling_restart(
+            server,
+            subset,
+            lambda port: verify.check_web(server, release_dir, state.current, port, host),
+            progress.step,
+        )
+        if subset.others:
+            with progress.step("wait for worker and beat"):
+                if result is not None and result.exited != 0:
+                    raise DeployError(f"restarting {', '.join(subset.others)}: {result.stdout.strip()[:500]}")
+                wait_running(server, subset.others)
     return progress.summary("restarted " + ", ".join(n.split(":")[-1] for n in subset.all))
 
 

@@ -12,12 +12,18 @@ import re
 import shutil
 import signal
 import tempfile
+import threading
 import time
 from pathlib import Path
 
 import pytest
 from celery import Celery
+from fabric import Connection
 
+from deploy.config import load_config
+from deploy.errors import DeployError
+from deploy.lock import DeployLock
+from deploy.remote import connect
 from tests.deploy.target import (
     APP_USER,
     NO_SUDO_USER,
@@ -255,6 +261,70 @@ def test_a_stale_lock_is_broken_and_unlock_removes_a_lock(target, clone):
     os.utime(lock / "owner", (time.time() - 3600, time.time() - 3600))
     out = ok(target.fab("deploy", repo=clone.path))
     assert "breaking a stale deploy lock of ghost@laptop" in out and not lock.exists()
+
+
+def lock_on(target, action: str) -> DeployLock:
+    """A DeployLock of our own on the target, over a connection of its own."""
+    conn = Connection("127.0.0.1", user="root", port=target.ssh_port, connect_kwargs={"key_filename": str(target.key)})
+    return DeployLock(connect(conn, load_config(target.config_file, "e2e")), action)
+
+
+def test_refresh_and_release_touch_only_their_own_lock(target):
+    owner = target.srv / "deploy.lock" / "owner"
+    mine = lock_on(target, "deploy mine")
+    mine.acquire()
+    os.utime(owner, (time.time() - 3600, time.time() - 3600))  # mine went stale; another deploy breaks it
+    theirs = lock_on(target, "deploy theirs")
+    theirs.acquire()
+    mine.release()
+    assert json.loads(owner.read_text())["token"] == theirs.token, "releasing a lock broken as stale removed theirs"
+    with pytest.raises(DeployError, match="lost the deploy lock .*deploy theirs"):
+        mine.refresh()
+    assert json.loads(owner.read_text())["token"] == theirs.token
+    theirs.release()
+    assert not owner.parent.exists()
+
+
+def test_two_deploys_breaking_one_stale_lock_one_wins(target):
+    lock = target.srv / "deploy.lock"
+    lock.mkdir()
+    (lock / "owner").write_text(json.dumps({"holder": "ghost@laptop", "since": 0, "action": "deploy dead"}))
+    os.utime(lock / "owner", (time.time() - 3600, time.time() - 3600))
+    locks = [lock_on(target, f"deploy {n}") for n in range(2)]
+    outcomes = []
+
+    def take(one):
+        try:
+            one.acquire()
+            outcomes.append("took")
+        except DeployError as exc:
+            outcomes.append(str(exc))
+
+    threads = [threading.Thread(target=take, args=(one,)) for one in locks]
+    try:
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(60)
+        assert outcomes.count("took") == 1, outcomes
+        assert any("is locked by root@" in outcome and "(deploy " in outcome for outcome in outcomes), outcomes
+        [winner] = [one for one in locks if json.loads((lock / "owner").read_text())["token"] == one.token]
+        winner.release()
+        assert not lock.exists()
+    finally:
+        shutil.rmtree(lock, ignore_errors=True)
+
+
+def test_restart_and_rollback_wait_for_the_lock(target):
+    lock = target.srv / "deploy.lock"
+    lock.mkdir()
+    (lock / "owner").write_text(json.dumps({"holder": "alice@laptop", "since": int(time.time()), "action": "deploy"}))
+    try:
+        for task in (("restart", "worker"), ("rollback",)):
+            line = failed(target.fab(*task))
+            assert "is locked by alice@laptop" in line, (task, line)
+    finally:
+        shutil.rmtree(lock)
 
 
 def test_a_sudo_user_deploys_and_rolls_back(target, clone):
