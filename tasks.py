@@ -13,17 +13,27 @@ MANAGE = f"{sys.executable} {REPO / 'project' / 'manage.py'}"
 
 
 @task
-def dev(c, port=8000):
-    """Migrate, seed the schedules, then run web + worker + beat under supervisord until Ctrl-C."""
+def dev(c, port=8000, demo=True):
+    """Run web + worker + beat under supervisord until Ctrl-C, their output here (--no-demo: no demo data).
+
+    First it migrates, collects the static files into var/static (WhiteNoise serves them) and seeds the
+    schedules; an empty database (no location yet) gets demo data and a staff account.
+    """
     from deploy import local
 
-    os.environ["VAR_DIR"] = str(local.var_dir())
-    migrate(c)
+    var = local.var_dir()
+    os.environ["VAR_DIR"] = str(var)
+    c.run(f"{MANAGE} migrate --noinput --verbosity 0")
+    c.run(f"{MANAGE} collectstatic --noinput --verbosity 0")
     seed(c)
+    if demo:
+        c.run(f"{MANAGE} demo_data --if-empty")
     try:
-        config = local.write_dev_config(port)
+        config = local.write_dev_config(port, color=sys.stdout.isatty())
         print(
-            f"web on http://127.0.0.1:{port}/ (admin at /admin/); logs in {local.var_dir() / 'log'}; Ctrl-C stops all"
+            f"\nweb on http://127.0.0.1:{port}/ (API docs; admin at /admin/), worker and beat: their output follows,"
+            f" each line prefixed with its name;\nlogs also in {var / 'log'}. Ctrl-C stops all three.\n",
+            flush=True,
         )
         local.exec_supervisord(config)
     except DeployError as exc:

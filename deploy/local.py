@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import pwd
+import secrets
 import shutil
 import sys
 from pathlib import Path
@@ -18,8 +20,8 @@ def var_dir() -> Path:
     return Path(os.environ.get("VAR_DIR") or REPO_DIR / "var").resolve()
 
 
-def write_dev_config(port: int, python: str = sys.executable) -> Path:
-    """Render the local supervisord config into VAR/supervisord.conf and return its path."""
+def write_dev_config(port: int, python: str = sys.executable, color: bool = False) -> Path:
+    """Render the local supervisord config into VAR/supervisord.conf (0600: it holds the socket's password)."""
     var = var_dir()
     for folder in (var / "run", var / "log"):
         folder.mkdir(parents=True, exist_ok=True)
@@ -30,8 +32,21 @@ def write_dev_config(port: int, python: str = sys.executable) -> Path:
     for name in ("DATABASE_URL", "CELERY_BROKER_URL", "EMAIL_URL", "LOG_LEVEL", "DJANGO_SETTINGS_MODULE"):
         if os.environ.get(name):
             environment[name] = os.environ[name]
+    context = local_context(
+        REPO_DIR,
+        var,
+        python,
+        port=port,
+        environment=environment,
+        stream_output=True,
+        color=color,
+        daemon_user=pwd.getpwuid(os.getuid()).pw_name,
+        password=secrets.token_urlsafe(16),
+    )
     config = var / "supervisord.conf"
-    config.write_text(render_supervisord_conf(local_context(REPO_DIR, var, python, port=port, environment=environment)))
+    config.touch(mode=0o600)
+    config.chmod(0o600)
+    config.write_text(render_supervisord_conf(context))
     return config
 
 
@@ -40,6 +55,8 @@ def exec_supervisord(config: Path) -> None:
     binary = shutil.which("supervisord", path=str(Path(sys.executable).parent)) or shutil.which("supervisord")
     if binary is None:
         raise DeployError("supervisord is not installed; run scripts/bootstrap (it installs the ops extra).")
+    sys.stdout.flush()  # what was printed before exec would be lost in a pipe's buffer
+    sys.stderr.flush()
     os.execv(binary, [binary, "-n", "-c", str(config)])
 
 

@@ -160,6 +160,7 @@ def render_supervisord_conf(context: Mapping[str, Any], template_dir: Path = TEM
             user=context.get("user"),
             web_graceful_timeout=context.get("web_graceful_timeout", 0),
             task_time_limit=context.get("task_time_limit", 0),
+            log_stream=context.get("log_stream"),
         )
     except jinja2.UndefinedError as exc:
         raise DeployError(f"supervisord.conf.j2 needs a value the context does not give: {exc}") from exc
@@ -174,8 +175,17 @@ def local_context(
     environment: Mapping[str, str] | None = None,
     task_time_limit: int = 300,
     web_graceful_timeout: int = 20,
+    stream_output: bool = False,
+    color: bool = False,
+    daemon_user: str | None = None,
+    password: str | None = None,
 ) -> dict[str, Any]:
-    """A standalone config for `supervisord -n -c VAR/supervisord.conf` on a checkout (VAR/run, VAR/log must exist)."""
+    """A standalone config for `supervisord -n -c VAR/supervisord.conf` on a checkout (VAR/run, VAR/log must exist).
+
+    `stream_output` adds deploy/logstream.py as an event listener (every program's output on supervisord's
+    stdout, prefixed with its name; `color` for a terminal); `daemon_user` is the user supervisord already
+    runs as, `password` guards its socket (both keep supervisord from logging CRIT warnings).
+    """
     repo_dir, var_dir = Path(repo_dir).resolve(), Path(var_dir).resolve()
     env = {"DJANGO_SETTINGS_MODULE": "prayer_room_api.settings.local", **(environment or {})}
     return {
@@ -197,7 +207,16 @@ def local_context(
             "logfile": str(var_dir / "log" / "supervisord.log"),
             "socket_owner": None,
             "include": (),
+            "user": daemon_user,
+            "username": "dev" if password else None,
+            "password": password,
         },
+        "log_stream": {
+            "name": "output",
+            "command": [python, repo_dir / "deploy" / "logstream.py", *(["--color"] if color else [])],
+        }
+        if stream_output
+        else None,
     }
 
 

@@ -1,6 +1,6 @@
 from django.contrib import admin
 from django.urls import include, path
-from drf_spectacular.views import SpectacularAPIView
+from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerView
 
 from . import views
 
@@ -8,6 +8,7 @@ handler400 = views.bad_request
 handler404 = views.not_found
 
 urlpatterns = [
+    path("", SpectacularSwaggerView.as_view(url_name="schema"), name="api-docs"),
     path("health/", views.health, name="health"),
     path("admin/", admin.site.urls),
     path("api/schema/", SpectacularAPIView.as_view(), name="schema"),

@@ -124,20 +124,6 @@ def admin_stack(tmp_path_factory):
         stack.release_redis_db(redis_db)
 
 
-def _serve_static(static_root: Path):
-    """A route handler that answers /static/ from collectstatic's output, as nginx does in production."""
-
-    def handle(route):
-        relative = route.request.url.split("/static/", 1)[1].split("?", 1)[0]
-        path = (static_root / relative).resolve()
-        if path.is_file() and path.is_relative_to(static_root.resolve()):
-            route.fulfill(path=path)
-        else:
-            route.fulfill(status=404, body="not found")
-
-    return handle
-
-
 _phase_reports = pytest.StashKey[dict]()
 
 
@@ -160,7 +146,6 @@ def page(request, chromium, admin_stack):
     shutil.rmtree(artifacts, ignore_errors=True)
     context = chromium.new_context(base_url=admin_stack.base_url, viewport={"width": 1440, "height": 900})
     context.set_default_timeout(15_000)
-    context.route("**/static/**", _serve_static(admin_stack.static_root))
     browser_page = context.new_page()
     yield browser_page
     reports = request.node.stash.get(_phase_reports, {})

@@ -48,6 +48,18 @@ def logged_at(process, pattern: re.Pattern) -> list[datetime]:
     return [datetime.strptime(m["at"], "%Y-%m-%d %H:%M:%S,%f") for m in pattern.finditer(process.output())]
 
 
+def test_the_admin_is_styled_by_the_stylesheets_the_app_itself_serves(page, admin_stack):
+    """No route in the browser: /static/ comes from web (WhiteNoise), as for a user of `invoke dev`."""
+    static = []
+    page.on("response", lambda response: "/static/" in response.url and static.append(response))
+    page.goto("/admin/login/")
+    page.wait_for_load_state("load")
+    assert static and all(response.status == 200 for response in static), [(r.url, r.status) for r in static]
+    assert any(re.search(r"/admin/css/base(\.\w+)?\.css$", response.url) for response in static)  # hashed or not
+    header = page.eval_on_selector("#header", "e => getComputedStyle(e).backgroundColor")
+    assert header not in ("rgba(0, 0, 0, 0)", "transparent"), "base.css not applied"
+
+
 def test_staff_sees_the_seeded_schedules_in_words_with_their_tasks(staff_page):
     staff_page.goto(PERIODIC_TASKS)
 

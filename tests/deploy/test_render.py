@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 from supervisor.datatypes import RestartUnconditionally
-from supervisor.options import ServerOptions
+from supervisor.options import ClientOptions, ServerOptions
 
 from deploy.errors import DeployError
 from deploy.render import local_context, render_supervisord_conf, supervisor_environment
@@ -48,6 +48,30 @@ def test_local_config_is_complete_and_standalone(tmp_path):
     assert options.server_configs[0]["family"] == 1  # AF_UNIX: no inet_http_server
     assert options.server_configs[0]["file"] == str(tmp_path / "run" / "supervisor.sock")
     assert options.server_configs[0]["chmod"] == 0o700
+
+
+def test_invoke_dev_config_streams_output_through_the_listener_and_guards_its_socket(tmp_path):
+    plain = parse(render_supervisord_conf(local_context(Path("/repo"), tmp_path, "/py")), tmp_path)
+    assert [g.name for g in plain.process_group_configs] == ["prayer-room"]  # no listener unless asked
+    assert not any(p.stdout_events_enabled for p in processes(plain).values())
+
+    context = local_context(
+        Path("/repo"), tmp_path, "/py", stream_output=True, color=True, daemon_user="root", password="p%w"
+    )
+    options = parse(render_supervisord_conf(context), tmp_path)
+    groups = {g.name: g for g in options.process_group_configs}
+    assert sorted(groups) == ["output", "prayer-room"]
+    (listener,) = groups["output"].process_configs
+    assert listener.command == "/py /repo/deploy/logstream.py --color"
+    assert listener.stderr_logfile == "/dev/stdout" and listener.stderr_logfile_maxbytes == 0
+    assert groups["output"].priority < groups["prayer-room"].priority, "started first, stopped last"
+    assert groups["output"].pool_events and groups["output"].buffer_size >= 1024
+    assert all(p.stdout_events_enabled for p in groups["prayer-room"].process_configs)
+    assert options.uid == 0  # user= said: no "running as root" CRIT
+    assert (options.server_configs[0]["username"], options.server_configs[0]["password"]) == ("dev", "p%w")
+    client = ClientOptions()
+    client.realize(args=["-c", str(tmp_path / "supervisord.conf")])
+    assert (client.username, client.password) == ("dev", "p%w"), "supervisorctl signs in"
 
 
 def test_environment_values_survive_supervisord_parsing(tmp_path):

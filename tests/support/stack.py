@@ -100,7 +100,7 @@ class Process:
     ):
         self.name = name
         self.log_path = log_dir / f"{log_name or name}.log"
-        self._log = self.log_path.open("wb")
+        self._log = self.log_path.open("ab")  # appended: a child may open the same file again (/dev/stdout)
         self.popen = subprocess.Popen(
             argv or [sys.executable, str(MANAGE), "prodserver", name, *extra_args],
             env=env,
