@@ -137,20 +137,21 @@ def status(c, env=None, config=None):
         print(workflow.status(conn, cfg))
 
 
-@task(positional=["program"], help={**COMMON_HELP, "program": "web, web-1, web-2, worker or beat (default: all)",
+# NOTE: invoke's positional arguments are required, so PROGRAM is a flag: `fab logs` shows all of them.
+@task(help={**COMMON_HELP, "program": "web, web-1, web-2, worker or beat (default: all)",
             "lines": "how many lines", "follow": "keep streaming (Ctrl-C to stop)"})  # fmt: skip
 @_one_line_errors
 def logs(c, program=None, lines=100, follow=False, env=None, config=None):
-    """The last lines of a program's log."""
+    """The last lines of each program's log, or of one (--program NAME)."""
     cfg, conns = _targets(c, env, config)
     for conn in conns:
         print(workflow.logs(conn, cfg, program, int(lines), follow), end="")
 
 
-@task(positional=["program"], help={**COMMON_HELP, "program": "web, web-1, web-2, worker or beat (default: all)"})
+@task(help={**COMMON_HELP, "program": "web, web-1, web-2, worker or beat (default: all)"})
 @_one_line_errors
 def restart(c, program=None, env=None, config=None):
-    """Restart a program (web: one port at a time, each checked) or all of them."""
+    """Restart all programs, or one (--program NAME; web: one port at a time, each checked)."""
     cfg, conns = _targets(c, env, config)
     for conn in conns:
         print(workflow.restart_programs(conn, cfg, program))

@@ -387,6 +387,15 @@ def ping(args) -> int:
     return 1
 
 
+def schedule_text(task) -> str:
+    """A periodic task's schedule on one line, e.g. "0 8 * * 1 (m/h/dM/MY/d) UTC" or "every 60 seconds".
+
+    NOTE: str() of Celery's own crontab (`task.schedule`) spans several indented lines.
+    """
+    source = task.crontab or task.interval or task.solar or task.clocked or task.schedule
+    return " ".join(str(source).split())
+
+
 def schedules(args) -> int:
     """The periodic tasks beat runs from the database."""
     import django
@@ -399,10 +408,10 @@ def schedules(args) -> int:
             "name": t.name,
             "task": t.task,
             "enabled": t.enabled,
-            "schedule": str(t.schedule),
-            "last_run": str(t.last_run_at),
+            "schedule": schedule_text(t),
+            "last_run": t.last_run_at.strftime("%Y-%m-%d %H:%M:%S %Z") if t.last_run_at else "never",
         }
-        for t in PeriodicTask.objects.order_by("name")
+        for t in PeriodicTask.objects.select_related("crontab", "interval", "solar", "clocked").order_by("name")
     ]
     emit(ok=True, schedules=rows)
     return 0

@@ -345,11 +345,17 @@ def test_status_logs_restart_and_supervisorctl(target):
     out = ok(target.fab("status"))
     assert f"live release {live}" in out and "prayer-room:worker" in out and "RUNNING" in out
     assert "schedules (beat, DatabaseScheduler):" in out
-    assert "Starting gunicorn" in ok(target.fab("logs", "web-1", "--lines", "200"))
-    out = ok(target.fab("restart", "web"))
+    # One line per schedule, with its last run.
+    assert re.search(
+        r"^  on  moderator-digest-hourly: \S+ 0 \* \* \* \* .*\(last run (never|\d{4}-.+)\)$", out, re.M
+    ), out
+    assert "Starting gunicorn" in ok(target.fab("logs", "--program", "web-1", "--lines", "200"))
+    every = ok(target.fab("logs", "--lines", "200"))
+    assert "Starting gunicorn" in every and "beat: Starting..." in every, "without --program: all of them"
+    out = ok(target.fab("restart", "--program", "web"))
     assert "restart web-1" in out and "restart web-2" in out
     assert "RUNNING" in ok(target.fab("supervisorctl", "status prayer-room:beat"))
-    assert "unknown program 'flower'" in failed(target.fab("logs", "flower"))
+    assert "unknown program 'flower'" in failed(target.fab("logs", "--program", "flower"))
 
 
 def test_bad_input_is_one_line_and_changes_nothing(target, clone, tmp_path):

@@ -1,11 +1,12 @@
 """The declared schedules: seeded by migration, kept by seed_schedules without overwriting staff edits."""
 
 import json
+from datetime import UTC, datetime
 
 import pytest
 from django.conf import settings
 from django.core.management import CommandError, call_command
-from django_celery_beat.models import CrontabSchedule, PeriodicTask, PeriodicTasks
+from django_celery_beat.models import CrontabSchedule, IntervalSchedule, PeriodicTask, PeriodicTasks
 
 from prayer_room_api import schedules
 
@@ -116,3 +117,21 @@ def test_the_seed_migration_is_reversible():
     assert not CrontabSchedule.objects.filter(periodictask__isnull=True).exists()
     call_command("migrate", verbosity=0)
     assert declared_rows() == seeded
+
+
+def test_fab_status_gets_each_schedule_on_one_line_with_its_last_run(capsys):
+    from deploy import onserver
+
+    ran = datetime(2026, 1, 5, 8, 0, tzinfo=UTC)
+    PeriodicTask.objects.filter(name="user-digest-weekly").update(last_run_at=ran)
+    PeriodicTask.objects.create(
+        name="staff-every-minute",
+        task="prayer_room_api.tasks.ping",
+        interval=IntervalSchedule.objects.create(every=60, period=IntervalSchedule.SECONDS),
+    )
+    assert onserver.schedules(None) == 0
+    rows = {row["name"]: row for row in json.loads(capsys.readouterr().out.splitlines()[-1])["schedules"]}
+    assert rows["user-digest-weekly"]["schedule"] == "0 8 * * 1 (m/h/dM/MY/d) UTC"
+    assert rows["user-digest-weekly"]["last_run"] == "2026-01-05 08:00:00 UTC"
+    assert rows["moderator-digest-hourly"]["last_run"] == "never"
+    assert rows["staff-every-minute"]["schedule"] == "every 60 seconds"
