@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import os
 import smtplib
 
 import pytest
@@ -13,6 +14,7 @@ from django.utils import timezone
 from rest_framework.test import APIClient
 
 from prayer_room_api.models import Location, PrayerRequest, UserProfile
+from tests.support import services
 
 _serial = itertools.count(1)
 
@@ -36,6 +38,23 @@ class BouncingBackend(EmailBackend):
             if refused:
                 raise smtplib.SMTPRecipientsRefused(dict.fromkeys(refused, (550, b"no such user")))
         return super().send_messages(messages)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def session_broker():
+    """Celery's broker (what /health/ and the outbox reach) is a db of the session's Redis, unless
+    CELERY_BROKER_URL is set: tasks still run eagerly, in the test."""
+    if os.environ.get("CELERY_BROKER_URL"):
+        yield
+        return
+    from prayer_room_api.celery import app
+
+    number = services.claim_redis_db("unit")
+    saved = app.conf.broker_url, app.conf.result_backend
+    app.conf.broker_url = app.conf.result_backend = f"{services.redis_url()}/{number}"
+    yield
+    app.conf.broker_url, app.conf.result_backend = saved
+    services.release_redis_db(number)
 
 
 @pytest.fixture(autouse=True)
