@@ -9,6 +9,7 @@ and try the lock every STANDBY_RETRY seconds. The lock goes with the leader's se
 - the leader hangs: idle_session_timeout (PostgreSQL 14+) ends a session silent for LEASE seconds.
 Fencing: the leader makes a round trip on its lock session before every dispatch (and on every tick);
 when it fails, the leader stops dispatching, forgets its in-memory schedule and becomes a standby.
+A due task the broker refuses (an outage) is kept and sent again every RESEND_INTERVAL until it goes.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ logger = logging.getLogger(__name__)
 LOCK_KEY = (0x50524159, 0x42454154)  # "PRAY", "BEAT"
 STANDBY_RETRY = 2.0  # seconds between a standby's tries
 CHECK_INTERVAL = 5.0  # the leader's longest sleep between checks of its session
+RESEND_INTERVAL = 5.0  # seconds between tries to send a due task the broker refused
 KEEPALIVE_IDLE, KEEPALIVE_INTERVAL, KEEPALIVE_COUNT = 4, 2, 3  # a dead peer is dropped after ~10 s
 LEASE = 20  # seconds: idle_session_timeout of the lock session (the leader checks in every CHECK_INTERVAL)
 APPLICATION_NAME = "prayer-room beat"
@@ -143,6 +145,8 @@ class LeaderDatabaseScheduler(DatabaseScheduler):
         self._lock = None
         self._leading = False
         self._standby_logged_at = None
+        self._unsent = {}  # name -> the due entry the broker refused, sent again every RESEND_INTERVAL
+        self._unsent_at = 0.0
         super().__init__(*args, **kwargs)
         if connections["default"].vendor == "postgresql":
             self._lock = LeaderLock()
@@ -178,20 +182,49 @@ class LeaderDatabaseScheduler(DatabaseScheduler):
     def _demote(self) -> None:
         self._leading = False
         self._dirty.clear()
+        self._unsent.clear()
         self._heap = None
 
     def tick(self, *args, **kwargs):
         if not self._lead():
             return STANDBY_RETRY
+        if self._unsent and time.monotonic() - self._unsent_at >= RESEND_INTERVAL:
+            self._resend()
         return min(super().tick(*args, **kwargs), CHECK_INTERVAL)
+
+    def _fenced(self) -> bool:
+        """True when this beat may not dispatch: no round trip just now proved the lock's session alive."""
+        if self._lock is not None and not (self._leading and self._lock.still_held()):
+            self._demote()
+            return True
+        return False
 
     def apply_entry(self, entry, producer=None):
         # NOTE: fencing: no dispatch without a round trip proving the lock's session is alive just now.
-        if self._lock is not None and not (self._leading and self._lock.still_held()):
-            self._demote()
+        if self._fenced():
             logger.error("beat: not the leader any more; %s not sent", entry.name)
             return
-        super().apply_entry(entry, producer=producer)
+        logger.info("Scheduler: Sending due task %s (%s)", entry.name, entry.task)
+        try:
+            self.apply_async(entry, producer=producer, advance=False)
+        except Exception as exc:  # noqa: BLE001 - a broker outage: the entry is kept and sent again
+            # NOTE: Celery's own apply_entry logs and drops it: a daily digest due during an outage was lost.
+            logger.error("beat: %s not sent (%s); sending it again every %s s", entry.name, exc, RESEND_INTERVAL)
+            self._unsent[entry.name] = entry
+            self._unsent_at = time.monotonic()
+
+    def _resend(self) -> None:
+        """Send the due entries the broker refused, one try each; those refused again wait for the next round."""
+        for name, entry in list(self._unsent.items()):
+            if self._fenced():
+                return
+            try:
+                self.apply_async(entry, producer=self.producer, advance=False)
+            except Exception:  # noqa: BLE001 - still down: keep it
+                self._unsent_at = time.monotonic()
+                return
+            del self._unsent[name]
+            logger.warning("beat: %s sent after the broker came back", name)
 
     def sync(self):
         if self._leading:

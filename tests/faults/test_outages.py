@@ -171,9 +171,11 @@ def test_a_response_during_a_broker_outage_is_emailed_once_when_the_broker_is_ba
 
 
 def test_the_worker_and_beat_carry_on_after_the_broker_restarts(outage):
+    refused = outage.beat.output().count("send-outbox not sent")
     outage.broker.stop()
-    time.sleep(3)
+    outage.beat.wait_for(lambda: outage.beat.output().count("send-outbox not sent") > refused, 60, "a refused dispatch")
     outage.broker.start()
+    outage.beat.wait_for_output("send-outbox sent after the broker came back", 60)
     app = Celery(broker=outage.env["CELERY_BROKER_URL"], backend=outage.env["CELERY_RESULT_BACKEND"])
     try:
         assert app.send_task("prayer_room_api.tasks.ping").get(timeout=90)["release"]
