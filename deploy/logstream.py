@@ -1,19 +1,22 @@
 """A supervisord event listener for `invoke dev`: every program's output on the terminal, one line at a time,
 prefixed with the program's name (as honcho and foreman show a Procfile's processes).
 
-supervisord sends each chunk a program writes as a PROCESS_LOG event (its log files still get everything);
-this listener writes whole lines to its stderr, which the config sends to supervisord's own stdout.
+supervisord sends each chunk a program writes as a PROCESS_LOG event (its log files still get everything),
+and each change of a program's state as a PROCESS_STATE event; this listener writes whole lines to its
+stderr, which the config sends to supervisord's own stdout.
 Stdlib only: supervisord runs it as a plain script, `python deploy/logstream.py [--color]`.
 """
 
 from __future__ import annotations
 
 import io
+import os
 import sys
 from typing import BinaryIO, TextIO
 
 COLORS = (36, 33, 32, 35, 34, 31)  # cyan, yellow, green, magenta, blue, red
 WIDTH = 7  # "web-1", "worker", "beat" line up
+SHOWN_STATES = {"RUNNING", "BACKOFF", "EXITED", "FATAL", "STOPPED"}
 
 
 class Prefixer:
@@ -54,10 +57,15 @@ def listen(stdin: TextIO, stdout: TextIO, prefixer: Prefixer) -> None:
             return  # supervisord went away
         fields = dict(word.split(":", 1) for word in header.split())
         payload = stdin.read(int(fields["len"]))
+        meta, _, data = payload.partition("\n")
+        process = dict(word.split(":", 1) for word in meta.split() if ":" in word)
         if fields["eventname"].startswith("PROCESS_LOG"):
-            meta, _, data = payload.partition("\n")
-            name = dict(word.split(":", 1) for word in meta.split())["processname"]
-            prefixer.feed(name, data.encode("utf-8", "surrogateescape"))
+            prefixer.feed(process["processname"], data.encode("utf-8", "surrogateescape"))
+        elif fields["eventname"].startswith("PROCESS_STATE_"):
+            state = fields["eventname"].removeprefix("PROCESS_STATE_")
+            if state in SHOWN_STATES and process.get("processname") != os.environ.get("SUPERVISOR_PROCESS_NAME"):
+                pid = f" (pid {process['pid']})" if "pid" in process else ""
+                prefixer.feed(process["processname"], f"[supervisord] {state.lower()}{pid}\n".encode())
         stdout.write("RESULT 2\nOK")
         stdout.flush()
 

@@ -182,9 +182,10 @@ def local_context(
 ) -> dict[str, Any]:
     """A standalone config for `supervisord -n -c VAR/supervisord.conf` on a checkout (VAR/run, VAR/log must exist).
 
-    `stream_output` adds deploy/logstream.py as an event listener (every program's output on supervisord's
-    stdout, prefixed with its name; `color` for a terminal); `daemon_user` is the user supervisord already
-    runs as, `password` guards its socket (both keep supervisord from logging CRIT warnings).
+    `stream_output` adds deploy/logstream.py as an event listener (every program's output and state changes
+    on supervisord's stdout, prefixed with its name; `color` for a terminal) and keeps supervisord's own log
+    off stdout (two writers that do not both append overwrite each other's lines in a file); `daemon_user`
+    is the user supervisord already runs as, `password` guards its socket (both keep CRIT warnings away).
     """
     repo_dir, var_dir = Path(repo_dir).resolve(), Path(var_dir).resolve()
     env = {"DJANGO_SETTINGS_MODULE": "prayer_room_api.settings.local", **(environment or {})}
@@ -208,6 +209,7 @@ def local_context(
             "socket_owner": None,
             "include": (),
             "user": daemon_user,
+            "silent": stream_output,
             "username": "dev" if password else None,
             "password": password,
         },

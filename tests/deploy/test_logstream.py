@@ -30,6 +30,19 @@ def test_events_become_whole_lines_prefixed_with_the_program_name():
     assert stdout.getvalue() == "READY\n" + "RESULT 2\nOKREADY\n" * 3, "each event acknowledged"
 
 
+def test_state_changes_of_the_programs_are_shown_but_not_the_listeners_own(monkeypatch):
+    monkeypatch.setenv("SUPERVISOR_PROCESS_NAME", "output")
+
+    def state(name: str, state: str, serial: int) -> str:
+        payload = f"processname:{name} groupname:g from_state:STARTING pid:7"
+        return f"ver:3.0 serial:{serial} eventname:PROCESS_STATE_{state} len:{len(payload)}\n{payload}"
+
+    stdin = io.StringIO(state("worker", "RUNNING", 1) + state("output", "RUNNING", 2) + state("beat", "STARTING", 3))
+    out = io.BytesIO()
+    listen(stdin, io.StringIO(), Prefixer(out))
+    assert out.getvalue().decode() == "worker  | [supervisord] running (pid 7)\n"
+
+
 def test_colored_prefixes_differ_per_program():
     out = io.BytesIO()
     prefixer = Prefixer(out, color=True)

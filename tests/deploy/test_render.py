@@ -68,6 +68,7 @@ def test_invoke_dev_config_streams_output_through_the_listener_and_guards_its_so
     assert groups["output"].pool_events and groups["output"].buffer_size >= 1024
     assert all(p.stdout_events_enabled for p in groups["prayer-room"].process_configs)
     assert options.uid == 0  # user= said: no "running as root" CRIT
+    assert options.silent and not plain.silent, "its own log off the terminal only with the listener"
     assert (options.server_configs[0]["username"], options.server_configs[0]["password"]) == ("dev", "p%w")
     client = ClientOptions()
     client.realize(args=["-c", str(tmp_path / "supervisord.conf")])

@@ -79,6 +79,7 @@ def test_invoke_dev_runs_three_processes_on_sqlite_and_a_filesystem_broker_and_c
         assert re.search(r"^web-1   \| .*Listening at: http://127\.0\.0\.1", output, re.M), output[-3000:]
         assert re.search(r"^worker  \| .*celery@\S+ ready\.", output, re.M)
         assert re.search(r"^beat    \| .*beat: Starting\.\.\.", output, re.M)
+        assert "worker  | [supervisord] running" in output
         assert " CRIT " not in output
     finally:
         dev.popen.send_signal(signal.SIGINT)  # what Ctrl-C sends to the foreground process
