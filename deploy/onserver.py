@@ -498,7 +498,10 @@ def backup(args) -> int:
     os.makedirs(args.dir, mode=0o700, exist_ok=True)
     os.chmod(args.dir, 0o700)
     now = time.time()
-    release = args.release or "none"
+    release = args.release
+    if not release and args.release_link:
+        release = os.path.basename(os.path.realpath(args.release_link)) if os.path.islink(args.release_link) else ""
+    release = release or "none"
     name = f"{time.strftime('%Y%m%d%H%M%S', time.gmtime(now))}-{args.kind}-{release}{BACKUP_SUFFIX}"
     path = os.path.join(args.dir, name)
     partial = path + ".partial"
@@ -666,6 +669,7 @@ def main(argv: list[str]) -> int:
     backup_parser = sub.add_parser("backup")
     backup_parser.add_argument("--kind", default="manual")
     backup_parser.add_argument("--release", default="")
+    backup_parser.add_argument("--release-link", default="", help="name the backup after this symlink's target")
     backup_parser.add_argument("--keep", type=int, default=0)
     restore_parser = sub.add_parser("restore")
     restore_parser.add_argument("name")

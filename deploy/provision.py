@@ -21,15 +21,19 @@ from deploy.errors import DeployError
 from deploy.lock import DeployLock
 from deploy.onserver import read_env_file
 from deploy.progress import Progress
-from deploy.remote import Server, connect, sh
+from deploy.remote import HELPER_SOURCE, Server, connect, sh
 from deploy.server_files import (
+    BACKUP_SERVICE,
+    BACKUP_TIMER,
     FACTS_SCRIPT,
     UNIT,
+    backup_helper,
     check_facts,
     directories,
     env_defaults,
     merge_env_file,
     parse_facts,
+    render_backup_units,
     render_nginx_site,
     render_supervisord_main,
     render_unit,
@@ -226,6 +230,27 @@ def ensure_supervisord(server: Server) -> bool:
     return changed
 
 
+def ensure_backup_timer(server: Server) -> bool:
+    """The daily backup: its helper, service and timer in place, the timer enabled and waiting."""
+    config = server.config
+    service, timer = render_backup_units(config)
+    units = PurePosixPath("/etc/systemd/system")
+    changed = sync_file(server, backup_helper(config), HELPER_SOURCE.read_text(), owner="root", mode="0644")
+    units_changed = sync_file(server, units / BACKUP_SERVICE, service, owner="root", mode="0644")
+    units_changed |= sync_file(server, units / BACKUP_TIMER, timer, owner="root", mode="0644")
+    if units_changed:
+        server.root("systemctl daemon-reload", what="reloading systemd")
+    state = server.root(
+        f"systemctl is-enabled {BACKUP_TIMER}; systemctl is-active {BACKUP_TIMER}", what="checking the timer", warn=True
+    ).stdout.split()
+    if state[:2] != ["enabled", "active"]:
+        server.root(sh("systemctl", "enable", "--now", BACKUP_TIMER), what=f"starting {BACKUP_TIMER}")
+        changed = True
+    elif units_changed:
+        server.root(sh("systemctl", "restart", BACKUP_TIMER), what=f"restarting {BACKUP_TIMER}")
+    return changed or units_changed
+
+
 def wait_for_socket(server: Server, socket: PurePosixPath, timeout: int = 20) -> None:
     """Wait until supervisord answers on its socket; raise with the unit's last log lines if it does not."""
     probe = f"for i in $(seq {timeout * 5}); do test -S {sh(socket)} && exit 0; sleep 0.2; done; exit 1"
@@ -301,4 +326,5 @@ def provision(conn: Connection, config: DeployConfig, *, progress: Progress | No
         )
         step("supervisord", lambda: ensure_supervisord(server))
         step("nginx", lambda: ensure_nginx(server, host))
+        step("backup timer", lambda: ensure_backup_timer(server))
     return summary(server.name, progress)

@@ -19,6 +19,8 @@ TEMPLATE_DIR = Path(__file__).resolve().parent / "templates" / "provision"
 # supervisor.service is turned off; the app runs its own supervisord from UNIT with our config.
 SUPERVISORD = "/usr/bin/supervisord"
 UNIT = "prayer-room.service"
+BACKUP_SERVICE = "prayer-room-backup.service"
+BACKUP_TIMER = "prayer-room-backup.timer"
 DATABASE = "prayer_room"
 BROKER_URL = "redis://127.0.0.1:6379/0"
 # gunicorn's own timeout (WEB_TIMEOUT) is 30 s; nginx must wait at least that long for an answer.
@@ -115,6 +117,26 @@ def render_unit(config: DeployConfig) -> str:
             stop_timeout=config.task_time_limit + 60,
         )
     )
+
+
+def backup_helper(config: DeployConfig) -> PurePosixPath:
+    """The copy of deploy/onserver.py the backup timer runs (root-owned; a deploy never touches it)."""
+    return config.layout.etc / "onserver.py"
+
+
+def render_backup_units(config: DeployConfig) -> tuple[str, str]:
+    """The daily backup's oneshot service and its timer; the newest backup_keep daily backups are kept."""
+    layout = config.layout
+    env = template_environment(TEMPLATE_DIR)
+    service = env.get_template("backup.service.j2").render(
+        python=config.python,
+        helper=str(backup_helper(config)),
+        env_file=str(layout.env_file),
+        backup_dir=str(layout.backups),
+        current=str(layout.current),
+        keep=config.backup_keep,
+    )
+    return service, env.get_template("backup.timer.j2").render()
 
 
 def render_supervisord_main(config: DeployConfig) -> str:

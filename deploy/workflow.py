@@ -332,7 +332,13 @@ def _restore_locked(server: Server, record: dict, progress: Progress, then) -> N
         with progress.step(f"restore {record['name']} (one transaction)"):
             done = backup.restore(server, record["name"])
             progress.say(f"   restored in {done['seconds']:.1f} s")
-        then()
+        try:
+            then()
+        except DeployError as exc:
+            raise DeployError(
+                f"{exc} -- the database holds {record['name']} (taken for {record['release']}) now; the one it "
+                f"replaced is {saved['name']} (`fab restore {saved['name']} --yes` puts it back)."
+            ) from exc
 
 
 def backup_now(conn: Connection, config: DeployConfig, *, download: Path | None = None) -> str:

@@ -310,3 +310,21 @@ def test_a_failed_verification_unapplies_the_migrations_the_deploy_applied(targe
     assert migration not in applied(target) and "mood" not in columns(target)
     assert target.live_release() == live and post_request(target)[0] == 201
     assert http_get(target.front_url)[0] == 200
+    clone.revert_head()
+
+
+def test_a_failure_after_migrate_says_so_and_unapplies_what_it_applied(target, clone):
+    live = target.live_release()
+    command = clone.path / "project/prayer_room_api/management/commands/seed_schedules.py"
+    broken = '    def handle(self, *args, check=False, **options):\n        raise CommandError("seeding is broken")\n'
+    command.write_text(command.read_text().replace("    def handle(self, *args, check=False, **options):\n", broken))
+    clone.git("add", str(command.relative_to(clone.path)))
+    migration = commit_model_change(
+        clone, "mood = models.CharField(max_length=8, null=True)", "prayerrequest_mood", "a mood and broken seeding"
+    )
+    line = refused(target.fab("deploy", repo=clone.path))
+    assert "(seed_schedules)" in line and "seeding is broken" in line and "failed at the schema step" in line
+    assert f"the migrations it applied were unapplied ({migration})" in line and f"{live} keeps serving" in line
+    assert migration not in applied(target) and "mood" not in columns(target)
+    assert target.live_release() == live and post_request(target)[0] == 201
+    clone.revert_head()

@@ -1,5 +1,6 @@
 """What `fab provision` renders and refuses, without a server: each file checked by what reads it."""
 
+import dataclasses
 import io
 import json
 import shutil
@@ -24,6 +25,7 @@ from deploy.server_files import (
     env_defaults,
     merge_env_file,
     parse_facts,
+    render_backup_units,
     render_nginx_site,
     render_supervisord_main,
     render_unit,
@@ -122,6 +124,24 @@ def test_nginx_accepts_the_site(tmp_path):
         ["nginx", "-t", "-p", str(tmp_path), "-c", str(tmp_path / "nginx.conf")], capture_output=True, text=True
     )
     assert result.returncode == 0, result.stderr
+
+
+def test_nginx_site_answers_503_with_retry_after_while_the_maintenance_flag_exists():
+    site = render_nginx_site(CONFIG, HOST)
+    assert f"if (-f {CONFIG.layout.maintenance_flag}) {{\n        return 503;" in site
+    assert "add_header Retry-After 30 always;" in site and "<h1>Back in a moment</h1>" in site
+    assert 'return 503 "<!doctype html> <html lang=\\"en\\">' in site  # quotes escaped for nginx
+
+
+def test_the_backup_timer_runs_the_root_copy_of_the_helper_daily_and_keeps_backup_keep():
+    service, timer = render_backup_units(dataclasses.replace(CONFIG, backup_keep=3))
+    assert "Type=oneshot" in service and "After=postgresql.service" in service
+    expected = (
+        f"ExecStart=python3 {CONFIG.layout.etc}/onserver.py --env-file {CONFIG.layout.env_file} backup --dir "
+        f"{CONFIG.layout.backups} --kind daily --release-link {CONFIG.layout.current} --keep 3\n"
+    )
+    assert expected in service
+    assert "OnCalendar=daily" in timer and "Persistent=true" in timer and "WantedBy=timers.target" in timer
 
 
 def test_unit_runs_supervisord_in_the_foreground_with_an_absolute_config_and_waits_for_the_worker():

@@ -107,7 +107,7 @@ def test_provision_takes_a_fresh_server_to_a_ready_one(vps):
     result = fab(vps, "provision", user="admin")  # a sudo user; the re-run below is as root
     timings["provision, first run"] = time.monotonic() - started
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "7 of 7 steps changed the server" in result.stdout, result.stdout
+    assert "8 of 8 steps changed the server" in result.stdout, result.stdout
 
     env = vps.ssh("stat -c '%U %a' /srv/prayer-room/shared/env; cat /srv/prayer-room/shared/env").stdout
     assert env.startswith(f"{APP_USER} 600\n")
@@ -183,3 +183,20 @@ def test_deploy_then_the_site_answers_and_survives_a_reboot(vps):
 
     again = fab(vps, "provision")  # a deployed, rebooted server is still exactly as provision leaves it
     assert again.returncode == 0 and "nothing changed" in again.stdout, again.stdout + again.stderr
+
+
+def test_the_daily_backup_timer_waits_and_its_first_run_writes_a_backup(vps):
+    """After the deploy above: the timer is enabled and scheduled; one run of its service leaves a checked dump."""
+    assert vps.ssh("systemctl is-enabled prayer-room-backup.timer && systemctl is-active prayer-room-backup.timer")
+    assert "prayer-room-backup.timer" in vps.ssh("systemctl list-timers --all --no-pager").stdout
+    vps.ssh("systemctl start prayer-room-backup.service")  # a oneshot: returns when the backup is written
+    listing = vps.ssh("stat -c '%U %a' /var/backups/prayer-room; ls /var/backups/prayer-room").stdout.split()
+    assert listing[:2] == ["root", "700"], listing
+    dumps = [name for name in listing[2:] if name.endswith(".dump")]
+    assert len(dumps) == 1 and "-daily-" in dumps[0], listing
+    release = vps.ssh("basename $(readlink /srv/prayer-room/current)").stdout.strip()
+    assert dumps[0].endswith(f"-daily-{release}.dump")
+    assert vps.ssh(f"cd /var/backups/prayer-room && pg_restore --list {dumps[0]} | grep -c 'TABLE DATA'").stdout
+    result = fab(vps, "status")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert f"backups: last {dumps[0]} (daily)" in result.stdout and "WARNING" not in result.stdout

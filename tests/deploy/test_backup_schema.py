@@ -1,0 +1,75 @@
+"""Backups and schema checks without a server: the lists and warnings fab prints, the refusals, the config."""
+
+import pytest
+
+from deploy import backup, schema
+from deploy.config import load_config
+from deploy.errors import DeployError
+
+NOW = 1_800_000_000
+
+
+def record(name: str, kind: str, hours_ago: float, size: int = 133_446) -> dict:
+    return {"name": name, "kind": kind, "release": "20261202125448-7a91fae09efa", "size": size,
+            "created": int(NOW - hours_ago * 3600), "sha256": "0" * 64}  # fmt: skip
+
+
+def test_the_list_is_newest_first_with_size_and_age():
+    listed = backup.format_list([record("a.dump", "daily", 30), record("b.dump", "deploy", 0.5)], NOW)
+    lines = listed.splitlines()
+    assert lines[0].split() == ["NAME", "KIND", "RELEASE", "SIZE", "AGE"]
+    assert lines[1].startswith("b.dump") and "deploy" in lines[1] and "30 min ago" in lines[1]
+    assert lines[2].startswith("a.dump") and "130.3 kB" in lines[2] and "30 h ago" in lines[2]
+    assert "fab backup" in backup.format_list([], NOW)
+
+
+@pytest.mark.parametrize(
+    "found, expected, warned",
+    [
+        ([], "no backup on the server", True),
+        ([record("a.dump", "daily", 2)], "last a.dump (daily), 2 h ago, 1 kept", False),
+        ([record("a.dump", "daily", 25)], "older than a day", True),
+        ([record("a.dump", "daily", 50), record("b.dump", "manual", 1)], "last b.dump (manual)", False),
+    ],
+)
+def test_status_warns_without_a_backup_of_the_last_day(found, expected, warned):
+    line = backup.freshness(found, NOW)
+    assert expected in line and ("WARNING" in line) == warned
+
+
+def test_a_refused_rollback_lists_the_migrations_and_the_three_choices():
+    message = schema.refuse_rollback(
+        "r1", "r2", ("prayer_room_api.0007_prayerrequest_language",), "20261202-deploy-r2.dump"
+    )
+    assert "prayer_room_api.0007_prayerrequest_language" in message and "r1 does not have" in message
+    assert "--unapply" in message and "r2's code" in message
+    assert "--restore 20261202-deploy-r2.dump" in message and "LOST" in message
+    assert "--keep-schema" in message
+
+
+def test_a_refused_migration_names_the_operation_and_the_fix():
+    unsafe = ({"migration": "app.0007_x", "operation": "Add field x", "problem": "NOT NULL", "fix": "use db_default"},)
+    message = schema.refuse_unsafe(unsafe, "r1")
+    assert "break r1" in message and "app.0007_x: Add field x: NOT NULL; fix: use db_default." in message
+    assert "--maintenance" in message
+
+
+@pytest.mark.parametrize(
+    "setting, error",
+    [
+        ("backup_keep = 0", "backup_keep must be at least 1"),
+        ('backup_dir = "backups"', "backup_dir must be an absolute directory"),
+    ],
+)
+def test_backup_settings_are_checked(tmp_path, setting, error):
+    path = tmp_path / "deploy.toml"
+    path.write_text(f"[defaults]\n{setting}\n")
+    with pytest.raises(DeployError, match=error):
+        load_config(path)
+
+
+def test_backup_settings_reach_the_layout(tmp_path):
+    path = tmp_path / "deploy.toml"
+    path.write_text('[defaults]\nbackup_dir = "/srv/backups"\nbackup_keep = 3\n')
+    config = load_config(path)
+    assert str(config.layout.backups) == "/srv/backups" and config.backup_keep == 3
