@@ -13,7 +13,8 @@ DAY = 24 * 3600
 def root_helper_command(server: Server, *args: str) -> str:
     """deploy/onserver.py ARGS as root with the server's python3 (no virtualenv, no Django): the backups are root's."""
     config = server.config
-    return sh(config.python, "-c", HELPER_SOURCE.read_text(), "--env-file", config.layout.env_file, *args)
+    pg_bin = ("--pg-bin", config.postgres_bin) if config.postgres_bin else ()
+    return sh(config.python, "-c", HELPER_SOURCE.read_text(), "--env-file", config.layout.env_file, *args, *pg_bin)
 
 
 def _run(server: Server, *args: str, what: str, wrap=None) -> dict:

@@ -30,6 +30,7 @@ class DeployConfig:
     etc: str = "/etc/prayer-room"
     backup_dir: str = "/var/backups/prayer-room"
     backup_keep: int = 14
+    postgres_bin: str = ""
     python: str = "python3"
     supervisorctl: str = "supervisorctl"
     settings_module: str = "prayer_room_api.settings.production"
@@ -157,6 +158,10 @@ def validate(config: DeployConfig, where: str = "deploy config") -> None:
     for key, minimum in minimums.items():
         if getattr(config, key) < minimum:
             raise DeployError(f"{where}: {key} must be at least {minimum}, got {getattr(config, key)}.")
+    if config.postgres_bin and not config.postgres_bin.startswith("/"):
+        raise DeployError(
+            f"{where}: postgres_bin must be an absolute directory (or empty: the PATH's), got {config.postgres_bin!r}."
+        )
     if len(set(config.web_ports)) != len(config.web_ports):
         raise DeployError(f"{where}: web_ports must be distinct, got {list(config.web_ports)}.")
     if config.workers > 16:

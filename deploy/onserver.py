@@ -461,6 +461,11 @@ def database_environment() -> dict[str, str]:
     return {**os.environ, **{key: value for key, value in values.items() if value}}
 
 
+def pg_tool(args, name: str) -> str:
+    """pg_dump, pg_restore or psql: from --pg-bin when given, else the PATH's (Debian's postgresql-client)."""
+    return os.path.join(args.pg_bin, name) if args.pg_bin else name
+
+
 def sha256_of(path: str) -> str:
     import hashlib
 
@@ -513,7 +518,7 @@ def backup(args) -> int:
         return 1
     os.umask(0o077)
     run = subprocess.run(
-        ["pg_dump", "--format=custom", "--no-owner", "--no-privileges", f"--file={partial}"],
+        [pg_tool(args, "pg_dump"), "--format=custom", "--no-owner", "--no-privileges", f"--file={partial}"],
         env=env, capture_output=True, text=True,
     )  # fmt: skip
     if run.returncode != 0:
@@ -578,11 +583,11 @@ def restore(args) -> int:
     started = time.monotonic()
     with tempfile.TemporaryFile() as psql_err, tempfile.TemporaryFile() as dump_err:
         psql = subprocess.Popen(
-            ["psql", "-X", "-q", "--single-transaction", "-v", "ON_ERROR_STOP=1"],
+            [pg_tool(args, "psql"), "-X", "-q", "--single-transaction", "-v", "ON_ERROR_STOP=1"],
             stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=psql_err, env=env,
         )  # fmt: skip
         dump = subprocess.Popen(
-            ["pg_restore", "--no-owner", "--no-privileges", "--file=-", path],
+            [pg_tool(args, "pg_restore"), "--no-owner", "--no-privileges", "--file=-", path],
             stdout=subprocess.PIPE, stderr=dump_err, env=env,
         )  # fmt: skip
         try:
@@ -675,6 +680,7 @@ def main(argv: list[str]) -> int:
     restore_parser.add_argument("name")
     for p in (backup_parser, restore_parser, sub.add_parser("backups")):
         p.add_argument("--dir", required=True)
+        p.add_argument("--pg-bin", default="", help="the directory of pg_dump, pg_restore and psql")
     for p in (health_parser, sub.add_parser("ping")):
         p.add_argument("--expect", required=True)
         p.add_argument("--timeout", type=float, default=60)

@@ -135,6 +135,7 @@ def render_backup_units(config: DeployConfig) -> tuple[str, str]:
         backup_dir=str(layout.backups),
         current=str(layout.current),
         keep=config.backup_keep,
+        pg_bin=["--pg-bin", config.postgres_bin] if config.postgres_bin else [],
     )
     return service, env.get_template("backup.timer.j2").render()
 

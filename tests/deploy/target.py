@@ -34,6 +34,28 @@ SUDO_USER = "prayer-room-sudoer"  # logs in over SSH, passwordless sudo
 SSHD = shutil.which("sshd") or "/usr/sbin/sshd"
 
 
+def postgres_client_bin() -> str:
+    """Where the target's pg_dump/pg_restore/psql are: the PATH's when at least as new as the session's server,
+    else the pgserver wheel's (the throwaway server's own); "" means the PATH's."""
+    import importlib.util
+
+    import psycopg
+
+    from tests.support.stack import postgres_url
+
+    with psycopg.connect(postgres_url()) as conn:
+        server_major = int(conn.execute("SHOW server_version_num").fetchone()[0]) // 10000
+    on_path = shutil.which("pg_dump")
+    if on_path:
+        version = subprocess.run([on_path, "--version"], capture_output=True, text=True).stdout.split()[-1]
+        if int(version.split(".")[0]) >= server_major:
+            return ""
+    spec = importlib.util.find_spec("pgserver")  # not imported: its import sets up lock files
+    if spec is None or not spec.submodule_search_locations:
+        return ""
+    return str(Path(spec.submodule_search_locations[0]) / "pginstall" / "bin")
+
+
 def unavailable() -> str | None:
     """Why this machine cannot host the deploy target, or None."""
     if os.geteuid() != 0:
@@ -323,6 +345,7 @@ class DeployTarget:
             "web_graceful_timeout": 10,
             "health_timeout": 40,
             "backup_dir": str(self.workdir / "backups"),
+            "postgres_bin": postgres_client_bin(),
             **self.config_overrides,
             **overrides,
         }
