@@ -33,13 +33,14 @@ def _timed_fab(target: DeployTarget, *args: str, log: list, **options) -> float:
     return seconds
 
 
-def _under_load(target: DeployTarget, action) -> tuple[float, int, int]:
-    """Run `action` under a steady request loop through nginx: (seconds, failed requests, requests)."""
-    with RequestLoop(target.front_url) as loop:
+def _under_load(target: DeployTarget, action, posts) -> tuple[float, int, int]:
+    """Run `action` under a steady request loop (GET /health/, POST a request, POST prayed) through the nginx
+    site provision renders: (seconds, failed requests, requests)."""
+    with RequestLoop(target.front_url, posts=posts) as loop:
         time.sleep(0.5)
         seconds = action()
         time.sleep(0.5)
-    return seconds, len(loop.failures), loop.ok + len(loop.failures)
+    return seconds, len(loop.failures), loop.ok + loop.posted + len(loop.failures)
 
 
 def _restart_both_web(target: DeployTarget) -> float:
@@ -62,26 +63,29 @@ def measure(workdir: Path, repeats: int) -> Result:
     try:
         clone = Clone(workdir / "repo")
         first = _timed_fab(target, "deploy", repo=clone.path, log=raw["summaries"])
+        posts = target.api_posts()
         for n in range(repeats):
             seconds, failed, total = _under_load(
-                target, lambda: _timed_fab(target, "deploy", repo=clone.path, log=raw["summaries"])
+                target, lambda: _timed_fab(target, "deploy", repo=clone.path, log=raw["summaries"]), posts
             )
             raw["noop"].append(seconds)
             raw["failed"].append(failed)
             raw["requests"].append(total)
             clone.commit_file("docs/bench-marker.txt", f"{n} {time.time()}\n", "bench: a code-only change")
             seconds, failed, total = _under_load(
-                target, lambda: _timed_fab(target, "deploy", repo=clone.path, log=raw["summaries"])
+                target, lambda: _timed_fab(target, "deploy", repo=clone.path, log=raw["summaries"]), posts
             )
             raw["code"].append(seconds)
             raw["failed"].append(failed)
             raw["requests"].append(total)
-            seconds, failed, total = _under_load(target, lambda: _timed_fab(target, "rollback", log=raw["summaries"]))
+            seconds, failed, total = _under_load(
+                target, lambda: _timed_fab(target, "rollback", log=raw["summaries"]), posts
+            )
             raw["rollback"].append(seconds)
             raw["failed"].append(failed)
             raw["requests"].append(total)
             # What users would do without the rolling restart: restart both web programs at once.
-            _, failed, _ = _under_load(target, lambda: _restart_both_web(target))
+            _, failed, _ = _under_load(target, lambda: _restart_both_web(target), posts)
             raw["naive_failed"].append(failed)
             time.sleep(3)  # the naive restart's programs finish starting
     finally:

@@ -14,6 +14,7 @@ from deploy.layout import WEB_PORTS, ServerLayout
 REPO_DIR = Path(__file__).resolve().parent.parent
 DEFAULT_CONFIG_FILE = REPO_DIR / "deploy.toml"
 
+LETSENCRYPT = "https://acme-v02.api.letsencrypt.org/directory"
 _USER = re.compile(r"[a-z_][a-z0-9_-]{0,31}")
 _HOST = re.compile(r"(?:[^@\s]+@)?[A-Za-z0-9.\-\[\]:]+")
 
@@ -25,6 +26,11 @@ class DeployConfig:
     name: str = "default"
     hosts: tuple[str, ...] = ()
     domain: str = ""
+    # TLS for `domain` (certbot, webroot mode): the ACME account's email, the ACME directory, and a local PEM
+    # file trusted only for talking to that ACME server (a staging or test CA).
+    acme_email: str = ""
+    acme_directory: str = LETSENCRYPT
+    acme_ca_bundle: str = ""
     user: str = "prayer-room"
     root: str = "/srv/prayer-room"
     etc: str = "/etc/prayer-room"
@@ -54,15 +60,30 @@ class DeployConfig:
 
     def environment_defaults(self) -> list[tuple[str, str]]:
         """Variables the env file may override, for the programs and the deploy's own commands alike."""
-        return [("DJANGO_SETTINGS_MODULE", self.settings_module), ("STATIC_ROOT", str(self.layout.static))]
+        return [("DJANGO_SETTINGS_MODULE", self.settings_module)]
 
     def environment_overrides(self) -> list[tuple[str, str]]:
-        """Variables set over the env file: this config's process counts and time limits, then its `env`."""
+        """Variables set over the env file: this config's process counts and time limits, what `domain` implies
+        (its host name, HTTPS only, Secure cookies: at every deploy, whatever the env file says), then its `env`."""
+        tls = (
+            [
+                ("ALLOWED_HOSTS", f"{self.domain},127.0.0.1,localhost"),
+                ("CSRF_TRUSTED_ORIGINS", f"https://{self.domain}"),
+                ("SECURE_SSL_REDIRECT", "true"),
+                ("SECURE_COOKIES", "true"),
+            ]
+            if self.domain
+            else []
+        )
         return [
             ("WEB_WORKERS", str(self.web_workers)),
             ("WORKER_CONCURRENCY", str(self.worker_concurrency)),
             ("CELERY_TASK_TIME_LIMIT", str(self.task_time_limit)),
             ("WEB_GRACEFUL_TIMEOUT", str(self.web_graceful_timeout)),
+            # Each release collects and serves its own static files (releases/<id>/static), over an older
+            # env file's shared STATIC_ROOT.
+            ("STATIC_ROOT", "release"),
+            *tls,
             *self.extra_env,
         ]
 
@@ -100,6 +121,8 @@ def load_config(path: Path | None = None, environment: str | None = None) -> Dep
         name = environment
     env = {**defaults.get("env", {}), **(environments.get(environment, {}).get("env", {}) if environment else {})}
     values.pop("env", None)
+    if values.get("acme_ca_bundle"):  # relative to the config file, like a path on the command line
+        values["acme_ca_bundle"] = str((path.parent / Path(values["acme_ca_bundle"]).expanduser()).resolve())
     config = DeployConfig(name=name, extra_env=tuple(sorted(env.items())), **values)
     validate(config, str(path))
     return config
@@ -166,5 +189,40 @@ def validate(config: DeployConfig, where: str = "deploy config") -> None:
         raise DeployError(f"{where}: web_ports must be distinct, got {list(config.web_ports)}.")
     if config.workers > 16:
         raise DeployError(f"{where}: workers must be at most 16 (raise worker_concurrency instead).")
-    if config.domain and not re.fullmatch(r"[A-Za-z0-9.-]+", config.domain):
-        raise DeployError(f"{where}: domain {config.domain!r} is not a host name.")
+    validate_tls(config, where)
+
+
+def validate_tls(config: DeployConfig, where: str) -> None:
+    """`domain` is a DNS name a public CA can certify; the acme_* settings come with it and make sense."""
+    domain = config.domain
+    if not domain:
+        stray = [key for key in ("acme_email", "acme_ca_bundle") if getattr(config, key)]
+        if stray or config.acme_directory != LETSENCRYPT:
+            stray = stray or ["acme_directory"]
+            raise DeployError(f"{where}: {', '.join(stray)} set without domain; set domain (the site's name) too.")
+        return
+    labels = domain.split(".")
+    if (
+        len(labels) < 2
+        or not all(re.fullmatch(r"[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?", label) for label in labels)
+        or labels[-1].isdigit()
+    ):
+        raise DeployError(
+            f"{where}: domain {domain!r} is not a DNS name such as prayer.example.org (certificates need a name, "
+            "not an address)."
+        )
+    if not re.fullmatch(r"[^@\s]+@[^@\s]+\.[^@\s]+", config.acme_email):
+        raise DeployError(
+            f"{where}: domain needs acme_email (where the CA sends expiry warnings), e.g. acme_email = "
+            f'"admin@{domain}"; got {config.acme_email!r}.'
+        )
+    if not re.fullmatch(r"https://[^\s]+", config.acme_directory):
+        raise DeployError(f"{where}: acme_directory must be an https:// URL, got {config.acme_directory!r}.")
+    if config.acme_ca_bundle:
+        bundle = Path(config.acme_ca_bundle)
+        try:
+            text = bundle.read_text()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise DeployError(f"{where}: acme_ca_bundle {bundle} cannot be read ({exc}).") from exc
+        if "-----BEGIN CERTIFICATE-----" not in text:
+            raise DeployError(f"{where}: acme_ca_bundle {bundle} holds no PEM certificate.")

@@ -48,9 +48,14 @@ class ServerLayout:
         return self.root / "shared" / "env"
 
     @property
-    def static(self) -> PurePosixPath:
-        """collectstatic target, served by nginx."""
-        return self.root / "shared" / "static"
+    def previous(self) -> PurePosixPath:
+        """Symlink to the release live before `current` (set at each switch): nginx serves its static files
+        after current's, for the programs that still run it during a rolling restart."""
+        return self.root / "previous"
+
+    def static(self, release_id: str) -> PurePosixPath:
+        """A release's collectstatic target (content-hashed names and staticfiles.json), served by nginx."""
+        return self.releases / release_id / "static"
 
     @property
     def logs(self) -> PurePosixPath:

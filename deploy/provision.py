@@ -16,6 +16,7 @@ from urllib.parse import unquote, urlsplit
 
 from fabric import Connection
 
+from deploy import tls
 from deploy.config import DeployConfig
 from deploy.errors import DeployError
 from deploy.lock import DeployLock
@@ -25,8 +26,10 @@ from deploy.remote import HELPER_SOURCE, Server, connect, sh
 from deploy.server_files import (
     BACKUP_SERVICE,
     BACKUP_TIMER,
+    CERTBOT_DROPIN,
     FACTS_SCRIPT,
     UNIT,
+    acme_ca_path,
     backup_helper,
     check_facts,
     directories,
@@ -34,12 +37,14 @@ from deploy.server_files import (
     merge_env_file,
     parse_facts,
     render_backup_units,
+    render_certbot_dropin,
     render_nginx_site,
     render_supervisord_main,
     render_unit,
 )
 
 PACKAGES = ("python3-venv", "postgresql", "redis-server", "nginx", "supervisor")
+TLS_PACKAGES = ("certbot", "openssl")  # with `domain`: webroot-mode ACME client, and the certificate's reader
 SERVICES = ("postgresql", "redis-server", "nginx")
 UNIT_PATH = PurePosixPath("/etc/systemd/system") / UNIT
 NGINX_SITE = PurePosixPath("/etc/nginx/sites-available/prayer-room")
@@ -68,14 +73,16 @@ def connect_for_provision(conn: Connection, config: DeployConfig) -> Server:
 
 
 def install_packages(server: Server) -> bool:
-    """apt-get install what is missing of PACKAGES; make sure the services they bring are enabled and running."""
+    """apt-get install what is missing of PACKAGES (and TLS_PACKAGES with a domain); make sure the services they
+    bring are enabled and running."""
+    packages = PACKAGES + (TLS_PACKAGES if server.config.domain else ())
     query = server.root(
-        sh("dpkg-query", "--show", "--showformat=${Package} ${db:Status-Abbrev}\n", *PACKAGES),
+        sh("dpkg-query", "--show", "--showformat=${Package} ${db:Status-Abbrev}\n", *packages),
         what="listing installed packages",
         warn=True,
     )
     installed = {words[0] for words in map(str.split, query.stdout.splitlines()) if words[1:2] == ["ii"]}
-    missing = [package for package in PACKAGES if package not in installed]
+    missing = [package for package in packages if package not in installed]
     if missing:
         apt = "DEBIAN_FRONTEND=noninteractive apt-get -q -y -o DPkg::Lock::Timeout=300"
         server.root(
@@ -260,9 +267,11 @@ def wait_for_socket(server: Server, socket: PurePosixPath, timeout: int = 20) ->
     raise DeployError(f"supervisord did not start on {server.name}: {log.stdout.strip()[-800:]}")
 
 
-def ensure_nginx(server: Server, host: str) -> bool:
-    """The nginx site, enabled in place of Debian's default one, checked with `nginx -t` before a reload."""
-    changed = sync_file(server, NGINX_SITE, render_nginx_site(server.config, host), owner="root", mode="0644")
+def ensure_nginx(server: Server, host: str, *, tls: bool = False) -> bool:
+    """The nginx site (HTTPS with `tls`), enabled in place of Debian's default one, checked with `nginx -t` before
+    a reload (graceful: old workers finish their requests)."""
+    site = render_nginx_site(server.config, host, tls=tls)
+    changed = sync_file(server, NGINX_SITE, site, owner="root", mode="0644")
     links = server.root(
         f"readlink {sh(NGINX_ENABLED)}; test -e {sh(NGINX_DEFAULT)} && echo default",
         what="checking the enabled nginx sites",
@@ -280,6 +289,26 @@ def ensure_nginx(server: Server, host: str) -> bool:
             raise DeployError(f"nginx refused the site on {server.name}: {check.stderr.strip()[-800:]}")
         server.root("systemctl reload-or-restart nginx", what="reloading nginx")
     return changed
+
+
+def ensure_certificate(server: Server, host: str) -> tuple[bool, str]:
+    """A certificate for the domain (certbot, webroot mode: nginx already answers the challenge on port 80),
+    then the HTTPS site; certbot.timer renews it, trusting acme_ca_bundle if given. A fitting one is kept."""
+    config = server.config
+    changed = False
+    if config.acme_ca_bundle:
+        with open(config.acme_ca_bundle) as bundle:
+            changed |= sync_file(server, acme_ca_path(config), bundle.read(), owner="root", mode="0644")
+        if sync_file(server, CERTBOT_DROPIN, render_certbot_dropin(config), owner="root", mode="0644"):
+            server.root("systemctl daemon-reload", what="reloading systemd")
+            changed = True
+    note = ""
+    if not tls.has_fitting_certificate(server):
+        note = tls.obtain_certificate(server)
+        changed = True
+    changed |= ensure_nginx(server, host, tls=True)
+    changed |= tls.ensure_renewal_timer(server)
+    return changed, note
 
 
 # --- the whole thing --------------------------------------------------------------------------
@@ -314,6 +343,10 @@ def provision(conn: Connection, config: DeployConfig, *, progress: Progress | No
         changed, env["values"], env["new_password"] = ensure_env_file(server, host)
         return changed
 
+    def nginx() -> bool:
+        # With a domain and no certificate yet, the site starts on plain HTTP: the ACME challenge needs it.
+        return ensure_nginx(server, host, tls=bool(config.domain) and tls.has_fitting_certificate(server))
+
     step("packages", lambda: install_packages(server))
     step("app user", lambda: ensure_app_user(server))
     step("directories", lambda: ensure_directories(server))
@@ -325,6 +358,8 @@ def provision(conn: Connection, config: DeployConfig, *, progress: Progress | No
             lambda: ensure_database(server, env["values"]["DATABASE_URL"], new_password=bool(env["new_password"])),
         )
         step("supervisord", lambda: ensure_supervisord(server))
-        step("nginx", lambda: ensure_nginx(server, host))
+        step("nginx", nginx)
+        if config.domain:
+            step("certificate", lambda: ensure_certificate(server, host))
         step("backup timer", lambda: ensure_backup_timer(server))
     return summary(server.name, progress)

@@ -160,10 +160,17 @@ def build_venv(server: Server, release_id: str, lock_hash: str, wrap=lambda comm
 
 
 def switch_command(server: Server, release_id: str) -> str:
-    """Point `current` at releases/<id> atomically: a new symlink renamed over the old one."""
+    """Point `current` at releases/<id> atomically (a new symlink renamed over the old one), and `previous`
+    at the release it replaces, whose static files nginx keeps serving to the programs not yet restarted."""
     layout = server.config.layout
-    tmp = layout.root / f".current-{release_id}"
-    return f"{sh('ln', '-sfn', layout.releases / release_id, tmp)} && {sh('mv', '-T', tmp, layout.current)}"
+    target = layout.releases / release_id
+    tmp, tmp_previous = layout.root / f".current-{release_id}", layout.root / f".previous-{release_id}"
+    keep_previous = (
+        f'old="$(readlink {sh(layout.current)})"; '
+        f'if [ -n "$old" ] && [ "$old" != {sh(target)} ]; then '
+        f'ln -sfn "$old" {sh(tmp_previous)} && mv -T {sh(tmp_previous)} {sh(layout.previous)}; fi'
+    )
+    return f"{{ {keep_previous}; }} && {sh('ln', '-sfn', target, tmp)} && {sh('mv', '-T', tmp, layout.current)}"
 
 
 def unmark(server: Server, release_id: str) -> None:
@@ -180,10 +187,11 @@ def remove_release(server: Server, release_id: str) -> None:
 
 
 def finish(server: Server, state: ServerState, release_id: str, venv: str) -> list[str]:
-    """Mark `release_id` verified, keep the newest keep_releases releases (always the live one), drop unused venvs."""
+    """Mark `release_id` verified, keep the newest keep_releases releases (always the live one and the one live
+    before it, whose static files nginx still serves), drop unused venvs."""
     layout = server.config.layout
     releases = sorted({*state.releases, release_id})
-    keep = set(releases[-server.config.keep_releases :]) | {release_id}
+    keep = set(releases[-server.config.keep_releases :]) | {release_id} | ({state.current} - {None})
     doomed = [r for r in releases if r not in keep]
     used = " ".join(sorted({state.venvs.get(r, "") for r in keep} - {""} | {venv}))
     commands = [sh("touch", layout.releases / release_id / DEPLOYED_MARK)]

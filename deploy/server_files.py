@@ -3,16 +3,17 @@ nginx site, the layout's directories, and the checks of the server's facts. Pure
 
 from __future__ import annotations
 
+import calendar
 import re
+import time
 from collections.abc import Mapping
 from pathlib import Path, PurePosixPath
 from urllib.parse import quote
 
 from deploy.config import DeployConfig
 from deploy.errors import DeployError
-from deploy.layout import WEB_PORTS
 from deploy.onserver import read_env_file
-from deploy.render import render_supervisord_conf, template_environment
+from deploy.render import render_supervisord_conf, shell_join, template_environment
 
 TEMPLATE_DIR = Path(__file__).resolve().parent / "templates" / "provision"
 # Debian's and Ubuntu's supervisor package: root-owned and patched by apt. Its own system-wide
@@ -25,6 +26,19 @@ DATABASE = "prayer_room"
 BROKER_URL = "redis://127.0.0.1:6379/0"
 # gunicorn's own timeout (WEB_TIMEOUT) is 30 s; nginx must wait at least that long for an answer.
 PROXY_READ_TIMEOUT = 60
+# A client that sends nothing for this long while uploading its headers or body is dropped.
+CLIENT_TIMEOUT = 10
+# certbot (webroot mode) writes its HTTP-01 answers under here; nginx serves them on port 80.
+ACME_WEBROOT = PurePosixPath("/var/lib/prayer-room-acme")
+# certbot --cert-name: the certificate's fixed directory under /etc/letsencrypt/live/, whatever the domain.
+CERT_NAME = "prayer-room"
+CERT_DIR = PurePosixPath("/etc/letsencrypt/live") / CERT_NAME
+HSTS_SECONDS = 31536000
+# systemd drop-in giving certbot.service (what certbot.timer starts) the ACME server's CA bundle.
+CERTBOT_DROPIN = PurePosixPath("/etc/systemd/system/certbot.service.d/prayer-room-acme-ca.conf")
+RENEWAL_CONF = PurePosixPath("/etc/letsencrypt/renewal") / f"{CERT_NAME}.conf"
+# `fab status` warns when the certificate expires sooner (certbot renews 30 days before).
+EXPIRY_WARNING_DAYS = 14
 MIN_PYTHON = (3, 11)
 # Seconds a client is told to wait during a maintenance window (the measured window is shorter).
 MAINTENANCE_RETRY_AFTER = 30
@@ -38,7 +52,6 @@ def site_names(config: DeployConfig, host: str) -> list[str]:
 
 def env_defaults(config: DeployConfig, host: str, *, secret_key: str, db_password: str) -> dict[str, str]:
     """The env file's values for a server without TLS (the health check reaches gunicorn as 127.0.0.1)."""
-    layout = config.layout
     role = config.user.replace("-", "_")
     return {
         "DJANGO_SETTINGS_MODULE": config.settings_module,
@@ -46,7 +59,6 @@ def env_defaults(config: DeployConfig, host: str, *, secret_key: str, db_passwor
         "ALLOWED_HOSTS": ",".join([*site_names(config, host), "127.0.0.1", "localhost"]),
         "DATABASE_URL": f"postgres://{role}:{quote(db_password, safe='')}@127.0.0.1:5432/{DATABASE}",
         "CELERY_BROKER_URL": BROKER_URL,
-        "STATIC_ROOT": str(layout.static),
         "SECURE_SSL_REDIRECT": "false",
         "SECURE_COOKIES": "false",
     }
@@ -63,20 +75,42 @@ def merge_env_file(existing: str | None, defaults: Mapping[str, str]) -> str:
     return existing + ("" if existing.endswith("\n") or not existing else "\n") + "".join(missing)
 
 
-def render_nginx_site(config: DeployConfig, host: str, *, ipv6: bool = True) -> str:
-    """The nginx site: both web ports behind one upstream, static files from the shared directory."""
+def render_nginx_site(
+    config: DeployConfig,
+    host: str,
+    *,
+    tls: bool = False,
+    ipv6: bool = True,
+    address: str = "",
+    http_port: int = 80,
+    https_port: int = 443,
+) -> str:
+    """The nginx site: config.web_ports behind one upstream, each release's static files, a 444 default server.
+
+    With `tls` (a certificate for config.domain exists) port 80 only answers the ACME challenge and redirects;
+    the site is on 443. `address`, the ports and `ipv6` are for tests, which listen on a loopback port.
+    """
     return (
         _nginx_environment()
         .get_template("nginx-site.conf.j2")
         .render(
             upstream="prayer_room_web",
-            web_ports=WEB_PORTS,
+            web_ports=config.web_ports,
             ipv6=ipv6,
-            server_names=site_names(config, host),
+            address=address,
+            http_port=http_port,
+            https_port=https_port,
+            server_names=[config.domain] if tls else site_names(config, host),
             max_body="1m",
-            static_root=str(config.layout.static),
+            client_timeout=CLIENT_TIMEOUT,
+            root=str(config.layout.root),
             read_timeout=PROXY_READ_TIMEOUT,
             **maintenance_context(config),
+            tls=tls,
+            acme_webroot=str(ACME_WEBROOT) if config.domain else "",
+            certificate=str(CERT_DIR / "fullchain.pem"),
+            certificate_key=str(CERT_DIR / "privkey.pem"),
+            hsts_seconds=HSTS_SECONDS,
         )
     )
 
@@ -103,6 +137,81 @@ def _nginx_string(text: str) -> str:
 def render_nginx_maintenance(config: DeployConfig) -> str:
     """The nginx server-block lines that answer 503 while the maintenance flag exists (the site includes them)."""
     return _nginx_environment().get_template("nginx-maintenance.conf.j2").render(**maintenance_context(config))
+
+
+def acme_ca_path(config: DeployConfig) -> PurePosixPath:
+    """Where provision puts acme_ca_bundle on the server (root-owned, world-readable: it is a public CA)."""
+    return config.layout.etc / "acme-ca.pem"
+
+
+def render_certbot_dropin(config: DeployConfig) -> str:
+    return (
+        template_environment(TEMPLATE_DIR)
+        .get_template("certbot-ca.conf.j2")
+        .render(directory=config.acme_directory, bundle=str(acme_ca_path(config)))
+    )
+
+
+def certbot_command(config: DeployConfig, *, replace: bool) -> str:
+    """certbot certonly in webroot mode (nginx keeps running) for config.domain, saved for certbot.timer's
+    renewals with the same server and the deploy hook that reloads nginx; `replace` re-issues at once."""
+    words = [
+        "certbot", "certonly", "--non-interactive", "--agree-tos", "--email", config.acme_email,
+        "--server", config.acme_directory, "--webroot", "--webroot-path", ACME_WEBROOT,
+        "--cert-name", CERT_NAME, "--domains", config.domain, "--deploy-hook", "systemctl reload nginx",
+    ]  # fmt: skip
+    words += ["--force-renewal"] if replace else ["--keep-until-expiring"]
+    command = shell_join(words)
+    if config.acme_ca_bundle:
+        command = f"REQUESTS_CA_BUNDLE={shell_join([acme_ca_path(config)])} {command}"
+    return command
+
+
+CERTIFICATE_SCRIPT = f"""\
+if [ -f {CERT_DIR}/fullchain.pem ]; then
+    openssl x509 -in {CERT_DIR}/fullchain.pem -noout -enddate -ext subjectAltName
+    sed -n 's/^server *= */server=/p' {RENEWAL_CONF}
+fi
+"""
+
+
+def parse_certificate(text: str) -> dict[str, object] | None:
+    """CERTIFICATE_SCRIPT's output: the names, expiry (epoch seconds) and ACME server; None without a certificate."""
+    expiry = re.search(r"^notAfter=(.+)$", text, re.M)
+    if not expiry:
+        return None
+    server = re.search(r"^server=(\S+)", text, re.M)
+    return {
+        "names": re.findall(r"DNS:([^,\s]+)", text),
+        "expires": calendar.timegm(time.strptime(expiry.group(1).strip(), "%b %d %H:%M:%S %Y %Z")),
+        "server": server.group(1) if server else "",
+    }
+
+
+def certificate_fits(config: DeployConfig, certificate: Mapping[str, object] | None, now: float) -> bool:
+    """A certificate nginx can serve for config.domain: it names the domain, is unexpired, and from acme_directory."""
+    return bool(
+        certificate
+        and config.domain in certificate["names"]
+        and certificate["expires"] > now
+        and certificate["server"] == config.acme_directory
+    )
+
+
+def certificate_line(config: DeployConfig, certificate: Mapping[str, object] | None, now: float) -> str:
+    """`fab status`'s line: the days left, a WARNING under EXPIRY_WARNING_DAYS (renewal is not working)."""
+    if certificate is None:
+        return f"certificate: none for {config.domain}; run `fab provision`"
+    days = int((certificate["expires"] - now) // 86400)
+    names = ", ".join(certificate["names"])
+    date = time.strftime("%Y-%m-%d", time.gmtime(certificate["expires"]))
+    line = f"certificate: {names}, expires in {days} days ({date})"
+    if days < EXPIRY_WARNING_DAYS:
+        line += (
+            f"  WARNING: under {EXPIRY_WARNING_DAYS} days; certbot.timer should have renewed it 30 days before: "
+            "see `journalctl -u certbot` on the server"
+        )
+    return line
 
 
 def render_unit(config: DeployConfig) -> str:
@@ -159,14 +268,15 @@ def render_supervisord_main(config: DeployConfig) -> str:
 
 
 def directories(config: DeployConfig) -> list[tuple[PurePosixPath, str, str]]:
-    """(path, owner, mode) of every directory provision creates; nginx must traverse down to static/."""
+    """(path, owner, mode) of every directory provision creates; nginx must traverse down to releases/<id>/static."""
     layout, user = config.layout, config.user
+    acme = [(ACME_WEBROOT, "root", "755")] if config.domain else []
     return [
+        *acme,
         (layout.root, user, "755"),
         (layout.releases, user, "755"),
         (layout.venvs, user, "755"),
         (layout.env_file.parent, user, "755"),
-        (layout.static, user, "755"),
         (layout.logs, user, "750"),
         (layout.run, user, "750"),
         (layout.etc, "root", "755"),

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from fabric import Connection
 
-from deploy import backup, release, schema, verify
+from deploy import backup, release, schema, tls, verify
 from deploy.config import DeployConfig
 from deploy.errors import DeployError
 from deploy.lock import DeployLock
@@ -20,6 +20,7 @@ from deploy.progress import Progress
 from deploy.remote import Server, connect, sh
 from deploy.render import render_supervisord_conf, server_context
 from deploy.schema import SchemaReport
+from deploy.server_files import certificate_line
 from deploy.state import ServerState, read_state
 
 
@@ -412,10 +413,12 @@ def plan(conn: Connection, config: DeployConfig, repo: Path) -> str:
 
 
 def status(conn: Connection, config: DeployConfig) -> str:
-    """Each program's state, the live release, the releases kept, and the schedules beat runs."""
+    """Each program's state, the live release, the releases kept, the certificate's expiry, the schedules beat runs."""
     server = connect(conn, config)
     state = read_state(server)
     lines = [f"{server.name}: live release {state.current or 'none'}"]
+    if config.domain:
+        lines.append(certificate_line(config, tls.read_certificate(server), time.time()))
     held = DeployLock(server, "status").holder()
     if held:
         lines.append(

@@ -3,6 +3,7 @@ supervisord, nginx in front, PostgreSQL and Redis. Used by the end-to-end tests 
 
 from __future__ import annotations
 
+import json
 import os
 import pwd
 import secrets
@@ -16,14 +17,15 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import redis
 
-from deploy.config import DeployConfig
+from deploy.config import load_config
 from deploy.render import local_context, render_supervisord_conf
-from deploy.server_files import render_nginx_maintenance
+from deploy.server_files import render_nginx_site
 from tests.support.stack import Database, claim_redis_db, free_port, redis_url, release_redis_db, services_unavailable
 
 REPO = Path(__file__).resolve().parents[2]
@@ -102,9 +104,18 @@ def wait_port(port: int, timeout: float = 15) -> None:
     raise RuntimeError(f"nothing listens on 127.0.0.1:{port} after {timeout} s")
 
 
-def http_get(url: str, timeout: float = 5) -> tuple[int | None, str]:
+def http_get(url: str, timeout: float = 5, **kwargs) -> tuple[int | None, str]:
+    return http_request(url, timeout=timeout, **kwargs)
+
+
+def http_request(
+    url: str, data: dict | None = None, *, timeout: float = 5, headers: dict | None = None, context=None
+) -> tuple[int | None, str]:
+    """GET `url`, or POST `data` as JSON: (status, body), status None when there was no answer."""
+    body = None if data is None else json.dumps(data).encode()
+    request = urllib.request.Request(url, data=body, headers={"Content-Type": "application/json", **(headers or {})})
     try:
-        with urllib.request.urlopen(url, timeout=timeout) as response:
+        with urllib.request.urlopen(request, timeout=timeout, context=context) as response:
             return response.status, response.read().decode(errors="replace")
     except urllib.error.HTTPError as exc:
         return exc.code, exc.read().decode(errors="replace")
@@ -114,10 +125,14 @@ def http_get(url: str, timeout: float = 5) -> tuple[int | None, str]:
 
 @dataclass
 class RequestLoop:
-    """GETs `url` back to back in a thread, counting answers that are not 200."""
+    """GETs `url` back to back in a thread, each followed by the `posts` (url, JSON body); any answer other
+    than 200/201 is a failure. `request(url, data)` sends one: http_request, or the caller's (e.g. HTTPS)."""
 
     url: str
+    posts: tuple[tuple[str, dict], ...] = ()
+    request: Callable[..., tuple[int | None, str]] = http_request
     ok: int = 0
+    posted: int = 0
     failures: list[str] = field(default_factory=list)
     releases: set[str] = field(default_factory=set)
     _stop: threading.Event = field(default_factory=threading.Event)
@@ -130,13 +145,19 @@ class RequestLoop:
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            status, body = http_get(self.url)
+            status, body = self.request(self.url)
             if status == 200:
                 self.ok += 1
                 if '"release"' in body:
                     self.releases.add(body.split('"release":')[1].split('"')[1])
             else:
-                self.failures.append(f"{status}: {body[:200]}")
+                self.failures.append(f"GET {status}: {body[:200]}")
+            for url, data in self.posts:
+                status, body = self.request(url, data)
+                if status in (200, 201):
+                    self.posted += 1
+                else:
+                    self.failures.append(f"POST {url.split('/', 3)[-1]} {status}: {body[:200]}")
             time.sleep(0.01)
 
     def __exit__(self, *exc) -> None:
@@ -200,8 +221,8 @@ class DeployTarget:
         redis.Redis.from_url(f"{redis_url()}/{self.redis_db}").flushdb()
         self._provision_layout()
         self._start_supervisord()
-        self._start_nginx()
         self._write_config()
+        self._start_nginx()
         return self
 
     def _start_sshd(self) -> None:
@@ -235,7 +256,7 @@ class DeployTarget:
     def _provision_layout(self) -> None:
         """What `fab provision` leaves behind, minus the system services."""
         user = pwd.getpwnam(APP_USER)
-        for d in (self.srv, self.srv / "shared", self.srv / "shared" / "static"):
+        for d in (self.srv, self.srv / "shared"):
             d.mkdir(exist_ok=True)
             os.chown(d, user.pw_uid, user.pw_gid)
         for d in (self.srv / "log", self.srv / "run"):
@@ -248,7 +269,10 @@ class DeployTarget:
                 ALLOWED_HOSTS=127.0.0.1,localhost
                 DATABASE_URL={self.database.url}
                 CELERY_BROKER_URL={redis_url()}/{self.redis_db}
+                CACHE_URL={redis_url()}/{self.redis_db}
                 EMAIL_URL=consolemail://
+                THROTTLE_SUBMIT=1000000/hour
+                THROTTLE_PRAYED=1000000/hour
                 SECURE_SSL_REDIRECT=false
                 SECURE_COOKIES=false
                 SECURE_HSTS_SECONDS=0
@@ -282,9 +306,13 @@ class DeployTarget:
             time.sleep(0.2)
 
     def _start_nginx(self) -> None:
+        """nginx with the site `fab provision` renders (only the listen address and port are the test's),
+        inside the http block of a stand-in for Debian's nginx.conf."""
         nginx = self.workdir / "nginx"
         nginx.mkdir()
-        upstream = "\n".join(f"        server 127.0.0.1:{port} max_fails=0;" for port in self.web_ports)
+        config = load_config(self.config_file, "e2e")
+        site = render_nginx_site(config, "127.0.0.1", ipv6=False, address="127.0.0.1", http_port=self.nginx_port)
+        (nginx / "site.conf").write_text(site)
         (nginx / "nginx.conf").write_text(
             textwrap.dedent("""\
                 worker_processes 1;
@@ -292,38 +320,20 @@ class DeployTarget:
                 error_log {d}/error.log;
                 events {{ worker_connections 256; }}
                 http {{
+                    include /etc/nginx/mime.types;
+                    default_type application/octet-stream;
                     access_log {d}/access.log;
                     client_body_temp_path {d}/body;
                     proxy_temp_path {d}/proxy;
                     fastcgi_temp_path {d}/fastcgi;
                     uwsgi_temp_path {d}/uwsgi;
                     scgi_temp_path {d}/scgi;
-                    upstream prayer_room {{
-                {upstream}
-                        keepalive 8;
-                    }}
-                    server {{
-                        listen 127.0.0.1:{port};
-                {maintenance}
-                        location / {{
-                            proxy_pass http://prayer_room;
-                            proxy_http_version 1.1;
-                            proxy_set_header Connection "";
-                            proxy_set_header Host localhost;
-                            proxy_next_upstream error timeout http_502 http_503;
-                            proxy_next_upstream_tries 0;
-                        }}
-                    }}
+                    include {d}/site.conf;
                 }}
-            """).format(d=nginx, upstream=upstream, port=self.nginx_port, maintenance=self._maintenance_block())
+            """).format(d=nginx)
         )
         self._spawn(["nginx", "-p", str(nginx), "-c", str(nginx / "nginx.conf"), "-g", "daemon off;"], "nginx.out")
         wait_port(self.nginx_port)
-
-    def _maintenance_block(self) -> str:
-        """The provisioned site's maintenance lines, for this target's paths."""
-        config = DeployConfig(root=str(self.srv), etc=str(self.etc))
-        return textwrap.indent(render_nginx_maintenance(config), "    ")
 
     def _write_config(self) -> None:
         self.config_file_with()
@@ -401,6 +411,28 @@ class DeployTarget:
     @property
     def front_url(self) -> str:
         return f"http://127.0.0.1:{self.nginx_port}/health/"
+
+    def api_posts(self) -> tuple[tuple[str, dict], ...]:
+        """What the request loop POSTs through nginx beside its GETs: a new request, and "I prayed" for an
+        approved one (made here, in the deployed database)."""
+        self.database.query(
+            "INSERT INTO prayer_room_api_location (name, slug, is_active, created_at)"
+            " VALUES ('Deploy e2e', 'deploy-e2e', true, now()) ON CONFLICT DO NOTHING"
+        )
+        (location_id,) = self.database.query("SELECT id FROM prayer_room_api_location WHERE slug = 'deploy-e2e'")[0]
+        (request_id,) = self.database.query(
+            "INSERT INTO prayer_room_api_prayerrequest (content, name, type, location_id, created_at, updated_at,"
+            " prayer_count, approved_at, response) VALUES ('pray for the deploy', 'e2e', 'prayer', %s, now(), now(),"
+            " 0, now(), '') RETURNING id",
+            (location_id,),
+        )[0]
+        base = f"http://127.0.0.1:{self.nginx_port}/api/requests/"
+        submit = {"type": "prayer", "content": "a request sent during a deploy", "location": "deploy-e2e"}
+        return ((base, submit), (f"{base}{request_id}/prayed/", {}))
+
+    def request_loop(self) -> RequestLoop:
+        """GET /health/, POST a request and POST "prayed", back to back through nginx."""
+        return RequestLoop(self.front_url, posts=self.api_posts())
 
     def live_release(self) -> str | None:
         link = self.srv / "current"

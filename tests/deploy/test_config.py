@@ -74,11 +74,49 @@ def test_environment_values_override_defaults_and_config_is_frozen(tmp_path):
         ("[environments.p]\nhosts = ['root@bad host']\n", "p", "is not user@host"),
         ("[defaults]\nenv = { A = 1 }\n", None, "env must be a table of strings"),
         ("not toml = = \n", None, "is not valid TOML"),
+        ("[defaults]\ndomain = '203.0.113.7'\nacme_email = 'a@b.org'\n", None, "not a DNS name .* not an address"),
+        ("[defaults]\ndomain = 'localhost'\nacme_email = 'a@b.org'\n", None, "not a DNS name"),
+        ("[defaults]\ndomain = 'bad_name.org'\nacme_email = 'a@b.org'\n", None, "not a DNS name"),
+        ("[defaults]\ndomain = 'p.example.org'\n", None, "domain needs acme_email .*admin@p.example.org"),
+        ("[defaults]\nacme_email = 'a@b.org'\n", None, "acme_email set without domain"),
+        ("[defaults]\nacme_directory = 'https://x/d'\n", None, "acme_directory set without domain"),
+        (
+            "[defaults]\ndomain = 'p.example.org'\nacme_email = 'a@b.org'\nacme_directory = 'http://x/dir'\n",
+            None,
+            "acme_directory must be an https:// URL",
+        ),
+        (
+            "[defaults]\ndomain = 'p.example.org'\nacme_email = 'a@b.org'\nacme_ca_bundle = 'absent.pem'\n",
+            None,
+            "acme_ca_bundle .*absent.pem cannot be read",
+        ),
     ],
 )
 def test_bad_config_is_refused_naming_the_setting(tmp_path, text, environment, message):
     with pytest.raises(DeployError, match=message):
         load_config(write(tmp_path, text), environment)
+
+
+def test_acme_ca_bundle_is_relative_to_the_config_file_and_must_hold_a_certificate(tmp_path):
+    (tmp_path / "ca.pem").write_text("-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n")
+    (tmp_path / "key.pem").write_text("-----BEGIN PRIVATE KEY-----\n")
+    tls = "[defaults]\ndomain = 'p.example.org'\nacme_email = 'a@b.org'\n"
+    config = load_config(write(tmp_path, tls + "acme_ca_bundle = 'ca.pem'\n"))
+    assert config.acme_ca_bundle == str(tmp_path / "ca.pem")
+    assert config.acme_directory == "https://acme-v02.api.letsencrypt.org/directory"
+    with pytest.raises(DeployError, match="key.pem holds no PEM certificate"):
+        load_config(write(tmp_path, tls + "acme_ca_bundle = 'key.pem'\n"))
+
+
+def test_a_domain_sets_the_host_https_and_secure_cookies_over_the_env_file_at_every_deploy():
+    overrides = dict(DeployConfig(domain="p.example.org", acme_email="a@b.org").environment_overrides())
+    assert overrides["ALLOWED_HOSTS"] == "p.example.org,127.0.0.1,localhost"
+    assert overrides["CSRF_TRUSTED_ORIGINS"] == "https://p.example.org"
+    assert overrides["SECURE_SSL_REDIRECT"] == overrides["SECURE_COOKIES"] == "true"
+    plain = dict(DeployConfig().environment_overrides())
+    assert not {"ALLOWED_HOSTS", "SECURE_SSL_REDIRECT", "SECURE_COOKIES"} & set(plain)  # the env file's values
+    explicit = DeployConfig(domain="p.example.org", extra_env=(("ALLOWED_HOSTS", "p.example.org,www.p.example.org"),))
+    assert dict(explicit.environment_overrides())["ALLOWED_HOSTS"] == "p.example.org,www.p.example.org"
 
 
 def test_an_environment_needs_a_config_file(tmp_path):

@@ -14,6 +14,7 @@ import signal
 import tempfile
 import threading
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -30,7 +31,6 @@ from tests.deploy.target import (
     SUDO_USER,
     Clone,
     DeployTarget,
-    RequestLoop,
     ensure_sudoer,
     ensure_user,
     http_get,
@@ -41,6 +41,7 @@ from tests.support.stack import redis_url
 pytestmark = [pytest.mark.deploy, pytest.mark.timeout(900)]
 
 MIGRATIONS = Path("project/prayer_room_api/migrations")
+STATIC_CSS = "project/prayer_room_api/static/e2e.css"
 
 
 @pytest.fixture(scope="module")
@@ -60,7 +61,9 @@ def target(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def clone(target):
-    return Clone(target.workdir / "repo")
+    clone = Clone(target.workdir / "repo")
+    clone.commit_file(STATIC_CSS, static_css("first"), "a stylesheet of the app's own")
+    return clone
 
 
 def ok(result) -> str:
@@ -122,19 +125,55 @@ def test_first_deploy_runs_web_worker_and_beat_behind_the_front_server(target, c
     assert oct((target.etc / "programs.conf").stat().st_mode & 0o777) == "0o600"
 
 
-def test_code_change_redeploy_fails_no_request(target, clone):
+def static_css(release: str) -> str:
+    return f"/* {release} */\nbody {{ margin: 0; }}\n"
+
+
+def hashed_name(target: DeployTarget, release: str, name: str) -> str:
+    manifest = json.loads((target.srv / "releases" / release / "static" / "staticfiles.json").read_text())
+    return manifest["paths"][name]
+
+
+def test_code_change_redeploy_fails_no_get_or_post_through_the_provisioned_site(target, clone):
+    """The front server is the site `fab provision` renders; the loop POSTs (submit, prayed) beside its GETs."""
     before = target.live_release()
-    clone.commit_file("docs/redeploy-marker.txt", f"{time.time()}\n", "a code-only change")
-    with RequestLoop(target.front_url) as loop:
+    clone.commit_file(STATIC_CSS, static_css("second"), "a code-only change, and a stylesheet changed")
+    with target.request_loop() as loop:
         out = ok(target.fab("deploy", repo=clone.path))
         time.sleep(0.5)
     after = target.live_release()
     assert after != before and after.endswith(clone.git("rev-parse", "HEAD")[:12])
     assert "reused (requirements.lock unchanged)" in out
     assert "restart web-1" in out and "restart web-2" in out  # rolling, not a group restart
-    assert loop.failures == [] and loop.ok > 20, loop.failures[:5]
+    assert loop.failures == [] and loop.ok > 20 and loop.posted > 40, loop.failures[:5]
     assert after in loop.releases
     assert run_ping(target)["release"] == after
+
+
+def test_each_release_serves_its_own_hashed_static_files_and_the_previous_ones(target):
+    current = target.live_release()
+    previous = os.readlink(target.srv / "previous").rstrip("/").rsplit("/", 1)[-1]
+    new, old = hashed_name(target, current, "e2e.css"), hashed_name(target, previous, "e2e.css")
+    assert new != old and re.fullmatch(r"e2e\.[0-9a-f]{12}\.css", new), (new, old)
+    base = f"http://127.0.0.1:{target.nginx_port}/static/"
+    for name, release in ((new, "second"), (old, "first")):  # the old name: for web programs not yet restarted
+        response = urllib.request.urlopen(base + name, timeout=5)
+        assert response.read().decode() == static_css(release)
+        assert response.headers["Cache-Control"] == "public, max-age=31536000, immutable"
+        assert response.headers["X-Content-Type-Options"] == "nosniff"
+        assert response.headers["X-Frame-Options"] == "DENY"
+    plain = urllib.request.urlopen(base + "e2e.css", timeout=5)
+    assert plain.read().decode() == static_css("second") and plain.headers["Cache-Control"] == "no-cache"
+    assert plain.headers["Server"] == "nginx"  # no version
+    admin = urllib.request.urlopen(f"http://127.0.0.1:{target.nginx_port}/admin/login/", timeout=5).read().decode()
+    css = re.search(r'href="/static/(admin/css/base\.[0-9a-f]{12}\.css)"', admin)
+    assert css and http_get(base + css.group(1))[0] == 200
+
+
+def test_an_unknown_host_name_gets_no_answer(target):
+    status, error = http_get(target.front_url, headers={"Host": "unknown.example.org"})
+    assert status is None and "Remote end closed connection" in error, (status, error)
+    assert "DisallowedHost" not in (target.srv / "log" / "web-1.log").read_text()
 
 
 def test_rollback_brings_back_the_previous_release(target):

@@ -48,7 +48,7 @@ def test_server_programs_run_current_as_the_app_user_with_the_config_values():
     assert "directory=/opt/app/current/project" in text
     assert "user=app" in text
     assert 'WEB_WORKERS="3"' in text and 'WORKER_CONCURRENCY="4"' in text
-    assert 'STATIC_ROOT="/opt/app/shared/static"' in text
+    assert 'STATIC_ROOT="release"' in text  # each release collects its own (releases/<id>/static)
     assert 'DJANGO_SETTINGS_MODULE="prayer_room_api.settings.production"' in text
     assert 'SECRET_KEY="s3cr%%t-value"' in text  # escaped for supervisord's % expansion
 

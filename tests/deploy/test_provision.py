@@ -6,6 +6,8 @@ import json
 import shutil
 import subprocess
 import sys
+import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -18,14 +20,22 @@ from deploy.onserver import read_env_file
 from deploy.progress import Progress
 from deploy.provision import summary
 from deploy.server_files import (
+    ACME_WEBROOT,
+    CERT_DIR,
     FACTS_SCRIPT,
     UNIT,
+    acme_ca_path,
+    certbot_command,
+    certificate_fits,
+    certificate_line,
     check_facts,
     directories,
     env_defaults,
     merge_env_file,
+    parse_certificate,
     parse_facts,
     render_backup_units,
+    render_certbot_dropin,
     render_nginx_site,
     render_supervisord_main,
     render_unit,
@@ -71,7 +81,7 @@ def test_env_file_is_what_production_settings_need_without_tls():
     )
     assert settings["db"]["USER"] == CONFIG.user.replace("-", "_")
     assert settings["broker"] == "redis://127.0.0.1:6379/0"
-    assert settings["static_root"] == str(CONFIG.layout.static)
+    assert settings["static_root"] == str(REPO / "var" / "static")  # deploy sets STATIC_ROOT=release over it
     assert not settings["ssl_redirect"] and not settings["secure_cookies"] and not settings["debug"]
 
 
@@ -100,14 +110,52 @@ def test_existing_env_file_without_final_newline_gets_one():
     assert merged == "SECRET_KEY=x\nNEW=1\n"
 
 
-def test_nginx_site_balances_both_web_ports_and_serves_static():
+def test_production_settings_collect_each_release_beside_its_code_with_hashed_names():
+    values = {**read_env_file(merge_env_file(None, defaults())), **dict(CONFIG.environment_overrides())}
+    code = (
+        "import django; django.setup(); from django.conf import settings as s; "
+        "from django.core.files.storage import storages; st = storages['staticfiles']; "
+        "print(s.STATIC_ROOT, type(st).__name__)"
+    )
+    env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(REPO / "project"), **values}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
+    assert out.split() == [str(REPO / "static"), "ManifestStaticFilesStorage"]
+
+
+def test_nginx_site_balances_the_configured_web_ports_and_serves_each_release_static():
     site = render_nginx_site(CONFIG, HOST)
     for port in WEB_PORTS:
         assert f"server 127.0.0.1:{port} max_fails=0;" in site
-    assert "proxy_next_upstream error timeout;" in site
-    assert f"alias {CONFIG.layout.static}/;" in site
+    other = render_nginx_site(DeployConfig(web_ports=(9001, 9002, 9003)), HOST)
+    assert [line.strip() for line in other.splitlines() if line.strip().startswith("server 127.")] == [
+        f"server 127.0.0.1:{port} max_fails=0;" for port in (9001, 9002, 9003)
+    ]
+    assert "proxy_next_upstream error timeout non_idempotent;" in site
+    assert f"root {CONFIG.layout.current};" in site and f"root {CONFIG.layout.previous};" in site
     assert f"server_name {HOST};" in site
     assert "proxy_set_header X-Forwarded-Proto $scheme;" in site
+
+
+def test_nginx_site_hides_its_version_refuses_unknown_hosts_and_drops_slow_clients():
+    site = render_nginx_site(CONFIG, HOST)
+    assert "server_tokens off;" in site
+    default = site.split("server {")[1]
+    assert "listen 80 default_server;" in default and "return 444;" in default
+    timeout = int(site.split("client_body_timeout ")[1].split("s;")[0])
+    assert timeout < 60
+    assert "acme-challenge" not in site and "listen 443" not in site  # no domain: plain HTTP only
+
+
+def test_nginx_site_static_locations_repeat_the_security_headers():
+    for site in (
+        render_nginx_site(CONFIG, HOST),
+        render_nginx_site(DeployConfig(domain="p.example.org"), HOST, tls=True),
+    ):
+        for block in site.split("location ")[1:]:
+            if "/static" in block.split("{")[0]:
+                for header in ("X-Content-Type-Options nosniff", "X-Frame-Options DENY", "Cache-Control"):
+                    assert f"add_header {header}" in block, block
+                assert ("Strict-Transport-Security" in block) == ("listen 443" in site), block
 
 
 @pytest.mark.deploy  # needs the deploy layer's nginx, which pip cannot install
@@ -177,7 +225,7 @@ def test_supervisord_main_config_is_private_and_includes_the_deployed_programs(t
 
 def test_directories_let_nginx_reach_static_files_but_not_logs():
     wanted = {str(path): (owner, mode) for path, owner, mode in directories(CONFIG)}
-    static = CONFIG.layout.static
+    static = CONFIG.layout.static("20260101000000-abcdef012345")
     for path in [static, *static.parents][: len(static.parents) - 1]:
         if str(path) in wanted:
             assert int(wanted[str(path)][1][-1]) & 1, f"{path} must be traversable by nginx"
@@ -226,3 +274,64 @@ def test_summary_counts_the_steps_that_changed_the_server():
     with quiet.step("packages") as outcome:
         outcome.changed = False
     assert "nothing changed" in summary("vps", quiet)
+
+
+TLS = DeployConfig(domain="prayer.example.org", acme_email="admin@example.org", acme_ca_bundle="/local/ca.pem")
+
+
+def test_certbot_uses_the_webroot_nginx_serves_and_reloads_nginx_on_renewal():
+    command = certbot_command(TLS, replace=False)
+    assert command.startswith(f"REQUESTS_CA_BUNDLE={acme_ca_path(TLS)} certbot certonly --non-interactive")
+    for part in (
+        f"--webroot --webroot-path {ACME_WEBROOT}",
+        "--domains prayer.example.org",
+        f"--server {TLS.acme_directory}",
+        "--deploy-hook 'systemctl reload nginx'",
+        "--email admin@example.org",
+        "--keep-until-expiring",
+    ):
+        assert part in command
+    assert "--force-renewal" in certbot_command(TLS, replace=True)
+    assert "REQUESTS_CA_BUNDLE" not in certbot_command(replace(TLS, acme_ca_bundle=""), replace=False)
+    site = render_nginx_site(TLS, HOST)
+    assert f"location /.well-known/acme-challenge/ {{\n        root {ACME_WEBROOT};" in site
+    assert (ACME_WEBROOT, "root", "755") in directories(TLS)
+    dropin = render_certbot_dropin(TLS)
+    assert f"Environment=REQUESTS_CA_BUNDLE={acme_ca_path(TLS)}\n" in dropin and "[Service]" in dropin
+
+
+def test_the_tls_site_redirects_http_except_the_challenge_and_refuses_unknown_names_on_443():
+    site = render_nginx_site(TLS, HOST, tls=True)
+    http, https = site.split("server {")[2], site.split("server {")[3]
+    assert "acme-challenge" in http and "return 301 https://$host$request_uri;" in http and "proxy_pass" not in http
+    assert "listen 443 ssl http2;" in https and "proxy_pass http://prayer_room_web;" in https
+    assert f"ssl_certificate {CERT_DIR}/fullchain.pem;" in https and "server_name prayer.example.org;" in https
+    default = site.split("server {")[1]
+    assert "listen 443 ssl http2 default_server;" in default and "ssl_reject_handshake on;" in default
+    assert HOST not in site  # only the domain: the address alone gets 444
+
+
+CERTIFICATE_OUTPUT = """\
+notAfter=Mar  2 12:00:00 2027 GMT
+X509v3 Subject Alternative Name: \n    DNS:prayer.example.org
+server=https://acme-v02.api.letsencrypt.org/directory
+"""
+
+
+def test_the_certificate_is_read_and_status_warns_when_it_is_close_to_expiry():
+    certificate = parse_certificate(CERTIFICATE_OUTPUT)
+    assert certificate["names"] == ["prayer.example.org"] and certificate["server"] == TLS.acme_directory
+    expires = certificate["expires"]
+    assert time.strftime("%Y-%m-%d %H:%M", time.gmtime(expires)) == "2027-03-02 12:00"
+    assert parse_certificate("") is None
+    assert certificate_fits(TLS, certificate, expires - 10)
+    assert not certificate_fits(TLS, certificate, expires + 10)
+    assert not certificate_fits(replace(TLS, domain="other.example.org"), certificate, expires - 10)
+    assert not certificate_fits(replace(TLS, acme_directory="https://staging/dir"), certificate, expires - 10)
+    day = 86400
+    assert certificate_line(TLS, certificate, expires - 40 * day).startswith(
+        "certificate: prayer.example.org, expires in 40 days (2027-03-02)"
+    )
+    assert "WARNING" not in certificate_line(TLS, certificate, expires - 14 * day)
+    assert "WARNING: under 14 days" in certificate_line(TLS, certificate, expires - 13.5 * day)
+    assert "run `fab provision`" in certificate_line(TLS, None, expires)

@@ -131,8 +131,7 @@ def test_provision_takes_a_fresh_server_to_a_ready_one(vps):
         outcome = vps.ssh(command, check=False)
         assert outcome.returncode == 0, f"{what}: {outcome.stdout}{outcome.stderr}"
 
-    vps.ssh("echo hello > /srv/prayer-room/shared/static/probe.txt")
-    assert http_get(f"http://{vps.address}/static/probe.txt") == (200, "hello\n")
+    assert http_get(f"http://{vps.address}/static/admin/css/base.css")[0] == 404  # no release yet
     assert http_get(f"http://{vps.address}/")[0] == 502  # nginx proxies; nothing deployed yet
 
 
@@ -173,6 +172,8 @@ def test_deploy_then_the_site_answers_and_survives_a_reboot(vps):
     wait_until_serving(vps, timeout=30)
     status, body = http_get(f"http://{vps.address}/health/")
     assert status == 200, body
+    # nginx (as www-data) reads the release's own collected static files
+    assert http_get(f"http://{vps.address}/static/admin/css/base.css")[0] == 200
 
     started = time.monotonic()
     vps.reboot()

@@ -3,7 +3,7 @@
 from django.core.exceptions import ImproperlyConfigured
 
 from .base import *  # noqa: F403
-from .base import DATABASES, REST_FRAMEWORK, env, env_int
+from .base import DATABASES, REPO_DIR, REST_FRAMEWORK, env, env_int
 
 SECRET_KEY = env("SECRET_KEY", default="")
 if not SECRET_KEY:
@@ -45,6 +45,16 @@ SECURE_HSTS_PRELOAD = env.bool("SECURE_HSTS_PRELOAD", default=True)
 SECURE_CONTENT_TYPE_NOSNIFF = True
 SECURE_REFERRER_POLICY = "same-origin"
 X_FRAME_OPTIONS = "DENY"
+
+# Static files: content-hashed names (staticfiles.json maps them), so they can be cached for good.
+# STATIC_ROOT=release (what deploy sets): each release collects its own beside its code, releases/<id>/static,
+# which nginx serves; a rolling restart or a rollback then serves the assets the page was rendered with.
+if env("STATIC_ROOT", default="") == "release":
+    STATIC_ROOT = REPO_DIR / "static"
+STORAGES = {
+    "default": {"BACKEND": "django.core.files.storage.FileSystemStorage"},
+    "staticfiles": {"BACKEND": "django.contrib.staticfiles.storage.ManifestStaticFilesStorage"},
+}
 
 EMAIL_CONFIG = env.email_url("EMAIL_URL", default="smtp://127.0.0.1:25")
 vars().update(EMAIL_CONFIG)

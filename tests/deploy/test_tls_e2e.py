@@ -1,0 +1,279 @@
+"""HTTPS by default for a domain: `fab provision` + `fab deploy` on a fresh Debian 12 (systemd-nspawn) get a
+certificate from a real ACME server (Debian's pebble, validating HTTP-01 against the container's nginx).
+
+One container, provisioned once; the tests run in file order: issuance and the first HTTPS answer, what the
+site sends (redirect, HSTS, Secure cookies, a CSRF-checked POST, 444s), a second provision, a forced renewal
+and a redeploy under a loop of GETs and POSTs over HTTPS.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import re
+import shlex
+import socket
+import ssl
+import subprocess
+import sys
+import time
+import urllib.parse
+from pathlib import Path
+
+import pytest
+
+from tests.deploy.target import RequestLoop
+from tests.support import acme
+from tests.support.nspawn import Container, build_rootfs, missing_tools
+
+REPO = Path(__file__).resolve().parents[2]
+FAB = Path(sys.executable).with_name("fab")
+ARTIFACTS = REPO / "test-artifacts"
+DOMAIN = "vps.prayer-room.test"
+CERT = "/etc/letsencrypt/live/prayer-room/fullchain.pem"
+SUPERVISORCTL = "supervisorctl -c /etc/prayer-room/supervisord.conf"
+
+_missing = missing_tools() or acme.missing_tools()
+pytestmark = [pytest.mark.deploy, pytest.mark.timeout(1800), pytest.mark.skipif(bool(_missing), reason=str(_missing))]
+figures: dict[str, object] = {}
+
+
+class Site:
+    """The provisioned container, the ACME server it trusts, and HTTPS requests to DOMAIN at its address."""
+
+    def __init__(self, vps: Container, pebble: acme.Pebble, config: Path):
+        self.vps, self.pebble, self.config = vps, pebble, config
+        self.context: ssl.SSLContext | None = None
+
+    def fab(self, *args: str, timeout: float = 1200) -> subprocess.CompletedProcess:
+        command = [str(FAB), "-H", f"root@{self.vps.address}", "-i", str(self.vps.key), args[0]]
+        command += ["--env", "tls", "--config", str(self.config), *args[1:]]
+        env = {k: v for k, v in os.environ.items() if k != "SSH_AUTH_SOCK"}
+        return subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=timeout, env=env)
+
+    def trust_the_issuer(self) -> None:
+        """Trust pebble's root (a new one each pebble run), as browsers trust Let's Encrypt's."""
+        self.context = ssl.create_default_context(cadata=self.pebble.root_pem())
+
+    def connection(self, scheme: str, name: str = DOMAIN, timeout: float = 10) -> http.client.HTTPConnection:
+        address, context = self.vps.address, self.context
+
+        class Pinned(http.client.HTTPSConnection):
+            """HTTPS to `name` (SNI, certificate check) at the container's address: no DNS needed."""
+
+            def connect(self):
+                sock = socket.create_connection((address, self.port), self.timeout)
+                self.sock = self._context.wrap_socket(sock, server_hostname=self.host)
+
+        if scheme == "http":
+            return http.client.HTTPConnection(address, 80, timeout=timeout)
+        return Pinned(name, 443, timeout=timeout, context=context or ssl.create_default_context())
+
+    def request(self, method: str, url: str, body=None, headers=None, name: str = DOMAIN):
+        """(status, headers, body text) of one request; `url` is https://DOMAIN/... or http://DOMAIN/..."""
+        parts = urllib.parse.urlsplit(url)
+        conn = self.connection(parts.scheme, name)
+        try:
+            data = body if body is None or isinstance(body, bytes) else json.dumps(body).encode()
+            base = {"Host": name} | ({"Content-Type": "application/json"} if body is not None else {})
+            conn.request(method, parts.path + (f"?{parts.query}" if parts.query else ""), data, base | (headers or {}))
+            response = conn.getresponse()
+            return response.status, response.headers, response.read().decode(errors="replace")
+        finally:
+            conn.close()
+
+    def loop_request(self, url: str, data: dict | None = None, **_) -> tuple[int | None, str]:
+        try:
+            status, _, body = self.request("GET" if data is None else "POST", url, data)
+            return status, body
+        except (OSError, http.client.HTTPException) as exc:
+            return None, f"{type(exc).__name__}: {exc}"
+
+    def served_certificate(self) -> dict:
+        with socket.create_connection((self.vps.address, 443), timeout=10) as sock:
+            with self.context.wrap_socket(sock, server_hostname=DOMAIN) as tls:
+                return tls.getpeercert()
+
+    def api_posts(self) -> tuple[tuple[str, dict], ...]:
+        """POST a request and "I prayed" for an approved one (made here in the server's database)."""
+        sql = " ".join(
+            [
+                "INSERT INTO prayer_room_api_location (name, slug, is_active, created_at)",
+                "VALUES ('TLS', 'tls', true, now()) ON CONFLICT DO NOTHING;",
+                "INSERT INTO prayer_room_api_prayerrequest (content, name, type, location_id, created_at, updated_at,",
+                "prayer_count, approved_at, response) SELECT 'pray over HTTPS', 'e2e', 'prayer', id, now(), now(),",
+                "0, now(), '' FROM prayer_room_api_location WHERE slug = 'tls' RETURNING id;",
+            ]
+        )
+        out = self.vps.ssh(f"cd / && runuser -u postgres -- psql -X -q -tA prayer_room -c {shlex.quote(sql)}").stdout
+        request_id = out.split()[-1]
+        base = f"https://{DOMAIN}/api/requests/"
+        submit = {"type": "prayer", "content": "a request sent over HTTPS", "location": "tls"}
+        return ((base, submit), (f"{base}{request_id}/prayed/", {}))
+
+    def request_loop(self) -> RequestLoop:
+        return RequestLoop(f"https://{DOMAIN}/health/", posts=self.api_posts(), request=self.loop_request)
+
+
+@pytest.fixture(scope="module")
+def site(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("tls")
+    (workdir / "vps").mkdir()
+    vps = Container(workdir / "vps").create(build_rootfs())
+    pebble = None
+    try:
+        vps.boot()
+        pebble = acme.Pebble(workdir / "pebble", listen_address=vps.gateway, answer=vps.address).start()
+        config = workdir / "deploy.toml"
+        config.write_text(
+            "[environments.tls]\n"
+            f'domain = "{DOMAIN}"\n'
+            'acme_email = "ops@prayer-room.test"\n'
+            f'acme_directory = "{pebble.directory}"\n'
+            f'acme_ca_bundle = "{pebble.ca}"\n'
+            # the request loops POST far more than a visitor may
+            'env = { THROTTLE_SUBMIT = "1000000/hour", THROTTLE_PRAYED = "1000000/hour" }\n'
+        )
+        yield Site(vps, pebble, config)
+    finally:
+        if pebble:
+            pebble.stop()
+        vps.destroy()
+        if figures:
+            ARTIFACTS.mkdir(exist_ok=True)
+            (ARTIFACTS / "tls-e2e-figures.json").write_text(json.dumps(figures, indent=1) + "\n")
+
+
+def ok(result: subprocess.CompletedProcess, site: Site | None = None) -> str:
+    pebble_log = f"\npebble: {site.pebble.log()}" if site else ""
+    assert result.returncode == 0, f"exit {result.returncode}\n{result.stdout[-4000:]}\n{result.stderr}{pebble_log}"
+    return result.stdout
+
+
+def test_provision_gets_a_certificate_and_deploy_serves_https(site):
+    started = time.monotonic()
+    out = ok(site.fab("provision"), site)
+    figures["provision (fresh server, with certificate) s"] = round(time.monotonic() - started, 1)
+    assert "changed  certificate" in out and f"certificate for {DOMAIN} issued by {site.pebble.directory}" in out
+    ok(site.fab("deploy", "--allow-dirty"), site)
+    site.trust_the_issuer()
+    while True:
+        try:
+            status, _, body = site.request("GET", f"https://{DOMAIN}/health/")
+        except OSError as exc:
+            status, body = None, str(exc)
+        if status == 200:
+            break
+        assert time.monotonic() - started < 1500, (status, body)
+        time.sleep(0.5)
+    figures["fab provision to first HTTPS 200 (provision + deploy) s"] = round(time.monotonic() - started, 1)
+    assert "release" in json.loads(body)
+    certificate = site.served_certificate()
+    assert ("DNS", DOMAIN) in certificate["subjectAltName"]
+
+
+def test_http_redirects_to_https_except_the_acme_challenge(site):
+    status, headers, _ = site.request("GET", f"http://{DOMAIN}/api/requests/?type=prayer")
+    assert status == 301 and headers["Location"] == f"https://{DOMAIN}/api/requests/?type=prayer"
+    status, headers, _ = site.request("GET", f"http://{DOMAIN}/.well-known/acme-challenge/absent")
+    assert status == 404 and "Location" not in headers
+
+
+def test_https_sends_hsts_on_app_and_static_responses_and_hides_the_version(site):
+    status, headers, page = site.request("GET", f"https://{DOMAIN}/admin/login/")
+    assert status == 200 and headers["Strict-Transport-Security"].startswith("max-age=31536000")
+    assert headers["Server"] == "nginx"
+    css = re.search(r'href="(/static/admin/css/base\.[0-9a-f]{12}\.css)"', page).group(1)
+    status, headers, _ = site.request("GET", f"https://{DOMAIN}{css}")
+    assert status == 200 and headers["Strict-Transport-Security"].startswith("max-age=31536000")
+    assert headers["Cache-Control"] == "public, max-age=31536000, immutable"
+    assert headers["X-Content-Type-Options"] == "nosniff"
+
+
+def test_cookies_are_secure_and_a_csrf_protected_post_works_over_https(site):
+    status, headers, page = site.request("GET", f"https://{DOMAIN}/admin/login/")
+    cookie = headers["Set-Cookie"]
+    assert cookie.startswith("csrftoken=") and "; Secure" in cookie, cookie
+    token = re.search(r'name="csrfmiddlewaretoken" value="([^"]+)"', page).group(1)
+    form = urllib.parse.urlencode({"csrfmiddlewaretoken": token, "username": "nobody", "password": "wrong"})
+    common = {"Content-Type": "application/x-www-form-urlencoded", "Origin": f"https://{DOMAIN}"}
+    status, _, page = site.request(
+        "POST", f"https://{DOMAIN}/admin/login/", form.encode(), common | {"Cookie": cookie.split(";")[0]}
+    )
+    assert status == 200 and "Please enter the correct username and password" in page  # past the CSRF check
+    status, _, _ = site.request("POST", f"https://{DOMAIN}/admin/login/", form.encode(), common)
+    assert status == 403  # the same POST without its cookie: refused
+
+
+def test_unknown_names_get_no_answer_on_80_and_no_handshake_on_443(site):
+    with pytest.raises((http.client.RemoteDisconnected, ConnectionError)):
+        site.request("GET", f"http://{DOMAIN}/health/", headers={"Host": "unknown.example.org"})
+    with pytest.raises(ssl.SSLError):
+        site.request("GET", "https://other.example.org/health/", name="other.example.org")
+    with pytest.raises((http.client.RemoteDisconnected, ConnectionError)):  # the bare address is not the site
+        site.request("GET", f"http://{DOMAIN}/health/", headers={"Host": site.vps.address})
+
+
+def test_check_deploy_is_clean_with_the_programs_environment(site):
+    """`manage.py check --deploy` with exactly the environment web-1 runs with."""
+    pid = site.vps.ssh(f"{SUPERVISORCTL} pid prayer-room:web-1").stdout.strip()
+    run = "; ".join(
+        [
+            "import os",
+            f"raw = open('/proc/{pid}/environ').read().split(chr(0))",
+            "env = dict(item.split('=', 1) for item in raw if item)",
+            "os.chdir('/srv/prayer-room/current/project')",
+            "python = '/srv/prayer-room/current/.venv/bin/python'",
+            "os.execve(python, [python, 'manage.py', 'check', '--deploy'], env)",
+        ]
+    )
+    result = site.vps.ssh(f"runuser -u prayer-room -- python3 -c {shlex.quote(run)} 2>&1", check=False)
+    figures["check --deploy"] = result.stdout.strip()
+    assert result.returncode == 0 and result.stdout.strip() == "System check identified no issues (0 silenced).", (
+        result.stdout
+    )
+
+
+def test_a_second_provision_keeps_tls_and_changes_nothing(site):
+    before = site.served_certificate()["serialNumber"]
+    out = ok(site.fab("provision"), site)
+    assert "nothing changed, the server was already provisioned" in out, out
+    assert site.request("GET", f"https://{DOMAIN}/health/")[0] == 200
+    assert site.served_certificate()["serialNumber"] == before
+
+
+def test_renewal_is_scheduled_and_a_forced_one_drops_no_request(site):
+    timer = site.vps.ssh("systemctl is-enabled certbot.timer; systemctl is-active certbot.timer").stdout.split()
+    assert timer == ["enabled", "active"]
+    environment = site.vps.ssh("systemctl show certbot.service --property=Environment").stdout
+    assert "REQUESTS_CA_BUNDLE=/etc/prayer-room/acme-ca.pem" in environment  # what the timer's renewals trust
+    before = site.served_certificate()["serialNumber"]
+    with site.request_loop() as loop:
+        time.sleep(1)
+        renew = site.vps.ssh(
+            "REQUESTS_CA_BUNDLE=/etc/prayer-room/acme-ca.pem certbot renew --force-renewal --no-random-sleep-on-renew",
+            check=False,
+        )
+        time.sleep(2)  # the deploy hook's graceful reload
+    assert renew.returncode == 0, renew.stdout + renew.stderr
+    figures["forced renewal: failed requests / requests (GET, POST)"] = (
+        f"{len(loop.failures)} / {loop.ok + loop.posted + len(loop.failures)}"
+    )
+    assert loop.failures == [] and loop.ok > 5 and loop.posted > 10, loop.failures[:5]
+    assert site.served_certificate()["serialNumber"] != before  # nginx reloaded with the new one
+    status = ok(site.fab("status"))
+    days = int(re.search(rf"certificate: {re.escape(DOMAIN)}, expires in (\d+) days", status).group(1))
+    assert days > 14 and "WARNING" not in status
+
+
+def test_a_redeploy_fails_no_get_or_post_over_https(site):
+    with site.request_loop() as loop:
+        time.sleep(1)
+        out = ok(site.fab("deploy", "--allow-dirty"), site)
+        time.sleep(1)
+    assert "restart web-1" in out and "restart web-2" in out
+    figures["redeploy: failed requests / requests (GET, POST)"] = (
+        f"{len(loop.failures)} / {loop.ok + loop.posted + len(loop.failures)}"
+    )
+    assert loop.failures == [] and loop.ok > 10 and loop.posted > 20, loop.failures[:5]

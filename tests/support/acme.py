@@ -1,0 +1,132 @@
+"""A real ACME server for the TLS tests: Debian's `pebble`, with `pebble-challtestsrv` as its DNS.
+
+pebble listens with a certificate from a throwaway CA made here (that CA is the `acme_ca_bundle` the
+provisioned server trusts for talking to it); challtestsrv answers every A query with the container's
+address, so pebble's HTTP-01 validation really fetches the token from the container's nginx on port 80.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import ssl
+import subprocess
+import time
+import urllib.request
+from pathlib import Path
+
+from tests.support.stack import free_port
+
+TOOLS = ("pebble", "pebble-challtestsrv", "openssl")
+
+
+def missing_tools() -> str | None:
+    missing = [tool for tool in TOOLS if not shutil.which(tool)]
+    return f"missing {', '.join(missing)} (.ci/setup.d/26-tls.sh installs them)" if missing else None
+
+
+def _openssl(*args: str, cwd: Path) -> None:
+    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True)
+
+
+def make_listener_certificate(workdir: Path, addresses: list[str]) -> tuple[Path, Path, Path]:
+    """A throwaway CA and a server certificate signed by it for `addresses`: (ca.pem, cert.pem, key.pem)."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    _openssl(
+        "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.pem", "-days", "2",
+        "-subj", "/CN=prayer-room test ACME CA", "-addext", "basicConstraints=critical,CA:TRUE",
+        "-addext", "keyUsage=critical,keyCertSign,cRLSign", cwd=workdir,
+    )  # fmt: skip
+    _openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", "key.pem", "-out", "req.csr", "-subj", "/CN=pebble",
+             cwd=workdir)  # fmt: skip
+    sans = ",".join(f"IP:{address}" for address in addresses)
+    (workdir / "ext.cnf").write_text(f"subjectAltName={sans}\nextendedKeyUsage=serverAuth\n")
+    _openssl(
+        "x509", "-req", "-in", "req.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial", "-out", "cert.pem",
+        "-days", "2", "-extfile", "ext.cnf", cwd=workdir,
+    )  # fmt: skip
+    return workdir / "ca.pem", workdir / "cert.pem", workdir / "key.pem"
+
+
+def _wait_port(host: str, port: int, timeout: float = 20) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with socket.socket() as sock:
+            if sock.connect_ex((host, port)) == 0:
+                return
+        time.sleep(0.1)
+    raise RuntimeError(f"nothing listens on {host}:{port} after {timeout} s")
+
+
+class Pebble:
+    """pebble on `listen_address` (reachable from the container), its DNS answering `answer` for every name."""
+
+    def __init__(self, workdir: Path, listen_address: str, answer: str):
+        self.workdir = workdir
+        self.listen_address = listen_address
+        self.answer = answer
+        self.port = 14000
+        self.management_port = free_port()
+        self.dns_port = free_port()
+        self._procs: list[subprocess.Popen] = []
+
+    @property
+    def directory(self) -> str:
+        return f"https://{self.listen_address}:{self.port}/dir"
+
+    def start(self) -> Pebble:
+        self.ca, cert, key = make_listener_certificate(self.workdir / "listener", [self.listen_address, "127.0.0.1"])
+        self._spawn(
+            ["pebble-challtestsrv", "-defaultIPv4", self.answer, "-defaultIPv6", "", "-dns01",
+             f"127.0.0.1:{self.dns_port}", "-http01", "", "-https01", "", "-tlsalpn01", "",
+             "-management", f"127.0.0.1:{free_port()}"],
+            "challtestsrv.log",
+        )  # fmt: skip
+        config = {
+            "pebble": {
+                "listenAddress": f"{self.listen_address}:{self.port}",
+                "managementListenAddress": f"127.0.0.1:{self.management_port}",
+                "certificate": str(cert),
+                "privateKey": str(key),
+                "httpPort": 80,
+                "tlsPort": 443,
+                "ocspResponderURL": "",
+                "externalAccountBindingRequired": False,
+            }
+        }
+        (self.workdir / "pebble.json").write_text(json.dumps(config))
+        env = {**os.environ, "PEBBLE_VA_NOSLEEP": "1", "PEBBLE_WFE_NONCEREJECT": "0"}
+        self._spawn(
+            ["pebble", "-config", str(self.workdir / "pebble.json"), "-dnsserver", f"127.0.0.1:{self.dns_port}"],
+            "pebble.log",
+            env=env,
+        )
+        _wait_port(self.listen_address, self.port)
+        _wait_port("127.0.0.1", self.management_port)
+        return self
+
+    def _spawn(self, argv: list[str], log: str, env: dict | None = None) -> None:
+        out = (self.workdir / log).open("wb")
+        self._procs.append(subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env=env))
+
+    def root_pem(self) -> str:
+        """The root pebble signs the certificates it issues with (a new one each pebble run)."""
+        context = ssl.create_default_context(cafile=str(self.ca))
+        url = f"https://127.0.0.1:{self.management_port}/roots/0"
+        with urllib.request.urlopen(url, context=context, timeout=10) as response:
+            return response.read().decode()
+
+    def log(self) -> str:
+        return (self.workdir / "pebble.log").read_text(errors="replace")[-3000:]
+
+    def stop(self) -> None:
+        for proc in reversed(self._procs):
+            if proc.poll() is None:
+                proc.terminate()
+                try:
+                    proc.wait(10)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
