@@ -359,7 +359,7 @@ def test_restart_and_rollback_wait_for_the_lock(target):
     lock.mkdir()
     (lock / "owner").write_text(json.dumps({"holder": "alice@laptop", "since": int(time.time()), "action": "deploy"}))
     try:
-        for task in (("restart", "worker"), ("rollback",)):
+        for task in (("restart", "--program", "worker"), ("rollback",)):
             line = failed(target.fab(*task))
             assert "is locked by alice@laptop" in line, (task, line)
     finally:
