@@ -309,9 +309,8 @@ def rollback(
                     schema.unapply(server, current_dir, list(report.unknown))
                 _rollback_to(server, target, progress)
         elif report.unknown and not keep_schema:
-            deploys = [r for r in backup.records(server)[0] if r["kind"] == "deploy" and r["release"] > target]
             raise DeployError(
-                schema.refuse_rollback(target, state.current, report.unknown, deploys[0]["name"] if deploys else None)
+                schema.refuse_rollback(target, state.current, report.unknown, _backup_before(server, target, state))
             )
         else:
             if report.unknown:
@@ -320,6 +319,15 @@ def rollback(
             _rollback_to(server, target, progress)
     progress.say(progress.summary(f"{target} is live"))
     return target
+
+
+def _backup_before(server: Server, target: str, state: ServerState) -> str | None:
+    """The backup the live release's deploy took before it migrated, else the first deploy's after `target`
+    (taken while `target` was live)."""
+    deploys = [r for r in backup.records(server)[0] if r["kind"] == "deploy" and r["release"] > target]
+    ours = [r for r in deploys if r["release"] == state.current]
+    chosen = ours[-1:] or deploys[:1]
+    return chosen[0]["name"] if chosen else None
 
 
 def _restore_locked(server: Server, record: dict, progress: Progress, then) -> None:

@@ -328,3 +328,22 @@ def test_a_failure_after_migrate_says_so_and_unapplies_what_it_applied(target, c
     assert migration not in applied(target) and "mood" not in columns(target)
     assert target.live_release() == live and post_request(target)[0] == 201
     clone.revert_head()
+
+
+def test_rollback_with_restore_puts_back_the_backup_the_deploy_took(target, clone):
+    live = target.live_release()
+    migration = commit_model_change(
+        clone, 'feeling = models.CharField(max_length=8, default="calm")', "prayerrequest_feeling", "a feeling"
+    )
+    before = rows(target)
+    new = ok(target.fab("deploy", "--maintenance", repo=clone.path))
+    saved = re.search(r"(\S+-deploy-\S+\.dump): ", new).group(1)
+    assert post_request(target, "written after the backup")[0] == 201
+    line = refused(target.fab("rollback"))
+    assert migration in line and f"--restore {saved}" in line
+    out = ok(target.fab("rollback", "--restore", saved))
+    assert "every write made since that backup is LOST" in out
+    assert target.live_release() == live and rows(target) == before  # the request written since is gone
+    assert "feeling" not in columns(target) and migration not in applied(target)
+    assert post_request(target)[0] == 201
+    clone.revert_head()
