@@ -37,6 +37,7 @@ class DeployConfig:
     backup_dir: str = "/var/backups/prayer-room"
     backup_keep: int = 14
     postgres_bin: str = ""
+    run: str = "/run/prayer-room"
     python: str = "python3"
     supervisorctl: str = "supervisorctl"
     settings_module: str = "prayer_room_api.settings.production"
@@ -55,7 +56,10 @@ class DeployConfig:
     @property
     def layout(self) -> ServerLayout:
         return ServerLayout(
-            root=PurePosixPath(self.root), etc=PurePosixPath(self.etc), backups=PurePosixPath(self.backup_dir)
+            root=PurePosixPath(self.root),
+            etc=PurePosixPath(self.etc),
+            backups=PurePosixPath(self.backup_dir),
+            run=PurePosixPath(self.run),
         )
 
     def environment_defaults(self) -> list[tuple[str, str]]:
@@ -160,7 +164,7 @@ def validate(config: DeployConfig, where: str = "deploy config") -> None:
     """Refuse values that would break the server, naming the setting."""
     if not _USER.fullmatch(config.user):
         raise DeployError(f"{where}: user {config.user!r} is not a valid Unix user name.")
-    for key in ("root", "etc", "backup_dir"):
+    for key in ("root", "etc", "backup_dir", "run"):
         value = getattr(config, key)
         if not value.startswith("/") or value.rstrip("/") in ("", "/tmp") or ".." in value.split("/"):
             raise DeployError(f"{where}: {key} must be an absolute directory other than / and /tmp, got {value!r}.")

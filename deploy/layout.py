@@ -15,13 +15,17 @@ SUPERVISOR_GROUP = "prayer-room"
 
 @dataclass(frozen=True)
 class ServerLayout:
-    """Paths under the app directory (default /srv/prayer-room), owned by the app user unless noted."""
+    """Paths under the app directory (default /srv/prayer-room), all owned by root and read-only to the app user
+    unless noted: code execution as the app user can change neither the code, nor its virtualenv, nor what
+    root runs next (see "Security boundary" in README.md)."""
 
     root: PurePosixPath = PurePosixPath("/srv/prayer-room")
     # Root-owned configuration; tests point both at a temporary directory.
     etc: PurePosixPath = PurePosixPath("/etc/prayer-room")
     # Database backups (pg_dump -Fc + a .json record each): root-only (0700), outside the app's tree.
     backups: PurePosixPath = PurePosixPath("/var/backups/prayer-room")
+    # supervisord's socket and pid file: the unit's RuntimeDirectory, root-only (0700).
+    run: PurePosixPath = PurePosixPath("/run/prayer-room")
 
     @property
     def releases(self) -> PurePosixPath:
@@ -35,12 +39,15 @@ class ServerLayout:
 
     @property
     def venvs(self) -> PurePosixPath:
-        """Virtualenvs keyed by the sha256 of requirements.lock; a release links its own as <release>/.venv."""
+        """Virtualenvs keyed by the sha256 of requirements.lock, built by root; a release links its own as .venv.
+
+        A deploy reuses one only if every file in it is still root's (the app user cannot have modified it).
+        """
         return self.root / "venvs"
 
     @property
     def env_file(self) -> PurePosixPath:
-        """KEY=value lines (SECRET_KEY, DATABASE_URL, ...), mode 0600, written by provision, never printed.
+        """KEY=value lines (SECRET_KEY, DATABASE_URL, ...), root:<app user> 0640, written by provision, never printed.
 
         One KEY=value per line; blank lines and `#` lines ignored; the value is the rest of the line
         (one pair of surrounding quotes is stripped). deploy copies these into the programs' environment.
@@ -54,17 +61,17 @@ class ServerLayout:
         return self.root / "previous"
 
     def static(self, release_id: str) -> PurePosixPath:
-        """A release's collectstatic target (content-hashed names and staticfiles.json), served by nginx."""
+        """A release's collectstatic target (content-hashed names and staticfiles.json), served by nginx.
+
+        The app user's only while the deploy's collectstatic runs; root's (read-only to it) from then on.
+        """
         return self.releases / release_id / "static"
 
     @property
     def logs(self) -> PurePosixPath:
+        """The programs' logs, written by root's supervisord; root-only (0750), so the app user can neither read
+        nor replace a file there (supervisord as root opens each log following symlinks)."""
         return self.root / "log"
-
-    @property
-    def run(self) -> PurePosixPath:
-        """supervisord's socket (mode 0700) and pid file: private to the app user, not in /tmp."""
-        return self.root / "run"
 
     @property
     def supervisor_socket(self) -> PurePosixPath:

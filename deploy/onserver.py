@@ -77,16 +77,28 @@ def applied_migrations() -> set[tuple[str, str]]:
 def prepare(args) -> int:
     """The release's steps, each timed, stopping at the first failure.
 
-    Stage `before` (check --deploy, collectstatic) touches no schema; stage `migrate` (migrate, then
-    seed_schedules) reports which migrations it applied, even when it fails halfway.
+    Stage `before` (check --deploy, collectstatic) touches no schema, and lists every warning check --deploy
+    found; stage `migrate` (migrate, then seed_schedules) reports which migrations it applied, even when it
+    fails halfway.
     """
     if not _setup_django(time.monotonic()):
         return 1
     from django.core.management import call_command
 
+    def check_deploy() -> dict:
+        """`check --deploy`: fails on an error; every warning it finds is handed back to be printed."""
+        from django.core import checks
+        from django.core.management.base import SystemCheckError
+
+        messages = [m for m in checks.run_checks(include_deployment_checks=True) if not m.is_silenced()]
+        errors = [m for m in messages if m.is_serious()]
+        if errors:
+            raise SystemCheckError("; ".join(str(m) for m in errors))
+        return {"warnings": [str(m) for m in messages]}
+
     stages = {
         "before": [
-            ("check --deploy", lambda: call_command("check", deploy=True, fail_level="ERROR")),
+            ("check --deploy", check_deploy),
             ("mail server", lambda: mail_server_warning(args.env_file or "the env file")),
             ("collectstatic", lambda: call_command("collectstatic", interactive=False, verbosity=0)),
         ],
@@ -114,6 +126,8 @@ def prepare(args) -> int:
         extra = {"applied": sorted(".".join(k) for k in applied_migrations() - before)} if name == "migrate" else {}
         if isinstance(outcome, str):
             extra["warning"] = outcome
+        elif isinstance(outcome, dict):
+            extra.update(outcome)  # check --deploy's warnings
         emit(step=name, ok=True, seconds=round(time.monotonic() - started, 2), **extra)
     return 0
 

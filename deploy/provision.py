@@ -28,6 +28,8 @@ from deploy.server_files import (
     BACKUP_TIMER,
     CERTBOT_DROPIN,
     FACTS_SCRIPT,
+    REDIS_CONF,
+    SUPERVISORCTL_DEFAULT,
     UNIT,
     acme_ca_path,
     backup_helper,
@@ -36,9 +38,12 @@ from deploy.server_files import (
     env_defaults,
     merge_env_file,
     parse_facts,
+    redis_conf_with_password,
+    redis_password,
     render_backup_units,
     render_certbot_dropin,
     render_nginx_site,
+    render_supervisorctl_default,
     render_supervisord_main,
     render_unit,
 )
@@ -121,7 +126,11 @@ def ensure_app_user(server: Server) -> bool:
 
 
 def ensure_directories(server: Server) -> bool:
-    """Create or fix the layout's directories (owner and mode), as `directories` lists them."""
+    """Create or fix the layout's directories (owner and mode), as `directories` lists them.
+
+    A root-owned directory that was not (a server provisioned before the app user lost them) is taken back
+    with everything in it, symlinks themselves not followed.
+    """
     wanted = directories(server.config)
     stat = server.root(
         sh("stat", "--format=%n %U %G %a", *[path for path, _, _ in wanted]), what="checking directories", warn=True
@@ -129,12 +138,16 @@ def ensure_directories(server: Server) -> bool:
     current = {words[0]: words[1:] for words in map(str.split, stat.stdout.splitlines())}
     todo = [(path, owner, mode) for path, owner, mode in wanted if current.get(str(path)) != [owner, owner, mode]]
     for path, owner, mode in todo:
-        server.root(sh("install", "-d", "-o", owner, "-g", owner, "-m", mode, path), what=f"creating {path}")
+        command = sh("install", "-d", "-o", owner, "-g", owner, "-m", mode, path)
+        if owner == "root" and current.get(str(path), ["root"])[0] != "root":
+            command += " && " + sh("chown", "-R", "-P", "--no-dereference", "root:root", path)
+        server.root(command, what=f"creating {path}")
     return bool(todo)
 
 
 def sync_file(server: Server, path: PurePosixPath, text: str, *, owner: str, mode: str) -> bool:
-    """Upload `text` to `path` unless it is there already with that owner and mode; True when it changed."""
+    """Upload `text` to `path` unless it is there already with that owner (user[:group]) and mode; True when it
+    changed."""
     return sync_read_file(server, path, server.read(path, what=f"reading {path}"), text, owner=owner, mode=mode)
 
 
@@ -143,24 +156,32 @@ def sync_read_file(
 ) -> bool:
     """`sync_file` for a file already read: `current` is its text, None when it does not exist."""
     if current == text:
-        stat = server.root(sh("stat", "--format=%U %G %a", path), what=f"checking {path}").stdout.split()
-        if stat == [owner, owner, mode.lstrip("0")]:
+        stat = server.root(sh("stat", "--format=%U:%G %a", path), what=f"checking {path}").stdout.split()
+        user, _, group = owner.partition(":")
+        if stat == [f"{user}:{group or user}", mode.lstrip("0")]:
             return False
     server.upload([(text, path, owner, mode)], what=f"writing {path}")
     return True
 
 
 def ensure_env_file(server: Server, host: str) -> tuple[bool, dict[str, str], bool]:
-    """Write the shared env file's missing keys (mode 0600, app user); existing values are kept.
+    """Write the shared env file's missing keys (root's, readable by the app user's group: 0640); existing values
+    are kept.
 
     Returns (changed, the values, whether DATABASE_URL was newly generated). Nothing in it is ever printed.
     """
     config = server.config
     existing = server.read(config.layout.env_file, what="reading the env file")
     had_database_url = existing is not None and "DATABASE_URL" in read_env_file(existing)
-    defaults = env_defaults(config, host, secret_key=secrets.token_urlsafe(50), db_password=secrets.token_urlsafe(24))
+    defaults = env_defaults(
+        config,
+        host,
+        secret_key=secrets.token_urlsafe(50),
+        db_password=secrets.token_urlsafe(24),
+        redis_password=secrets.token_urlsafe(32),
+    )
     text = merge_env_file(existing, defaults)
-    changed = sync_read_file(server, config.layout.env_file, existing, text, owner=config.user, mode="0600")
+    changed = sync_read_file(server, config.layout.env_file, existing, text, owner=f"root:{config.user}", mode="0640")
     return changed, read_env_file(text), not had_database_url
 
 
@@ -205,22 +226,33 @@ def ensure_database(server: Server, database_url: str, *, new_password: bool) ->
     return changed, ""
 
 
+def ensure_redis(server: Server, values: dict[str, str]) -> tuple[bool, str]:
+    """Debian's redis-server requires the env file's Redis password (requirepass, at the end of its redis.conf)."""
+    password = redis_password(values)
+    if password is None:
+        return False, "CELERY_BROKER_URL names no password for the local Redis: left alone"
+    current = server.read(REDIS_CONF, what=f"reading {REDIS_CONF}")
+    if current is None:
+        raise DeployError(f"{server.name} has no {REDIS_CONF}; is redis-server installed (provision's packages step)?")
+    text = redis_conf_with_password(current, password)
+    changed = sync_read_file(server, REDIS_CONF, current, text, owner="redis:redis", mode="0640")
+    if changed:
+        server.root("systemctl restart redis-server", what="restarting redis-server")
+    return changed, ""
+
+
 def ensure_supervisord(server: Server) -> bool:
-    """The root-owned supervisord config and the systemd unit running it, enabled and started."""
+    """The root-owned supervisord config and the sandboxed systemd unit running it, enabled and started; and
+    supervisorctl's default config, so a plain `supervisorctl` as root finds the socket."""
     config = server.config
     layout = config.layout
+    debian_changed = mask_debian_supervisor(server)
     conf_changed = sync_file(server, layout.supervisor_conf, render_supervisord_main(config), owner="root", mode="0644")
     unit_changed = sync_file(server, UNIT_PATH, render_unit(config), owner="root", mode="0644")
-    changed = conf_changed or unit_changed
-    # Debian's system-wide supervisord is not ours: stop it, so only one runs.
-    debian = server.root(
-        "systemctl is-enabled supervisor.service; systemctl is-active supervisor.service",
-        what="checking Debian's supervisor.service",
-        warn=True,
+    ctl_changed = sync_file(
+        server, SUPERVISORCTL_DEFAULT, render_supervisorctl_default(config), owner="root", mode="0644"
     )
-    if debian.stdout.split()[:2] != ["disabled", "inactive"]:
-        server.root("systemctl disable --now supervisor.service", what="turning off Debian's supervisor.service")
-        changed = True
+    changed = conf_changed or unit_changed
     if unit_changed:
         server.root("systemctl daemon-reload", what="reloading systemd")
     state = server.root(f"systemctl is-enabled {UNIT}; systemctl is-active {UNIT}", what=f"checking {UNIT}", warn=True)
@@ -234,7 +266,28 @@ def ensure_supervisord(server: Server) -> bool:
     elif changed:
         server.root(sh("systemctl", "restart", UNIT), what=f"restarting {UNIT}")
     wait_for_socket(server, layout.supervisor_socket)
-    return changed
+    return changed or ctl_changed or debian_changed
+
+
+def mask_debian_supervisor(server: Server) -> bool:
+    """Debian's system-wide supervisor.service is not ours: stopped and masked, so only the app's supervisord runs.
+
+    NOTE: masked, not only disabled: its ExecStop is a plain `supervisorctl shutdown`, which reads
+    SUPERVISORCTL_DEFAULT and would shut the app's supervisord down. It is stopped by a signal for the same reason.
+    """
+    unit = "supervisor.service"
+    state = server.root(
+        f"systemctl is-enabled {unit}; systemctl is-active {unit}", what=f"checking Debian's {unit}", warn=True
+    )
+    if state.stdout.split()[:2] == ["masked", "inactive"]:
+        return False
+    server.root(
+        f"systemctl mask {unit} && systemctl kill --signal=TERM {unit} 2>/dev/null;"
+        f" for i in $(seq 100); do systemctl is-active -q {unit} || break; sleep 0.2; done;"
+        f" systemctl reset-failed {unit} 2>/dev/null; ! systemctl is-active -q {unit}",
+        what=f"stopping and masking Debian's {unit}",
+    )
+    return True
 
 
 def ensure_backup_timer(server: Server) -> bool:
@@ -357,6 +410,7 @@ def provision(conn: Connection, config: DeployConfig, *, progress: Progress | No
             "database",
             lambda: ensure_database(server, env["values"]["DATABASE_URL"], new_password=bool(env["new_password"])),
         )
+        step("redis", lambda: ensure_redis(server, env["values"]))
         step("supervisord", lambda: ensure_supervisord(server))
         step("nginx", nginx)
         if config.domain:

@@ -106,16 +106,19 @@ def history_path(server: Server, release_id: str):
 
 
 def upload_release(server: Server, source: Source, release_id: str, programs_text: str) -> None:
-    """Unpack the commit into releases/<id> (owned by the app user), link its venv, keep its programs config."""
-    layout, user = server.config.layout, server.config.user
+    """Unpack the commit into releases/<id> (root's, read-only to the app user), link its venv, keep its programs
+    config."""
+    layout = server.config.layout
     target = layout.releases / release_id
     tarball = layout.releases / f".{release_id}.tar"
     unpack = [
-        sh("install", "-d", "-o", user, "-g", user, layout.releases, layout.venvs, target),
-        sh("tar", "-xf", tarball, "-C", target, "--no-same-owner"),
+        "umask 022",
+        sh("install", "-d", "-o", "root", "-g", "root", "-m", "755", layout.releases, layout.venvs, target),
+        sh("tar", "-xf", tarball, "-C", target, "--no-same-owner", "--no-same-permissions"),
         sh("rm", "-f", tarball),
         sh("ln", "-sfn", layout.venvs / source.lock_hash, target / ".venv"),
-        sh("chown", "-R", "-h", f"{user}:{user}", target),
+        # collectstatic (as the app user) fills it; seal_static makes it root's once it has.
+        sh("install", "-d", "-o", server.config.user, "-g", server.config.user, "-m", "755", layout.static(release_id)),
     ]
     server.upload(
         [
@@ -127,17 +130,28 @@ def upload_release(server: Server, source: Source, release_id: str, programs_tex
     )
 
 
-def build_venv(server: Server, release_id: str, lock_hash: str, wrap=lambda command: command) -> None:
-    """Build venvs/<lock hash> from the release's requirements.lock (hash-checked), then `pip check` it.
+def seal_static(server: Server, release_id: str) -> None:
+    """The release's collected static files become root's: read-only to the app user from here on."""
+    static = server.config.layout.static(release_id)
+    server.root(sh("chown", "-R", "-h", "root:root", static), what="making the static files root's")
 
+
+def build_venv(server: Server, release_id: str, lock_hash: str, wrap=lambda command: command) -> None:
+    """Build venvs/<lock hash> as root from the release's requirements.lock (hash-checked), then `pip check` it.
+
+    Root's, read-only to the app user: the programs cannot plant code (a .pth file) that later deploys reuse.
     A half-built venv (no completion mark) is rebuilt from scratch. `wrap` wraps the long root command.
     """
     layout, config = server.config.layout, server.config
     venv = layout.venvs / lock_hash
     lock = layout.releases / release_id / "requirements.lock"
-    pip = sh(venv / "bin" / "pip", "install", "--quiet", "--disable-pip-version-check", "--require-hashes")
+    pip = sh(
+        venv / "bin" / "pip", "install", "--quiet", "--disable-pip-version-check", "--root-user-action=ignore",
+        "--require-hashes",
+    )  # fmt: skip
     build = " && ".join(
         [
+            "umask 022",
             sh("rm", "-rf", venv),
             sh(config.python, "-m", "venv", venv),
             # NOTE: --no-deps: the lock is complete; pip must not re-resolve markers for another
@@ -146,17 +160,17 @@ def build_venv(server: Server, release_id: str, lock_hash: str, wrap=lambda comm
         ]
     )
     server.root(
-        wrap(server.as_app(build)),
+        wrap(f"cd / && {build}"),
         what=f"building the virtualenv from requirements.lock with {config.python}",
         timeout=1800,
     )
-    check = server.app(sh(venv / "bin" / "pip", "check"), what="checking the virtualenv", warn=True)
+    check = server.root(sh(venv / "bin" / "pip", "check"), what="checking the virtualenv", warn=True)
     if check.exited != 0:
         raise DeployError(
             f"requirements.lock is incomplete for {config.python} on {server.name}: {check.stdout.strip()} -- "
             "add the missing package to pyproject.toml and re-lock (`invoke lock`)."
         )
-    server.app(sh("touch", venv / VENV_DONE_MARK), what="marking the virtualenv complete")
+    server.root(sh("touch", venv / VENV_DONE_MARK), what="marking the virtualenv complete")
 
 
 def switch_command(server: Server, release_id: str) -> str:
@@ -199,8 +213,10 @@ def finish(server: Server, state: ServerState, release_id: str, venv: str) -> li
         paths = [layout.releases / r for r in doomed] + [history_path(server, r) for r in doomed]
         commands.append(sh("rm", "-rf", *paths))
     if used:
+        # Absolute paths, no cd: venvs/ is root's (provision), and a deploy refuses a layout that is not.
         commands.append(
-            f'cd {sh(layout.venvs)} && for v in *; do case \' {used} \' in *" $v "*) ;; *) rm -rf "$v" ;; esac; done'
+            f"for v in {sh(layout.venvs)}/*; do n=${{v##*/}}; "
+            f'case \' {used} \' in *" $n "*) ;; *) rm -rf -- "$v" ;; esac; done'
         )
     server.root(" ; ".join(commands) + "; true", what="marking the release and pruning old ones")
     return doomed

@@ -77,7 +77,8 @@ class Server:
         return result.stdout if result.exited == 0 else None
 
     def upload(self, files: list[tuple[bytes | str, object, str, str]], *, then: str = "true", what: str) -> None:
-        """Put each (data, dest, owner, mode) in place, then run `then` as root: two round trips in all.
+        """Put each (data, dest, owner, mode) in place (owner: "user" or "user:group"), then run `then` as root: two
+        round trips in all.
 
         Files travel through a private temporary directory, so no copy is ever world-readable.
         """
@@ -88,7 +89,10 @@ class Server:
             for number, (data, dest, owner, mode) in enumerate(files):
                 payload = data.encode() if isinstance(data, str) else data
                 sftp.putfo(io.BytesIO(payload), f"{tmpdir}/{number}")
-                installs.append(sh("install", "-D", "-o", owner, "-g", owner, "-m", mode, f"{tmpdir}/{number}", dest))
+                user, _, group = owner.partition(":")  # "user" or "user:group"
+                installs.append(
+                    sh("install", "-D", "-o", user, "-g", group or user, "-m", mode, f"{tmpdir}/{number}", dest)
+                )
         except (OSError, paramiko.SSHException, UnexpectedExit) as exc:
             raise DeployError(f"{what} on {self.name}: {exc}") from exc
         script = " && ".join([*installs, f"({then})"])

@@ -8,7 +8,7 @@ import re
 import time
 from collections.abc import Mapping
 from pathlib import Path, PurePosixPath
-from urllib.parse import quote
+from urllib.parse import quote, unquote, urlsplit
 
 from deploy.config import DeployConfig
 from deploy.errors import DeployError
@@ -22,8 +22,16 @@ SUPERVISORD = "/usr/bin/supervisord"
 UNIT = "prayer-room.service"
 BACKUP_SERVICE = "prayer-room-backup.service"
 BACKUP_TIMER = "prayer-room-backup.timer"
+# The first file on supervisorctl's search path that exists wins, before Debian's own
+# /etc/supervisor/supervisord.conf: it names our socket, so a plain `supervisorctl status` as root works.
+SUPERVISORCTL_DEFAULT = PurePosixPath("/etc/supervisord.conf")
 DATABASE = "prayer_room"
-BROKER_URL = "redis://127.0.0.1:6379/0"
+# Debian's redis-server on loopback, with the password provision generates (requirepass): the broker (and
+# Celery's result backend) in database 0, Django's cache in 1.
+REDIS = "127.0.0.1:6379"
+OLD_BROKER_URL = f"redis://{REDIS}/0"  # what servers provisioned before the password have
+REDIS_CONF = PurePosixPath("/etc/redis/redis.conf")
+_REDIS_BLOCK = ("# --- fab provision (prayer-room): begin", "# --- fab provision (prayer-room): end")
 # gunicorn's own timeout (WEB_TIMEOUT) is 30 s; nginx must wait at least that long for an answer.
 PROXY_READ_TIMEOUT = 60
 # A client that sends nothing for this long while uploading its headers or body is dropped.
@@ -50,7 +58,15 @@ def site_names(config: DeployConfig, host: str) -> list[str]:
     return list(dict.fromkeys(names))
 
 
-def env_defaults(config: DeployConfig, host: str, *, secret_key: str, db_password: str) -> dict[str, str]:
+def redis_urls(password: str) -> dict[str, str]:
+    """Every Redis URL the programs use, each with the password."""
+    auth = f":{quote(password, safe='')}@"
+    return {"CELERY_BROKER_URL": f"redis://{auth}{REDIS}/0", "CACHE_URL": f"redis://{auth}{REDIS}/1"}
+
+
+def env_defaults(
+    config: DeployConfig, host: str, *, secret_key: str, db_password: str, redis_password: str
+) -> dict[str, str]:
     """The env file's values for a server without TLS (the health check reaches gunicorn as 127.0.0.1)."""
     role = config.user.replace("-", "_")
     return {
@@ -58,16 +74,26 @@ def env_defaults(config: DeployConfig, host: str, *, secret_key: str, db_passwor
         "SECRET_KEY": secret_key,
         "ALLOWED_HOSTS": ",".join([*site_names(config, host), "127.0.0.1", "localhost"]),
         "DATABASE_URL": f"postgres://{role}:{quote(db_password, safe='')}@127.0.0.1:5432/{DATABASE}",
-        "CELERY_BROKER_URL": BROKER_URL,
+        **redis_urls(redis_password),
         "SECURE_SSL_REDIRECT": "false",
         "SECURE_COOKIES": "false",
     }
 
 
 def merge_env_file(existing: str | None, defaults: Mapping[str, str]) -> str:
-    """The env file text: `existing` untouched plus a line for each default it lacks (the whole file when new)."""
+    """The env file text: `existing` untouched plus a line for each default it lacks (the whole file when new).
+
+    One exception: the broker URL of a server provisioned before Redis had a password (OLD_BROKER_URL) is
+    replaced by the default's, which has one.
+    """
     if existing is None:
         return template_environment(TEMPLATE_DIR).get_template("env.j2").render(values=defaults)
+    if read_env_file(existing).get("CELERY_BROKER_URL") == OLD_BROKER_URL and "CELERY_BROKER_URL" in defaults:
+        existing = "".join(
+            line
+            for line in existing.splitlines(keepends=True)
+            if not line.strip().startswith(("CELERY_BROKER_URL=", "export CELERY_BROKER_URL="))
+        )
     present = read_env_file(existing)
     missing = [f"{key}={value}\n" for key, value in defaults.items() if key not in present]
     if not missing:
@@ -215,13 +241,22 @@ def certificate_line(config: DeployConfig, certificate: Mapping[str, object] | N
 
 
 def render_unit(config: DeployConfig) -> str:
-    """The systemd unit that keeps the app's supervisord (and so web, worker, beat) up across reboots."""
+    """The systemd unit that keeps the app's supervisord (and so web, worker, beat) up across reboots, sandboxed.
+
+    supervisord runs as root only to open the logs and setuid to the app user; the programs inherit the
+    sandbox: the whole file system read-only but the log directory, no capabilities once they are the app user.
+    """
+    layout = config.layout
+    run = PurePosixPath(layout.run)
+    runtime = str(run.relative_to("/run")) if run.parent == PurePosixPath("/run") else None
     return (
         template_environment(TEMPLATE_DIR)
         .get_template("app.service.j2")
         .render(
             supervisord=SUPERVISORD,
-            supervisor_conf=str(config.layout.supervisor_conf),
+            supervisor_conf=str(layout.supervisor_conf),
+            runtime_directory=runtime,
+            writable=[str(layout.logs)] + ([] if runtime else [str(run)]),
             # The worker may take task_time_limit + 30 s to stop (its stopwaitsecs): wait a little longer.
             stop_timeout=config.task_time_limit + 60,
         )
@@ -250,7 +285,7 @@ def render_backup_units(config: DeployConfig) -> tuple[str, str]:
 
 
 def render_supervisord_main(config: DeployConfig) -> str:
-    """supervisord's root-owned main config: the app user's private socket, and the programs deploy renders."""
+    """supervisord's root-owned main config: a root-only socket, and the programs deploy renders."""
     layout = config.layout
     return render_supervisord_conf(
         {
@@ -258,7 +293,7 @@ def render_supervisord_main(config: DeployConfig) -> str:
             "log_dir": str(layout.logs),
             "supervisord": {
                 "socket": str(layout.supervisor_socket),
-                "socket_owner": f"{config.user}:{config.user}",
+                "socket_owner": None,
                 "pidfile": str(layout.run / "supervisord.pid"),
                 "logfile": str(layout.logs / "supervisord.log"),
                 "include": (str(layout.programs_conf),),
@@ -267,18 +302,52 @@ def render_supervisord_main(config: DeployConfig) -> str:
     )
 
 
+def redis_password(values: Mapping[str, str]) -> str | None:
+    """The password of the local Redis the env file's broker URL names; None for another Redis (left alone)."""
+    url = urlsplit(values.get("CELERY_BROKER_URL", ""))
+    if url.scheme != "redis" or url.netloc.rpartition("@")[2] != REDIS or not url.password:
+        return None
+    return unquote(url.password)
+
+
+def redis_conf_with_password(text: str, password: str) -> str:
+    """Debian's redis.conf with provision's block at its end (no later line overrides it), replacing an older one:
+    requirepass, and CONFIG renamed away (with the password, CONFIG SET could still make Redis write files)."""
+    lines, inside = [], False
+    for line in text.splitlines(keepends=True):
+        if line.strip() == _REDIS_BLOCK[0]:
+            inside = True
+        elif line.strip() == _REDIS_BLOCK[1]:
+            inside = False
+        elif not inside:
+            lines.append(line)
+    block = (
+        template_environment(TEMPLATE_DIR).get_template("redis.conf.j2").render(password=password, marks=_REDIS_BLOCK)
+    )
+    return "".join(lines).rstrip("\n") + "\n\n" + block
+
+
+def render_supervisorctl_default(config: DeployConfig) -> str:
+    """SUPERVISORCTL_DEFAULT: only the [supervisorctl] section, naming the app's socket."""
+    return (
+        template_environment(TEMPLATE_DIR)
+        .get_template("supervisorctl.conf.j2")
+        .render(socket=str(config.layout.supervisor_socket), main=str(config.layout.supervisor_conf))
+    )
+
+
 def directories(config: DeployConfig) -> list[tuple[PurePosixPath, str, str]]:
-    """(path, owner, mode) of every directory provision creates; nginx must traverse down to releases/<id>/static."""
-    layout, user = config.layout, config.user
+    """(path, owner, mode) of every directory provision creates: all root's, read-only to the app user; nginx must
+    traverse down to releases/<id>/static. The socket's directory is the unit's RuntimeDirectory."""
+    layout = config.layout
     acme = [(ACME_WEBROOT, "root", "755")] if config.domain else []
     return [
         *acme,
-        (layout.root, user, "755"),
-        (layout.releases, user, "755"),
-        (layout.venvs, user, "755"),
-        (layout.env_file.parent, user, "755"),
-        (layout.logs, user, "750"),
-        (layout.run, user, "750"),
+        (layout.root, "root", "755"),
+        (layout.releases, "root", "755"),
+        (layout.venvs, "root", "755"),
+        (layout.env_file.parent, "root", "755"),
+        (layout.logs, "root", "750"),
         (layout.etc, "root", "755"),
     ]
 

@@ -27,6 +27,7 @@ class ServerState:
     env_text: str | None
     live_programs: str | None
     beat_log_size: int
+    unsafe_dirs: tuple[str, ...] = ()  # layout directories root acts in that are not root's alone
 
     def previous(self, before: str | None = None) -> str | None:
         """The newest verified release older than `before` (default: the live one)."""
@@ -46,6 +47,11 @@ class ServerState:
         layout = server.config.layout
         if not self.root_exists:
             raise DeployError(f"{server.name} has no {layout.root}; run `fab provision` first.")
+        if self.unsafe_dirs:
+            raise DeployError(
+                f"{', '.join(self.unsafe_dirs)} on {server.name} must be root's and writable by root alone (the app "
+                "user could change what root runs or deletes); run `fab provision`, which takes them back."
+            )
         if not self.supervisord_up:
             raise DeployError(
                 f"supervisord is not answering on {layout.supervisor_socket} on {server.name}; start the "
@@ -64,7 +70,12 @@ def read_state(server: Server) -> ServerState:
         "programs": f"cat {sh(layout.programs_conf)} 2>/dev/null",
         "beatlog": f"stat -c %s {sh(layout.logs / 'beat.log')} 2>/dev/null",
         "current": f"readlink {sh(layout.current)}",
-        "venvs": f'cd {sh(layout.venvs)} 2>/dev/null && for v in *; do [ -e "$v/{VENV_DONE_MARK}" ] && echo $v; done',
+        "owners": f"stat -c '%n %u %a' {sh(layout.root, layout.releases, layout.venvs)} 2>/dev/null",
+        # A virtualenv is reused only if complete and root's to the last file (the app user cannot have touched it).
+        "venvs": (
+            f'for v in {sh(layout.venvs)}/*; do [ -e "$v/{VENV_DONE_MARK}" ] && '
+            '[ -z "$(find "$v" ! -user root -print -quit)" ] && echo "${v##*/}"; done'
+        ),
         "releases": (
             f'cd {sh(layout.releases)} 2>/dev/null && for d in */; do d=${{d%/}}; [ -d "$d" ] || continue; '
             f'echo "$d $( [ -e "$d/{DEPLOYED_MARK}" ] && echo yes || echo no ) $(readlink "$d/.venv")"; done'
@@ -87,6 +98,11 @@ def read_state(server: Server) -> ServerState:
                 venvs[fields[0]] = fields[2].rstrip("/").rsplit("/", 1)[-1]
     current = parts.get("current", "").strip().rstrip("/").rsplit("/", 1)[-1] or None
     size = parts.get("beatlog", "").strip()
+    unsafe = [
+        words[0]
+        for words in map(str.split, parts.get("owners", "").splitlines())
+        if len(words) == 3 and (words[1] != "0" or int(words[2][-2:], 8) & 0o22)
+    ]
     return ServerState(
         releases=tuple(sorted(releases)),
         deployed=frozenset(deployed),
@@ -98,4 +114,5 @@ def read_state(server: Server) -> ServerState:
         env_text=parts["env"] if parts.get("env") else None,
         live_programs=parts["programs"] if parts.get("programs") else None,
         beat_log_size=int(size) if size.isdigit() else 0,
+        unsafe_dirs=tuple(unsafe),
     )

@@ -137,6 +137,8 @@ def _report_steps(progress: Progress, seen: list[dict]):
         for line in lines:
             if "step" in line:
                 progress.say(f"   {'ok' if line.get('ok') else 'FAILED'}  {line['step']} ({line['seconds']:.1f} s)")
+                for warning in line.get("warnings", []):
+                    progress.say(f"   WARNING: {' '.join(warning.split())}")
             if line.get("warning"):
                 progress.say(f"   WARNING: {line['warning']}")
 
@@ -195,6 +197,7 @@ def _deploy_locked(
                 release_dir, "prepare", "--stage", "before", what="prepare",
                 on_lines=_report_steps(progress, []), wrap=lock.kept_alive,
             )  # fmt: skip
+            release.seal_static(server, release_id)
         if report.new and previous:
             with progress.step(f"back up the database before migrating (named after {release_id})"):
                 saved = backup.take(server, "deploy", release_id, wrap=lock.kept_alive)

@@ -254,13 +254,14 @@ class DeployTarget:
         wait_port(self.ssh_port)
 
     def _provision_layout(self) -> None:
-        """What `fab provision` leaves behind, minus the system services."""
+        """What `fab provision` leaves behind, minus the system services: all root's (the env file's group the app's)."""
         user = pwd.getpwnam(APP_USER)
         for d in (self.srv, self.srv / "shared"):
             d.mkdir(exist_ok=True)
-            os.chown(d, user.pw_uid, user.pw_gid)
-        for d in (self.srv / "log", self.srv / "run"):
+            d.chmod(0o755)
+        for d, mode in ((self.srv / "log", 0o750), (self.run, 0o700)):
             d.mkdir(exist_ok=True)
+            d.chmod(mode)
         env_file = self.srv / "shared" / "env"
         env_file.write_text(
             textwrap.dedent(f"""\
@@ -278,8 +279,12 @@ class DeployTarget:
                 SECURE_HSTS_SECONDS=0
             """)
         )
-        os.chown(env_file, user.pw_uid, user.pw_gid)
-        env_file.chmod(0o600)
+        os.chown(env_file, 0, user.pw_gid)
+        env_file.chmod(0o640)
+
+    @property
+    def run(self) -> Path:
+        return self.workdir / "run"
 
     @property
     def supervisord_conf(self) -> Path:
@@ -290,10 +295,10 @@ class DeployTarget:
         context.update(
             processes={},
             supervisord={
-                "socket": str(self.srv / "run" / "supervisor.sock"),
-                "pidfile": str(self.srv / "run" / "supervisord.pid"),
+                "socket": str(self.run / "supervisor.sock"),
+                "pidfile": str(self.run / "supervisord.pid"),
                 "logfile": str(self.srv / "log" / "supervisord.log"),
-                "socket_owner": f"{APP_USER}:{APP_USER}",
+                "socket_owner": None,
                 "include": [str(self.etc / "programs.conf")],
             },
         )
@@ -345,6 +350,7 @@ class DeployTarget:
             "user": APP_USER,
             "root": str(self.srv),
             "etc": str(self.etc),
+            "run": str(self.run),
             "python": "/usr/bin/python3",
             "supervisorctl": str(VENV_BIN / "supervisorctl"),
             "require_systemd": False,

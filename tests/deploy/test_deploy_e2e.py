@@ -111,6 +111,12 @@ def test_first_deploy_runs_web_worker_and_beat_behind_the_front_server(target, c
     release = target.live_release()
     assert release and release.endswith(clone.git("rev-parse", "HEAD")[:12])
     assert re.search(r"is live in [\d.]+ s", out) and "ok  prepare" in out
+    # check --deploy's warnings are shown, not hidden behind "ok" (the target has no TLS: SECURE_SSL_REDIRECT=false).
+    assert "ok  check --deploy" in out and "WARNING: ?: (security.W008)" in out, out
+    live = (target.srv / "releases" / release).stat()
+    assert (live.st_uid, live.st_mode & 0o777) == (0, 0o755)  # root's, read-only to the app user
+    venv = (target.srv / "current" / ".venv").resolve()
+    assert all(path.lstat().st_uid == 0 for path in venv.rglob("*"))
     states = target.states()
     assert states == {f"prayer-room:{name}": "RUNNING" for name in ("web-1", "web-2", "worker", "beat")}, states
     assert live_release_over_http(target) == release
@@ -374,7 +380,7 @@ def test_a_sudo_user_deploys_and_rolls_back(target, clone):
     ok(target.fab("deploy", hosts=host, repo=clone.path))
     after = target.live_release()
     assert after != before and live_release_over_http(target) == after
-    assert (target.srv / "releases" / after).owner() == APP_USER
+    assert (target.srv / "releases" / after).owner() == "root"  # read-only to the app user
     assert f"{before} is live" in ok(target.fab("rollback", hosts=host))
     assert live_release_over_http(target) == before
 

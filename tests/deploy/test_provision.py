@@ -8,10 +8,10 @@ import subprocess
 import sys
 import time
 from dataclasses import replace
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import pytest
-from supervisor.options import ServerOptions
+from supervisor.options import ClientOptions, ServerOptions
 
 from deploy.config import DeployConfig
 from deploy.errors import DeployError
@@ -23,6 +23,7 @@ from deploy.server_files import (
     ACME_WEBROOT,
     CERT_DIR,
     FACTS_SCRIPT,
+    SUPERVISORCTL_DEFAULT,
     UNIT,
     acme_ca_path,
     certbot_command,
@@ -34,9 +35,12 @@ from deploy.server_files import (
     merge_env_file,
     parse_certificate,
     parse_facts,
+    redis_conf_with_password,
+    redis_password,
     render_backup_units,
     render_certbot_dropin,
     render_nginx_site,
+    render_supervisorctl_default,
     render_supervisord_main,
     render_unit,
 )
@@ -48,7 +52,7 @@ GOOD_FACTS = {"systemd": "yes", "init": "systemd", "apt": "yes", "os": "Debian G
 
 
 def defaults(config: DeployConfig = CONFIG) -> dict[str, str]:
-    return env_defaults(config, HOST, secret_key="s" * 67, db_password="pw-_1")
+    return env_defaults(config, HOST, secret_key="s" * 67, db_password="pw-_1", redis_password="rp-_2")
 
 
 def production_settings(env: dict[str, str]) -> dict:
@@ -57,7 +61,8 @@ def production_settings(env: dict[str, str]) -> dict:
         "import json, django; django.setup(); from django.conf import settings as s; "
         "print(json.dumps({'hosts': s.ALLOWED_HOSTS, 'db': s.DATABASES['default'], 'broker': s.CELERY_BROKER_URL, "
         "'ssl_redirect': s.SECURE_SSL_REDIRECT, 'secure_cookies': s.SESSION_COOKIE_SECURE, "
-        "'static_root': str(s.STATIC_ROOT), 'debug': s.DEBUG}, default=str))"
+        "'static_root': str(s.STATIC_ROOT), 'debug': s.DEBUG, 'cache': s.CACHES['default'], "
+        "'backend': s.CELERY_RESULT_BACKEND}, default=str))"
     )
     result = subprocess.run(
         [sys.executable, "-c", code],
@@ -80,7 +85,9 @@ def test_env_file_is_what_production_settings_need_without_tls():
         "pw-_1",
     )
     assert settings["db"]["USER"] == CONFIG.user.replace("-", "_")
-    assert settings["broker"] == "redis://127.0.0.1:6379/0"
+    assert settings["broker"] == settings["backend"] == "redis://:rp-_2@127.0.0.1:6379/0"
+    assert settings["cache"]["LOCATION"] == "redis://:rp-_2@127.0.0.1:6379/1"
+    assert redis_password(values) == "rp-_2"
     assert settings["static_root"] == str(REPO / "var" / "static")  # deploy sets STATIC_ROOT=release over it
     assert not settings["ssl_redirect"] and not settings["secure_cookies"] and not settings["debug"]
 
@@ -91,8 +98,8 @@ def test_env_file_names_the_domain_first():
 
 
 def test_secrets_come_from_the_caller_each_time():
-    first = env_defaults(CONFIG, HOST, secret_key="a", db_password="b")
-    assert first["SECRET_KEY"] == "a" and ":b@" in first["DATABASE_URL"]
+    first = env_defaults(CONFIG, HOST, secret_key="a", db_password="b", redis_password="c")
+    assert first["SECRET_KEY"] == "a" and ":b@" in first["DATABASE_URL"] and ":c@" in first["CACHE_URL"]
 
 
 def test_existing_env_file_is_kept_and_only_missing_keys_are_added():
@@ -102,7 +109,28 @@ def test_existing_env_file_is_kept_and_only_missing_keys_are_added():
     values = read_env_file(merged)
     assert values["SECRET_KEY"] == "keep-me" and values["ALLOWED_HOSTS"] == "prayer.example.org"
     assert set(defaults()) <= set(values)
-    assert merge_env_file(merged, env_defaults(CONFIG, HOST, secret_key="other", db_password="other")) == merged
+    again = env_defaults(CONFIG, HOST, secret_key="other", db_password="other", redis_password="other")
+    assert merge_env_file(merged, again) == merged
+
+
+def test_a_broker_url_without_the_redis_password_gets_one_and_other_redis_servers_are_left_alone():
+    merged = merge_env_file("SECRET_KEY=x\nCELERY_BROKER_URL=redis://127.0.0.1:6379/0\n", defaults())
+    values = read_env_file(merged)
+    assert values["CELERY_BROKER_URL"] == "redis://:rp-_2@127.0.0.1:6379/0" and merged.startswith("SECRET_KEY=x\n")
+    assert merged.count("CELERY_BROKER_URL=") == 1
+    assert redis_password({"CELERY_BROKER_URL": "redis://:pw@redis.internal:6379/0"}) is None
+    assert redis_password({"CELERY_BROKER_URL": "redis://127.0.0.1:6379/0"}) is None
+
+
+def test_redis_conf_gets_the_password_last_and_a_new_one_replaces_it():
+    debian = "bind 127.0.0.1 -::1\n# requirepass foobared\nport 6379\n"
+    first = redis_conf_with_password(debian, "rp-_2")
+    assert first.startswith(debian) and "\nrequirepass rp-_2\n" in first
+    assert redis_conf_with_password(first, "rp-_2") == first
+    second = redis_conf_with_password(first, "other")
+    assert "rp-_2" not in second and second.count("requirepass ") == 2  # the commented example, and ours
+    last = [line for line in second.splitlines() if line and not line.startswith("#")][-2:]
+    assert last == ["requirepass other", 'rename-command CONFIG ""']
 
 
 def test_existing_env_file_without_final_newline_gets_one():
@@ -203,14 +231,52 @@ def test_unit_runs_supervisord_in_the_foreground_with_an_absolute_config_and_wai
     assert UNIT == "prayer-room.service"
 
 
+def test_unit_sandbox_scores_at_most_5_and_leaves_supervisord_only_what_it_needs(tmp_path):
+    unit = render_unit(CONFIG)
+    assert "CapabilityBoundingSet=CAP_SETUID CAP_SETGID CAP_KILL\n" in unit
+    assert "ProtectSystem=strict\n" in unit and f"ReadWritePaths={CONFIG.layout.logs}\n" in unit
+    assert "RuntimeDirectory=prayer-room\nRuntimeDirectoryMode=0700\n" in unit
+    assert CONFIG.layout.supervisor_socket.parent == PurePosixPath("/run/prayer-room")
+    if not shutil.which("systemd-analyze"):
+        pytest.skip("systemd-analyze is not installed (the systemd package; .ci/setup.d/25-provision.sh)")
+    path = tmp_path / UNIT
+    path.write_text(unit)
+    result = subprocess.run(
+        ["systemd-analyze", "security", "--offline=yes", "--threshold=50", "--no-pager", str(path)],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr
+    exposure = float(result.stdout.split("Overall exposure level for")[1].split(":")[1].split()[0])
+    assert exposure <= 5.0
+
+
+def test_unit_outside_run_makes_the_socket_directory_writable_instead():
+    unit = render_unit(DeployConfig(run="/var/lib/prayer-room/run"))
+    assert "RuntimeDirectory" not in unit and "ReadWritePaths=/var/lib/prayer-room/run\n" in unit
+
+
+def test_plain_supervisorctl_finds_the_app_socket(tmp_path):
+    text = render_supervisorctl_default(CONFIG)
+    (tmp_path / "supervisord.conf").write_text(text)
+    options = ClientOptions()
+    options.realize(args=["-c", str(tmp_path / "supervisord.conf")])
+    assert options.serverurl == f"unix://{CONFIG.layout.supervisor_socket}"
+    # Found before Debian's own config (whose supervisor.service provision turns off).
+    assert options.searchpaths.index(str(SUPERVISORCTL_DEFAULT)) < options.searchpaths.index(
+        "/etc/supervisor/supervisord.conf"
+    )
+
+
 def test_supervisord_main_config_is_private_and_includes_the_deployed_programs(tmp_path):
     text = render_supervisord_main(CONFIG)
     assert "[inet_http_server]" not in text
-    assert f"chown={CONFIG.user}:{CONFIG.user}" in text
+    assert "chown=" not in text  # root's, in a root-only directory
     assert f"files = {CONFIG.layout.programs_conf}" in text
     # supervisord's own parser (as root, an existing user, and the paths moved under tmp_path).
-    config = DeployConfig(user="root", root=str(tmp_path / "srv"), etc=str(tmp_path / "etc"))
-    for path, _, _ in directories(config):
+    config = DeployConfig(user="root", root=str(tmp_path / "srv"), etc=str(tmp_path / "etc"), run=str(tmp_path / "run"))
+    for path in [*(path for path, _, _ in directories(config)), config.layout.run]:
         Path(path).mkdir(parents=True, exist_ok=True)
     (tmp_path / "supervisord.conf").write_text(render_supervisord_main(config))
     options = ServerOptions()
@@ -219,7 +285,7 @@ def test_supervisord_main_config_is_private_and_includes_the_deployed_programs(t
     assert server["family"] == 1  # AF_UNIX: no TCP listener
     assert server["file"] == str(config.layout.supervisor_socket)
     assert not str(CONFIG.layout.supervisor_socket).startswith("/tmp")
-    assert server["chmod"] == 0o700 and server["chown"] == (0, 0)
+    assert server["chmod"] == 0o700 and server["chown"] == (-1, -1)  # left as made: root's
     assert options.pidfile.startswith(str(config.layout.run))
 
 
@@ -229,8 +295,16 @@ def test_directories_let_nginx_reach_static_files_but_not_logs():
     for path in [static, *static.parents][: len(static.parents) - 1]:
         if str(path) in wanted:
             assert int(wanted[str(path)][1][-1]) & 1, f"{path} must be traversable by nginx"
-    assert wanted[str(CONFIG.layout.logs)][1] == "750" and wanted[str(CONFIG.layout.run)][1] == "750"
-    assert wanted[str(CONFIG.layout.etc)][0] == "root"
+    assert wanted[str(CONFIG.layout.logs)] == ("root", "750")
+
+
+def test_the_app_user_owns_no_directory():
+    layout = CONFIG.layout
+    owners = {str(path): owner for path, owner, _ in directories(DeployConfig(domain="prayer.example.org"))}
+    assert set(owners.values()) == {"root"}
+    for path in (layout.root, layout.releases, layout.venvs, layout.env_file.parent, layout.logs, layout.etc):
+        assert owners[str(path)] == "root", path
+    assert all(not int(mode[-2:], 8) & 0o22 for _, _, mode in directories(CONFIG))
 
 
 @pytest.mark.parametrize(

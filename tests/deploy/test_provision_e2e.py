@@ -23,7 +23,7 @@ REPO = Path(__file__).resolve().parents[2]
 FAB = Path(sys.executable).with_name("fab")
 ARTIFACTS = REPO / "test-artifacts"
 APP_USER = "prayer-room"
-SUPERVISORCTL = "supervisorctl -c /etc/prayer-room/supervisord.conf"
+SUPERVISORCTL = "supervisorctl"  # as root, without -c: provision's /etc/supervisord.conf names the socket
 PROGRAMS = {"prayer-room:web-1", "prayer-room:web-2", "prayer-room:worker", "prayer-room:beat"}
 
 pytestmark = [pytest.mark.deploy, pytest.mark.skipif(bool(missing_tools()), reason=str(missing_tools()))]
@@ -109,8 +109,8 @@ def test_provision_takes_a_fresh_server_to_a_ready_one(vps):
     assert result.returncode == 0, result.stdout + result.stderr
     assert "8 of 8 steps changed the server" in result.stdout, result.stdout
 
-    env = vps.ssh("stat -c '%U %a' /srv/prayer-room/shared/env; cat /srv/prayer-room/shared/env").stdout
-    assert env.startswith(f"{APP_USER} 600\n")
+    env = vps.ssh("stat -c '%U:%G %a' /srv/prayer-room/shared/env; cat /srv/prayer-room/shared/env").stdout
+    assert env.startswith(f"root:{APP_USER} 640\n")
     secret = next(line.split("=", 1)[1] for line in env.splitlines() if line.startswith("SECRET_KEY="))
     assert len(secret) >= 50 and secret not in result.stdout + result.stderr
     assert f"ALLOWED_HOSTS={vps.address}," in env and "SECURE_SSL_REDIRECT=false" in env
@@ -118,12 +118,16 @@ def test_provision_takes_a_fresh_server_to_a_ready_one(vps):
     checks = {
         "unit enabled and running": "systemctl is-enabled prayer-room && systemctl is-active prayer-room",
         "postgres, redis, nginx come back on boot": "systemctl is-enabled postgresql redis-server nginx",
-        "socket private to the app user": "stat -c '%U %a' /srv/prayer-room/run/supervisor.sock | grep -x "
-        f"'{APP_USER} 700'",
+        "socket root's, in a root-only directory": "stat -c '%U %a' /run/prayer-room /run/prayer-room/supervisor.sock"
+        " | uniq | grep -x 'root 700'",
         "supervisord config is root's": "stat -c '%U %a' /etc/prayer-room/supervisord.conf | grep -x 'root 644'"
         f" && ! runuser -u {APP_USER} -- test -w /etc/prayer-room/supervisord.conf",
         "no TCP control port": "! grep -q '^.inet_http_server' /etc/prayer-room/supervisord.conf",
-        "app user can use supervisorctl": f"runuser -u {APP_USER} -- {SUPERVISORCTL} pid",
+        "root's plain supervisorctl reaches supervisord": f"{SUPERVISORCTL} pid",
+        "the app user cannot": f"! runuser -u {APP_USER} -- {SUPERVISORCTL} pid",
+        "redis refuses a connection without the password": "redis-cli -h 127.0.0.1 ping 2>&1 | grep -q NOAUTH",
+        "redis accepts the env file's password": "REDISCLI_AUTH=\"$(sed -n 's/^CELERY_BROKER_URL=redis:..:"
+        "\\([^@]*\\)@.*/\\1/p' /srv/prayer-room/shared/env)\" redis-cli -h 127.0.0.1 ping | grep -qx PONG",
         "database login with the env file's DATABASE_URL": f"cd / && runuser -u {APP_USER} -- psql -tA "
         "\"$(sed -n 's/^DATABASE_URL=//p' /srv/prayer-room/shared/env)\" -c 'select current_user'",
     }
