@@ -65,8 +65,8 @@ def web(env, redis_db, tmp_path_factory):
 def staff_session(web):
     """A staff session signed in through the admin login, as a moderator's browser has.
 
-    Basic auth would hash the password on every request (a third of a second each), so the fuzzing
-    uses the session; the nasty cases below still sign in with basic auth.
+    Production has no Basic auth (which would hash the password on every request, a third of a second each):
+    the fuzzing and the nasty cases below sign in with this session.
     """
     session = requests.Session()
     session.get(f"{web}/admin/login/", timeout=10)
@@ -203,6 +203,7 @@ def nested(depth: int) -> bytes:
 
 
 JSON = {"Content-Type": "application/json"}
+AS_STAFF = {**JSON, "X-Sent-As": "staff"}  # sent with the staff session (see test_nasty_requests_are_4xx_in_json)
 NASTY = {
     "a body over the upload limit": ("POST", "/api/requests/", JSON, json.dumps({"content": "x" * 3_000_000})),
     "invalid UTF-8 in JSON": ("POST", "/api/requests/", JSON, b'{"content": "\xff\xfe", "location": "chapel"}'),
@@ -210,7 +211,7 @@ NASTY = {
     "a lone surrogate in preferences": (
         "PATCH",
         "/api/me/preferences/",
-        {**JSON, **basic_auth(*STAFF)},
+        AS_STAFF,
         b'{"digest_frequency": "\\ud800"}',
     ),
     "plain text": ("POST", "/api/requests/", {"Content-Type": "text/plain"}, b"content=x"),
@@ -224,7 +225,7 @@ NASTY = {
     "moderating an id over bigint": (
         "POST",
         "/api/moderation/requests/99999999999999999999/approve/",
-        basic_auth(*STAFF),
+        AS_STAFF,
         None,
     ),
     "an id that is not a number": ("GET", "/api/requests/abc/", {}, None),
@@ -232,11 +233,11 @@ NASTY = {
     "a NUL in the type filter": ("GET", "/api/requests/?type=%00", {}, None),
     "a NUL in the location filter": ("GET", "/api/requests/?location=cha%00pel", {}, None),
     "a NUL in the page number": ("GET", "/api/requests/?page=1%00", {}, None),
-    "a NUL in the state filter": ("GET", "/api/moderation/requests/?state=%00", basic_auth(*STAFF), None),
+    "a NUL in the state filter": ("GET", "/api/moderation/requests/?state=%00", AS_STAFF, None),
     "invalid UTF-8 in the query": ("GET", "/api/requests/?location=%ff%fe", {}, None),
-    "a NUL in a basic-auth username": ("GET", "/api/requests/", basic_auth("mod\x00erator", "pw"), None),
+    "a NUL in a basic-auth username": ("GET", "/api/moderation/requests/", basic_auth("mod\x00erator", "pw"), None),
     "a wrong basic-auth password": ("GET", "/api/moderation/requests/", basic_auth(STAFF[0], "wrong"), None),
-    "basic auth that is not base64": ("GET", "/api/requests/", {"Authorization": "Basic !!!"}, None),
+    "basic auth that is not base64": ("GET", "/api/moderation/requests/", {"Authorization": "Basic !!!"}, None),
     "an unknown API path": ("GET", "/api/no-such-thing/", {}, None),
 }
 
@@ -270,8 +271,12 @@ ODD_CHARSETS = {
 
 
 @pytest.mark.parametrize("method, path, headers, body", NASTY.values(), ids=NASTY.keys())
-def test_nasty_requests_are_4xx_in_json(web, method, path, headers, body):
-    response = requests.request(method, web + path, headers=headers, data=body, timeout=30)
+def test_nasty_requests_are_4xx_in_json(web, staff_session, method, path, headers, body):
+    if headers is AS_STAFF:
+        headers = {**JSON, "X-CSRFToken": staff_session.cookies["csrftoken"]}
+        response = staff_session.request(method, web + path, headers=headers, data=body, timeout=30)
+    else:
+        response = requests.request(method, web + path, headers=headers, data=body, timeout=30)
     assert 400 <= response.status_code < 500, response.text[:500]
     assert response.headers["Content-Type"] == "application/json", response.text[:500]
 
@@ -283,7 +288,9 @@ def test_a_charset_that_decodes_no_text_is_ignored(web, method, path, content_ty
     assert response.headers["Content-Type"] == "application/json"
 
 
-def test_staff_basic_auth_works_against_the_real_web(web):
+def test_basic_auth_is_off_in_production_and_the_staff_session_works(web, staff_session):
     response = requests.get(f"{web}/api/moderation/requests/", headers=basic_auth(*STAFF), timeout=30)
+    assert response.status_code == 403
+    response = staff_session.get(f"{web}/api/moderation/requests/", timeout=30)
     assert response.status_code == 200
     assert response.json()["count"] >= 4  # the seeded ones, and any the fuzzing submitted

@@ -103,3 +103,17 @@ def test_the_soft_time_limit_follows_a_lower_hard_limit_and_may_not_exceed_it():
     refused = manage_with({**PRODUCTION, "CELERY_TASK_TIME_LIMIT": "60", "CELERY_TASK_SOFT_TIME_LIMIT": "90"}, "check")
     assert refused.returncode != 0
     assert "CELERY_TASK_SOFT_TIME_LIMIT (90) must not exceed CELERY_TASK_TIME_LIMIT (60)" in refused.stderr
+
+
+def test_production_has_no_basic_auth_and_locks_logins_out():
+    code = (
+        "from django.conf import settings as s; "
+        "print(s.REST_FRAMEWORK['DEFAULT_AUTHENTICATION_CLASSES'], s.AUTHENTICATION_BACKENDS[0], s.AXES_FAILURE_LIMIT)"
+    )
+    result = manage_with(PRODUCTION, "shell", "-c", code)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines()[-1].split() == [
+        "['rest_framework.authentication.SessionAuthentication']",
+        "prayer_room_api.backends.AxesBackend",
+        "5",
+    ]

@@ -30,8 +30,14 @@ if CACHES["default"]["BACKEND"].endswith("LocMemCache"):
 if CACHES["default"]["BACKEND"].endswith("RedisCache"):
     # A cache that does not answer in a second counts as down (rate limits then fail open), not a hung request.
     CACHES["default"].setdefault("OPTIONS", {}).update(socket_connect_timeout=1, socket_timeout=1)
-# Rate limits key on the client address nginx passes in X-Forwarded-For (one proxy in front).
-REST_FRAMEWORK = {**REST_FRAMEWORK, "NUM_PROXIES": env_int("NUM_PROXIES", 1)}
+# Rate limits (and axes' login lockouts) key on the client address nginx passes in X-Forwarded-For (one proxy in
+# front). No HTTP Basic auth: a password on every request, unthrottled, over whatever the transport is; the API's
+# staff use the session of their admin login.
+REST_FRAMEWORK = {
+    **REST_FRAMEWORK,
+    "NUM_PROXIES": env_int("NUM_PROXIES", 1),
+    "DEFAULT_AUTHENTICATION_CLASSES": ["rest_framework.authentication.SessionAuthentication"],
+}
 
 CSRF_TRUSTED_ORIGINS = env.list("CSRF_TRUSTED_ORIGINS", default=[])
 # The TLS-terminating proxy (nginx) sets X-Forwarded-Proto.
