@@ -254,7 +254,7 @@ class DeployTarget:
         wait_port(self.ssh_port)
 
     def _provision_layout(self) -> None:
-        """What `fab provision` leaves behind, minus the system services: all root's (the env file readable by the app)."""
+        """What `fab provision` leaves behind, minus the system services: root's (the env file's group: the app's)."""
         user = pwd.getpwnam(APP_USER)
         for d in (self.srv, self.srv / "shared"):
             d.mkdir(exist_ok=True)
