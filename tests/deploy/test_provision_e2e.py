@@ -107,7 +107,7 @@ def test_provision_takes_a_fresh_server_to_a_ready_one(vps):
     result = fab(vps, "provision", user="admin")  # a sudo user; the re-run below is as root
     timings["provision, first run"] = time.monotonic() - started
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "8 of 8 steps changed the server" in result.stdout, result.stdout
+    assert "9 of 9 steps changed the server" in result.stdout, result.stdout
 
     env = vps.ssh("stat -c '%U:%G %a' /srv/prayer-room/shared/env; cat /srv/prayer-room/shared/env").stdout
     assert env.startswith(f"root:{APP_USER} 640\n")
