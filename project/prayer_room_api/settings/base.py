@@ -100,6 +100,7 @@ AXES_FAILURE_LIMIT = env_int("AXES_FAILURE_LIMIT", 5)
 AXES_COOLOFF_TIME = env_int("AXES_COOLOFF_HOURS", 1)
 AXES_LOCKOUT_PARAMETERS = [["username", "ip_address"]]
 AXES_RESET_ON_SUCCESS = True
+AXES_VERBOSE = False  # no "AXES: BEGIN" banner on every manage.py command; lockouts are still logged
 AXES_CLIENT_IP_CALLABLE = "prayer_room_api.backends.client_ip"
 AXES_USERNAME_CALLABLE = "prayer_room_api.backends.axes_username"
 AUTH_PASSWORD_VALIDATORS = [
