@@ -8,6 +8,9 @@ from psycopg.conninfo import conninfo_to_dict
 
 from tests.support import services
 
+# The real-stack layers' fixtures (services, database, redis_db).
+pytest_plugins = ["tests.support.fixtures"]
+
 IN_CI = os.environ.get("CI", "").lower() in {"1", "true", "yes"}
 
 

@@ -19,27 +19,6 @@ def pytest_collection_modifyitems(items):
             item.add_marker(pytest.mark.faults)
 
 
-@pytest.fixture(scope="session")
-def services():
-    reason = stack.services_unavailable()
-    if reason:
-        pytest.skip(reason)
-
-
-@pytest.fixture(scope="module")
-def database(services):
-    db = stack.Database().create()
-    yield db
-    db.drop()
-
-
-@pytest.fixture(scope="module")
-def redis_db(services):
-    number = stack.claim_redis_db("faults")
-    yield number
-    stack.release_redis_db(number)
-
-
 @pytest.fixture(scope="module")
 def env(database, redis_db):
     env = stack.production_env(database, redis_db, WORKER_CONCURRENCY="2", CELERY_TASK_TIME_LIMIT="5")

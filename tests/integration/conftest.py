@@ -8,27 +8,6 @@ from tests.support import stack
 pytestmark = pytest.mark.integration
 
 
-@pytest.fixture(scope="session")
-def services():
-    reason = stack.services_unavailable()
-    if reason:
-        pytest.skip(reason)
-
-
-@pytest.fixture(scope="module")
-def database(services):
-    db = stack.Database().create()
-    yield db
-    db.drop()
-
-
-@pytest.fixture(scope="module")
-def redis_db(services):
-    number = stack.claim_redis_db("integration")
-    yield number
-    stack.release_redis_db(number)
-
-
 @pytest.fixture(scope="module")
 def env(database, redis_db, tmp_path_factory):
     static_root = tmp_path_factory.mktemp("static")
