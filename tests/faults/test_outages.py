@@ -4,7 +4,6 @@ One stack for the module: PostgreSQL and two Redis servers of its own (broker, c
 alone), migrated once, the three processes started once. Each test leaves every service up again.
 """
 
-import base64
 import json
 import re
 import secrets
@@ -13,6 +12,7 @@ import urllib.error
 import urllib.request
 
 import pytest
+import requests
 from celery import Celery
 
 from tests.support import stack
@@ -28,6 +28,7 @@ OUTBOX_RUN = re.compile(r"Task prayer_room_api\.tasks\.send_outbox\[[^\]]+\] suc
 class Stack:
     def __init__(self, tmp, pg, broker, cache):
         self.pg, self.broker, self.cache = pg, broker, cache
+        self._staff: requests.Session | None = None
         self.port = stack.free_port()
         self.env = stack.production_env(
             stack.Database("unused"), 0, WORKER_CONCURRENCY="2", CELERY_TASK_TIME_LIMIT="20", PORT=str(self.port)
@@ -39,7 +40,10 @@ class Stack:
             CACHE_URL=f"{cache.url}/1",
             CONN_MAX_AGE="0",
         )
+        self.env["STATIC_ROOT"] = str(tmp / "static")
         stack.manage(self.env, "migrate", "--noinput")
+        # The production settings name static files by their content hash (the admin login page needs them).
+        stack.manage(self.env, "collectstatic", "--noinput")
         created = stack.manage(self.env, "shell", "-c", SEED.format(author=AUTHOR, user=STAFF[0], password=STAFF[1]))
         self.request_id = int(created.stdout.strip().splitlines()[-1])
         # Staff re-time the sweep, as they might in the admin: every 5 s instead of every minute.
@@ -62,10 +66,8 @@ class Stack:
     def url(self, path):
         return f"http://127.0.0.1:{self.port}{path}"
 
-    def http(self, method, path, body=None, auth=None, timeout=30):
+    def http(self, method, path, body=None, timeout=30):
         headers = {"Content-Type": "application/json"}
-        if auth:
-            headers["Authorization"] = "Basic " + base64.b64encode(":".join(auth).encode()).decode()
         data = json.dumps(body).encode() if body is not None else None
         request = urllib.request.Request(self.url(path), data=data, headers=headers, method=method)
         try:
@@ -83,8 +85,29 @@ class Stack:
             assert time.monotonic() < deadline, f"/health/ still {answer} after {timeout} s"
             time.sleep(0.5)
 
+    def staff_session(self) -> requests.Session:
+        """A moderator signed in through the admin login (production has no Basic auth), made once."""
+        if self._staff is None:
+            session = requests.Session()
+            session.get(self.url("/admin/login/"), timeout=30)
+            answer = session.post(
+                self.url("/admin/login/"),
+                data={"username": STAFF[0], "password": STAFF[1], "csrfmiddlewaretoken": session.cookies["csrftoken"]},
+                timeout=30,
+            )
+            assert "sessionid" in session.cookies, answer.text[:500]
+            self._staff = session
+        return self._staff
+
     def respond(self, text):
-        return self.http("POST", f"/api/moderation/requests/{self.request_id}/respond/", {"response": text}, STAFF)
+        session = self.staff_session()
+        answer = session.post(
+            self.url(f"/api/moderation/requests/{self.request_id}/respond/"),
+            json={"response": text},
+            headers={"X-CSRFToken": session.cookies["csrftoken"]},
+            timeout=30,
+        )
+        return answer.status_code, answer.json() if answer.content else None
 
     def emails(self, text) -> int:
         """Response emails with `text` the worker sent (the console backend prints each between dashed lines)."""
@@ -173,8 +196,12 @@ def test_a_response_during_a_broker_outage_is_emailed_once_when_the_broker_is_ba
 def test_the_worker_and_beat_carry_on_after_the_broker_restarts(outage):
     refused = outage.beat.output().count("send-outbox not sent")
     outage.broker.stop()
-    outage.beat.wait_for(lambda: outage.beat.output().count("send-outbox not sent") > refused, 60, "a refused dispatch")
-    outage.broker.start()
+    try:
+        outage.beat.wait_for(
+            lambda: outage.beat.output().count("send-outbox not sent") > refused, 60, "a refused dispatch"
+        )
+    finally:
+        outage.broker.start()
     outage.beat.wait_for_output("send-outbox sent after the broker came back", 60)
     app = Celery(broker=outage.env["CELERY_BROKER_URL"], backend=outage.env["CELERY_RESULT_BACKEND"])
     try:
