@@ -3,7 +3,6 @@
 import re
 
 import pytest
-from celery import Celery
 
 from tests.support import stack
 
@@ -24,28 +23,6 @@ def env(database, redis_db):
     env = stack.production_env(database, redis_db, WORKER_CONCURRENCY="2", CELERY_TASK_TIME_LIMIT="5")
     stack.manage(env, "migrate", "--noinput")
     return env
-
-
-@pytest.fixture(scope="module")
-def celery_client(env):
-    app = Celery(broker=env["CELERY_BROKER_URL"], backend=env["CELERY_BROKER_URL"])
-    yield app
-    app.close()
-
-
-@pytest.fixture
-def start(env, tmp_path):
-    """Start `prodserver NAME` (log NAME-N.log); every process is stopped after the test."""
-    started = []
-
-    def _start(name, *args, **extra_env):
-        process = stack.Process(name, {**env, **extra_env}, tmp_path, *args, log_name=f"{name}-{len(started)}")
-        started.append(process)
-        return process
-
-    yield _start
-    for process in started:
-        process.stop()
 
 
 def add_interval_task(database, name: str, task: str, every: int, args: str = "[]") -> None:

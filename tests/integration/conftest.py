@@ -1,7 +1,6 @@
 """The real stack for integration tests: PostgreSQL, Redis and prodserver processes."""
 
 import pytest
-from celery import Celery
 
 from tests.support import stack
 
@@ -18,26 +17,3 @@ def env(database, redis_db, tmp_path_factory):
     # The production settings name static files by their content hash, read from collectstatic's manifest.
     stack.manage(env, "collectstatic", "--noinput")
     return env
-
-
-@pytest.fixture(scope="module")
-def celery_client(env):
-    """A bare Celery client on the stack's broker, to send tasks the way the web process does."""
-    app = Celery(broker=env["CELERY_BROKER_URL"], backend=env["CELERY_BROKER_URL"])
-    yield app
-    app.close()
-
-
-@pytest.fixture
-def start(env, tmp_path):
-    """Start `prodserver NAME` with extra env; every process is stopped after the test."""
-    started = []
-
-    def _start(name, *args, **extra_env):
-        process = stack.Process(name, {**env, **extra_env}, tmp_path, *args)
-        started.append(process)
-        return process
-
-    yield _start
-    for process in started:
-        process.stop()
