@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 import tomllib
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path, PurePosixPath
 from typing import Any
 
@@ -15,6 +15,11 @@ REPO_DIR = Path(__file__).resolve().parent.parent
 DEFAULT_CONFIG_FILE = REPO_DIR / "deploy.toml"
 
 LETSENCRYPT = "https://acme-v02.api.letsencrypt.org/directory"
+# What a host of a cluster can be: the programs it runs (web, worker, beat), the shared PostgreSQL and Redis
+# (db) and the front server in front of the web hosts (balancer). A single-host environment is APP_ROLES + db.
+APP_ROLES = ("web", "worker", "beat")
+ROLES = (*APP_ROLES, "db", "balancer")
+SINGLE_HOST_ROLES = frozenset((*APP_ROLES, "db"))
 _USER = re.compile(r"[a-z_][a-z0-9_-]{0,31}")
 _HOST = re.compile(r"(?:[^@\s]+@)?[A-Za-z0-9.\-\[\]:]+")
 
@@ -52,6 +57,56 @@ class DeployConfig:
     require_systemd: bool = True
     web_ports: tuple[int, ...] = WEB_PORTS
     extra_env: tuple[tuple[str, str], ...] = field(default=())
+    # [environments.NAME.roles]: role -> the hosts that have it (a cluster); empty for a single host.
+    roles: tuple[tuple[str, tuple[str, ...]], ...] = ()
+    # The roles of the one host this config is bound to (`for_host`); a single host has them all but balancer.
+    host_roles: frozenset[str] = SINGLE_HOST_ROLES
+
+    @property
+    def is_cluster(self) -> bool:
+        return bool(self.roles)
+
+    def role_hosts(self, role: str) -> tuple[str, ...]:
+        """The hosts (user@host[:port]) that have `role`, in the config's order."""
+        return dict(self.roles).get(role, ())
+
+    @property
+    def cluster_hosts(self) -> tuple[str, ...]:
+        """Every host of the cluster once, in the order the roles first name them."""
+        return tuple(dict.fromkeys(host for _, hosts in self.roles for host in hosts))
+
+    def roles_of(self, host: str) -> frozenset[str]:
+        return frozenset(role for role, hosts in self.roles if host in hosts)
+
+    def for_host(self, host: str) -> DeployConfig:
+        """This config for one host of the cluster: `hosts` is that host, `host_roles` its roles."""
+        if not self.is_cluster:
+            return self
+        return replace(self, hosts=(host,), host_roles=self.roles_of(host))
+
+    @property
+    def primary(self) -> str:
+        """The host that migrates, seeds the schedules, verifies writes and keeps the backups: the first web host."""
+        return self.role_hosts("web")[0] if self.is_cluster else (self.hosts[0] if self.hosts else "")
+
+    @property
+    def db_address(self) -> str:
+        """The address the programs reach PostgreSQL and Redis at: the db host's, or loopback on a single host."""
+        db = self.role_hosts("db")
+        return address_of(db[0]) if db else ("" if self.is_cluster else "127.0.0.1")
+
+    @property
+    def peer_addresses(self) -> tuple[str, ...]:
+        """The addresses of every host of the cluster: the only ones the db host's firewall admits."""
+        return tuple(dict.fromkeys(address_of(host) for host in self.cluster_hosts))
+
+    def runs(self, role: str) -> bool:
+        return role in self.host_roles
+
+    @property
+    def host_queue(self) -> str:
+        """The Celery queue only this host's workers consume besides the shared one: the deploy's ping goes there."""
+        return f"host.{address_of(self.hosts[0])}" if self.is_cluster and self.hosts else ""
 
     @property
     def layout(self) -> ServerLayout:
@@ -88,12 +143,23 @@ class DeployConfig:
             # env file's shared STATIC_ROOT.
             ("STATIC_ROOT", "release"),
             *tls,
+            *([("WORKER_QUEUES", f"celery,{self.host_queue}")] if self.host_queue and self.runs("worker") else []),
             *self.extra_env,
         ]
 
 
+def address_of(host: str) -> str:
+    """The address part of user@host[:port] (an IPv6 address in brackets loses them)."""
+    address = host.rpartition("@")[2]
+    if address.startswith("["):
+        return address[1:].partition("]")[0]
+    if address.count(":") == 1:
+        address = address.partition(":")[0]
+    return address
+
+
 _FIELD_TYPES = {f.name: f.type for f in fields(DeployConfig)}
-_SETTABLE = set(_FIELD_TYPES) - {"name", "extra_env"} | {"env"}
+_SETTABLE = set(_FIELD_TYPES) - {"name", "extra_env", "host_roles"} | {"env"}
 
 
 def load_config(path: Path | None = None, environment: str | None = None) -> DeployConfig:
@@ -125,6 +191,8 @@ def load_config(path: Path | None = None, environment: str | None = None) -> Dep
         name = environment
     env = {**defaults.get("env", {}), **(environments.get(environment, {}).get("env", {}) if environment else {})}
     values.pop("env", None)
+    if "roles" in defaults:
+        raise DeployError(f"{path} [defaults]: roles belong to an environment: [environments.NAME.roles].")
     if values.get("acme_ca_bundle"):  # relative to the config file, like a path on the command line
         values["acme_ca_bundle"] = str((path.parent / Path(values["acme_ca_bundle"]).expanduser()).resolve())
     config = DeployConfig(name=name, extra_env=tuple(sorted(env.items())), **values)
@@ -152,12 +220,68 @@ def _checked(table: Any, where: str) -> dict[str, Any]:
             if not isinstance(value, list) or not all(isinstance(h, str) for h in value):
                 raise DeployError(f'{where}: hosts must be a list of strings, e.g. ["root@203.0.113.7"].')
             values[key] = tuple(value)
+        elif key == "roles":
+            values[key] = _checked_roles(value, f"{where[:-1]}.roles]" if where.endswith("]") else where)
         else:
             expected = {"int": int, "bool": bool, "str": str}[_FIELD_TYPES[key]]
             if not isinstance(value, expected) or (expected is int and isinstance(value, bool)):
                 raise DeployError(f"{where}: {key} must be a {expected.__name__}, got {value!r}.")
             values[key] = value
     return values
+
+
+def _checked_roles(table: Any, where: str) -> tuple[tuple[str, tuple[str, ...]], ...]:
+    example = 'web = ["root@10.0.0.2", "root@10.0.0.3"], worker = ["root@10.0.0.4"], beat = ["root@10.0.0.4"]'
+    if not isinstance(table, dict):
+        raise DeployError(f"{where} must be a table of role = [hosts], e.g. {example}.")
+    unknown = sorted(set(table) - set(ROLES))
+    if unknown:
+        raise DeployError(f"{where}: unknown role(s) {', '.join(unknown)}; roles: {', '.join(ROLES)}.")
+    for role, hosts in table.items():
+        if not isinstance(hosts, list) or not all(isinstance(h, str) for h in hosts):
+            raise DeployError(f'{where}: {role} must be a list of hosts, e.g. {role} = ["root@10.0.0.2"].')
+        if len(set(hosts)) != len(hosts):
+            raise DeployError(f"{where}: {role} names a host twice: {hosts}.")
+    return tuple((role, tuple(table[role])) for role in ROLES if table.get(role))
+
+
+def validate_roles(config: DeployConfig, where: str) -> None:
+    """A cluster has web, worker and beat hosts, at most one db and one balancer host, and no `hosts` list;
+    several hosts without roles would be several separate sites sharing nothing."""
+    if not config.is_cluster:
+        if len(config.hosts) > 1:
+            raise DeployError(
+                f"{where}: {len(config.hosts)} hosts and no roles: each would get its own PostgreSQL, Redis and "
+                "beat (two sites, every periodic task twice). List one host, or give the environment "
+                '[environments.NAME.roles] (web = [...], worker = [...], beat = [...], db = ["..."]).'
+            )
+        return
+    if config.hosts:
+        raise DeployError(f"{where}: hosts and roles both set; with roles, list each host under its roles only.")
+    missing = [role for role in APP_ROLES if not config.role_hosts(role)]
+    if missing:
+        raise DeployError(f"{where}: roles has no {', '.join(missing)} host; a cluster needs web, worker and beat.")
+    for role in ("db", "balancer"):
+        if len(config.role_hosts(role)) > 1:
+            raise DeployError(
+                f"{where}: {role} must be one host, got {len(config.role_hosts(role))}"
+                + (" (one PostgreSQL and Redis for all)." if role == "db" else " (one front server).")
+            )
+    for host in config.cluster_hosts:
+        if not _HOST.fullmatch(host):
+            raise DeployError(f"{where}: host {host!r} is not user@host[:port].")
+    by_address: dict[str, str] = {}
+    for host in config.cluster_hosts:
+        other = by_address.setdefault(address_of(host), host)
+        if other != host:
+            raise DeployError(f"{where}: {other!r} and {host!r} are the same server; name it one way in every role.")
+    if config.role_hosts("balancer") and set(config.role_hosts("balancer")) & set(config.role_hosts("web")):
+        raise DeployError(f"{where}: the balancer host cannot be a web host too (both need ports 80 and 443).")
+    if config.domain and not config.role_hosts("balancer"):
+        raise DeployError(
+            f"{where}: domain on a cluster needs a balancer host, which holds the certificate; add balancer = "
+            '["root@..."] to roles (or leave domain out and terminate TLS on your own load balancer).'
+        )
 
 
 def validate(config: DeployConfig, where: str = "deploy config") -> None:
@@ -194,6 +318,7 @@ def validate(config: DeployConfig, where: str = "deploy config") -> None:
     if config.workers > 16:
         raise DeployError(f"{where}: workers must be at most 16 (raise worker_concurrency instead).")
     validate_tls(config, where)
+    validate_roles(config, where)
 
 
 def validate_tls(config: DeployConfig, where: str) -> None:

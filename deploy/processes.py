@@ -25,10 +25,14 @@ class Programs:
 
     @classmethod
     def from_config(cls, config: DeployConfig) -> Programs:
+        """The programs of the host `config` is bound to: on a cluster, only those of its roles."""
         group = SUPERVISOR_GROUP
         web = tuple((f"{group}:web-{i}", port) for i, port in enumerate(config.web_ports, start=1))
         workers = [f"{group}:worker"] if config.workers == 1 else [f"{group}:worker-{n}" for n in range(config.workers)]
-        return cls(web=web, others=(*workers, f"{group}:beat"))
+        return cls(
+            web=web if config.runs("web") else (),
+            others=(*(workers if config.runs("worker") else ()), *((f"{group}:beat",) if config.runs("beat") else ())),
+        )
 
     @property
     def all(self) -> tuple[str, ...]:

@@ -225,8 +225,10 @@ def local_context(
 def server_context(
     config: DeployConfig, env_values: Mapping[str, str], *, home: str = "", web_ports: tuple[int, ...] = WEB_PORTS
 ) -> dict[str, Any]:
-    """The programs of one server (a DeployConfig), running `current`'s code with the env file's values."""
+    """The programs of one server (a DeployConfig: on a cluster, its roles'), running `current`'s code with the
+    env file's values."""
     layout = config.layout
+    web_ports = tuple(web_ports) if config.runs("web") else ()
     environment = {**dict(config.environment_defaults()), **env_values, **dict(config.environment_overrides())}
     return {
         "group": SUPERVISOR_GROUP,
@@ -237,7 +239,11 @@ def server_context(
         "user": config.user,
         "home": home or str(layout.root),
         "environment": environment,
-        "processes": {"web": len(web_ports), "worker": config.workers, "beat": 1},
+        "processes": {
+            "web": len(web_ports),
+            "worker": config.workers if config.runs("worker") else 0,
+            "beat": 1 if config.runs("beat") else 0,
+        },
         "web_ports": tuple(web_ports),
         "web_graceful_timeout": config.web_graceful_timeout,
         "task_time_limit": config.task_time_limit,

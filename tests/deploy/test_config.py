@@ -40,7 +40,7 @@ def test_environment_values_override_defaults_and_config_is_frozen(tmp_path):
         workers = 2
         env = { LOG_LEVEL = "info", A = "1" }
         [environments.prod]
-        hosts = ["root@203.0.113.7", "deploy@example.org:2222"]
+        hosts = ["deploy@example.org:2222"]
         root = "/opt/app"
         workers = 3
         env = { A = "2" }
@@ -48,7 +48,7 @@ def test_environment_values_override_defaults_and_config_is_frozen(tmp_path):
     )
     config = load_config(path, "prod")
     assert (config.user, config.workers, config.root) == ("app", 3, "/opt/app")
-    assert config.hosts == ("root@203.0.113.7", "deploy@example.org:2222")
+    assert config.hosts == ("deploy@example.org:2222",)
     assert dict(config.extra_env) == {"LOG_LEVEL": "info", "A": "2"}
     assert config.layout.releases == PurePosixPath("/opt/app/releases")
     with pytest.raises(dataclasses.FrozenInstanceError):
@@ -136,3 +136,61 @@ def test_fab_refuses_an_unknown_environment_before_any_host(tmp_path):
         f"error: unknown environment 'nope' in {repo / 'deploy.toml'}; known: production, staging."
     ]
     assert result.stdout == ""
+
+
+CLUSTER = """
+[environments.cluster.roles]
+web = ["root@10.0.0.2", "root@10.0.0.3"]
+worker = ["root@10.0.0.4"]
+beat = ["root@10.0.0.4", "root@10.0.0.3"]
+db = ["root@10.0.0.4"]
+balancer = ["root@10.0.0.5:2222"]
+"""
+
+
+def test_roles_make_a_cluster_and_each_host_gets_its_own_roles(tmp_path):
+    config = load_config(write(tmp_path, CLUSTER), "cluster")
+    assert config.is_cluster and config.primary == "root@10.0.0.2"
+    assert config.cluster_hosts == ("root@10.0.0.2", "root@10.0.0.3", "root@10.0.0.4", "root@10.0.0.5:2222")
+    assert config.db_address == "10.0.0.4"
+    assert config.peer_addresses == ("10.0.0.2", "10.0.0.3", "10.0.0.4", "10.0.0.5")
+    app = config.for_host("root@10.0.0.4")
+    assert app.host_roles == {"worker", "beat", "db"} and app.hosts == ("root@10.0.0.4",)
+    assert ("WORKER_QUEUES", "celery,host.10.0.0.4") in app.environment_overrides()
+    web = config.for_host("root@10.0.0.2")
+    assert web.host_roles == {"web"} and not any(k == "WORKER_QUEUES" for k, _ in web.environment_overrides())
+    single = load_config(write(tmp_path, '[environments.one]\nhosts = ["root@h"]\n'), "one")
+    assert not single.is_cluster and single.for_host("root@h") is single and single.db_address == "127.0.0.1"
+    assert single.host_roles == {"web", "worker", "beat", "db"}
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ('hosts = ["root@a", "root@b"]\n', "2 hosts and no roles: each would get its own PostgreSQL"),
+        ('hosts = ["root@a"]\nroles = { web = ["root@b"], worker = ["root@b"], beat = ["root@b"] }\n',
+         "hosts and roles both set"),
+        ('roles = { web = ["root@b"], beat = ["root@b"] }\n', "roles has no worker host"),
+        ('roles = { web = ["root@b"], worker = ["root@b"], beat = ["root@b"], cache = ["root@c"] }\n',
+         "unknown role\\(s\\) cache"),
+        ('roles = { web = ["root@b"], worker = ["root@b"], beat = ["root@b"], db = ["root@c", "root@d"] }\n',
+         "db must be one host"),
+        ('roles = { web = ["root@b", "root@b"], worker = ["root@b"], beat = ["root@b"] }\n', "web names a host twice"),
+        ('roles = { web = ["root@b"], worker = ["deploy@b"], beat = ["root@b"] }\n', "are the same server"),
+        ('roles = { web = "root@b", worker = ["root@b"], beat = ["root@b"] }\n', "web must be a list of hosts"),
+        ('roles = { web = ["root@b"], worker = ["root@b"], beat = ["root@b"], balancer = ["root@b"] }\n',
+         "balancer host cannot be a web host"),
+        ('domain = "x.example.org"\nacme_email = "a@example.org"\n'
+         'roles = { web = ["root@b"], worker = ["root@b"], beat = ["root@b"] }\n',
+         "domain on a cluster needs a balancer"),
+    ],
+)  # fmt: skip
+def test_bad_roles_are_refused_with_what_to_do(tmp_path, text, message):
+    with pytest.raises(DeployError, match=message):
+        load_config(write(tmp_path, "[environments.c]\n" + text), "c")
+
+
+def test_roles_in_defaults_are_refused(tmp_path):
+    path = write(tmp_path, '[defaults]\nroles = { web = ["root@b"], worker = ["root@b"], beat = ["root@b"] }\n')
+    with pytest.raises(DeployError, match="roles belong to an environment"):
+        load_config(path)

@@ -152,3 +152,21 @@ def test_refused_values_are_named_not_printed():
     with pytest.raises(DeployError) as info:
         supervisor_environment({"SECRET_KEY": "hunter2\nsecret"})
     assert "SECRET_KEY" in str(info.value) and "hunter2" not in str(info.value)
+
+
+def test_a_cluster_host_gets_only_the_programs_of_its_roles():
+    from deploy.config import DeployConfig
+    from deploy.processes import Programs
+    from deploy.render import server_context as context_of
+
+    roles = (("web", ("root@10.0.0.2",)), ("worker", ("root@10.0.0.4",)), ("beat", ("root@10.0.0.4",)))
+    cluster = DeployConfig(name="c", roles=roles)
+    worker_host = cluster.for_host("root@10.0.0.4")
+    text = render_supervisord_conf(context_of(worker_host, {}, web_ports=worker_host.web_ports))
+    assert "[program:web-" not in text and "[program:worker]" in text and "[program:beat]" in text
+    assert "programs=worker,beat" in text and 'WORKER_QUEUES="celery,host.10.0.0.4"' in text
+    assert Programs.from_config(worker_host).all == ("prayer-room:worker", "prayer-room:beat")
+    web_host = cluster.for_host("root@10.0.0.2")
+    text = render_supervisord_conf(context_of(web_host, {}, web_ports=web_host.web_ports))
+    assert "programs=web-1,web-2" in text and "[program:beat]" not in text
+    assert Programs.from_config(web_host).others == ()

@@ -236,6 +236,9 @@ PRODUCTION_PROCESSES = {
             "loglevel": LOG_LEVEL,
             "without-mingle": None,
             "without-gossip": None,
+            # On a cluster each worker host also consumes a queue of its own (host.<address>): the deploy's
+            # ping goes there to check that host's workers.
+            "queues": env("WORKER_QUEUES", default="celery"),
         },
     },
     "beat": {
