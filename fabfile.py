@@ -31,12 +31,14 @@ COMMON_HELP = {
 
 
 def _targets(c, env: str | None, config: str | None) -> tuple[DeployConfig, list[Connection]]:
-    """The checked config and the hosts to act on: -H wins, else the environment's hosts."""
+    """The checked config and the hosts to act on: -H wins, else the environment's hosts (a cluster's: all of them,
+    in the order its roles name them; `cfg.at(conn.host)` is each one's config)."""
     cfg = load_config(Path(config) if config else None, env)
     if isinstance(c, Connection):
+        cfg.at(c.host)  # on a cluster, -H must be one of its hosts
         conns = [c]
-    elif cfg.hosts:
-        conns = [Connection(host, config=c.config) for host in cfg.hosts]
+    elif cfg.hosts or cfg.is_cluster:
+        conns = [Connection(host, config=c.config) for host in (cfg.hosts or cfg.cluster_hosts)]
     else:
         raise DeployError("no host: pass -H user@host, or --env NAME for an environment with hosts in deploy.toml.")
     for conn in conns:

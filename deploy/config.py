@@ -84,6 +84,17 @@ class DeployConfig:
             return self
         return replace(self, hosts=(host,), host_roles=self.roles_of(host))
 
+    def at(self, address: str) -> DeployConfig:
+        """`for_host` for the cluster host at `address` (a Connection's host); a single-host config as it is."""
+        if not self.is_cluster:
+            return self
+        for host in self.cluster_hosts:
+            if address_of(host) == address:
+                return self.for_host(host)
+        raise DeployError(
+            f"{address} is not a host of the cluster {self.name}; its hosts: {', '.join(self.cluster_hosts)}."
+        )
+
     @property
     def primary(self) -> str:
         """The host that migrates, seeds the schedules, verifies writes and keeps the backups: the first web host."""

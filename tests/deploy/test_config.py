@@ -157,6 +157,9 @@ def test_roles_make_a_cluster_and_each_host_gets_its_own_roles(tmp_path):
     app = config.for_host("root@10.0.0.4")
     assert app.host_roles == {"worker", "beat", "db"} and app.hosts == ("root@10.0.0.4",)
     assert ("WORKER_QUEUES", "celery,host.10.0.0.4") in app.environment_overrides()
+    assert config.at("10.0.0.5").host_roles == {"balancer"} and config.at("10.0.0.5").hosts == ("root@10.0.0.5:2222",)
+    with pytest.raises(DeployError, match="10.0.0.9 is not a host of the cluster cluster"):
+        config.at("10.0.0.9")
     web = config.for_host("root@10.0.0.2")
     assert web.host_roles == {"web"} and not any(k == "WORKER_QUEUES" for k, _ in web.environment_overrides())
     single = load_config(write(tmp_path, '[environments.one]\nhosts = ["root@h"]\n'), "one")
