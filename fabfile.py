@@ -186,7 +186,13 @@ def unlock(c, env=None, config=None):
 @task(help=COMMON_HELP)
 @_one_line_errors
 def provision(c, env=None, config=None):
-    """Prepare a fresh Debian 12 / Ubuntu 24.04 server for `fab deploy`; a re-run changes nothing and says so."""
+    """Prepare a fresh Debian 12 / Ubuntu 24.04 server for `fab deploy`; a re-run changes nothing and says so.
+
+    A cluster's hosts each get their roles' share: the db host first, then the others in parallel.
+    """
     cfg, conns = _targets(c, env, config)
+    if cfg.is_cluster:
+        print(provisioning.provision_cluster(conns, cfg))
+        return
     for conn in conns:
         print(provisioning.provision(conn, cfg))

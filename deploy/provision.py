@@ -9,15 +9,19 @@ from __future__ import annotations
 import io
 import re
 import secrets
+import sys
+import threading
+import time
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import PurePosixPath
+from typing import TextIO
 from urllib.parse import unquote, urlsplit
 
 from fabric import Connection
 
 from deploy import tls
-from deploy.config import DeployConfig
+from deploy.config import DeployConfig, address_of
 from deploy.errors import DeployError
 from deploy.lock import DeployLock
 from deploy.onserver import read_env_file
@@ -27,7 +31,10 @@ from deploy.server_files import (
     BACKUP_SERVICE,
     BACKUP_TIMER,
     CERTBOT_DROPIN,
+    DATABASE,
     FACTS_SCRIPT,
+    FIREWALL_TABLE,
+    FIREWALL_UNIT,
     REDIS_CONF,
     SUPERVISORCTL_DEFAULT,
     UNIT,
@@ -36,22 +43,44 @@ from deploy.server_files import (
     check_facts,
     directories,
     env_defaults,
+    firewall_rules_path,
+    has_app,
     merge_env_file,
     parse_facts,
+    pg_hba_with_peers,
+    redis_bind,
     redis_conf_with_password,
     redis_password,
+    render_after_network_dropin,
     render_backup_units,
+    render_balancer_site,
     render_certbot_dropin,
+    render_firewall,
+    render_firewall_unit,
     render_nginx_site,
+    render_postgres_listen,
     render_supervisorctl_default,
     render_supervisord_main,
     render_unit,
+    scram_matches,
+    service_key_problems,
+    shared_env_values,
+    sync_env_file,
 )
 
 PACKAGES = ("python3-venv", "postgresql", "redis-server", "nginx", "supervisor")
 TLS_PACKAGES = ("certbot", "openssl")  # with `domain`: webroot-mode ACME client, and the certificate's reader
 SERVICES = ("postgresql", "redis-server", "nginx")
-UNIT_PATH = PurePosixPath("/etc/systemd/system") / UNIT
+# A cluster host gets its roles' share: app hosts the programs' needs (and pg_dump: the primary's backups run
+# against the db host), the db host PostgreSQL, Redis and the firewall's tool, web hosts and the balancer nginx.
+APP_PACKAGES = ("python3-venv", "supervisor", "postgresql-client")
+DB_PACKAGES = ("postgresql", "redis-server", "nftables")
+SYSTEMD_UNITS = PurePosixPath("/etc/systemd/system")
+UNIT_PATH = SYSTEMD_UNITS / UNIT
+# PostgreSQL and Redis listen on the db address: they start once the network is up.
+NETWORK_DROPINS = tuple(
+    SYSTEMD_UNITS / f"{unit}.d" / "prayer-room-network.conf" for unit in ("postgresql@.service", "redis-server.service")
+)
 NGINX_SITE = PurePosixPath("/etc/nginx/sites-available/prayer-room")
 NGINX_ENABLED = PurePosixPath("/etc/nginx/sites-enabled/prayer-room")
 NGINX_DEFAULT = PurePosixPath("/etc/nginx/sites-enabled/default")
@@ -77,10 +106,33 @@ def connect_for_provision(conn: Connection, config: DeployConfig) -> Server:
     return server
 
 
+def packages_for(config: DeployConfig) -> tuple[str, ...]:
+    """What the host needs installed: PACKAGES (and TLS_PACKAGES with a domain), or a cluster host's roles' share."""
+    if not config.is_cluster:
+        return PACKAGES + (TLS_PACKAGES if config.domain else ())
+    wanted = [
+        *(APP_PACKAGES if has_app(config) else ()),
+        *(DB_PACKAGES if config.runs("db") else ()),
+        *(("nginx",) if config.runs("web") or config.runs("balancer") else ()),
+        *(TLS_PACKAGES if config.domain and config.runs("balancer") else ()),
+    ]
+    return tuple(dict.fromkeys(wanted))
+
+
+def services_for(config: DeployConfig) -> tuple[str, ...]:
+    """The installed services that must be enabled and running."""
+    if not config.is_cluster:
+        return SERVICES
+    return (
+        *(("postgresql", "redis-server") if config.runs("db") else ()),
+        *(("nginx",) if config.runs("web") or config.runs("balancer") else ()),
+    )
+
+
 def install_packages(server: Server) -> bool:
-    """apt-get install what is missing of PACKAGES (and TLS_PACKAGES with a domain); make sure the services they
-    bring are enabled and running."""
-    packages = PACKAGES + (TLS_PACKAGES if server.config.domain else ())
+    """apt-get install what is missing of `packages_for` the host; make sure the services they bring are enabled
+    and running."""
+    packages = packages_for(server.config)
     query = server.root(
         sh("dpkg-query", "--show", "--showformat=${Package} ${db:Status-Abbrev}\n", *packages),
         what="listing installed packages",
@@ -95,7 +147,8 @@ def install_packages(server: Server) -> bool:
             what=f"installing {' '.join(missing)} (apt-get)",
             timeout=1200,
         )
-    return bool(missing) | ensure_services(server, SERVICES)
+    services = services_for(server.config)
+    return bool(missing) | (ensure_services(server, services) if services else False)
 
 
 def ensure_services(server: Server, units: tuple[str, ...]) -> bool:
@@ -185,39 +238,56 @@ def ensure_env_file(server: Server, host: str) -> tuple[bool, dict[str, str], bo
     return changed, read_env_file(text), not had_database_url
 
 
-def ensure_database(server: Server, database_url: str, *, new_password: bool) -> tuple[bool, str]:
-    """The PostgreSQL role and database DATABASE_URL names (password auth on 127.0.0.1), UTF-8 whatever the locale."""
+def _psql(server: Server, sql: str | None = None, *, stdin: str | None = None, what: str):
+    """psql as PostgreSQL's superuser on the server; `stdin` carries what must not be on a command line."""
+    command = sh(*PSQL)
+    if sql:
+        command += " " + sh("-c", sql)
+    kwargs = {"in_stream": io.StringIO(stdin)} if stdin else {}
+    return server.root(f"cd / && {command}", what=what, **kwargs)
+
+
+def ensure_database(
+    server: Server, database_url: str, *, new_password: bool | None, address: str = ""
+) -> tuple[bool, str]:
+    """The PostgreSQL role and database DATABASE_URL names (password auth on 127.0.0.1), UTF-8 whatever the locale.
+
+    On a cluster's db host (`address`: its db address; new_password None) the role's password is set whenever its
+    stored verifier is not the URL's password's, so a re-run with the same env file changes nothing.
+    """
     url = urlsplit(database_url)
-    if url.hostname not in ("127.0.0.1", "localhost", "::1"):
+    if url.hostname not in ("127.0.0.1", "localhost", "::1") and not (address and url.hostname == address):
         return False, f"DATABASE_URL points at {url.hostname}: left alone"
     role, name = url.username or "", url.path.lstrip("/")
     if not (_SQL_NAME.fullmatch(role) and _SQL_NAME.fullmatch(name)):
         raise DeployError(
             "the env file's DATABASE_URL user and database name must be lower-case letters, digits and _; fix it there."
         )
-
-    def psql(sql: str | None = None, *, stdin: str | None = None, what: str):
-        command = sh(*PSQL)
-        if sql:
-            command += " " + sh("-c", sql)
-        kwargs = {"in_stream": io.StringIO(stdin)} if stdin else {}
-        return server.root(f"cd / && {command}", what=what, **kwargs)
-
-    exists = psql(
+    exists = _psql(
+        server,
         f"SELECT (SELECT count(*) FROM pg_roles WHERE rolname = '{role}'),"
         f" (SELECT count(*) FROM pg_database WHERE datname = '{name}')",
         what="looking up the database",
     ).stdout.strip()
     role_exists, database_exists = (part == "1" for part in exists.split("|"))
-    password = unquote(url.password or "").replace("'", "''")
+    password = unquote(url.password or "")
+    if new_password is None:
+        verifier = ""
+        if role_exists:
+            verifier = _psql(
+                server, f"SELECT rolpassword FROM pg_authid WHERE rolname = '{role}'", what="reading the role"
+            ).stdout
+        new_password = not scram_matches(verifier, password)
     changed = False
     if not role_exists or new_password:
         verb = "ALTER" if role_exists else "CREATE"
+        quoted = password.replace("'", "''")
         # The password goes through stdin, never on a command line.
-        psql(stdin=f"{verb} ROLE \"{role}\" LOGIN PASSWORD '{password}';\n", what=f"setting up the role {role}")
+        _psql(server, stdin=f"{verb} ROLE \"{role}\" LOGIN PASSWORD '{quoted}';\n", what=f"setting up the role {role}")
         changed = True
     if not database_exists:
-        psql(
+        _psql(
+            server,
             f"CREATE DATABASE \"{name}\" OWNER \"{role}\" ENCODING 'UTF8' LC_COLLATE 'C.UTF-8' LC_CTYPE 'C.UTF-8'"
             " TEMPLATE template0",
             what=f"creating the database {name}",
@@ -226,19 +296,89 @@ def ensure_database(server: Server, database_url: str, *, new_password: bool) ->
     return changed, ""
 
 
-def ensure_redis(server: Server, values: dict[str, str]) -> tuple[bool, str]:
-    """Debian's redis-server requires the env file's Redis password (requirepass, at the end of its redis.conf)."""
-    password = redis_password(values)
+def ensure_redis(
+    server: Server, values: dict[str, str], *, address: str = "127.0.0.1", bind: tuple[str, ...] = ()
+) -> tuple[bool, str]:
+    """Debian's redis-server requires the env file's Redis password (requirepass, at the end of its redis.conf);
+    a cluster's db host also listens on its db address (`bind`)."""
+    password = redis_password(values, address)
     if password is None:
         return False, "CELERY_BROKER_URL names no password for the local Redis: left alone"
     current = server.read(REDIS_CONF, what=f"reading {REDIS_CONF}")
     if current is None:
         raise DeployError(f"{server.name} has no {REDIS_CONF}; is redis-server installed (provision's packages step)?")
-    text = redis_conf_with_password(current, password)
+    text = redis_conf_with_password(current, password, bind)
     changed = sync_read_file(server, REDIS_CONF, current, text, owner="redis:redis", mode="0640")
     if changed:
         server.root("systemctl restart redis-server", what="restarting redis-server")
     return changed, ""
+
+
+def ensure_network_dropins(server: Server) -> bool:
+    """PostgreSQL and Redis start after the network is up (they listen on the db address)."""
+    changed = False
+    for path in NETWORK_DROPINS:
+        changed |= sync_file(server, path, render_after_network_dropin(), owner="root", mode="0644")
+    if changed:
+        server.root("systemctl daemon-reload", what="reloading systemd")
+    return changed
+
+
+def ensure_postgres_network(server: Server, database_url: str) -> bool:
+    """The db host's PostgreSQL listens on localhost and the db address (a conf.d drop-in; a restart when what it
+    listens on differs) and admits DATABASE_URL's role to its database from each cluster host (pg_hba.conf)."""
+    config = server.config
+    url = urlsplit(database_url)
+    role, name = url.username or "", url.path.lstrip("/") or DATABASE
+    live = _psql(
+        server,
+        "SELECT current_setting('config_file'), current_setting('hba_file'), current_setting('listen_addresses')",
+        what="reading PostgreSQL's settings",
+    ).stdout.strip()
+    config_file, hba_file, listening = live.split("|")
+    listen_conf = PurePosixPath(config_file).parent / "conf.d" / "prayer-room-listen.conf"
+    wanted = render_postgres_listen(config)
+    changed = sync_file(server, listen_conf, wanted, owner="postgres:postgres", mode="0644")
+    changed |= ensure_network_dropins(server)
+    hba = server.read(hba_file, what=f"reading {hba_file}")
+    if hba is None:
+        raise DeployError(f"{server.name} has no {hba_file}; is PostgreSQL installed (provision's packages step)?")
+    hba_changed = sync_read_file(
+        server, PurePosixPath(hba_file), hba, pg_hba_with_peers(hba, config, role, name), owner="postgres:postgres",
+        mode="0640",
+    )  # fmt: skip
+    if listening != f"localhost,{config.db_address}":
+        server.root("systemctl restart postgresql", what="restarting PostgreSQL")
+        changed = True
+    elif hba_changed:
+        _psql(server, "SELECT pg_reload_conf()", what="reloading PostgreSQL's pg_hba.conf")
+    return changed or hba_changed
+
+
+def ensure_firewall(server: Server) -> bool:
+    """The db host's own nftables table (PostgreSQL and Redis from the cluster's hosts only), loaded at boot by
+    FIREWALL_UNIT, and loaded now."""
+    config = server.config
+    changed = sync_file(server, firewall_rules_path(config), render_firewall(config), owner="root", mode="0644")
+    unit = render_firewall_unit(config)
+    unit_changed = sync_file(server, SYSTEMD_UNITS / FIREWALL_UNIT, unit, owner="root", mode="0644")
+    if unit_changed:
+        server.root("systemctl daemon-reload", what="reloading systemd")
+    state = server.root(
+        f"systemctl is-enabled {FIREWALL_UNIT}; systemctl is-active {FIREWALL_UNIT};"
+        f" nft list table inet {FIREWALL_TABLE} >/dev/null 2>&1 && echo loaded",
+        what="checking the firewall",
+        warn=True,
+    ).stdout.split()
+    if state[:1] != ["enabled"]:
+        server.root(sh("systemctl", "enable", FIREWALL_UNIT), what=f"enabling {FIREWALL_UNIT}")
+        changed = True
+    if state[1:3] != ["active", "loaded"]:
+        server.root(sh("systemctl", "restart", FIREWALL_UNIT), what=f"loading the firewall ({FIREWALL_UNIT})")
+        changed = True
+    elif changed or unit_changed:
+        server.root(sh("systemctl", "reload", FIREWALL_UNIT), what=f"reloading the firewall ({FIREWALL_UNIT})")
+    return changed or unit_changed
 
 
 def ensure_supervisord(server: Server) -> bool:
@@ -320,10 +460,10 @@ def wait_for_socket(server: Server, socket: PurePosixPath, timeout: int = 20) ->
     raise DeployError(f"supervisord did not start on {server.name}: {log.stdout.strip()[-800:]}")
 
 
-def ensure_nginx(server: Server, host: str, *, tls: bool = False) -> bool:
-    """The nginx site (HTTPS with `tls`), enabled in place of Debian's default one, checked with `nginx -t` before
-    a reload (graceful: old workers finish their requests)."""
-    site = render_nginx_site(server.config, host, tls=tls)
+def ensure_nginx(server: Server, host: str, *, tls: bool = False, site: str | None = None) -> bool:
+    """The nginx site (HTTPS with `tls`; a balancer's: `site`), enabled in place of Debian's default one, checked
+    with `nginx -t` before a reload (graceful: old workers finish their requests)."""
+    site = site if site is not None else render_nginx_site(server.config, host, tls=tls)
     changed = sync_file(server, NGINX_SITE, site, owner="root", mode="0644")
     links = server.root(
         f"readlink {sh(NGINX_ENABLED)}; test -e {sh(NGINX_DEFAULT)} && echo default",
@@ -417,3 +557,221 @@ def provision(conn: Connection, config: DeployConfig, *, progress: Progress | No
             step("certificate", lambda: ensure_certificate(server, host))
         step("backup timer", lambda: ensure_backup_timer(server))
     return summary(server.name, progress)
+
+
+# --- a cluster ---------------------------------------------------------------------------------
+
+
+class PrefixedLines:
+    """A text stream that writes each whole line to `out` behind `prefix`, one host's lines never split by
+    another's (the lock is shared by every host's stream)."""
+
+    def __init__(self, prefix: str, out: TextIO, lock: threading.Lock) -> None:
+        self.prefix, self.out, self.lock, self.pending = prefix, out, lock, ""
+
+    def write(self, text: str) -> int:
+        *lines, self.pending = (self.pending + text).split("\n")
+        if lines:
+            with self.lock:
+                self.out.write("".join(f"{self.prefix}{line}\n" for line in lines))
+                self.out.flush()
+        return len(text)
+
+    def flush(self) -> None:
+        pass
+
+
+class ClusterHost:
+    """One host of the cluster being provisioned: its connection, bound config, progress, and outcome."""
+
+    def __init__(self, conn: Connection, config: DeployConfig, out: TextIO, lock: threading.Lock) -> None:
+        self.conn, self.config = conn, config
+        self.host = config.hosts[0]
+        self.progress = Progress(f"provision {self.host}", out=PrefixedLines(f"[{self.host}] ", out, lock))
+        self.server: Server | None = None
+        self.error: str = ""
+
+    def step(self, name: str, action: Callable[[], bool | tuple[bool, str]]) -> None:
+        with self.progress.step(name) as outcome:
+            result = action()
+            outcome.changed, outcome.note = result if isinstance(result, tuple) else (result, "")
+
+    def run(self, phase: Callable[[ClusterHost], None]) -> None:
+        """Run `phase` unless this host already failed; a failure is kept, naming the step it happened in."""
+        if self.error:
+            return
+        try:
+            phase(self)
+        except DeployError as exc:
+            failed = [step.name for step in self.progress.steps if not step.ok]
+            self.error = f"{self.host} ({failed[-1] if failed else 'connecting'}): {exc}"
+            self.progress.say(f"FAILED: {exc}")
+
+    @property
+    def changed(self) -> bool:
+        return any(step.changed for step in self.progress.steps)
+
+
+def _in_parallel(hosts: list[ClusterHost], phase: Callable[[ClusterHost], None]) -> None:
+    threads = [threading.Thread(target=host.run, args=(phase,), name=host.host) for host in hosts]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+
+
+def _connect(host: ClusterHost) -> None:
+    host.server = connect_for_provision(host.conn, host.config)
+
+
+def _db_steps(shared: dict[str, str]) -> Callable[[ClusterHost], None]:
+    """The db host's part, done before any other host's: PostgreSQL and Redis for the cluster, behind the firewall."""
+
+    def phase(host: ClusterHost) -> None:
+        server, config = host.server, host.config
+        host.step("packages", lambda: install_packages(server))
+        # The firewall first: PostgreSQL and Redis never listen on the db address unfiltered.
+        host.step("firewall", lambda: ensure_firewall(server))
+        host.step("postgresql", lambda: ensure_postgres_network(server, shared["DATABASE_URL"]))
+        host.step(
+            "database",
+            lambda: ensure_database(server, shared["DATABASE_URL"], new_password=None, address=config.db_address),
+        )
+        host.step("redis", lambda: ensure_redis(server, shared, address=config.db_address, bind=redis_bind(config)))
+
+    return phase
+
+
+def ensure_cluster_env_file(server: Server, host: str, shared: dict[str, str]) -> bool:
+    """An app host's env file: the cluster's shared values (the primary's), this host's missing defaults; every
+    other line kept. Nothing in it is ever printed."""
+    config = server.config
+    existing = server.read(config.layout.env_file, what="reading the env file")
+    text = sync_env_file(existing, shared, _fresh_env_defaults(config, host))
+    return sync_read_file(server, config.layout.env_file, existing, text, owner=f"root:{config.user}", mode="0640")
+
+
+def _fresh_env_defaults(config: DeployConfig, host: str) -> dict[str, str]:
+    return env_defaults(
+        config,
+        address_of(host),
+        secret_key=secrets.token_urlsafe(50),
+        db_password=secrets.token_urlsafe(24),
+        redis_password=secrets.token_urlsafe(32),
+    )
+
+
+def _host_steps(shared: dict[str, str]) -> Callable[[ClusterHost], None]:
+    """Every host's own part, for its roles only (the db host's packages are already in)."""
+
+    def phase(host: ClusterHost) -> None:
+        server, config = host.server, host.config
+        if not config.runs("db"):
+            host.step("packages", lambda: install_packages(server))
+        if has_app(config):
+            host.step("app user", lambda: ensure_app_user(server))
+            host.step("directories", lambda: ensure_directories(server))
+            with DeployLock(server, "provision").held():
+                host.step("env file", lambda: ensure_cluster_env_file(server, host.host, shared))
+                host.step("supervisord", lambda: ensure_supervisord(server))
+                if config.runs("web"):
+                    host.step("nginx", lambda: ensure_nginx(server, host.host))
+                if host.host == config.primary:
+                    host.step("backup timer", lambda: ensure_backup_timer(server))
+        if config.runs("balancer"):
+            host.step("balancer", lambda: ensure_nginx(server, host.host, site=render_balancer_site(config)))
+
+    return phase
+
+
+def cluster_env_values(primary: ClusterHost) -> dict[str, str]:
+    """The env values every app host shares: the primary's env file's, generated where it has none (a first run).
+
+    Refused when they would not reach the cluster's PostgreSQL and Redis: with a db host, URLs naming another
+    host; without one (managed services), URLs missing or still naming 127.0.0.1. Nothing is printed.
+    """
+    server, config = primary.server, primary.config
+    existing = server.read(config.layout.env_file, what="reading the primary's env file")
+    values = read_env_file(existing) if existing else {}
+    shared = shared_env_values(values, _fresh_env_defaults(config, primary.host))
+    wrong = service_key_problems(config, shared)
+    if not wrong:
+        return shared
+    where = f"{primary.host}'s {config.layout.env_file} (the primary's: the other hosts get them from it)"
+    if config.db_address:
+        raise DeployError(
+            f"{', '.join(wrong)} in {where} name another host than the db host {config.db_address}: point them at "
+            "it, or delete those lines to have provision generate new ones."
+        )
+    raise DeployError(
+        f"the cluster {config.name} has no db host: put {', '.join(wrong)} for your PostgreSQL and Redis into "
+        f"{where}, e.g. DATABASE_URL=postgres://USER:PASSWORD@HOST:5432/NAME, CELERY_BROKER_URL="
+        "redis://:PASSWORD@HOST:6379/0, CACHE_URL=redis://:PASSWORD@HOST:6379/1; then run provision again."
+    )
+
+
+def _prepare_primary_env_file(primary: ClusterHost) -> None:
+    """Without a db host and its URLs: the primary gets its app user, layout and env file (secrets and all but
+    SERVICE_ENV_KEYS), so the operator has a file to add them to."""
+    server = primary.server
+    primary.step("app user", lambda: ensure_app_user(server))
+    primary.step("directories", lambda: ensure_directories(server))
+    primary.step("env file", lambda: ensure_cluster_env_file(server, primary.host, {}))
+
+
+def cluster_summary(config: DeployConfig, hosts: list[ClusterHost], elapsed: float) -> str:
+    """One line per host (what changed, or nothing), then the cluster's total."""
+    lines = [summary(host.host, host.progress) if not host.error else f"FAILED {host.error}" for host in hosts]
+    changed = [host.host for host in hosts if host.changed]
+    if not changed:
+        total = f"nothing changed on its {len(hosts)} hosts, the cluster was already provisioned ({elapsed:.1f} s)"
+    else:
+        total = f"{len(changed)} of {len(hosts)} hosts changed in {elapsed:.1f} s"
+    return "\n".join([*lines, f"provision cluster {config.name}: {total}"])
+
+
+def provision_cluster(conns: list[Connection], config: DeployConfig, *, out: TextIO | None = None) -> str:
+    """Provision each host of a cluster for its roles: the db host first (the others need it), then the others in
+    parallel, each one's lines prefixed with its name. Returns the summary; a failure raises DeployError naming the
+    host and the step, after the other hosts have finished (a re-run goes on from where each stopped)."""
+    if config.domain:
+        raise DeployError(
+            f"provision: TLS through the balancer (domain = {config.domain!r} on the cluster {config.name}) is not "
+            "supported yet; leave domain out of the environment and terminate TLS in front of the balancer."
+        )
+    started = time.monotonic()
+    out = out or sys.stdout
+    lock = threading.Lock()
+    hosts = [ClusterHost(conn, config.at(conn.host), out, lock) for conn in conns]
+    by_name = {host.host: host for host in hosts}
+    primary = by_name.get(config.primary)
+    if primary is None:  # provisioning only some hosts: the env values still come from the primary
+        template = conns[0]
+        conn = Connection(config.primary, config=template.config, connect_timeout=template.connect_timeout)
+        primary = ClusterHost(conn, config.for_host(config.primary), out, lock)
+    _in_parallel(list(dict.fromkeys([*hosts, primary])), _connect)
+    _raise_failures(config, hosts if primary in hosts else [*hosts, primary], started, out)
+
+    try:
+        shared = cluster_env_values(primary)
+    except DeployError:
+        if not config.db_address and primary in hosts:
+            primary.run(_prepare_primary_env_file)
+        raise
+    db = [host for host in hosts if host.config.runs("db")]
+    for host in db:
+        host.run(_db_steps(shared))
+    _raise_failures(config, hosts, started, out)
+    _in_parallel(hosts, _host_steps(shared))
+    _raise_failures(config, hosts, started, out)
+    return cluster_summary(config, hosts, time.monotonic() - started)
+
+
+def _raise_failures(config: DeployConfig, hosts: list[ClusterHost], started: float, out: TextIO) -> None:
+    failed = [host for host in hosts if host.error]
+    if failed:
+        print(cluster_summary(config, hosts, time.monotonic() - started), file=out, flush=True)
+        raise DeployError(
+            "provision failed on " + "; ".join(host.error for host in failed) + " -- the steps done stay done: fix "
+            "that and run provision again."
+        )

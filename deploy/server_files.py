@@ -3,14 +3,17 @@ nginx site, the layout's directories, and the checks of the server's facts. Pure
 
 from __future__ import annotations
 
+import base64
 import calendar
+import hashlib
+import hmac
 import re
 import time
 from collections.abc import Mapping
 from pathlib import Path, PurePosixPath
 from urllib.parse import quote, unquote, urlsplit
 
-from deploy.config import DeployConfig
+from deploy.config import APP_ROLES, DeployConfig, address_of
 from deploy.errors import DeployError
 from deploy.onserver import read_env_file
 from deploy.render import render_supervisord_conf, shell_join, template_environment
@@ -52,32 +55,139 @@ MIN_PYTHON = (3, 11)
 MAINTENANCE_RETRY_AFTER = 30
 
 
+# What every app host of a cluster has alike, copied from the primary's env file to the others.
+SHARED_ENV_KEYS = ("SECRET_KEY", "ALLOWED_HOSTS", "DATABASE_URL", "CELERY_BROKER_URL", "CACHE_URL")
+# What a cluster without a db host needs in the primary's env file: its managed PostgreSQL and Redis.
+SERVICE_ENV_KEYS = ("DATABASE_URL", "CELERY_BROKER_URL", "CACHE_URL")
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+POSTGRES_PORT = 5432
+REDIS_PORT = 6379
+_PG_HBA_BLOCK = ("# --- fab provision (prayer-room cluster): begin", "# --- fab provision (prayer-room cluster): end")
+FIREWALL_TABLE = "prayer_room"
+FIREWALL_UNIT = "prayer-room-firewall.service"
+NFT = "/usr/sbin/nft"
+# The balancer's passive health check: a web host failing this often within FAIL_TIMEOUT s is skipped that long.
+BALANCER_MAX_FAILS = 2
+BALANCER_FAIL_TIMEOUT = 10
+BALANCER_KEEPALIVE = 16
+
+
+def has_app(config: DeployConfig) -> bool:
+    """Whether the host `config` is bound to runs the app (web, worker or beat): a db or balancer host alone has no
+    app user, layout, env file or supervisord, and deploy skips it."""
+    return bool(config.host_roles & set(APP_ROLES))
+
+
+def cluster_site_names(config: DeployConfig) -> list[str]:
+    """The names a cluster's site answers to: the domain, else the balancer's address, else the web hosts'."""
+    if config.domain:
+        return [config.domain]
+    if config.role_hosts("balancer"):
+        return [address_of(config.role_hosts("balancer")[0])]
+    return list(dict.fromkeys(address_of(host) for host in config.role_hosts("web")))
+
+
 def site_names(config: DeployConfig, host: str) -> list[str]:
-    """The names the site answers to: the configured domain, then the address or name given with -H."""
+    """The names the site answers to: the configured domain, then the address or name given with -H (a cluster's:
+    `cluster_site_names`, the same on every host)."""
+    if config.is_cluster:
+        return cluster_site_names(config)
     names = [name for name in (config.domain, host) if name]
     return list(dict.fromkeys(names))
 
 
-def redis_urls(password: str) -> dict[str, str]:
+def _url_host(address: str) -> str:
+    return f"[{address}]" if ":" in address else address
+
+
+def redis_urls(password: str, address: str = "127.0.0.1") -> dict[str, str]:
     """Every Redis URL the programs use, each with the password."""
     auth = f":{quote(password, safe='')}@"
-    return {"CELERY_BROKER_URL": f"redis://{auth}{REDIS}/0", "CACHE_URL": f"redis://{auth}{REDIS}/1"}
+    where = f"{_url_host(address)}:{REDIS_PORT}"
+    return {"CELERY_BROKER_URL": f"redis://{auth}{where}/0", "CACHE_URL": f"redis://{auth}{where}/1"}
 
 
 def env_defaults(
     config: DeployConfig, host: str, *, secret_key: str, db_password: str, redis_password: str
 ) -> dict[str, str]:
-    """The env file's values for a server without TLS (the health check reaches gunicorn as 127.0.0.1)."""
+    """The env file's values for a server without TLS (the health check reaches gunicorn as 127.0.0.1).
+
+    On a cluster, PostgreSQL and Redis are the db host's (config.db_address); without a db host the URLs are left
+    out (the operator's managed services: `missing_service_keys`).
+    """
     role = config.user.replace("-", "_")
+    db = config.db_address
+    where = f"{_url_host(db)}:{POSTGRES_PORT}"
+    services = (
+        {
+            "DATABASE_URL": f"postgres://{role}:{quote(db_password, safe='')}@{where}/{DATABASE}",
+            **redis_urls(redis_password, db),
+        }
+        if db
+        else {}
+    )
     return {
         "DJANGO_SETTINGS_MODULE": config.settings_module,
         "SECRET_KEY": secret_key,
         "ALLOWED_HOSTS": ",".join([*site_names(config, host), "127.0.0.1", "localhost"]),
-        "DATABASE_URL": f"postgres://{role}:{quote(db_password, safe='')}@127.0.0.1:5432/{DATABASE}",
-        **redis_urls(redis_password),
+        **services,
         "SECURE_SSL_REDIRECT": "false",
         "SECURE_COOKIES": "false",
     }
+
+
+def shared_env_values(primary: Mapping[str, str] | None, defaults: Mapping[str, str]) -> dict[str, str]:
+    """The values every app host of a cluster gets alike: the primary's env file's where it has them (the source
+    of truth), else the freshly generated `defaults` (a first run)."""
+    primary = primary or {}
+    return {key: primary.get(key) or defaults[key] for key in SHARED_ENV_KEYS if primary.get(key) or key in defaults}
+
+
+def service_key_problems(config: DeployConfig, values: Mapping[str, str]) -> list[str]:
+    """SERVICE_ENV_KEYS of a cluster's shared env values that would not reach its PostgreSQL and Redis: missing, or
+    naming another host than the db host; without a db host (managed services), missing or still 127.0.0.1."""
+    wrong = []
+    for key in SERVICE_ENV_KEYS:
+        host = urlsplit(values[key]).hostname if values.get(key) else None
+        if host is None or (host != config.db_address if config.db_address else host in LOOPBACK):
+            wrong.append(key)
+    return wrong
+
+
+def scram_matches(verifier: str, password: str) -> bool:
+    """Whether PostgreSQL's stored SCRAM-SHA-256 verifier (pg_authid.rolpassword) is that of `password`: provision
+    checks the db host's role against the env file's password without ever sending it to be compared."""
+    match = re.fullmatch(r"SCRAM-SHA-256\$(\d+):([^$]+)\$([^:]+):(\S+)", verifier.strip())
+    if not match:
+        return False
+    iterations, salt = int(match[1]), base64.b64decode(match[2])
+    salted = hashlib.pbkdf2_hmac("sha256", password.encode(), salt, iterations)
+    stored_key = hashlib.sha256(hmac.new(salted, b"Client Key", "sha256").digest()).digest()
+    server_key = hmac.new(salted, b"Server Key", "sha256").digest()
+    return hmac.compare_digest(base64.b64encode(stored_key).decode(), match[3]) and hmac.compare_digest(
+        base64.b64encode(server_key).decode(), match[4]
+    )
+
+
+def _env_line(key: str, value: str) -> str:
+    """KEY=value as read_env_file reads it back: quoted when the value has outer spaces or quotes of its own."""
+    plain = value == value.strip() and not (len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"")
+    return f"{key}={value}\n" if plain else f'{key}="{value}"\n'
+
+
+def sync_env_file(existing: str | None, shared: Mapping[str, str], defaults: Mapping[str, str]) -> str:
+    """A cluster host's env file: `merge_env_file`'s, with each of `shared` set to its value (an older one's line
+    replaced in place, every other line kept)."""
+    text = merge_env_file(existing, {**defaults, **shared})
+    lines = []
+    for line in text.splitlines(keepends=True):
+        stripped = line.strip()
+        stripped = stripped[len("export ") :].lstrip() if stripped.startswith("export ") else stripped
+        key = stripped.partition("=")[0].strip()
+        if not stripped.startswith("#") and key in shared and read_env_file(line).get(key) != shared[key]:
+            line = _env_line(key, shared[key])
+        lines.append(line)
+    return "".join(lines)
 
 
 def merge_env_file(existing: str | None, defaults: Mapping[str, str]) -> str:
@@ -121,6 +231,7 @@ def render_nginx_site(
         .get_template("nginx-site.conf.j2")
         .render(
             upstream="prayer_room_web",
+            balancer=balancer_address(config),
             web_ports=config.web_ports,
             ipv6=ipv6,
             address=address,
@@ -137,6 +248,38 @@ def render_nginx_site(
             certificate=str(CERT_DIR / "fullchain.pem"),
             certificate_key=str(CERT_DIR / "privkey.pem"),
             hsts_seconds=HSTS_SECONDS,
+        )
+    )
+
+
+def balancer_address(config: DeployConfig) -> str:
+    """The cluster's balancer's address (the one source whose X-Forwarded-* headers the web hosts believe), or ""."""
+    balancer = config.role_hosts("balancer")
+    return address_of(balancer[0]) if balancer else ""
+
+
+def render_balancer_site(
+    config: DeployConfig, *, ipv6: bool = True, address: str = "", http_port: int = 80, web_port: int = 80
+) -> str:
+    """The balancer's nginx site: the web hosts' own nginx (port 80) as upstreams with passive health checks and
+    kept-alive connections, a 444 default server. `address`, the ports and `ipv6` are for tests."""
+    servers = [f"{_url_host(address_of(host))}:{web_port}" for host in config.role_hosts("web")]
+    return (
+        _nginx_environment()
+        .get_template("nginx-balancer.conf.j2")
+        .render(
+            upstream="prayer_room_web_hosts",
+            servers=servers,
+            max_fails=BALANCER_MAX_FAILS,
+            fail_timeout=BALANCER_FAIL_TIMEOUT,
+            keepalive=BALANCER_KEEPALIVE,
+            ipv6=ipv6,
+            address=address,
+            http_port=http_port,
+            server_names=cluster_site_names(config),
+            max_body="1m",
+            client_timeout=CLIENT_TIMEOUT,
+            read_timeout=PROXY_READ_TIMEOUT,
         )
     )
 
@@ -302,29 +445,106 @@ def render_supervisord_main(config: DeployConfig) -> str:
     )
 
 
-def redis_password(values: Mapping[str, str]) -> str | None:
-    """The password of the local Redis the env file's broker URL names; None for another Redis (left alone)."""
+def redis_password(values: Mapping[str, str], address: str = "127.0.0.1") -> str | None:
+    """The password of the Redis at `address` (this host's: loopback, or a cluster's db address) the env file's
+    broker URL names; None for another Redis (left alone)."""
     url = urlsplit(values.get("CELERY_BROKER_URL", ""))
-    if url.scheme != "redis" or url.netloc.rpartition("@")[2] != REDIS or not url.password:
+    if url.scheme != "redis" or url.netloc.rpartition("@")[2] != f"{_url_host(address)}:{REDIS_PORT}":
         return None
-    return unquote(url.password)
+    return unquote(url.password) if url.password else None
 
 
-def redis_conf_with_password(text: str, password: str) -> str:
-    """Debian's redis.conf with provision's block at its end (no later line overrides it), replacing an older one:
-    requirepass, and CONFIG renamed away (with the password, CONFIG SET could still make Redis write files)."""
+def _without_block(text: str, marks: tuple[str, str]) -> str:
     lines, inside = [], False
     for line in text.splitlines(keepends=True):
-        if line.strip() == _REDIS_BLOCK[0]:
+        if line.strip() == marks[0]:
             inside = True
-        elif line.strip() == _REDIS_BLOCK[1]:
+        elif line.strip() == marks[1]:
             inside = False
         elif not inside:
             lines.append(line)
+    return "".join(lines).rstrip("\n")
+
+
+def redis_conf_with_password(text: str, password: str, bind: tuple[str, ...] = ()) -> str:
+    """Debian's redis.conf with provision's block at its end (no later line overrides it), replacing an older one:
+    requirepass, CONFIG renamed away (with the password, CONFIG SET could still make Redis write files), and on a
+    cluster's db host `bind` (loopback and its address)."""
     block = (
-        template_environment(TEMPLATE_DIR).get_template("redis.conf.j2").render(password=password, marks=_REDIS_BLOCK)
+        template_environment(TEMPLATE_DIR)
+        .get_template("redis.conf.j2")
+        .render(password=password, marks=_REDIS_BLOCK, bind=bind)
     )
-    return "".join(lines).rstrip("\n") + "\n\n" + block
+    return _without_block(text, _REDIS_BLOCK) + "\n\n" + block
+
+
+def redis_bind(config: DeployConfig) -> tuple[str, ...]:
+    """What the db host's Redis listens on: loopback (IPv6's if there is one: `-`) and the cluster's db address."""
+    return ("127.0.0.1", "-::1", config.db_address)
+
+
+def render_postgres_listen(config: DeployConfig) -> str:
+    """The conf.d drop-in making the db host's PostgreSQL listen on localhost and the db address."""
+    return (
+        template_environment(TEMPLATE_DIR)
+        .get_template("postgresql-listen.conf.j2")
+        .render(addresses=["localhost", config.db_address])
+    )
+
+
+def _host_network(address: str) -> str:
+    return f"{address}/128" if ":" in address else f"{address}/32"
+
+
+def pg_hba_with_peers(text: str, config: DeployConfig, role: str, database: str) -> str:
+    """Debian's pg_hba.conf with provision's block at its end, replacing an older one: `role` may reach
+    `database` from each cluster peer address, scram-sha-256 only (Debian's own lines come first and match
+    nothing but loopback and the local socket)."""
+    block = (
+        template_environment(TEMPLATE_DIR)
+        .get_template("pg_hba.conf.j2")
+        .render(
+            marks=_PG_HBA_BLOCK,
+            role=role,
+            database=database,
+            addresses=[_host_network(address) for address in config.peer_addresses],
+        )
+    )
+    return _without_block(text, _PG_HBA_BLOCK) + "\n\n" + block
+
+
+def firewall_rules_path(config: DeployConfig) -> PurePosixPath:
+    return config.layout.etc / "firewall.nft"
+
+
+def render_firewall(config: DeployConfig) -> str:
+    """The db host's nftables table: PostgreSQL and Redis only from loopback and the cluster's hosts; nothing else
+    filtered (SSH, nginx), no other table touched."""
+    peers = config.peer_addresses
+    return (
+        template_environment(TEMPLATE_DIR)
+        .get_template("firewall.nft.j2")
+        .render(
+            table=FIREWALL_TABLE,
+            unit=FIREWALL_UNIT,
+            ports=[POSTGRES_PORT, REDIS_PORT],
+            ipv4=[address for address in peers if ":" not in address],
+            ipv6=[address for address in peers if ":" in address],
+        )
+    )
+
+
+def render_firewall_unit(config: DeployConfig) -> str:
+    return (
+        template_environment(TEMPLATE_DIR)
+        .get_template("firewall.service.j2")
+        .render(table=FIREWALL_TABLE, nft=NFT, rules=str(firewall_rules_path(config)))
+    )
+
+
+def render_after_network_dropin() -> str:
+    """A systemd drop-in: the unit (PostgreSQL, Redis on the db address) starts once the network is up."""
+    return template_environment(TEMPLATE_DIR).get_template("after-network.conf.j2").render()
 
 
 def render_supervisorctl_default(config: DeployConfig) -> str:

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from deploy.errors import DeployError
 from deploy.onserver import read_env_file
 from deploy.remote import Server, sh
+from deploy.server_files import has_app
 
 DEPLOYED_MARK = ".deployed"
 VENV_DONE_MARK = ".complete"
@@ -44,7 +45,14 @@ class ServerState:
             raise DeployError(f"{server.config.layout.env_file} on {server.name}: {exc}.") from exc
 
     def require_provisioned(self, server: Server) -> None:
+        """Refuse a host deploy cannot act on: one whose roles run no app (`has_app`: deploy skips a db or balancer
+        host), or one provision has not prepared for its roles (layout, root-only directories, supervisord)."""
         layout = server.config.layout
+        if not has_app(server.config):
+            roles = ", ".join(sorted(server.config.host_roles)) or "none"
+            raise DeployError(
+                f"{server.name} runs no app (its roles: {roles}); deploy skips it: `fab provision` is all it needs."
+            )
         if not self.root_exists:
             raise DeployError(f"{server.name} has no {layout.root}; run `fab provision` first.")
         if self.unsafe_dirs:

@@ -3,9 +3,11 @@
 import dataclasses
 import io
 import json
+import os
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import replace
 from pathlib import Path, PurePosixPath
@@ -13,16 +15,18 @@ from pathlib import Path, PurePosixPath
 import pytest
 from supervisor.options import ClientOptions, ServerOptions
 
-from deploy.config import DeployConfig
+from deploy.config import DeployConfig, load_config
 from deploy.errors import DeployError
 from deploy.layout import WEB_PORTS
 from deploy.onserver import read_env_file
 from deploy.progress import Progress
-from deploy.provision import summary
+from deploy.provision import PrefixedLines, packages_for, provision_cluster, services_for, summary
 from deploy.server_files import (
     ACME_WEBROOT,
     CERT_DIR,
     FACTS_SCRIPT,
+    SERVICE_ENV_KEYS,
+    SHARED_ENV_KEYS,
     SUPERVISORCTL_DEFAULT,
     UNIT,
     acme_ca_path,
@@ -32,17 +36,28 @@ from deploy.server_files import (
     check_facts,
     directories,
     env_defaults,
+    has_app,
     merge_env_file,
     parse_certificate,
     parse_facts,
+    pg_hba_with_peers,
+    redis_bind,
     redis_conf_with_password,
     redis_password,
     render_backup_units,
+    render_balancer_site,
     render_certbot_dropin,
+    render_firewall,
+    render_firewall_unit,
     render_nginx_site,
+    render_postgres_listen,
     render_supervisorctl_default,
     render_supervisord_main,
     render_unit,
+    scram_matches,
+    service_key_problems,
+    shared_env_values,
+    sync_env_file,
 )
 
 REPO = Path(__file__).resolve().parents[2]
@@ -409,3 +424,220 @@ def test_the_certificate_is_read_and_status_warns_when_it_is_close_to_expiry():
     assert "WARNING" not in certificate_line(TLS, certificate, expires - 14 * day)
     assert "WARNING: under 14 days" in certificate_line(TLS, certificate, expires - 13.5 * day)
     assert "run `fab provision`" in certificate_line(TLS, None, expires)
+
+
+# --- a cluster: each host provisioned for its roles --------------------------------------------
+
+CLUSTER_TOML = """
+[environments.cluster.roles]
+web = ["root@10.0.0.2", "root@10.0.0.3"]
+worker = ["root@10.0.0.4"]
+beat = ["root@10.0.0.4", "root@10.0.0.2"]
+db = ["root@10.0.0.4"]
+balancer = ["root@10.0.0.5"]
+"""
+
+
+def cluster(tmp_path, text: str = CLUSTER_TOML, environment: str = "cluster") -> DeployConfig:
+    path = tmp_path / "deploy.toml"
+    path.write_text(text)
+    return load_config(path, environment)
+
+
+def cluster_defaults(config: DeployConfig, host: str) -> dict[str, str]:
+    return env_defaults(config.at(host), host, secret_key="s" * 67, db_password="pw-_1", redis_password="rp-_2")
+
+
+def test_each_cluster_host_gets_only_its_roles_packages_and_services(tmp_path):
+    config = cluster(tmp_path)
+    db, web, balancer = config.at("10.0.0.4"), config.at("10.0.0.2"), config.at("10.0.0.5")
+    assert packages_for(db) == (
+        "python3-venv",
+        "supervisor",
+        "postgresql-client",
+        "postgresql",
+        "redis-server",
+        "nftables",
+    )
+    assert services_for(db) == ("postgresql", "redis-server")  # no nginx: it serves no web
+    assert packages_for(web) == ("python3-venv", "supervisor", "postgresql-client", "nginx")
+    assert services_for(web) == ("nginx",)
+    assert packages_for(balancer) == ("nginx",) and not has_app(balancer)
+    assert has_app(db) and has_app(web) and has_app(CONFIG)
+    assert packages_for(CONFIG) == ("python3-venv", "postgresql", "redis-server", "nginx", "supervisor")  # as before
+    assert not has_app(
+        cluster(
+            tmp_path,
+            CLUSTER_TOML.replace('worker = ["root@10.0.0.4"]', 'worker = ["root@10.0.0.3"]').replace(
+                'beat = ["root@10.0.0.4", ', "beat = ["
+            ),
+        ).at("10.0.0.4")
+    )
+
+
+def test_cluster_env_files_reach_the_db_host_and_name_the_balancer(tmp_path):
+    config = cluster(tmp_path)
+    values = cluster_defaults(config, "10.0.0.3")
+    assert values["ALLOWED_HOSTS"] == "10.0.0.5,127.0.0.1,localhost"
+    settings = production_settings(read_env_file(merge_env_file(None, values)))
+    assert (settings["db"]["HOST"], settings["db"]["PORT"], settings["db"]["PASSWORD"]) == ("10.0.0.4", 5432, "pw-_1")
+    assert settings["broker"] == "redis://:rp-_2@10.0.0.4:6379/0"
+    assert settings["cache"]["LOCATION"] == "redis://:rp-_2@10.0.0.4:6379/1"
+    assert redis_password(values, "10.0.0.4") == "rp-_2" and redis_password(values) is None
+    assert service_key_problems(config, values) == []
+    no_balancer = cluster(tmp_path, CLUSTER_TOML.replace('balancer = ["root@10.0.0.5"]', ""))
+    assert cluster_defaults(no_balancer, "10.0.0.2")["ALLOWED_HOSTS"] == "10.0.0.2,10.0.0.3,127.0.0.1,localhost"
+
+
+def test_every_app_host_gets_the_primarys_shared_values_and_keeps_its_other_lines(tmp_path):
+    config = cluster(tmp_path)
+    primary_file = merge_env_file(None, cluster_defaults(config, "10.0.0.2"))
+    shared = shared_env_values(read_env_file(primary_file), cluster_defaults(config, "10.0.0.3") | {"SECRET_KEY": "x"})
+    assert set(shared) == set(SHARED_ENV_KEYS) and shared["SECRET_KEY"] == "s" * 67  # the primary's, not the new one
+    other = "# mine\nexport SECRET_KEY='old'\nEMAIL_URL=smtp://mail:25\nCACHE_URL=redis://127.0.0.1:6379/1\n"
+    synced = sync_env_file(other, shared, cluster_defaults(config, "10.0.0.3"))
+    values = read_env_file(synced)
+    assert {key: values[key] for key in SHARED_ENV_KEYS} == shared
+    assert values["EMAIL_URL"] == "smtp://mail:25" and synced.startswith("# mine\nSECRET_KEY=" + "s" * 67 + "\n")
+    assert synced.count("CACHE_URL=") == 1 and sync_env_file(synced, shared, {"SECRET_KEY": "new"}) == synced
+    assert read_env_file(sync_env_file(None, {"SECRET_KEY": " padded '"}, {}))["SECRET_KEY"] == " padded '"
+    first_run = shared_env_values(None, cluster_defaults(config, "10.0.0.2"))
+    assert first_run == {key: cluster_defaults(config, "10.0.0.2")[key] for key in SHARED_ENV_KEYS}
+
+
+def test_a_cluster_without_a_db_host_needs_its_managed_services_urls(tmp_path):
+    config = cluster(tmp_path, CLUSTER_TOML.replace('db = ["root@10.0.0.4"]', ""))
+    values = cluster_defaults(config, "10.0.0.2")
+    assert not set(SERVICE_ENV_KEYS) & set(values)  # nothing generated: no local PostgreSQL or Redis to point at
+    assert service_key_problems(config, values) == list(SERVICE_ENV_KEYS)
+    managed = {
+        "DATABASE_URL": "postgres://app:pw@db.internal:5432/app",
+        "CELERY_BROKER_URL": "rediss://:pw@redis.internal:6380/0",
+        "CACHE_URL": "redis://:pw@127.0.0.1:6379/1",
+    }
+    assert service_key_problems(config, managed) == ["CACHE_URL"]
+    assert service_key_problems(cluster(tmp_path), managed) == list(SERVICE_ENV_KEYS)  # with a db host: not it
+
+
+def test_postgresql_listens_on_the_db_address_and_admits_the_app_role_from_each_peer_only(tmp_path):
+    config = cluster(tmp_path)
+    assert "\nlisten_addresses = 'localhost,10.0.0.4'\n" in render_postgres_listen(config)
+    debian = "local   all   postgres   peer\nhost    all   all   127.0.0.1/32   scram-sha-256\n"
+    hba = pg_hba_with_peers(debian, config, "prayer_room", "prayer_room")
+    assert hba.startswith(debian)
+    rules = [line.split() for line in hba.splitlines()[2:] if line and not line.startswith("#")]
+    assert rules == [
+        ["host", "prayer_room", "prayer_room", f"{address}/32", "scram-sha-256"]
+        for address in ("10.0.0.2", "10.0.0.3", "10.0.0.4", "10.0.0.5")
+    ]
+    assert pg_hba_with_peers(hba, config, "prayer_room", "prayer_room") == hba
+    smaller = cluster(tmp_path, CLUSTER_TOML.replace('balancer = ["root@10.0.0.5"]', ""))
+    assert "10.0.0.5" not in pg_hba_with_peers(hba, smaller, "prayer_room", "prayer_room")
+
+
+def test_the_db_hosts_redis_binds_loopback_and_the_db_address_with_its_password(tmp_path):
+    debian = "bind 127.0.0.1 -::1\nport 6379\n"
+    conf = redis_conf_with_password(debian, "rp-_2", redis_bind(cluster(tmp_path)))
+    directives = [line for line in conf.splitlines() if line and not line.startswith("#")]
+    binds = [line for line in directives if line.startswith("bind ")]
+    assert binds[-1] == "bind 127.0.0.1 -::1 10.0.0.4"  # the last bind wins
+    assert directives[-2:] == ["requirepass rp-_2", 'rename-command CONFIG ""']
+    assert redis_conf_with_password(conf, "rp-_2", redis_bind(cluster(tmp_path))) == conf
+    assert "bind" not in redis_conf_with_password(debian, "rp-_2").split("port 6379")[1]  # a single host: as before
+
+
+def test_the_firewall_admits_postgresql_and_redis_from_the_cluster_only_and_touches_nothing_else(tmp_path):
+    config = cluster(tmp_path)
+    rules = render_firewall(config)
+    assert "flush ruleset" not in rules and "22" not in rules and "policy accept;" in rules
+    assert "delete table inet prayer_room\n" in rules  # replaced as a whole, atomically
+    assert 'tcp dport { 5432, 6379 } iif "lo" accept' in rules
+    assert "tcp dport { 5432, 6379 } ip saddr { 10.0.0.2, 10.0.0.3, 10.0.0.4, 10.0.0.5 } accept" in rules
+    assert rules.rstrip().splitlines()[-3].strip() == "tcp dport { 5432, 6379 } drop"
+    assert "ip6 saddr" not in rules
+    unit = render_firewall_unit(config)
+    assert f"ExecStart=/usr/sbin/nft -f {config.layout.etc}/firewall.nft\n" in unit
+    assert "ExecStop=/usr/sbin/nft delete table inet prayer_room\n" in unit and "Before=network-pre.target" in unit
+    assert "WantedBy=sysinit.target" in unit
+    if shutil.which("nft") and os.geteuid() == 0:
+        path = tmp_path / "firewall.nft"
+        path.write_text(rules)
+        checked = subprocess.run(["nft", "--check", "-f", str(path)], capture_output=True, text=True)
+        assert checked.returncode == 0, checked.stderr
+
+
+def test_the_balancer_spreads_over_the_web_hosts_with_passive_health_checks(tmp_path):
+    site = render_balancer_site(cluster(tmp_path))
+    servers = [line.strip() for line in site.splitlines() if line.strip().startswith("server 10.")]
+    assert servers == [f"server 10.0.0.{n}:80 max_fails=2 fail_timeout=10s;" for n in (2, 3)]
+    assert "keepalive 16;" in site and "proxy_http_version 1.1;" in site and 'proxy_set_header Connection "";' in site
+    assert "proxy_next_upstream error timeout http_502 non_idempotent;" in site
+    assert "server_tokens off;" in site and "server_name 10.0.0.5;" in site
+    default = site.split("server {")[1]
+    assert "listen 80 default_server;" in default and "return 444;" in default
+    assert int(site.split("client_body_timeout ")[1].split("s;")[0]) < 60
+    assert "proxy_set_header X-Forwarded-Proto $scheme;" in site
+
+
+def test_a_web_host_behind_the_balancer_believes_its_forwarded_headers_and_nobody_elses(tmp_path):
+    site = render_nginx_site(cluster(tmp_path).at("10.0.0.3"), "10.0.0.3")
+    assert "server_name 10.0.0.5;" in site  # the balancer's Host; the address alone gets 444
+    assert "set_real_ip_from 10.0.0.5;" in site and "real_ip_header X-Forwarded-For;" in site
+    assert 'map $realip_remote_addr $prayer_room_forwarded_proto {\n    default $scheme;\n    "10.0.0.5"' in site
+    assert "proxy_set_header X-Forwarded-Proto $prayer_room_forwarded_proto;" in site
+    alone = render_nginx_site(
+        cluster(tmp_path, CLUSTER_TOML.replace('balancer = ["root@10.0.0.5"]', "")).at("10.0.0.3"), ""
+    )
+    assert "set_real_ip_from" not in alone and "proxy_set_header X-Forwarded-Proto $scheme;" in alone
+    assert "server_name 10.0.0.2 10.0.0.3;" in alone
+
+
+@pytest.mark.deploy  # needs the deploy layer's nginx, which pip cannot install
+@pytest.mark.skipif(not shutil.which("nginx"), reason="nginx is not installed (.ci/setup.d/20-deploy.sh installs it)")
+@pytest.mark.parametrize("which", ["balancer", "web host"])
+def test_nginx_accepts_the_cluster_sites(tmp_path, which):
+    config = cluster(tmp_path)
+    text = (
+        render_balancer_site(config, ipv6=False)
+        if which == "balancer"
+        else render_nginx_site(config.at("10.0.0.2"), "10.0.0.2", ipv6=False)
+    )
+    (tmp_path / "logs").mkdir()
+    site = tmp_path / "site.conf"
+    site.write_text(text)
+    (tmp_path / "nginx.conf").write_text(
+        f"pid {tmp_path}/nginx.pid; error_log {tmp_path}/error.log;\n"
+        f"events {{}}\nhttp {{ access_log off; include {site}; }}\n"
+    )
+    result = subprocess.run(
+        ["nginx", "-t", "-p", str(tmp_path), "-c", str(tmp_path / "nginx.conf")], capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stderr
+
+
+# A verifier PostgreSQL 15 stored for CREATE ROLE ... PASSWORD 'pw-_1 with spaces' (pg_authid.rolpassword).
+VERIFIER = (
+    "SCRAM-SHA-256$4096:ErBgsdbx9YNkEyQbe18gmQ==$imsl5jd70ka6rp3EUdQXQESZ8M5qqKIr9kSvu3C70Ec="
+    ":5PHp9QU/n8Dmi1g8xCfEutOI3zNtlckDh+/OK/cnUJ0="
+)
+
+
+def test_the_db_hosts_role_password_is_checked_against_postgresqls_own_verifier():
+    assert scram_matches(VERIFIER + "\n", "pw-_1 with spaces")
+    assert not scram_matches(VERIFIER, "pw-_1") and not scram_matches("", "x")
+    assert not scram_matches("md5" + "0" * 32, "pw-_1 with spaces")  # an md5 password is replaced by scram
+
+
+def test_a_cluster_refuses_tls_until_the_balancer_can_hold_the_certificate(tmp_path):
+    config = replace(cluster(tmp_path), domain="prayer.example.org")
+    with pytest.raises(DeployError, match="TLS through the balancer .* is not supported yet"):
+        provision_cluster([], config)
+
+
+def test_cluster_output_keeps_each_hosts_lines_whole_and_prefixed():
+    out, lock = io.StringIO(), threading.Lock()
+    web1, web2 = PrefixedLines("[web1] ", out, lock), PrefixedLines("[web2] ", out, lock)
+    print("-> pack", file=web1, end="")
+    print("-> nginx", file=web2)
+    print("ages", file=web1)
+    assert out.getvalue() == "[web2] -> nginx\n[web1] -> packages\n"
