@@ -23,6 +23,7 @@ from pathlib import Path
 
 import pytest
 
+from deploy.state import DEPLOYED_MARK
 from tests.deploy.target import REPO, Clone, DeployTarget, http_get, unavailable
 
 pytestmark = [pytest.mark.deploy, pytest.mark.timeout(900)]
@@ -157,8 +158,11 @@ def step_seconds(out: str, name: str) -> float:
     return float(found.group(1))
 
 
-def commit_model_change(clone: Clone, field_line: str, migration_name: str, message: str) -> str:
-    """Add `field_line` to PrayerRequest and commit it with the migration makemigrations writes for it."""
+def commit_model_change(
+    clone: Clone, field_line: str, migration_name: str, message: str, *, then: str | None = None
+) -> str:
+    """Add `field_line` to PrayerRequest and commit it with the migration makemigrations writes for it
+    (plus the operation `then` after its own, e.g. a RunSQL)."""
     models = clone.path / MODELS
     text = models.read_text()
     anchor = "    response_notified_at = models.DateTimeField("
@@ -176,6 +180,10 @@ def commit_model_change(clone: Clone, field_line: str, migration_name: str, mess
     (clone.path / "makemigrations.sqlite3").unlink(missing_ok=True)
     new = [p for p in (clone.path / MIGRATIONS).glob(f"*_{migration_name}.py")]
     assert len(new) == 1, new
+    if then:
+        text = new[0].read_text()
+        end = text.rindex("    ]")
+        new[0].write_text(f"{text[:end]}        {then},\n{text[end:]}")
     clone.git("add", str(MODELS), str(new[0].relative_to(clone.path)))
     clone.git("commit", "--quiet", "-m", message)
     return f"prayer_room_api.{new[0].stem}"
@@ -292,39 +300,91 @@ def test_a_compatible_migration_deploys_without_a_failed_request(target, clone):
     assert len(traffic.answers["POST"]) > 20 and len(traffic.answers["GET"]) > 20
 
 
-def test_a_failed_verification_unapplies_the_migrations_the_deploy_applied(target, clone):
+def verified_before(target: DeployTarget, release: str) -> str:
+    """The newest verified release older than `release`: where a plain rollback goes."""
+    marked = [r for r in target.releases() if (target.srv / "releases" / r / DEPLOYED_MARK).exists() and r < release]
+    assert marked, target.releases()
+    return marked[-1]
+
+
+def traffic_figures(traffic: Traffic, seconds: float) -> dict:
+    return {
+        "seconds": round(seconds, 1),
+        **{method: {str(s): answers.count(s) for s in set(answers)} for method, answers in traffic.answers.items()},
+        "failures": len(traffic.failures),
+    }
+
+
+def test_rollback_keep_schema_leaves_a_compatible_migration_and_the_old_release_serves(target, clone):
     live = target.live_release()
-    tasks = clone.path / "project/prayer_room_api/tasks.py"
-    broken = '    raise RuntimeError("broken ping")\n    return {"release"'
-    tasks.write_text(tasks.read_text().replace('    return {"release"', broken))
-    clone.git("add", str(tasks.relative_to(clone.path)))
+    [migration] = [m for m in applied(target) if m.endswith("_prayerrequest_language_db_default")]
+    line = refused(target.fab("rollback"))
+    assert migration in line and "--keep-schema" in line and target.live_release() == live
+
+    back = verified_before(target, live)
+    with Traffic(target) as traffic:
+        started = time.monotonic()
+        out = ok(target.fab("rollback", "--keep-schema"))
+        seconds = time.monotonic() - started
+        time.sleep(1)
+    figures["keep_schema_rollback"] = traffic_figures(traffic, seconds)
+    assert target.live_release() == back
+    assert f"--keep-schema: {back} runs against {migration}, which it lacks" in out
+    assert f"{live} -> {back} (the schema is left as it is)" in out
+    assert "language" in columns(target) and migration in applied(target)  # the database keeps it
+    assert traffic.failures == [], traffic.failures[:5]
+    assert traffic.count("GET", 200) > 20 and traffic.count("POST", 201) > 20
+    status, body = post_request(target, "written by the release that lacks the column")
+    assert status == 201, body
+    assert target.database.query(f"SELECT language FROM {TABLE} ORDER BY id DESC LIMIT 1") == [("en",)]
+    assert http_get(target.front_url)[0] == 200
+
+
+def break_file(clone: Clone, relative: str, old: str, new: str) -> None:
+    """Replace `old` (which must be there) with `new` in a file of the clone and stage it."""
+    path = clone.path / relative
+    text = path.read_text()
+    assert old in text, f"{old!r} is not in {relative}"
+    path.write_text(text.replace(old, new, 1))
+    clone.git("add", relative)
+
+
+PING = '    return {"release"'
+BROKEN_PING = ("project/prayer_room_api/tasks.py", PING, f'    raise RuntimeError("broken ping")\n{PING}')
+
+
+def deploy_mood_with_a_break(target, clone, relative: str, old: str, new: str, message: str) -> str:
+    """Commit a file broken (`old` -> `new`) with a nullable `mood` column and deploy it: it fails, the migration is
+    unapplied, the live release is unchanged and serving. Returns the error line."""
+    live = target.live_release()
+    break_file(clone, relative, old, new)
     migration = commit_model_change(
-        clone, "mood = models.CharField(max_length=8, null=True)", "prayerrequest_mood", "a mood and a broken worker"
+        clone, "mood = models.CharField(max_length=8, null=True)", "prayerrequest_mood", message
     )
     line = refused(target.fab("deploy", repo=clone.path))
-    assert "rolled back to" in line and live in line and "broken ping" in line
-    assert "the migrations it applied were unapplied" in line and migration in line
+    assert f"the migrations it applied were unapplied ({migration})" in line, line
     assert migration not in applied(target) and "mood" not in columns(target)
     assert target.live_release() == live and post_request(target)[0] == 201
     assert http_get(target.front_url)[0] == 200
     clone.revert_head()
+    return line
+
+
+def test_a_failed_verification_unapplies_the_migrations_the_deploy_applied(target, clone):
+    live = target.live_release()
+    line = deploy_mood_with_a_break(target, clone, *BROKEN_PING, "a mood and a broken worker")
+    assert "rolled back to" in line and live in line and "broken ping" in line
 
 
 def test_a_failure_after_migrate_says_so_and_unapplies_what_it_applied(target, clone):
     live = target.live_release()
-    command = clone.path / "project/prayer_room_api/management/commands/seed_schedules.py"
-    broken = '    def handle(self, *args, check=False, **options):\n        raise CommandError("seeding is broken")\n'
-    command.write_text(command.read_text().replace("    def handle(self, *args, check=False, **options):\n", broken))
-    clone.git("add", str(command.relative_to(clone.path)))
-    migration = commit_model_change(
-        clone, "mood = models.CharField(max_length=8, null=True)", "prayerrequest_mood", "a mood and broken seeding"
-    )
-    line = refused(target.fab("deploy", repo=clone.path))
+    handle = "    def handle(self, *args, check=False, **options):\n"
+    line = deploy_mood_with_a_break(
+        target, clone, "project/prayer_room_api/management/commands/seed_schedules.py", handle,
+        handle + '        raise CommandError("seeding is broken")\n', "a mood and broken seeding",
+    )  # fmt: skip
     assert "(seed_schedules)" in line and "seeding is broken" in line and "failed at the schema step" in line
-    assert f"the migrations it applied were unapplied ({migration})" in line and f"{live} keeps serving" in line
-    assert migration not in applied(target) and "mood" not in columns(target)
-    assert target.live_release() == live and post_request(target)[0] == 201
-    clone.revert_head()
+    assert f"{live} keeps serving" in line
 
 
 def test_rollback_with_restore_puts_back_the_backup_the_deploy_took(target, clone):
@@ -343,4 +403,37 @@ def test_rollback_with_restore_puts_back_the_backup_the_deploy_took(target, clon
     assert target.live_release() == live and rows(target) == before  # the request written since is gone
     assert "feeling" not in columns(target) and migration not in applied(target)
     assert post_request(target)[0] == 201
+    clone.revert_head()
+
+
+def test_an_irreversible_migration_stays_after_a_failed_verification_and_the_message_names_the_backup(target, clone):
+    live = target.live_release()
+    break_file(clone, *BROKEN_PING)
+    migration = commit_model_change(
+        clone, "mood = models.CharField(max_length=8, null=True)", "prayerrequest_mood_filled",
+        "a mood filled in by SQL, and a broken worker",
+        then=f"migrations.RunSQL(\"UPDATE {TABLE} SET mood = 'calm'\")",  # no reverse_sql: irreversible
+    )  # fmt: skip
+    sha12 = clone.git("rev-parse", "HEAD").strip()[:12]
+    with Traffic(target) as traffic:
+        started = time.monotonic()
+        result = target.fab("deploy", repo=clone.path)
+        seconds = time.monotonic() - started
+        time.sleep(1)
+    figures["irreversible_failed_deploy"] = traffic_figures(traffic, seconds)
+    line = refused(result)
+    figures["irreversible_failed_deploy_message"] = line
+    assert "rolled back to" in line and live in line and "broken ping" in line
+    assert f"the database KEEPS the migrations {migration}" in line and "cannot be reversed" in line
+    saved = re.search(r"`fab restore (\S+) --yes`", line)
+    assert saved and re.fullmatch(rf"\d{{14}}-deploy-\d{{14}}-{sha12}\.dump", saved[1]), line
+    assert (target.workdir / "backups" / saved[1]).exists()
+    assert migration in applied(target) and "mood" in columns(target)
+    assert target.live_release() == live and post_request(target)[0] == 201
+    assert http_get(target.front_url)[0] == 200
+    assert traffic.failures == [], traffic.failures[:5]
+
+    ok(target.fab("restore", saved[1], "--yes"))  # what the message says to run
+    assert migration not in applied(target) and "mood" not in columns(target)
+    assert target.live_release() == live and post_request(target)[0] == 201
     clone.revert_head()
