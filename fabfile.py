@@ -13,9 +13,9 @@ from pathlib import Path
 from fabric import Connection, task
 from invoke import Exit
 
+from deploy import cluster, workflow
 from deploy import provision as provisioning
-from deploy import workflow
-from deploy.config import DeployConfig, load_config
+from deploy.config import DeployConfig, address_of, load_config
 from deploy.errors import DeployError
 
 REPO = Path(__file__).resolve().parent
@@ -47,6 +47,30 @@ def _targets(c, env: str | None, config: str | None) -> tuple[DeployConfig, list
     return cfg, conns
 
 
+def _primary(c, env: str | None, config: str | None) -> tuple[DeployConfig, list[Connection]]:
+    """`_targets`, narrowed on a cluster to its primary (the first web host: it keeps the backups)."""
+    cfg, conns = _targets(c, env, config)
+    if not cfg.is_cluster:
+        return cfg, conns
+    chosen = [conn for conn in conns if conn.host == address_of(cfg.primary)]
+    if not chosen:
+        raise DeployError(
+            f"the backups of {cfg.name} are on its primary, {cfg.primary}: use -H with it, or leave -H out."
+        )
+    return cfg.for_host(cfg.primary), chosen
+
+
+def _as_cluster(c, cfg: DeployConfig, what: str) -> bool:
+    """Whether to act on the whole cluster (an environment with roles, no -H); `what` cannot take -H on one."""
+    if not cfg.is_cluster:
+        return False
+    if isinstance(c, Connection):
+        if what:
+            raise DeployError(f"{what} acts on every host of the cluster {cfg.name} at once: leave -H out.")
+        return False
+    return True
+
+
 def _one_line_errors(body):
     """Turn DeployError (and Ctrl-C) into invoke.Exit: a clear message, a non-zero exit, no traceback."""
 
@@ -71,11 +95,13 @@ def _one_line_errors(body):
 def deploy(c, env=None, config=None, dry_run=False, allow_dirty=False, maintenance=False, repo=None):
     """Ship HEAD, check and back up, migrate, switch, restart (web one port at a time), verify; roll back on failure."""
     cfg, conns = _targets(c, env, config)
+    if dry_run:
+        return plan(c, env=env, config=config, repo=repo)
+    if _as_cluster(c, cfg, "deploy"):
+        cluster.deploy(conns, cfg, Path(repo or REPO), allow_dirty=allow_dirty, maintenance=maintenance)
+        return
     for conn in conns:
-        if dry_run:
-            print(workflow.plan(conn, cfg, Path(repo or REPO)))
-        else:
-            workflow.deploy(conn, cfg, Path(repo or REPO), allow_dirty=allow_dirty, maintenance=maintenance)
+        workflow.deploy(conn, cfg, Path(repo or REPO), allow_dirty=allow_dirty, maintenance=maintenance)
 
 
 @task(help={**COMMON_HELP, "repo": "the git checkout to ship (default: this one)"})
@@ -84,7 +110,8 @@ def plan(c, env=None, config=None, repo=None):
     """What `fab deploy` would change, including the supervisord config diff; touches nothing."""
     cfg, conns = _targets(c, env, config)
     for conn in conns:
-        print(workflow.plan(conn, cfg, Path(repo or REPO)))
+        if cluster.has_app(cfg.at(conn.host)):
+            print(workflow.plan(conn, cfg.at(conn.host), Path(repo or REPO)))
 
 
 @task(help={**COMMON_HELP, "to": "a release id (default: the previous verified release)",
@@ -98,6 +125,9 @@ def rollback(c, env=None, config=None, to=None, unapply=False, restore=None, kee
     Then choose: --unapply, --restore BACKUP or --keep-schema.
     """
     cfg, conns = _targets(c, env, config)
+    if _as_cluster(c, cfg, "rollback"):
+        cluster.rollback(conns, cfg, to=to, unapply=unapply, restore=restore, keep_schema=keep_schema)
+        return
     for conn in conns:
         workflow.rollback(conn, cfg, to=to, unapply=unapply, restore=restore, keep_schema=keep_schema)
 
@@ -106,7 +136,7 @@ def rollback(c, env=None, config=None, to=None, unapply=False, restore=None, kee
 @_one_line_errors
 def backup(c, env=None, config=None, download=None):
     """Back up the database now (pg_dump custom format, root-only on the server, checksummed)."""
-    cfg, conns = _targets(c, env, config)
+    cfg, conns = _primary(c, env, config)
     for conn in conns:
         print(workflow.backup_now(conn, cfg, download=Path(download) if download else None))
 
@@ -115,7 +145,7 @@ def backup(c, env=None, config=None, download=None):
 @_one_line_errors
 def backups(c, env=None, config=None):
     """The backups on the server: name, kind, release, size, age."""
-    cfg, conns = _targets(c, env, config)
+    cfg, conns = _primary(c, env, config)
     for conn in conns:
         print(workflow.list_backups(conn, cfg))
 
@@ -126,37 +156,53 @@ def backups(c, env=None, config=None):
 def restore(c, name, env=None, config=None, yes=False):
     """Put a backup back: the current state is backed up first; maintenance page, programs stopped, restart, verify."""
     cfg, conns = _targets(c, env, config)
+    if _as_cluster(c, cfg, "restore"):
+        print(cluster.restore(conns, cfg, name, yes=yes))
+        return
     for conn in conns:
         print(workflow.restore(conn, cfg, name, yes=yes))
 
 
-@task(help=COMMON_HELP)
+@task(help={**COMMON_HELP, "role": "on a cluster: only the hosts and programs of this role (web, worker, beat)"})
 @_one_line_errors
-def status(c, env=None, config=None):
-    """Each program's state, the live release, the kept releases and the schedules beat runs."""
+def status(c, env=None, config=None, role=None):
+    """Each program's state, the live release, the kept releases and the schedules beat runs (a cluster: one table)."""
     cfg, conns = _targets(c, env, config)
+    if _as_cluster(c, cfg, ""):
+        print(cluster.status(conns, cfg, role))
+        return
     for conn in conns:
-        print(workflow.status(conn, cfg))
+        print(workflow.status(conn, cfg.at(conn.host)))
 
 
 # NOTE: invoke's positional arguments are required, so PROGRAM is a flag: `fab logs` shows all of them.
 @task(help={**COMMON_HELP, "program": "web, web-1, web-2, worker or beat (default: all)",
-            "lines": "how many lines", "follow": "keep streaming (Ctrl-C to stop)"})  # fmt: skip
+            "lines": "how many lines", "follow": "keep streaming (Ctrl-C to stop)",
+            "role": "on a cluster: the hosts of this role (web, worker, beat)"})  # fmt: skip
 @_one_line_errors
-def logs(c, program=None, lines=100, follow=False, env=None, config=None):
-    """The last lines of each program's log, or of one (--program NAME)."""
+def logs(c, program=None, lines=100, follow=False, env=None, config=None, role=None):
+    """The last lines of each program's log, or of one (--program NAME); a cluster's, each line after its host."""
     cfg, conns = _targets(c, env, config)
+    if _as_cluster(c, cfg, ""):
+        if follow:
+            raise DeployError("--follow streams one host's logs: add -H user@host (one of the cluster's).")
+        print(cluster.logs(conns, cfg, program, int(lines), role), end="")
+        return
     for conn in conns:
-        print(workflow.logs(conn, cfg, program, int(lines), follow), end="")
+        print(workflow.logs(conn, cfg.at(conn.host), program, int(lines), follow), end="")
 
 
-@task(help={**COMMON_HELP, "program": "web, web-1, web-2, worker or beat (default: all)"})
+@task(help={**COMMON_HELP, "program": "web, web-1, web-2, worker or beat (default: all)",
+            "role": "on a cluster: the hosts of this role (web, worker, beat), one at a time"})  # fmt: skip
 @_one_line_errors
-def restart(c, program=None, env=None, config=None):
-    """Restart all programs, or one (--program NAME; web: one port at a time, each checked)."""
+def restart(c, program=None, env=None, config=None, role=None):
+    """Restart all programs, or one (--program NAME; web: one port at a time, each checked); a cluster: host by host."""
     cfg, conns = _targets(c, env, config)
+    if _as_cluster(c, cfg, ""):
+        print(cluster.restart(conns, cfg, program, role))
+        return
     for conn in conns:
-        print(workflow.restart_programs(conn, cfg, program))
+        print(workflow.restart_programs(conn, cfg.at(conn.host), program))
 
 
 @task(
@@ -169,7 +215,10 @@ def supervisorctl(c, command=None, env=None, config=None):
     cfg, conns = _targets(c, env, config)
     code = 0
     for conn in conns:
-        code = workflow.supervisorctl(conn, cfg, command or "status") or code
+        if cluster.has_app(cfg.at(conn.host)):
+            if cfg.is_cluster:
+                print(f"== {conn.host}", flush=True)
+            code = workflow.supervisorctl(conn, cfg.at(conn.host), command or "status") or code
     if code:
         raise Exit(code=code)
 
@@ -179,8 +228,11 @@ def supervisorctl(c, command=None, env=None, config=None):
 def unlock(c, env=None, config=None):
     """Remove the deploy lock left by a deploy that died; says whose it was."""
     cfg, conns = _targets(c, env, config)
+    if _as_cluster(c, cfg, ""):
+        print(cluster.unlock(conns, cfg))
+        return
     for conn in conns:
-        print(workflow.unlock(conn, cfg))
+        print(workflow.unlock(conn, cfg.at(conn.host)))
 
 
 @task(help=COMMON_HELP)

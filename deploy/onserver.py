@@ -384,7 +384,10 @@ def ping(args) -> int:
     deadline = time.monotonic() + args.timeout
     last = "no answer"
     while time.monotonic() < deadline:
-        result = app.send_task("prayer_room_api.tasks.ping")
+        # --queue: one host's own queue (a cluster's worker hosts each consume host.<address>); a ping nobody takes
+        # expires instead of waiting in Redis for a worker of a later deploy.
+        options = {"queue": args.queue} if args.queue else {}
+        result = app.send_task("prayer_room_api.tasks.ping", expires=args.timeout, **options)
         try:
             answer = result.get(timeout=max(1.0, min(15.0, deadline - time.monotonic())), propagate=False)
         except Exception as exc:  # noqa: BLE001 - timeout or broker error: report the last one
@@ -695,7 +698,9 @@ def main(argv: list[str]) -> int:
     for p in (backup_parser, restore_parser, sub.add_parser("backups")):
         p.add_argument("--dir", required=True)
         p.add_argument("--pg-bin", default="", help="the directory of pg_dump, pg_restore and psql")
-    for p in (health_parser, sub.add_parser("ping")):
+    ping_parser = sub.add_parser("ping")
+    ping_parser.add_argument("--queue", default="", help="send it to this queue (default: the shared one)")
+    for p in (health_parser, ping_parser):
         p.add_argument("--expect", required=True)
         p.add_argument("--timeout", type=float, default=60)
     args = parser.parse_args(argv)

@@ -33,11 +33,14 @@ class Progress:
 
     title: str
     out: TextIO = sys.stdout
+    prefix: str = ""  # before every line: the host, when several hosts report at once
     heartbeat: Callable[[], None] | None = None
     steps: list[StepRecord] = field(default_factory=list)
     started: float = field(default_factory=time.monotonic)
 
     def say(self, text: str) -> None:
+        if self.prefix:
+            text = "\n".join(f"{self.prefix}{line}" for line in text.splitlines())
         print(text, file=self.out, flush=True)
 
     @contextmanager

@@ -78,15 +78,22 @@ def check_web(server: Server, release_dir, release_id: str, port: int, host: str
         time.sleep(0.2)
 
 
-def ping_command(server: Server, release_dir, release_id: str) -> str:
-    """A root shell command: the ping task through the broker must come back from a worker of `release_id`."""
+def ping_command(server: Server, release_dir, release_id: str, programs_text: str = "") -> str:
+    """A root shell command: the ping task through the broker must come back from a worker of `release_id`.
+
+    On a cluster it goes to this host's own queue, so another host's worker cannot answer for it; but only
+    when `programs_text` (the programs config being made live) has the workers consume it: a release deployed
+    before the host had its queue is pinged through the shared one.
+    """
     timeout = str(server.config.health_timeout)
-    return server.helper_command(release_dir, "ping", "--expect", release_id, "--timeout", timeout)
+    queue = server.config.host_queue
+    own = ("--queue", queue) if queue and f"celery,{queue}" in programs_text else ()
+    return server.helper_command(release_dir, "ping", "--expect", release_id, "--timeout", timeout, *own)
 
 
-def check_worker(server: Server, release_dir, release_id: str) -> str:
+def check_worker(server: Server, release_dir, release_id: str, programs_text: str = "") -> str:
     """Run the ping check now; returns the answering worker's host name."""
-    result = server.root(ping_command(server, release_dir, release_id), what="ping task", warn=True)
+    result = server.root(ping_command(server, release_dir, release_id, programs_text), what="ping task", warn=True)
     return worker_answer(server, result)
 
 

@@ -33,12 +33,16 @@ def _render(server: Server, state: ServerState) -> str:
 
 
 def _activate(server: Server, state: ServerState, release_id: str, programs_text: str, progress: Progress) -> None:
-    """Make `release_id` live: switch `current`, load its programs, restart each as it needs, verify, mark it."""
+    """Make `release_id` live: switch `current`, load its programs, restart each as it needs, verify, mark it.
+
+    On a cluster host only its roles' programs run and are checked.
+    """
     layout = server.config.layout
     release_dir = layout.releases / release_id
     programs = Programs.from_config(server.config)
+    workers = server.config.runs("worker")
     host = verify.health_host(state.env_values(server))
-    ping = verify.ping_command(server, release_dir, release_id)
+    ping = verify.ping_command(server, release_dir, release_id, programs_text) if workers else None
     switch = release.switch_command(server, release_id)
     if state.live_programs != programs_text:
         with progress.step(f"switch current -> {release_id}; install programs.conf; supervisorctl update"):
@@ -52,8 +56,9 @@ def _activate(server: Server, state: ServerState, release_id: str, programs_text
         for name, port in programs.web:
             with progress.step(f"health check of {name.split(':')[-1]} (port {port})"):
                 verify.check_web(server, release_dir, release_id, port, host)
-        with progress.step("verify: a worker of this release runs the ping task"):
-            progress.say(f"   answered by {verify.check_worker(server, release_dir, release_id)}")
+        if workers:
+            with progress.step("verify: a worker of this release runs the ping task"):
+                progress.say(f"   answered by {verify.check_worker(server, release_dir, release_id, programs_text)}")
     else:
         with progress.step(f"switch current -> {release_id}"):
             server.root(switch, what="switching current")
@@ -64,11 +69,13 @@ def _activate(server: Server, state: ServerState, release_id: str, programs_text
             progress.step,
             after_workers=ping,
         )
-        with progress.step("verify: a worker of this release ran the ping task"):
-            progress.say(f"   answered by {verify.worker_answer(server, result)}")
-    with progress.step("verify: beat runs the DatabaseScheduler; one beat leads"):
-        progress.say(f"   leader: {verify.check_beat(server, state.beat_log_size, release_dir)}")
-        wait_running(server, programs.all, timeout=10)
+        if workers:
+            with progress.step("verify: a worker of this release ran the ping task"):
+                progress.say(f"   answered by {verify.worker_answer(server, result)}")
+    if server.config.runs("beat"):
+        with progress.step("verify: beat runs the DatabaseScheduler; one beat leads"):
+            progress.say(f"   leader: {verify.check_beat(server, state.beat_log_size, release_dir)}")
+    wait_running(server, programs.all, timeout=10)
     with progress.step("verify: migrate --check; a request written through the API serializer, rolled back"):
         server.helper(release_dir, "verify-writes", what="verifying that writes work", timeout=120)
 
@@ -109,13 +116,7 @@ def deploy(
 
     New migrations the live release cannot run against are refused, unless `maintenance` (a 503 window).
     """
-    source = release.local_source(repo)
-    if source.dirty and not allow_dirty:
-        listed = ", ".join(source.dirty[:5]) + (" ..." if len(source.dirty) > 5 else "")
-        raise DeployError(
-            f"the work tree has uncommitted changes ({listed}); commit them, or pass --allow-dirty to ship "
-            f"HEAD {source.short} without them."
-        )
+    source = checked_source(repo, allow_dirty)
     progress = Progress(f"deploy {source.short} to {conn.host}")
     if source.dirty:
         progress.say(f"WARNING: shipping HEAD {source.short}; {len(source.dirty)} uncommitted change(s) stay behind.")
@@ -129,6 +130,18 @@ def deploy(
         release_id = _deploy_locked(server, state, source, programs_text, progress, lock, maintenance=maintenance)
     progress.say(progress.summary(f"{release_id} is live"))
     return release_id
+
+
+def checked_source(repo: Path, allow_dirty: bool) -> release.Source:
+    """HEAD of `repo`, refused when the work tree has uncommitted changes unless `allow_dirty`."""
+    source = release.local_source(repo)
+    if source.dirty and not allow_dirty:
+        listed = ", ".join(source.dirty[:5]) + (" ..." if len(source.dirty) > 5 else "")
+        raise DeployError(
+            f"the work tree has uncommitted changes ({listed}); commit them, or pass --allow-dirty to ship "
+            f"HEAD {source.short} without them."
+        )
+    return source
 
 
 def _report_steps(progress: Progress, seen: list[dict]):
@@ -426,9 +439,14 @@ def plan(conn: Connection, config: DeployConfig, repo: Path) -> str:
 def status(conn: Connection, config: DeployConfig) -> str:
     """Each program's state, the live release, the releases kept, the certificate's expiry, the schedules beat runs."""
     server = connect(conn, config)
-    state = read_state(server)
-    lines = [f"{server.name}: live release {state.current or 'none'}"]
-    if config.domain:
+    return "\n".join(status_lines(server, read_state(server)))
+
+
+def status_lines(server: Server, state: ServerState, *, programs: bool = True) -> list[str]:
+    """`status`'s lines; without `programs`, only what the whole site shares (certificate, lock, backups, schedules)."""
+    config = server.config
+    lines = [f"{server.name}: live release {state.current or 'none'}"] if programs else []
+    if config.domain and not config.is_cluster:  # a cluster's certificate is on its balancer
         lines.append(certificate_line(config, tls.read_certificate(server), time.time()))
     held = DeployLock(server, "status").holder()
     if held:
@@ -439,13 +457,13 @@ def status(conn: Connection, config: DeployConfig) -> str:
         lines.append(backup.freshness(*backup.records(server)))
     except DeployError as exc:
         lines.append(f"backups: unavailable ({exc})")
-    out = server.supervisorctl("status", what="supervisorctl status", warn=True).stdout.rstrip()
-    lines += ["programs:", *(f"  {line}" for line in out.splitlines())]
-    lines.append("releases:")
-    for r in state.releases:
-        lines.append(
-            f"  {r}{'  (live)' if r == state.current else ''}{'' if r in state.deployed else '  (rolled back from)'}"
-        )
+    if programs:
+        out = server.supervisorctl("status", what="supervisorctl status", warn=True).stdout.rstrip()
+        lines += ["programs:", *(f"  {line}" for line in out.splitlines())]
+        lines.append("releases:")
+        for r in state.releases:
+            live = "  (live)" if r == state.current else ""
+            lines.append(f"  {r}{live}{'' if r in state.deployed else '  (rolled back from)'}")
     if state.current:
         try:
             answer = server.helper(config.layout.current, "schedules", what="reading schedules", timeout=60)
@@ -455,7 +473,7 @@ def status(conn: Connection, config: DeployConfig) -> str:
                 lines.append(f"  {flag} {row['name']}: {row['task']} {row['schedule']} (last run {row['last_run']})")
         except DeployError as exc:
             lines.append(f"schedules: unavailable ({exc})")
-    return "\n".join(lines)
+    return lines
 
 
 def logs(

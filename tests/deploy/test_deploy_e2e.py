@@ -428,3 +428,44 @@ def test_bad_input_is_one_line_and_changes_nothing(target, clone, tmp_path):
     else:
         assert "does not run systemd" in systemd
     assert (target.releases(), target.live_release()) == before
+
+
+def cluster_config(target: DeployTarget) -> Path:
+    """The e2e environment as a cluster of one host holding every role (the cluster commands, on one server)."""
+    path = target.config_file_with()
+    host = f"root@127.0.0.1:{target.ssh_port}"
+    roles = f'roles = {{ web = ["{host}"], worker = ["{host}"], beat = ["{host}"], db = ["{host}"] }}'
+    lines = [roles if line.startswith("hosts = ") else line for line in path.read_text().splitlines()]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def test_a_cluster_deploys_reports_and_rolls_back_as_one(target, clone):
+    config = cluster_config(target)
+    before = target.live_release()
+    clone.commit_file("project/prayer_room_api/e2e_cluster.txt", "cluster\n", "a change for the cluster deploy")
+    # (WORKER_QUEUES is new in programs.conf: the whole group restarts at once, so no request loop here.)
+    out = ok(target.fab("deploy", config=config, repo=clone.path))
+    after = target.live_release()
+    assert after != before and live_release_over_http(target) == after
+    assert f"{after} is live on 1 hosts" in out and "upload" in out and "[127.0.0.1] " in out
+    # The ping went to this host's own queue (WORKER_QUEUES), and a worker of the new release answered it.
+    assert "answered by" in out and "prayer-room:worker" in target.states()
+    programs = (target.etc / "programs.conf").read_text()
+    assert 'WORKER_QUEUES="celery,host.127.0.0.1"' in programs
+
+    table = ok(target.fab("status", config=config))
+    assert re.search(rf"^127\.0\.0\.1:\d+\s+web,worker,beat,db\s+{after}\s+worker\s+RUNNING", table, re.M), table
+    assert "schedules (beat, DatabaseScheduler):" in table
+    web_only = ok(target.fab("status", "--role", "web", config=config))
+    assert "web-1" in web_only and " worker " not in web_only
+    logs = ok(target.fab("logs", "--role", "worker", "--lines", "50", config=config))
+    assert logs.strip() and all(
+        line.startswith(f"127.0.0.1:{target.ssh_port} | ") for line in logs.strip().splitlines()
+    )
+    assert f"restarted on 127.0.0.1:{target.ssh_port}" in ok(target.fab("restart", "--role", "worker", config=config))
+    refused = failed(target.fab("deploy", config=config, hosts=f"root@127.0.0.1:{target.ssh_port}", repo=clone.path))
+    assert "acts on every host of the cluster" in refused
+
+    out = ok(target.fab("rollback", config=config))
+    assert f"{before} is live on 1 hosts" in out and live_release_over_http(target) == before

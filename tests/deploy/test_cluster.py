@@ -1,0 +1,77 @@
+"""The cluster's plan of action without a server: the order hosts switch in, failures collected per host,
+and the fab commands that refuse to act on one host of a cluster."""
+
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+
+from deploy.cluster import has_app, in_parallel, rollout_order
+from deploy.config import load_config
+from deploy.errors import DeployError
+
+REPO = Path(__file__).resolve().parents[2]
+CLUSTER = """
+[environments.cluster.roles]
+worker = ["root@10.0.0.4", "root@10.0.0.3"]
+beat = ["root@10.0.0.5", "root@10.0.0.2"]
+web = ["root@10.0.0.2", "root@10.0.0.3"]
+db = ["root@10.0.0.4"]
+balancer = ["root@10.0.0.9"]
+"""
+
+
+@pytest.fixture
+def config_file(tmp_path):
+    path = tmp_path / "deploy.toml"
+    path.write_text(CLUSTER)
+    return path
+
+
+def test_web_hosts_switch_first_one_at_a_time_then_workers_then_beat(config_file):
+    config = load_config(config_file, "cluster")
+    apps = [h for h in config.cluster_hosts if has_app(config.for_host(h))]
+    assert "root@10.0.0.9" not in apps  # the balancer runs no programs
+    assert rollout_order(config, apps) == ["root@10.0.0.2", "root@10.0.0.3", "root@10.0.0.4", "root@10.0.0.5"]
+    assert config.primary == "root@10.0.0.2"
+    assert has_app(config.for_host("root@10.0.0.4")) and not has_app(config.for_host("root@10.0.0.9"))
+
+
+def test_parallel_actions_run_at_once_and_every_failure_is_named():
+    started = threading.Barrier(3, timeout=5)  # all three must be running together to pass it
+
+    def action(name: str) -> str:
+        started.wait()
+        if name != "b":
+            raise DeployError(f"{name} broke")
+        return name
+
+    with pytest.raises(DeployError) as caught:
+        in_parallel(action, ["a", "b", "c"], name=lambda n: f"host-{n}")
+    assert str(caught.value) == "host-a: a broke | host-c: c broke"
+    assert in_parallel(lambda n: n * 2, ["x", "y"], name=str) == ["xx", "yy"]
+
+
+@pytest.mark.parametrize("task", ["deploy", "rollback"])
+def test_one_host_of_a_cluster_is_not_deployed_or_rolled_back_alone(config_file, task):
+    result = subprocess.run(
+        [str(Path(sys.executable).with_name("fab")), "-r", str(REPO), "-H", "root@10.0.0.3", task, "--env", "cluster",
+         "--config", str(config_file)],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert result.returncode == 1
+    assert result.stderr.strip() == (
+        f"error: {task} acts on every host of the cluster cluster at once: leave -H out."
+    ), result.stderr
+
+
+def test_a_host_outside_the_cluster_is_refused(config_file):
+    result = subprocess.run(
+        [str(Path(sys.executable).with_name("fab")), "-r", str(REPO), "-H", "root@10.0.0.77", "status", "--env",
+         "cluster", "--config", str(config_file)],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert result.returncode == 1
+    assert "10.0.0.77 is not a host of the cluster cluster" in result.stderr
