@@ -64,6 +64,7 @@ from deploy.server_files import (
     render_unit,
     scram_matches,
     service_key_problems,
+    service_keys_refusal,
     shared_env_values,
     sync_env_file,
 )
@@ -507,13 +508,14 @@ def ensure_certificate(server: Server, host: str) -> tuple[bool, str]:
 # --- the whole thing --------------------------------------------------------------------------
 
 
-def summary(where: str, progress: Progress) -> str:
-    """The closing line: how many steps changed the server (none on a re-run), and the total time."""
+def summary(where: str, progress: Progress, seconds: float | None = None) -> str:
+    """The closing line: how many steps changed the server (none on a re-run), and the total time (or `seconds`)."""
     changed = [step.name for step in progress.steps if step.changed]
+    seconds = progress.elapsed if seconds is None else seconds
     if not changed:
-        return f"provision {where}: nothing changed, the server was already provisioned ({progress.elapsed:.1f} s)"
+        return f"provision {where}: nothing changed, the server was already provisioned ({seconds:.1f} s)"
     what = f"{len(changed)} of {len(progress.steps)} steps changed the server ({', '.join(changed)})"
-    return f"provision {where}: {what} in {progress.elapsed:.1f} s"
+    return f"provision {where}: {what} in {seconds:.1f} s"
 
 
 def provision(conn: Connection, config: DeployConfig, *, progress: Progress | None = None) -> str:
@@ -611,6 +613,11 @@ class ClusterHost:
     def changed(self) -> bool:
         return any(step.changed for step in self.progress.steps)
 
+    @property
+    def seconds(self) -> float:
+        """The time its own steps took (the db host's before the others', then its share beside theirs)."""
+        return sum(step.seconds for step in self.progress.steps)
+
 
 def _in_parallel(hosts: list[ClusterHost], phase: Callable[[ClusterHost], None]) -> None:
     threads = [threading.Thread(target=host.run, args=(phase,), name=host.host) for host in hosts]
@@ -697,17 +704,7 @@ def cluster_env_values(primary: ClusterHost) -> dict[str, str]:
     wrong = service_key_problems(config, shared)
     if not wrong:
         return shared
-    where = f"{primary.host}'s {config.layout.env_file} (the primary's: the other hosts get them from it)"
-    if config.db_address:
-        raise DeployError(
-            f"{', '.join(wrong)} in {where} name another host than the db host {config.db_address}: point them at "
-            "it, or delete those lines to have provision generate new ones."
-        )
-    raise DeployError(
-        f"the cluster {config.name} has no db host: put {', '.join(wrong)} for your PostgreSQL and Redis into "
-        f"{where}, e.g. DATABASE_URL=postgres://USER:PASSWORD@HOST:5432/NAME, CELERY_BROKER_URL="
-        "redis://:PASSWORD@HOST:6379/0, CACHE_URL=redis://:PASSWORD@HOST:6379/1; then run provision again."
-    )
+    raise DeployError(service_keys_refusal(config, primary.host, wrong))
 
 
 def _prepare_primary_env_file(primary: ClusterHost) -> None:
@@ -721,7 +718,9 @@ def _prepare_primary_env_file(primary: ClusterHost) -> None:
 
 def cluster_summary(config: DeployConfig, hosts: list[ClusterHost], elapsed: float) -> str:
     """One line per host (what changed, or nothing), then the cluster's total."""
-    lines = [summary(host.host, host.progress) if not host.error else f"FAILED {host.error}" for host in hosts]
+    lines = [
+        f"FAILED {host.error}" if host.error else summary(host.host, host.progress, host.seconds) for host in hosts
+    ]
     changed = [host.host for host in hosts if host.changed]
     if not changed:
         total = f"nothing changed on its {len(hosts)} hosts, the cluster was already provisioned ({elapsed:.1f} s)"

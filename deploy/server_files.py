@@ -154,6 +154,21 @@ def service_key_problems(config: DeployConfig, values: Mapping[str, str]) -> lis
     return wrong
 
 
+def service_keys_refusal(config: DeployConfig, primary: str, wrong: list[str]) -> str:
+    """Why provision stops before any host changes: which keys to put into which host's env file."""
+    where = f"{primary}'s {config.layout.env_file} (the primary's: the other hosts get them from it)"
+    if config.db_address:
+        return (
+            f"{', '.join(wrong)} in {where} name another host than the db host {config.db_address}: point them at "
+            "it, or delete those lines to have provision generate new ones."
+        )
+    return (
+        f"the cluster {config.name} has no db host: put {', '.join(wrong)} for your PostgreSQL and Redis into "
+        f"{where}, e.g. DATABASE_URL=postgres://USER:PASSWORD@HOST:5432/NAME, CELERY_BROKER_URL="
+        "redis://:PASSWORD@HOST:6379/0, CACHE_URL=redis://:PASSWORD@HOST:6379/1; then run provision again."
+    )
+
+
 def scram_matches(verifier: str, password: str) -> bool:
     """Whether PostgreSQL's stored SCRAM-SHA-256 verifier (pg_authid.rolpassword) is that of `password`: provision
     checks the db host's role against the env file's password without ever sending it to be compared."""

@@ -56,6 +56,7 @@ from deploy.server_files import (
     render_unit,
     scram_matches,
     service_key_problems,
+    service_keys_refusal,
     shared_env_values,
     sync_env_file,
 )
@@ -517,6 +518,10 @@ def test_a_cluster_without_a_db_host_needs_its_managed_services_urls(tmp_path):
     }
     assert service_key_problems(config, managed) == ["CACHE_URL"]
     assert service_key_problems(cluster(tmp_path), managed) == list(SERVICE_ENV_KEYS)  # with a db host: not it
+    refusal = service_keys_refusal(config, "root@10.0.0.2", ["CACHE_URL"])
+    assert refusal.startswith("the cluster cluster has no db host: put CACHE_URL for your PostgreSQL and Redis into ")
+    assert "root@10.0.0.2's /srv/prayer-room/shared/env (the primary's" in refusal
+    assert "10.0.0.4" in service_keys_refusal(cluster(tmp_path), "root@10.0.0.2", ["DATABASE_URL"])
 
 
 def test_postgresql_listens_on_the_db_address_and_admits_the_app_role_from_each_peer_only(tmp_path):

@@ -3,7 +3,8 @@
 The cached rootfs has only what the deploy contract promises on a fresh server (systemd, sshd, python3,
 sudo) plus systemd-networkd for a static address. Each container boots a copy of it in its own network
 namespace (`--network-veth`); the host routes and masquerades its traffic, so `apt-get` inside reaches
-the host's Debian mirror as on a real VPS.
+the host's Debian mirror as on a real VPS. Traffic between two containers is routed, not masqueraded:
+each sees the other's own address (tests/support/cluster.py).
 
 Stdlib only: `.ci/setup.d/25-provision.sh` runs `python3 tests/support/nspawn.py build` before any venv exists.
 """
@@ -212,9 +213,14 @@ class Container:
         Path("/proc/sys/net/ipv4/ip_forward").write_text("1\n")
         table = self.name.replace("-", "_")
         _run("nft", "delete", "table", "ip", table, check=False)
+        # Out to the world (the Debian mirror) masqueraded; to another test container not: a cluster's hosts see
+        # each other's own addresses, as on a private network. Forwarding to and from the link is accepted.
         rules = (
             f"table ip {table} {{\n  chain postrouting {{\n    type nat hook postrouting priority srcnat;\n"
-            f'    ip saddr {self.address} oifname != "{self.host_link}" masquerade\n  }}\n}}\n'
+            f"    ip saddr {self.address} ip daddr != {SUBNET_PREFIX}.0.0/16"
+            f' oifname != "{self.host_link}" masquerade\n  }}\n'
+            "  chain forward {\n    type filter hook forward priority filter; policy accept;\n"
+            f'    iifname "{self.host_link}" accept\n    oifname "{self.host_link}" accept\n  }}\n}}\n'
         )
         subprocess.run(["nft", "-f", "-"], input=rules, text=True, check=True, capture_output=True)
 

@@ -1,0 +1,186 @@
+"""`fab provision --env cluster` on four fresh Debian 12 containers (tests/support/cluster.py), over real SSH.
+
+The tests share one cluster, booted and provisioned once for the module, and run in file order (test_0x_...):
+provision, provision again (nothing changes), then what each host got for its roles. Tests appended below
+(deploys through the balancer) use the same `cluster` fixture: `cluster.provisioned()` makes sure of the first.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import time
+from pathlib import Path
+
+import pytest
+
+from deploy.onserver import read_env_file
+from tests.support.cluster import Cluster
+from tests.support.nspawn import missing_tools
+
+REPO = Path(__file__).resolve().parents[2]
+ARTIFACTS = REPO / "test-artifacts"
+APP_USER = "prayer-room"
+ENV_FILE = "/srv/prayer-room/shared/env"
+APP_HOSTS = ("web1", "web2", "app")
+
+pytestmark = [pytest.mark.deploy, pytest.mark.skipif(bool(missing_tools()), reason=str(missing_tools()))]
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    booted = Cluster.boot(tmp_path_factory.mktemp("cluster"))
+    yield booted
+    booted.destroy()
+    ARTIFACTS.mkdir(exist_ok=True)
+    (ARTIFACTS / "cluster-e2e-timings.json").write_text(json.dumps(booted.timings, indent=1) + "\n")
+
+
+def env_values(cluster: Cluster, name: str) -> dict[str, str]:
+    return read_env_file(cluster[name].ssh(f"cat {ENV_FILE}").stdout)
+
+
+def can_connect(address: str, port: int, timeout: float = 3) -> bool:
+    try:
+        with socket.create_connection((address, port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def test_01_provision_sets_up_each_host_for_its_roles(cluster):
+    result = cluster.provisioned()
+    print(result.stdout)  # shown with -s, and on a failure
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output[-5000:]
+    for name in ("lb", "web1", "web2", "app"):
+        assert f"[{cluster.host(name)}] -> packages" in result.stdout  # each host's lines carry its name
+    assert "provision cluster cluster: 4 of 4 hosts changed in " in result.stdout, result.stdout[-2000:]
+    # The db host went first: its last step ended before any other host began.
+    lines = result.stdout.splitlines()
+    db_done = max(
+        i for i, line in enumerate(lines) if line.startswith(f"[{cluster.host('app')}]   ") and "redis" in line
+    )
+    others = [
+        i for i, line in enumerate(lines) for n in ("lb", "web1", "web2") if line.startswith(f"[{cluster.host(n)}]")
+    ]
+    assert db_done < min(others)
+
+    values = {name: env_values(cluster, name) for name in APP_HOSTS}
+    shared = ("SECRET_KEY", "DATABASE_URL", "CELERY_BROKER_URL", "CACHE_URL", "ALLOWED_HOSTS")
+    for name in APP_HOSTS:
+        assert {key: values[name][key] for key in shared} == {key: values["web1"][key] for key in shared}, name
+    primary = values["web1"]
+    assert f"@{cluster.app.address}:5432/" in primary["DATABASE_URL"]
+    assert f"@{cluster.app.address}:6379/0" in primary["CELERY_BROKER_URL"]
+    assert primary["ALLOWED_HOSTS"] == f"{cluster.lb.address},127.0.0.1,localhost"
+    for secret in (primary["SECRET_KEY"], primary["DATABASE_URL"].split(":")[2].split("@")[0]):
+        assert secret not in output
+    assert cluster.web1.ssh(f"stat -c '%U:%G %a' {ENV_FILE}").stdout == f"root:{APP_USER} 640\n"
+    # The backup timer on the primary only; supervisord on every app host.
+    assert cluster.web1.ssh("systemctl is-enabled prayer-room-backup.timer", check=False).stdout.strip() == "enabled"
+    assert cluster.web2.ssh("systemctl is-enabled prayer-room-backup.timer", check=False).returncode != 0
+    for name in APP_HOSTS:
+        assert cluster[name].ssh("systemctl is-active prayer-room").stdout.strip() == "active", name
+
+
+def test_02_provision_again_changes_nothing(cluster):
+    cluster.provisioned()
+    snapshot = "md5sum /srv/prayer-room/shared/env /etc/prayer-room/* /etc/nginx/sites-enabled/* 2>/dev/null; true"
+    before = {name: cluster[name].ssh(snapshot).stdout for name in ("lb", "web1", "web2", "app")}
+    pids = {name: cluster[name].ssh("systemctl show -p MainPID --value prayer-room").stdout for name in APP_HOSTS}
+    started = time.monotonic()
+    result = cluster.fab("provision")
+    cluster.timings["provision, second run"] = time.monotonic() - started
+    assert result.returncode == 0, (result.stdout + result.stderr)[-5000:]
+    assert "provision cluster cluster: nothing changed on its 4 hosts" in result.stdout, result.stdout[-3000:]
+    assert "   changed  " not in result.stdout  # no step of any host
+    assert {name: cluster[name].ssh(snapshot).stdout for name in before} == before
+    assert {name: cluster[name].ssh("systemctl show -p MainPID --value prayer-room").stdout for name in pids} == pids
+
+
+REDIS_PING = """
+import socket, sys
+from urllib.parse import unquote, urlsplit
+url = urlsplit(sys.argv[1])
+with socket.create_connection((url.hostname, url.port), timeout=5) as s:
+    f = s.makefile("rwb")
+    for words in ([b"PING"], [b"AUTH", unquote(url.password or "").encode()], [b"PING"]):
+        f.write(b"*%d\\r\\n" % len(words) + b"".join(b"$%d\\r\\n%s\\r\\n" % (len(w), w) for w in words))
+        f.flush()
+        print(f.readline().decode().strip())
+"""
+
+
+def test_03_an_app_host_reaches_postgresql_and_redis_with_its_env_files_urls(cluster):
+    cluster.provisioned()
+    database = cluster.web1.ssh(
+        f"cd / && runuser -u {APP_USER} -- psql -tA \"$(sed -n 's/^DATABASE_URL=//p' {ENV_FILE})\""
+        " -c 'select current_user, inet_server_addr()'"
+    )
+    assert database.stdout.strip() == f"prayer_room|{cluster.app.address}", database.stdout + database.stderr
+    redis = cluster.web2.ssh(
+        f"python3 -c '{REDIS_PING}' \"$(sed -n 's/^CELERY_BROKER_URL=//p' {ENV_FILE})\"", check=False
+    )
+    lines = redis.stdout.split()
+    assert lines[:1] == ["-NOAUTH"] and lines[-2:] == ["+OK", "+PONG"], redis.stdout + redis.stderr
+
+
+def test_04_the_db_host_admits_postgresql_and_redis_from_the_cluster_only(cluster):
+    cluster.provisioned()
+    db = cluster.app.address
+    # This machine is no host of the cluster (the containers see it as their gateway, 10.231.N.1).
+    assert not can_connect(db, 5432) and not can_connect(db, 6379)
+    assert can_connect(db, 22)  # SSH is never filtered
+    probe = f"python3 -c 'import socket; [socket.create_connection((\"{db}\", p), timeout=3) for p in (5432, 6379)]'"
+    assert cluster.lb.ssh(probe, check=False).returncode == 0  # a peer: admitted (pg_hba still wants the password)
+    rules = cluster.app.ssh("nft list table inet prayer_room").stdout
+    assert "5432" in rules and "drop" in rules
+    assert cluster.app.ssh("systemctl is-enabled prayer-room-firewall").stdout.strip() == "enabled"
+    listening = cluster.app.ssh("ss -Hltn").stdout
+    assert f"{db}:5432" in listening and f"{db}:6379" in listening
+
+
+def test_05_postgresql_and_redis_are_on_the_db_host_only_and_the_balancer_runs_no_app(cluster):
+    cluster.provisioned()
+    installed = "dpkg-query -W -f '${Package} ${db:Status-Abbrev}\\n' postgresql redis-server nginx 2>/dev/null; true"
+    packages = {
+        name: {
+            line.split()[0] for line in cluster[name].ssh(installed).stdout.splitlines() if line.split()[1:] == ["ii"]
+        }
+        for name in ("lb", "web1", "web2", "app")
+    }
+    assert packages == {
+        "lb": {"nginx"},
+        "web1": {"nginx"},
+        "web2": {"nginx"},
+        "app": {"postgresql", "redis-server"},
+    }
+    bare = cluster.lb.ssh(f"getent passwd {APP_USER}; ls -d /srv/prayer-room /etc/prayer-room 2>/dev/null", check=False)
+    assert bare.stdout.strip() == ""
+    assert cluster.app.ssh("ls /etc/nginx/sites-enabled 2>/dev/null; true").stdout.strip() == ""
+
+
+def http_status(address: str, host: str | None = None) -> int | None:
+    """The status line's code of GET / at `address` (with Host `host`), None when the server closed without one."""
+    with socket.create_connection((address, 80), timeout=10) as sock:
+        sock.sendall(f"GET / HTTP/1.1\r\nHost: {host or address}\r\nConnection: close\r\n\r\n".encode())
+        answer = sock.recv(200).decode(errors="replace")
+    return int(answer.split()[1]) if answer.startswith("HTTP/") else None
+
+
+def test_06_the_balancer_proxies_to_the_web_hosts_nginx(cluster):
+    cluster.provisioned()
+    # Nothing is deployed: each web host's nginx answers 502 (no web program), and so does the balancer.
+    assert http_status(cluster.lb.address) == 502
+    assert http_status(cluster.lb.address, host="unknown.example") is None  # 444: closed without an answer
+    assert http_status(cluster.web1.address, host=cluster.lb.address) == 502
+    assert http_status(cluster.web1.address) is None  # the web hosts answer for the site's name only
+    # Both web hosts got the balancer's requests, and log the client (this machine, as the balancer saw it): they
+    # believe the balancer's X-Forwarded-For.
+    client = cluster.lb.gateway
+    seen = {
+        name: cluster[name].ssh(f"grep -c '^{client} ' /var/log/nginx/access.log", check=False).stdout.strip()
+        for name in ("web1", "web2")
+    }
+    assert all(int(count or 0) > 0 for count in seen.values()), seen

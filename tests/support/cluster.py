@@ -1,0 +1,123 @@
+"""A four-host cluster of throwaway Debian 12 containers (tests/support/nspawn.py), booted in parallel, with the
+deploy.toml that names them by role, and the real `fab` command line to act on it.
+
+    lb    balancer
+    web1  web, beat        (the primary: it migrates and keeps the backups)
+    web2  web, worker, beat
+    app   worker, db       (PostgreSQL and Redis for the whole cluster)
+
+The containers reach each other with their own addresses (10.231.N.2); the machine running the tests is
+none of them (to the containers it is each link's gateway, 10.231.N.1).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tests.support.nspawn import Container, build_rootfs
+
+REPO = Path(__file__).resolve().parents[2]
+FAB = Path(sys.executable).with_name("fab")
+ENVIRONMENT = "cluster"
+# name -> roles, in the order deploy.toml's roles name the hosts.
+ROLES = {
+    "lb": ("balancer",),
+    "web1": ("web", "beat"),
+    "web2": ("web", "worker", "beat"),
+    "app": ("worker", "db"),
+}
+
+
+@dataclass
+class Cluster:
+    """The booted containers by name (`cluster.web1` or `cluster["web1"]`), the deploy.toml naming them, and `fab`."""
+
+    workdir: Path
+    containers: dict[str, Container]
+    config_path: Path
+    timings: dict[str, float] = field(default_factory=dict)
+    _provision: subprocess.CompletedProcess | None = None
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    @classmethod
+    def boot(cls, workdir: Path) -> Cluster:
+        """Create and boot the containers in parallel (one SSH key for all), and write their deploy.toml."""
+        base = build_rootfs()
+        containers: dict[str, Container] = {}
+        for name in ROLES:  # one after the other: each picks a subnet no other container of the cluster has
+            while True:
+                container = Container(workdir / name)
+                if container.subnet not in {other.subnet for other in containers.values()}:
+                    break
+            container.workdir.mkdir(parents=True)
+            containers[name] = container
+        started = time.monotonic()
+        with ThreadPoolExecutor(len(containers)) as pool:
+            list(pool.map(lambda container: container.create(base), containers.values()))
+        key = containers["lb"].key
+        for container in containers.values():  # `fab -i KEY` reaches every host with the lb's key
+            with (container.rootfs / "root/.ssh/authorized_keys").open("a") as keys:
+                keys.write(key.with_suffix(".pub").read_text())
+        cluster = cls(workdir, containers, workdir / "deploy.toml")
+        try:
+            with ThreadPoolExecutor(len(containers)) as pool:
+                list(pool.map(lambda container: container.boot(), containers.values()))
+        except BaseException:
+            cluster.destroy()
+            raise
+        cluster.timings["boot 4 containers"] = time.monotonic() - started
+        cluster.config_path.write_text(cluster.deploy_toml())
+        return cluster
+
+    def __getitem__(self, name: str) -> Container:
+        return self.containers[name]
+
+    def __getattr__(self, name: str) -> Container:
+        containers = self.__dict__.get("containers", {})
+        if name in containers:
+            return containers[name]
+        raise AttributeError(name)
+
+    @property
+    def key(self) -> Path:
+        return self.containers["lb"].key
+
+    def host(self, name: str) -> str:
+        return f"root@{self.containers[name].address}"
+
+    def deploy_toml(self) -> str:
+        by_role: dict[str, list[str]] = {}
+        for name, roles in ROLES.items():
+            for role in roles:
+                by_role.setdefault(role, []).append(self.host(name))
+        lines = [f"[environments.{ENVIRONMENT}.roles]"]
+        lines += [f"{role} = [{', '.join(f'{host!r}' for host in hosts)}]" for role, hosts in by_role.items()]
+        return "\n".join(lines).replace("'", '"') + "\n"
+
+    def fab(self, *args: str, timeout: float = 1200) -> subprocess.CompletedProcess:
+        """Run the real `fab -i KEY ARGS --env cluster --config PATH` (the environment added unless ARGS has one)."""
+        command = [str(FAB), "-i", str(self.key), *args]
+        if "--env" not in args:
+            command += ["--env", ENVIRONMENT, "--config", str(self.config_path)]
+        env = {k: v for k, v in os.environ.items() if k != "SSH_AUTH_SOCK"}  # only the key given with -i
+        return subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=timeout, env=env)
+
+    def provisioned(self) -> subprocess.CompletedProcess:
+        """`fab provision` of the whole cluster, run once (the first caller times it); later calls return that run."""
+        with self._lock:
+            if self._provision is None:
+                started = time.monotonic()
+                self._provision = self.fab("provision")
+                self.timings["provision, first run"] = time.monotonic() - started
+            return self._provision
+
+    def destroy(self) -> None:
+        with ThreadPoolExecutor(len(self.containers)) as pool:
+            list(pool.map(lambda container: container.destroy(), self.containers.values()))
