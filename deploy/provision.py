@@ -28,6 +28,7 @@ from deploy.onserver import read_env_file
 from deploy.progress import Progress
 from deploy.remote import HELPER_SOURCE, Server, connect, sh
 from deploy.server_files import (
+    ACME_WEBROOT,
     BACKUP_SERVICE,
     BACKUP_TIMER,
     CERTBOT_DROPIN,
@@ -179,13 +180,13 @@ def ensure_app_user(server: Server) -> bool:
     return True
 
 
-def ensure_directories(server: Server) -> bool:
-    """Create or fix the layout's directories (owner and mode), as `directories` lists them.
+def ensure_directories(server: Server, wanted: list[tuple[PurePosixPath, str, str]] | None = None) -> bool:
+    """Create or fix the layout's directories (owner and mode), as `directories` lists them (or `wanted`).
 
     A root-owned directory that was not (a server provisioned before the app user lost them) is taken back
     with everything in it, symlinks themselves not followed.
     """
-    wanted = directories(server.config)
+    wanted = directories(server.config) if wanted is None else wanted
     stat = server.root(
         sh("stat", "--format=%n %U %G %a", *[path for path, _, _ in wanted]), what="checking directories", warn=True
     )
@@ -485,9 +486,10 @@ def ensure_nginx(server: Server, host: str, *, tls: bool = False, site: str | No
     return changed
 
 
-def ensure_certificate(server: Server, host: str) -> tuple[bool, str]:
+def ensure_certificate(server: Server, host: str, site: Callable[[], str] | None = None) -> tuple[bool, str]:
     """A certificate for the domain (certbot, webroot mode: nginx already answers the challenge on port 80),
-    then the HTTPS site; certbot.timer renews it, trusting acme_ca_bundle if given. A fitting one is kept."""
+    then the HTTPS site (or the balancer's, `site`); certbot.timer renews it, trusting acme_ca_bundle if given. A
+    fitting one is kept."""
     config = server.config
     changed = False
     if config.acme_ca_bundle:
@@ -500,7 +502,7 @@ def ensure_certificate(server: Server, host: str) -> tuple[bool, str]:
     if not tls.has_fitting_certificate(server):
         note = tls.obtain_certificate(server)
         changed = True
-    changed |= ensure_nginx(server, host, tls=True)
+    changed |= ensure_nginx(server, host, tls=True, site=site() if site else None)
     changed |= tls.ensure_renewal_timer(server)
     return changed, note
 
@@ -686,9 +688,26 @@ def _host_steps(shared: dict[str, str]) -> Callable[[ClusterHost], None]:
                 if host.host == config.primary:
                     host.step("backup timer", lambda: ensure_backup_timer(server))
         if config.runs("balancer"):
-            host.step("balancer", lambda: ensure_nginx(server, host.host, site=render_balancer_site(config)))
+            _balancer_steps(host)
 
     return phase
+
+
+def _balancer_steps(host: ClusterHost) -> None:
+    """The balancer's site; with `domain` it holds the certificate (the ACME challenge first, on plain HTTP)."""
+    server, config = host.server, host.config
+    if config.domain:
+        host.step("acme webroot", lambda: ensure_directories(server, [(ACME_WEBROOT, "root", "755")]))
+
+    def site() -> bool:
+        secure = bool(config.domain) and tls.has_fitting_certificate(server)
+        return ensure_nginx(server, host.host, site=render_balancer_site(config, tls=secure))
+
+    host.step("balancer", site)
+    if config.domain:
+        host.step(
+            "certificate", lambda: ensure_certificate(server, host.host, lambda: render_balancer_site(config, tls=True))
+        )
 
 
 def cluster_env_values(primary: ClusterHost) -> dict[str, str]:
@@ -733,11 +752,6 @@ def provision_cluster(conns: list[Connection], config: DeployConfig, *, out: Tex
     """Provision each host of a cluster for its roles: the db host first (the others need it), then the others in
     parallel, each one's lines prefixed with its name. Returns the summary; a failure raises DeployError naming the
     host and the step, after the other hosts have finished (a re-run goes on from where each stopped)."""
-    if config.domain:
-        raise DeployError(
-            f"provision: TLS through the balancer (domain = {config.domain!r} on the cluster {config.name}) is not "
-            "supported yet; leave domain out of the environment and terminate TLS in front of the balancer."
-        )
     started = time.monotonic()
     out = out or sys.stdout
     lock = threading.Lock()

@@ -274,10 +274,18 @@ def balancer_address(config: DeployConfig) -> str:
 
 
 def render_balancer_site(
-    config: DeployConfig, *, ipv6: bool = True, address: str = "", http_port: int = 80, web_port: int = 80
+    config: DeployConfig,
+    *,
+    tls: bool = False,
+    ipv6: bool = True,
+    address: str = "",
+    http_port: int = 80,
+    https_port: int = 443,
+    web_port: int = 80,
 ) -> str:
     """The balancer's nginx site: the web hosts' own nginx (port 80) as upstreams with passive health checks and
-    kept-alive connections, a 444 default server. `address`, the ports and `ipv6` are for tests."""
+    kept-alive connections, a 444 default server. With `domain` it answers the ACME challenge, and with `tls` (its
+    certificate exists) it serves HTTPS and redirects HTTP. `address`, the ports and `ipv6` are for tests."""
     servers = [f"{_url_host(address_of(host))}:{web_port}" for host in config.role_hosts("web")]
     return (
         _nginx_environment()
@@ -291,10 +299,16 @@ def render_balancer_site(
             ipv6=ipv6,
             address=address,
             http_port=http_port,
+            https_port=https_port,
             server_names=cluster_site_names(config),
             max_body="1m",
             client_timeout=CLIENT_TIMEOUT,
             read_timeout=PROXY_READ_TIMEOUT,
+            tls=tls,
+            acme_webroot=str(ACME_WEBROOT) if config.domain else "",
+            certificate=str(CERT_DIR / "fullchain.pem"),
+            certificate_key=str(CERT_DIR / "privkey.pem"),
+            hsts_seconds=HSTS_SECONDS,
         )
     )
 

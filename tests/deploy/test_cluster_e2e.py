@@ -184,3 +184,21 @@ def test_06_the_balancer_proxies_to_the_web_hosts_nginx(cluster):
         for name in ("web1", "web2")
     }
     assert all(int(count or 0) > 0 for count in seen.values()), seen
+
+
+def test_07_the_db_host_comes_back_from_a_reboot_listening_behind_its_firewall(cluster):
+    cluster.provisioned()
+    db = cluster.app.address
+    started = time.monotonic()
+    cluster.app.reboot()
+    listening = ""
+    while time.monotonic() - started < 120:
+        listening = cluster.app.ssh("ss -Hltn", check=False).stdout
+        if f"{db}:5432" in listening and f"{db}:6379" in listening:
+            break
+        time.sleep(0.5)
+    cluster.timings["db host reboot until listening"] = time.monotonic() - started
+    assert f"{db}:5432" in listening and f"{db}:6379" in listening, listening
+    assert "5432" in cluster.app.ssh("nft list table inet prayer_room").stdout  # loaded at boot by our unit
+    assert not can_connect(db, 5432) and not can_connect(db, 6379)
+    test_03_an_app_host_reaches_postgresql_and_redis_with_its_env_files_urls(cluster)

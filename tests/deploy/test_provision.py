@@ -20,7 +20,7 @@ from deploy.errors import DeployError
 from deploy.layout import WEB_PORTS
 from deploy.onserver import read_env_file
 from deploy.progress import Progress
-from deploy.provision import PrefixedLines, packages_for, provision_cluster, services_for, summary
+from deploy.provision import PrefixedLines, packages_for, services_for, summary
 from deploy.server_files import (
     ACME_WEBROOT,
     CERT_DIR,
@@ -633,10 +633,26 @@ def test_the_db_hosts_role_password_is_checked_against_postgresqls_own_verifier(
     assert not scram_matches("md5" + "0" * 32, "pw-_1 with spaces")  # an md5 password is replaced by scram
 
 
-def test_a_cluster_refuses_tls_until_the_balancer_can_hold_the_certificate(tmp_path):
+def test_with_a_domain_the_balancer_holds_the_certificate_and_the_web_hosts_stay_on_http(tmp_path):
     config = replace(cluster(tmp_path), domain="prayer.example.org")
-    with pytest.raises(DeployError, match="TLS through the balancer .* is not supported yet"):
-        provision_cluster([], config)
+    first = render_balancer_site(config)  # no certificate yet: the ACME challenge on plain HTTP
+    assert (
+        f"location /.well-known/acme-challenge/ {{\n        root {ACME_WEBROOT};" in first and "listen 443" not in first
+    )
+    site = render_balancer_site(config, tls=True)
+    http, https = site.split("server {")[2], site.split("server {")[3]
+    assert "acme-challenge" in http and "return 301 https://$host$request_uri;" in http and "proxy_pass" not in http
+    assert "listen 443 ssl http2;" in https and "proxy_pass http://prayer_room_web_hosts;" in https
+    assert f"ssl_certificate {CERT_DIR}/fullchain.pem;" in https and "server_name prayer.example.org;" in https
+    assert "proxy_set_header X-Forwarded-Proto $scheme;" in https  # https, which the web hosts believe from it
+    assert "proxy_hide_header Strict-Transport-Security;" in https and "max-age=31536000" in https
+    assert "ssl_reject_handshake on;" in site.split("server {")[1]
+    web = render_nginx_site(config.at("10.0.0.2"), "10.0.0.2")
+    assert "server_name prayer.example.org;" in web and "listen 443" not in web and "ssl_certificate" not in web
+    assert packages_for(config.at("10.0.0.5")) == ("nginx", "certbot", "openssl")
+    assert "certbot" not in packages_for(config.at("10.0.0.2"))
+    values = cluster_defaults(config, "10.0.0.2")
+    assert values["ALLOWED_HOSTS"] == "prayer.example.org,127.0.0.1,localhost"
 
 
 def test_cluster_output_keeps_each_hosts_lines_whole_and_prefixed():

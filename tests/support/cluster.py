@@ -12,6 +12,7 @@ none of them (to the containers it is each link's gateway, 10.231.N.1).
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -42,16 +43,19 @@ class Cluster:
     workdir: Path
     containers: dict[str, Container]
     config_path: Path
+    roles: dict[str, tuple[str, ...]] = field(default_factory=lambda: dict(ROLES))
+    settings: str = ""
     timings: dict[str, float] = field(default_factory=dict)
     _provision: subprocess.CompletedProcess | None = None
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     @classmethod
-    def boot(cls, workdir: Path) -> Cluster:
-        """Create and boot the containers in parallel (one SSH key for all), and write their deploy.toml."""
+    def boot(cls, workdir: Path, roles: dict[str, tuple[str, ...]] = ROLES) -> Cluster:
+        """Create and boot the containers in parallel (one SSH key for all), and write their deploy.toml (`roles`:
+        another cluster's container names and roles; the first one's key reaches all)."""
         base = build_rootfs()
         containers: dict[str, Container] = {}
-        for name in ROLES:  # one after the other: each picks a subnet no other container of the cluster has
+        for name in roles:  # one after the other: each picks a subnet no other container of the cluster has
             while True:
                 container = Container(workdir / name)
                 if container.subnet not in {other.subnet for other in containers.values()}:
@@ -61,20 +65,25 @@ class Cluster:
         started = time.monotonic()
         with ThreadPoolExecutor(len(containers)) as pool:
             list(pool.map(lambda container: container.create(base), containers.values()))
-        key = containers["lb"].key
+        key = next(iter(containers.values())).key
         for container in containers.values():  # `fab -i KEY` reaches every host with the lb's key
             with (container.rootfs / "root/.ssh/authorized_keys").open("a") as keys:
                 keys.write(key.with_suffix(".pub").read_text())
-        cluster = cls(workdir, containers, workdir / "deploy.toml")
+        cluster = cls(workdir, containers, workdir / "deploy.toml", dict(roles))
         try:
             with ThreadPoolExecutor(len(containers)) as pool:
                 list(pool.map(lambda container: container.boot(), containers.values()))
         except BaseException:
             cluster.destroy()
             raise
-        cluster.timings["boot 4 containers"] = time.monotonic() - started
-        cluster.config_path.write_text(cluster.deploy_toml())
+        cluster.timings[f"boot {len(containers)} containers"] = time.monotonic() - started
+        cluster.configure()
         return cluster
+
+    def configure(self, settings: str = "") -> None:
+        """(Re)write deploy.toml: the roles, and `settings` (TOML lines) for the environment."""
+        self.settings = settings
+        self.config_path.write_text(self.deploy_toml())
 
     def __getitem__(self, name: str) -> Container:
         return self.containers[name]
@@ -87,19 +96,19 @@ class Cluster:
 
     @property
     def key(self) -> Path:
-        return self.containers["lb"].key
+        return next(iter(self.containers.values())).key
 
     def host(self, name: str) -> str:
         return f"root@{self.containers[name].address}"
 
     def deploy_toml(self) -> str:
         by_role: dict[str, list[str]] = {}
-        for name, roles in ROLES.items():
+        for name, roles in self.roles.items():
             for role in roles:
                 by_role.setdefault(role, []).append(self.host(name))
-        lines = [f"[environments.{ENVIRONMENT}.roles]"]
-        lines += [f"{role} = [{', '.join(f'{host!r}' for host in hosts)}]" for role, hosts in by_role.items()]
-        return "\n".join(lines).replace("'", '"') + "\n"
+        lines = [f"[environments.{ENVIRONMENT}]", self.settings.strip(), f"[environments.{ENVIRONMENT}.roles]"]
+        lines += [f"{role} = {json.dumps(hosts)}" for role, hosts in by_role.items()]
+        return "\n".join(lines) + "\n"
 
     def fab(self, *args: str, timeout: float = 1200) -> subprocess.CompletedProcess:
         """Run the real `fab -i KEY ARGS --env cluster --config PATH` (the environment added unless ARGS has one)."""
