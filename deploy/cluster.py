@@ -228,10 +228,10 @@ def _deploy_locked(cluster: Cluster, source, *, maintenance: bool) -> str:
                 release.build_venv(server, release_id, source.lock_hash)
 
     def prepare(member: Member) -> None:
-        with member.progress.step("prepare: check --deploy, collectstatic"):
+        with member.progress.step("prepare: check --deploy, collectstatic (as the build user)"):
             member.server.helper(
                 release_dir, "prepare", "--stage", "before", what="prepare",
-                on_lines=workflow._report_steps(member.progress, []),
+                on_lines=workflow._report_steps(member.progress, []), build=True,
             )  # fmt: skip
             release.seal_static(member.server, release_id)
 

@@ -63,6 +63,12 @@ class DeployConfig:
     host_roles: frozenset[str] = SINGLE_HOST_ROLES
 
     @property
+    def build_user(self) -> str:
+        """The unprivileged user collectstatic runs as: a uid of its own, so the app user cannot write what it
+        collects (nginx serves it) nor touch the process while it runs."""
+        return f"{self.user}-build"
+
+    @property
     def is_cluster(self) -> bool:
         return bool(self.roles)
 
@@ -299,6 +305,8 @@ def validate(config: DeployConfig, where: str = "deploy config") -> None:
     """Refuse values that would break the server, naming the setting."""
     if not _USER.fullmatch(config.user):
         raise DeployError(f"{where}: user {config.user!r} is not a valid Unix user name.")
+    if not _USER.fullmatch(config.build_user):
+        raise DeployError(f"{where}: user {config.user!r} is too long for its build user {config.build_user!r}.")
     for key in ("root", "etc", "backup_dir", "run"):
         value = getattr(config, key)
         if not value.startswith("/") or value.rstrip("/") in ("", "/tmp") or ".." in value.split("/"):

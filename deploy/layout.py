@@ -63,7 +63,7 @@ class ServerLayout:
     def static(self, release_id: str) -> PurePosixPath:
         """A release's collectstatic target (content-hashed names and staticfiles.json), served by nginx.
 
-        The app user's only while the deploy's collectstatic runs; root's (read-only to it) from then on.
+        The build user's while the deploy's collectstatic runs (the app user can never write it); root's from then on.
         """
         return self.releases / release_id / "static"
 

@@ -166,18 +166,24 @@ def ensure_services(server: Server, units: tuple[str, ...]) -> bool:
 
 
 def ensure_app_user(server: Server) -> bool:
-    """The unprivileged system user the programs run as, its home the app directory, no login shell."""
-    user = server.config.user
-    if server.root(sh("getent", "passwd", user), what="looking up the app user", warn=True).exited == 0:
-        return False
-    server.root(
-        sh(
-            "useradd", "--system", "--user-group", "--no-create-home",
-            "--home-dir", server.config.layout.root, "--shell", "/usr/sbin/nologin", user,
-        ),
-        what=f"creating the app user {user}",
-    )  # fmt: skip
-    return True
+    """The unprivileged system users, no login shell: the app user the programs run as (its home the app
+    directory), and the build user collectstatic runs as (no home), whose files the app user cannot write.
+
+    Every deploy runs collectstatic, so every host the app is deployed to gets both.
+    """
+    changed = False
+    for user, home in ((server.config.user, server.config.layout.root), (server.config.build_user, "/nonexistent")):
+        if server.root(sh("getent", "passwd", user), what=f"looking up the user {user}", warn=True).exited == 0:
+            continue
+        server.root(
+            sh(
+                "useradd", "--system", "--user-group", "--no-create-home",
+                "--home-dir", home, "--shell", "/usr/sbin/nologin", user,
+            ),
+            what=f"creating the user {user}",
+        )  # fmt: skip
+        changed = True
+    return changed
 
 
 def ensure_directories(server: Server, wanted: list[tuple[PurePosixPath, str, str]] | None = None) -> bool:

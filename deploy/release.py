@@ -108,7 +108,7 @@ def history_path(server: Server, release_id: str):
 def upload_release(server: Server, source: Source, release_id: str, programs_text: str) -> None:
     """Unpack the commit into releases/<id> (root's, read-only to the app user), link its venv, keep its programs
     config."""
-    layout = server.config.layout
+    layout, build = server.config.layout, server.config.build_user
     target = layout.releases / release_id
     tarball = layout.releases / f".{release_id}.tar"
     unpack = [
@@ -117,8 +117,8 @@ def upload_release(server: Server, source: Source, release_id: str, programs_tex
         sh("tar", "-xf", tarball, "-C", target, "--no-same-owner", "--no-same-permissions"),
         sh("rm", "-f", tarball),
         sh("ln", "-sfn", layout.venvs / source.lock_hash, target / ".venv"),
-        # collectstatic (as the app user) fills it; seal_static makes it root's once it has.
-        sh("install", "-d", "-o", server.config.user, "-g", server.config.user, "-m", "755", layout.static(release_id)),
+        # collectstatic (as the build user: the app user cannot write it) fills it; seal_static makes it root's.
+        sh("install", "-d", "-o", build, "-g", build, "-m", "755", layout.static(release_id)),
     ]
     server.upload(
         [
@@ -131,7 +131,7 @@ def upload_release(server: Server, source: Source, release_id: str, programs_tex
 
 
 def seal_static(server: Server, release_id: str) -> None:
-    """The release's collected static files become root's: read-only to the app user from here on."""
+    """The release's collected static files become root's: read-only to the build user too from here on."""
     static = server.config.layout.static(release_id)
     server.root(sh("chown", "-R", "-h", "root:root", static), what="making the static files root's")
 

@@ -53,6 +53,15 @@ class Server:
         user = self.config.user
         return sh("runuser", "-u", user, "--", "env", f"HOME={self.app_home}", f"USER={user}", "sh", "-c", command)
 
+    def as_build(self, command: str) -> str:
+        """A root shell command that runs `command` (umask 022) as the build user, with the app user's group
+        added so that it reads the env file."""
+        user = self.config.build_user
+        return sh(
+            "runuser", "-u", user, "-g", user, "-G", self.config.user, "--",
+            "env", "HOME=/nonexistent", f"USER={user}", "sh", "-c", f"umask 022 && {command}",
+        )  # fmt: skip
+
     def app(self, command: str, *, what: str, warn: bool = False, timeout: float | None = None, **kwargs):
         """Run a shell command as the app user."""
         return self.root(self.as_app(command), what=what, warn=warn, timeout=timeout, **kwargs)
@@ -98,22 +107,32 @@ class Server:
         script = " && ".join([*installs, f"({then})"])
         self.root(f"{script}; code=$?; rm -rf {sh(tmpdir)}; exit $code", what=what)
 
-    def helper_command(self, release_dir: object, *args: str) -> str:
-        """A root shell command running deploy/onserver.py ARGS with the release's Python, as the app user."""
+    def helper_command(self, release_dir: object, *args: str, build: bool = False) -> str:
+        """A root shell command running deploy/onserver.py ARGS with the release's Python, as the app user (or,
+        with `build`, as the build user)."""
         overlay = [f"--default={key}={value}" for key, value in self.config.environment_defaults()]
         overlay += [f"--set={key}={value}" for key, value in self.config.environment_overrides()]
         python = sh(".venv/bin/python", "-c", HELPER_SOURCE.read_text(), "--env-file", self.config.layout.env_file)
-        return self.as_app(f"cd {sh(release_dir)} && {python} {sh(*overlay, *args)}")
+        command = f"cd {sh(release_dir)} && {python} {sh(*overlay, *args)}"
+        return self.as_build(command) if build else self.as_app(command)
 
     def helper(
-        self, release_dir: object, *args: str, what: str, timeout: float | None = None, on_lines=None, wrap=None
+        self,
+        release_dir: object,
+        *args: str,
+        what: str,
+        timeout: float | None = None,
+        on_lines=None,
+        wrap=None,
+        build: bool = False,
     ) -> list[dict]:
         """Run deploy/onserver.py with the release's Python as the app user; its JSON lines (ok=False raises).
 
         `on_lines` sees the lines before a failure is raised (the prepare steps report their timings);
-        `wrap` turns the root shell command into another (the deploy lock keeps it alive).
+        `wrap` turns the root shell command into another (the deploy lock keeps it alive); `build` runs it as
+        the build user.
         """
-        command = self.helper_command(release_dir, *args)
+        command = self.helper_command(release_dir, *args, build=build)
         result = self.root(wrap(command) if wrap else command, what=what, warn=True, timeout=timeout)
         return self.helper_lines(result, what=what, on_lines=on_lines)
 

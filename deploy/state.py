@@ -29,6 +29,7 @@ class ServerState:
     live_programs: str | None
     beat_log_size: int
     unsafe_dirs: tuple[str, ...] = ()  # layout directories root acts in that are not root's alone
+    build_user: bool = True  # the build user (collectstatic's) exists
 
     def previous(self, before: str | None = None) -> str | None:
         """The newest verified release older than `before` (default: the live one)."""
@@ -60,6 +61,11 @@ class ServerState:
                 f"{', '.join(self.unsafe_dirs)} on {server.name} must be root's and writable by root alone (the app "
                 "user could change what root runs or deletes); run `fab provision`, which takes them back."
             )
+        if not self.build_user:
+            raise DeployError(
+                f"{server.name} has no build user {server.config.build_user!r} (collectstatic runs as it, so the "
+                "app user cannot write the static files nginx serves); run `fab provision`, which creates it."
+            )
         if not self.supervisord_up:
             raise DeployError(
                 f"supervisord is not answering on {layout.supervisor_socket} on {server.name}; start the "
@@ -75,6 +81,7 @@ def read_state(server: Server) -> ServerState:
         "root": f"test -d {sh(layout.root)} && echo yes",
         "supervisord": f"{server.supervisorctl_command('pid')} >/dev/null 2>&1 && echo yes",
         "env": f"cat {sh(layout.env_file)} 2>/dev/null",
+        "build": f"getent passwd {sh(server.config.build_user)} >/dev/null && echo yes",
         "programs": f"cat {sh(layout.programs_conf)} 2>/dev/null",
         "beatlog": f"stat -c %s {sh(layout.logs / 'beat.log')} 2>/dev/null",
         "current": f"readlink {sh(layout.current)}",
@@ -123,4 +130,5 @@ def read_state(server: Server) -> ServerState:
         live_programs=parts["programs"] if parts.get("programs") else None,
         beat_log_size=int(size) if size.isdigit() else 0,
         unsafe_dirs=tuple(unsafe),
+        build_user=parts.get("build", "").strip() == "yes",
     )

@@ -205,10 +205,10 @@ def _deploy_locked(
                 progress.say(f"   UNSAFE {item['migration']}: {item['problem']}")
             if report.unsafe and previous and not maintenance:
                 raise DeployError(schema.refuse_unsafe(report.unsafe, previous))
-        with progress.step("prepare: check --deploy, collectstatic"):
+        with progress.step("prepare: check --deploy, collectstatic (as the build user)"):
             server.helper(
                 release_dir, "prepare", "--stage", "before", what="prepare",
-                on_lines=_report_steps(progress, []), wrap=lock.kept_alive,
+                on_lines=_report_steps(progress, []), wrap=lock.kept_alive, build=True,
             )  # fmt: skip
             release.seal_static(server, release_id)
         if report.new and previous:

@@ -31,6 +31,7 @@ from tests.support.stack import Database, claim_redis_db, free_port, redis_url, 
 REPO = Path(__file__).resolve().parents[2]
 VENV_BIN = Path(sys.executable).parent
 APP_USER = "prayer-room-e2e"
+BUILD_USER = f"{APP_USER}-build"  # DeployConfig.build_user: collectstatic's
 NO_SUDO_USER = "prayer-room-nosudo"  # logs in over SSH, cannot sudo
 SUDO_USER = "prayer-room-sudoer"  # logs in over SSH, passwordless sudo
 SSHD = shutil.which("sshd") or "/usr/sbin/sshd"
@@ -91,7 +92,9 @@ def ensure_sudoer(name: str) -> None:
 
 
 def ensure_app_user() -> None:
+    """The app user and the build user, as `fab provision` creates them."""
     ensure_user(APP_USER)
+    ensure_user(BUILD_USER)
 
 
 def wait_port(port: int, timeout: float = 15) -> None:

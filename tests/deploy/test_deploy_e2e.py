@@ -11,6 +11,7 @@ import pwd
 import re
 import shutil
 import signal
+import subprocess
 import tempfile
 import threading
 import time
@@ -42,6 +43,7 @@ pytestmark = [pytest.mark.deploy, pytest.mark.timeout(900)]
 
 MIGRATIONS = Path("project/prayer_room_api/migrations")
 STATIC_CSS = "project/prayer_room_api/static/e2e.css"
+STATIC_ATTACKER = Path(__file__).with_name("static_attacker.py")
 
 
 @pytest.fixture(scope="module")
@@ -469,3 +471,28 @@ def test_a_cluster_deploys_reports_and_rolls_back_as_one(target, clone):
 
     out = ok(target.fab("rollback", config=config))
     assert f"{before} is live on 1 hosts" in out and live_release_over_http(target) == before
+
+
+def test_the_app_user_cannot_plant_static_files_while_collectstatic_runs(target, clone):
+    clone.commit_file(STATIC_CSS, static_css("third"), "a stylesheet changed: collectstatic has a new file")
+    stop = target.workdir / "stop-static-attacker"
+    attacker = subprocess.Popen(
+        ["/usr/bin/python3", "-c", STATIC_ATTACKER.read_text(), str(target.srv / "releases"), str(stop)],
+        user=APP_USER, group=APP_USER, extra_groups=[], cwd="/tmp", stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        time.sleep(0.5)
+        out = ok(target.fab("deploy", repo=clone.path))
+    finally:
+        stop.touch()
+        found = json.loads(attacker.communicate(timeout=30)[0])
+    release = target.live_release()
+    print(f"static attacker: {json.dumps({**found, 'planted': found['planted'][:5]})}")
+    assert "ok  collectstatic" in out
+    assert found["rounds_before_root_took_it"] > 0, found  # it raced collectstatic, not only the sealed result
+    assert found["planted"] == [], found["planted"][:10]
+    static = target.srv / "releases" / release / "static"
+    assert not list(static.rglob("planted.js")) and all(p.lstat().st_uid == 0 for p in static.rglob("*"))
+    base = f"http://127.0.0.1:{target.nginx_port}/static/"
+    assert http_get(base + "planted.js")[0] == 404
+    assert urllib.request.urlopen(base + "e2e.css", timeout=5).read().decode() == static_css("third")

@@ -36,6 +36,7 @@ SRV = "/srv/prayer-room"
 ENV = f"{SRV}/shared/env"
 SOCKET = "/run/prayer-room/supervisor.sock"
 ADMIN_PASSWORD = secrets.token_urlsafe(16)
+STATIC_ATTACKER = Path(__file__).with_name("static_attacker.py")
 
 pytestmark = [pytest.mark.deploy, pytest.mark.skipif(bool(missing_tools()), reason=str(missing_tools()))]
 report: dict[str, object] = {}
@@ -188,6 +189,34 @@ def test_the_unit_is_sandboxed(server):
 
 def test_the_attacks_fail_after_a_deploy(server):
     attack_all(server, "after deploy")
+
+
+def test_no_static_file_can_be_planted_while_a_deploy_collects_them(server):
+    """The attacker races collectstatic: from the moment the new release's static/ exists until it is root's."""
+    stop = "/tmp/stop-static-attacker"
+    attack = (
+        f"cd /tmp && runuser -u {APP} -- python3 -c {shlex.quote(STATIC_ATTACKER.read_text())} {SRV}/releases {stop}"
+    )
+    attacker = subprocess.Popen(
+        ["ssh", *server.ssh_options(), f"root@{server.address}", f"rm -f {stop}; {attack}"],
+        stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        time.sleep(1)
+        out = expect_ok(fab(server, "deploy", "--allow-dirty"))
+    finally:
+        server.ssh(f"touch {stop}", check=False)
+        found = json.loads(attacker.communicate(timeout=60)[0])
+    report["static attacker during a deploy"] = {**found, "planted": found["planted"][:10]}
+    assert "ok  collectstatic" in out
+    assert found["rounds_before_root_took_it"] > 0, found  # it raced collectstatic, not only the sealed result
+    assert found["planted"] == [], found["planted"][:10]
+    assert server.ssh(f"find {SRV}/current/static/ -name planted.js -o ! -user root").stdout == ""
+    try:
+        status = urllib.request.urlopen(f"http://{server.address}/static/planted.js", timeout=10).status
+    except urllib.error.HTTPError as exc:
+        status = exc.code
+    assert status == 404
 
 
 def test_nothing_survives_into_the_rollback(server):
