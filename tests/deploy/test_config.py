@@ -68,6 +68,7 @@ def test_environment_values_override_defaults_and_config_is_frozen(tmp_path):
         ("[defaults]\nroot = 'srv'\n", None, "root must be an absolute directory"),
         ("[defaults]\nroot = '/tmp'\n", None, "root must be an absolute directory"),
         ("[defaults]\nuser = 'Bad User'\n", None, "not a valid Unix user name"),
+        ("[defaults]\nuser = 'a-user-name-of-twenty-seven'\n", None, "too long for its build user"),
         ("[defaults]\nweb_ports = [8001, 8001]\n", None, "web_ports must be distinct"),
         ("[defaults]\nweb_ports = []\n", None, "web_ports must be a list of TCP ports"),
         ("[environments.p]\nhosts = 'root@x'\n", "p", "hosts must be a list"),
