@@ -338,6 +338,7 @@ def ensure_postgres_network(server: Server, database_url: str) -> bool:
     config = server.config
     url = urlsplit(database_url)
     role, name = url.username or "", url.path.lstrip("/") or DATABASE
+    wait_for_postgres(server)
     live = _psql(
         server,
         "SELECT current_setting('config_file'), current_setting('hba_file'), current_setting('listen_addresses')",
@@ -357,10 +358,21 @@ def ensure_postgres_network(server: Server, database_url: str) -> bool:
     )  # fmt: skip
     if listening != f"localhost,{config.db_address}":
         server.root("systemctl restart postgresql", what="restarting PostgreSQL")
+        wait_for_postgres(server)
         changed = True
     elif hba_changed:
         _psql(server, "SELECT pg_reload_conf()", what="reloading PostgreSQL's pg_hba.conf")
     return changed or hba_changed
+
+
+def wait_for_postgres(server: Server, timeout: int = 60) -> None:
+    """Wait until PostgreSQL accepts connections on its socket (a freshly installed cluster starts in the background,
+    after apt-get returns); raise with the cluster unit's last log lines if it does not."""
+    probe = f"for i in $(seq {timeout * 5}); do pg_isready -q && exit 0; sleep 0.2; done; exit 1"
+    if server.root(probe, what="waiting for PostgreSQL", warn=True).exited == 0:
+        return
+    log = server.root("journalctl -u 'postgresql*' -n 5 --no-pager", what="reading the log", warn=True)
+    raise DeployError(f"PostgreSQL did not start on {server.name}: {log.stdout.strip()[-800:]}")
 
 
 def ensure_firewall(server: Server) -> bool:
@@ -470,15 +482,21 @@ def wait_for_socket(server: Server, socket: PurePosixPath, timeout: int = 20) ->
 
 def ensure_nginx(server: Server, host: str, *, tls: bool = False, site: str | None = None) -> bool:
     """The nginx site (HTTPS with `tls`; a balancer's: `site`), enabled in place of Debian's default one, checked
-    with `nginx -t` before a reload (graceful: old workers finish their requests)."""
+    with `nginx -t` before a reload (graceful: old workers finish their requests).
+
+    A config nginx refuses is taken back (the site as it was, enabled as it was) before the error is raised, so a
+    re-run tries again instead of finding the files in place and nginx never reloaded.
+    """
     site = site if site is not None else render_nginx_site(server.config, host, tls=tls)
-    changed = sync_file(server, NGINX_SITE, site, owner="root", mode="0644")
+    previous = server.read(NGINX_SITE, what=f"reading {NGINX_SITE}")
+    changed = sync_read_file(server, NGINX_SITE, previous, site, owner="root", mode="0644")
     links = server.root(
         f"readlink {sh(NGINX_ENABLED)}; test -e {sh(NGINX_DEFAULT)} && echo default",
         what="checking the enabled nginx sites",
         warn=True,
     ).stdout.split()
-    if str(NGINX_SITE) not in links:
+    linked = str(NGINX_SITE) in links
+    if not linked:
         server.root(sh("ln", "-sfn", NGINX_SITE, NGINX_ENABLED), what="enabling the nginx site")
         changed = True
     if "default" in links:
@@ -487,6 +505,12 @@ def ensure_nginx(server: Server, host: str, *, tls: bool = False, site: str | No
     if changed:
         check = server.root("nginx -t", what="checking the nginx config", warn=True)
         if check.exited != 0:
+            if previous is None:
+                server.root(sh("rm", "-f", NGINX_SITE), what="taking the refused nginx site back")
+            elif previous != site:
+                server.upload([(previous, NGINX_SITE, "root", "0644")], what="taking the refused nginx site back")
+            if not linked:
+                server.root(sh("rm", "-f", NGINX_ENABLED), what="taking the refused nginx site back")
             raise DeployError(f"nginx refused the site on {server.name}: {check.stderr.strip()[-800:]}")
         server.root("systemctl reload-or-restart nginx", what="reloading nginx")
     return changed

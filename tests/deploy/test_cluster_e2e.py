@@ -202,3 +202,36 @@ def test_07_the_db_host_comes_back_from_a_reboot_listening_behind_its_firewall(c
     assert "5432" in cluster.app.ssh("nft list table inet prayer_room").stdout  # loaded at boot by our unit
     assert not can_connect(db, 5432) and not can_connect(db, 6379)
     test_03_an_app_host_reaches_postgresql_and_redis_with_its_env_files_urls(cluster)
+
+
+def test_08_provision_with_dash_h_sets_up_that_host_alone_from_the_primarys_env_file(cluster):
+    cluster.provisioned()
+    cluster.web2.ssh(f"sed -i 's/^SECRET_KEY=.*/SECRET_KEY=drifted/' {ENV_FILE}")
+    result = cluster.fab("-H", cluster.host("web2"), "provision")
+    assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
+    assert f"provision {cluster.host('web2')}: 1 of 6 steps changed the server (env file)" in result.stdout
+    assert "provision cluster cluster: 1 of 1 hosts changed" in result.stdout
+    assert not any(
+        line.startswith(f"[{cluster.host(n)}]") for line in result.stdout.splitlines() for n in ("web1", "app")
+    )
+    assert env_values(cluster, "web2")["SECRET_KEY"] == env_values(cluster, "web1")["SECRET_KEY"]
+
+
+def test_09_a_failure_on_one_host_names_it_and_its_step_and_the_others_finish(cluster):
+    cluster.provisioned()
+    web2 = cluster.host("web2")
+    cluster.web2.ssh("rm /etc/nginx/sites-enabled/prayer-room && echo 'not nginx;' > /etc/nginx/conf.d/broken.conf")
+    try:
+        result = cluster.fab("provision")
+        assert result.returncode == 1
+        error = (result.stdout + result.stderr).strip().splitlines()[-1]
+        assert error.startswith(f"error: provision failed on {web2} (nginx): nginx refused the site on "), error
+        assert "run provision again" in error
+        for name in ("lb", "web1", "app"):
+            assert f"provision {cluster.host(name)}: nothing changed" in result.stdout, result.stdout[-3000:]
+    finally:
+        cluster.web2.ssh("rm -f /etc/nginx/conf.d/broken.conf")
+    again = cluster.fab("provision")
+    assert again.returncode == 0, (again.stdout + again.stderr)[-3000:]
+    assert f"provision {web2}: 1 of 6 steps changed the server (nginx)" in again.stdout
+    assert "provision cluster cluster: 1 of 4 hosts changed" in again.stdout

@@ -66,9 +66,15 @@ class Cluster:
         with ThreadPoolExecutor(len(containers)) as pool:
             list(pool.map(lambda container: container.create(base), containers.values()))
         key = next(iter(containers.values())).key
-        for container in containers.values():  # `fab -i KEY` reaches every host with the lb's key
+        for name, container in containers.items():  # `fab -i KEY` reaches every host with the first one's key
             with (container.rootfs / "root/.ssh/authorized_keys").open("a") as keys:
                 keys.write(key.with_suffix(".pub").read_text())
+            # Each host by its name (what the programs log, e.g. the beat leader's), not the rootfs's "vps"; and
+            # the /etc/hosts a Debian VPS has (debootstrap writes none; PostgreSQL must resolve "localhost").
+            (container.rootfs / "etc/hostname").write_text(f"{name}\n")
+            (container.rootfs / "etc/hosts").write_text(
+                f"127.0.0.1\tlocalhost\n127.0.1.1\t{name}\n::1\tlocalhost ip6-localhost ip6-loopback\n"
+            )
         cluster = cls(workdir, containers, workdir / "deploy.toml", dict(roles))
         try:
             with ThreadPoolExecutor(len(containers)) as pool:
