@@ -235,3 +235,28 @@ def test_09_a_failure_on_one_host_names_it_and_its_step_and_the_others_finish(cl
     assert again.returncode == 0, (again.stdout + again.stderr)[-3000:]
     assert f"provision {web2}: 1 of 6 steps changed the server (nginx)" in again.stdout
     assert "provision cluster cluster: 1 of 4 hosts changed" in again.stdout
+
+
+def test_10_without_a_db_host_provision_installs_no_database_and_names_the_keys_the_primary_needs(cluster):
+    """A managed PostgreSQL and Redis: the same hosts in another layout (so the cluster above is left as it was)."""
+    cluster.provisioned()
+    roles = {role: [] for role in ("web", "worker", "beat")}
+    for name in ("web1", "web2"):
+        for role in roles:
+            roles[role].append(cluster.host(name))
+    path = cluster.workdir / "managed.toml"
+    lines = ["[environments.managed]", 'root = "/srv/managed"', 'etc = "/etc/managed"', "[environments.managed.roles]"]
+    path.write_text("\n".join([*lines, *(f"{role} = {json.dumps(hosts)}" for role, hosts in roles.items())]) + "\n")
+    try:
+        result = cluster.fab("provision", "--env", "managed", "--config", str(path))
+        assert result.returncode == 1
+        error = (result.stdout + result.stderr).strip().splitlines()[-1]
+        assert error.startswith(
+            "error: the cluster managed has no db host: put DATABASE_URL, CELERY_BROKER_URL, CACHE_URL for your "
+            f"PostgreSQL and Redis into {cluster.host('web1')}'s /srv/managed/shared/env (the primary's"
+        ), error
+        values = read_env_file(cluster.web1.ssh("cat /srv/managed/shared/env").stdout)  # there to be filled in
+        assert "SECRET_KEY" in values and "DATABASE_URL" not in values
+        assert cluster.web2.ssh("ls /srv/managed 2>/dev/null; true").stdout == ""  # no other host was touched
+    finally:
+        cluster.web1.ssh("rm -rf /srv/managed /etc/managed")
