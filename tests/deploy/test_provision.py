@@ -662,3 +662,23 @@ def test_cluster_output_keeps_each_hosts_lines_whole_and_prefixed():
     print("-> nginx", file=web2)
     print("ages", file=web1)
     assert out.getvalue() == "[web2] -> nginx\n[web1] -> packages\n"
+
+
+def test_an_ipv6_cluster_gets_bracketed_urls_and_ipv6_rules(tmp_path):
+    text = CLUSTER_TOML.replace("root@10.0.0.", "root@[2001:db8::").replace('"]', ']"]').replace('", "', ']", "')
+    config = cluster(tmp_path, text)
+    assert config.db_address == "2001:db8::4"
+    values = cluster_defaults(config, "2001:db8::2")
+    assert "@[2001:db8::4]:5432/" in values["DATABASE_URL"] and redis_password(values, "2001:db8::4") == "rp-_2"
+    assert service_key_problems(config, values) == []
+    rules = render_firewall(config)
+    assert (
+        "ip6 saddr { 2001:db8::2, 2001:db8::3, 2001:db8::4, 2001:db8::5 } accept" in rules and "ip saddr" not in rules
+    )
+    assert "2001:db8::3/128    scram-sha-256" in pg_hba_with_peers("", config, "prayer_room", "prayer_room")
+    assert "server [2001:db8::2]:80 max_fails=2" in render_balancer_site(config)
+    if shutil.which("nft") and os.geteuid() == 0:
+        path = tmp_path / "firewall.nft"
+        path.write_text(rules)
+        checked = subprocess.run(["nft", "--check", "-f", str(path)], capture_output=True, text=True)
+        assert checked.returncode == 0, checked.stderr
