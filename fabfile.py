@@ -17,6 +17,7 @@ from deploy import cluster, workflow
 from deploy import provision as provisioning
 from deploy.config import DeployConfig, address_of, load_config
 from deploy.errors import DeployError
+from deploy.server_files import has_app
 
 REPO = Path(__file__).resolve().parent
 CONNECT_TIMEOUT = 15
@@ -110,7 +111,7 @@ def plan(c, env=None, config=None, repo=None):
     """What `fab deploy` would change, including the supervisord config diff; touches nothing."""
     cfg, conns = _targets(c, env, config)
     for conn in conns:
-        if cluster.has_app(cfg.at(conn.host)):
+        if has_app(cfg.at(conn.host)):
             print(workflow.plan(conn, cfg.at(conn.host), Path(repo or REPO)))
 
 
@@ -215,7 +216,7 @@ def supervisorctl(c, command=None, env=None, config=None):
     cfg, conns = _targets(c, env, config)
     code = 0
     for conn in conns:
-        if cluster.has_app(cfg.at(conn.host)):
+        if has_app(cfg.at(conn.host)):
             if cfg.is_cluster:
                 print(f"== {conn.host}", flush=True)
             code = workflow.supervisorctl(conn, cfg.at(conn.host), command or "status") or code

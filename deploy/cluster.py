@@ -27,15 +27,11 @@ from deploy.processes import Programs, log_path
 from deploy.progress import Progress
 from deploy.remote import Server, connect, sh
 from deploy.schema import SchemaReport
+from deploy.server_files import has_app
 from deploy.state import ServerState, read_state
 
 T = TypeVar("T")
 R = TypeVar("R")
-
-
-def has_app(config: DeployConfig) -> bool:
-    """Whether the host runs programs (web, worker or beat); a db-only or balancer-only host has no release."""
-    return any(config.runs(role) for role in APP_ROLES)
 
 
 def rollout_order(config: DeployConfig, hosts: Sequence[str]) -> list[str]:

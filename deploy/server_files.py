@@ -69,7 +69,6 @@ NFT = "/usr/sbin/nft"
 # The balancer's passive health check: a web host failing this often within FAIL_TIMEOUT s is skipped that long.
 BALANCER_MAX_FAILS = 2
 BALANCER_FAIL_TIMEOUT = 10
-BALANCER_KEEPALIVE = 16
 
 
 def has_app(config: DeployConfig) -> bool:
@@ -295,7 +294,6 @@ def render_balancer_site(
             servers=servers,
             max_fails=BALANCER_MAX_FAILS,
             fail_timeout=BALANCER_FAIL_TIMEOUT,
-            keepalive=BALANCER_KEEPALIVE,
             ipv6=ipv6,
             address=address,
             http_port=http_port,

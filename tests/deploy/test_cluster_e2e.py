@@ -8,6 +8,8 @@ provision, provision again (nothing changes), then what each host got for its ro
 from __future__ import annotations
 
 import json
+import re
+import shlex
 import socket
 import time
 from pathlib import Path
@@ -15,6 +17,8 @@ from pathlib import Path
 import pytest
 
 from deploy.onserver import read_env_file
+from prayer_room_api.beat import LOCK_KEY
+from tests.deploy.target import Clone, RequestLoop, http_get
 from tests.support.cluster import Cluster
 from tests.support.nspawn import missing_tools
 
@@ -260,3 +264,201 @@ def test_10_without_a_db_host_provision_installs_no_database_and_names_the_keys_
         assert cluster.web2.ssh("ls /srv/managed 2>/dev/null; true").stdout == ""  # no other host was touched
     finally:
         cluster.web1.ssh("rm -rf /srv/managed /etc/managed")
+
+
+# --- deploys: the cluster provisioned above, through the balancer -------------------------------------------
+
+SETTINGS = """
+web_workers = 1
+worker_concurrency = 1
+health_timeout = 90
+env = { THROTTLE_SUBMIT = "1000000/hour", THROTTLE_PRAYED = "1000000/hour" }
+"""
+UNHEALTHY_MARK = "/etc/prayer-room-e2e-unhealthy"  # the test's release reports unhealthy where this exists
+LEADER = (
+    "SELECT host(a.client_addr) FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid WHERE l.locktype = "
+    "'advisory' AND l.granted AND l.classid = {} AND l.objid = {} AND l.objsubid = 2".format(*LOCK_KEY)
+)
+
+
+@pytest.fixture(scope="module")
+def clone(cluster):
+    assert cluster.provisioned().returncode == 0
+    cluster.configure(SETTINGS)
+    return Clone(cluster.workdir / "repo")
+
+
+def ok(result) -> str:
+    assert result.returncode == 0, f"exit {result.returncode}\n{result.stdout[-6000:]}\n{result.stderr}"
+    return result.stdout
+
+
+def live_release(cluster: Cluster, name: str) -> str:
+    return cluster[name].ssh("readlink /srv/prayer-room/current").stdout.strip().rsplit("/", 1)[-1]
+
+
+def sql(cluster: Cluster, query: str) -> str:
+    """A query on the cluster's database, as postgres on the db host (nobody else reaches it from here)."""
+    return cluster.app.ssh(f"cd / && runuser -u postgres -- psql -X -tA prayer_room -c {shlex.quote(query)}").stdout
+
+
+def front(cluster: Cluster) -> str:
+    return f"http://{cluster.lb.address}"
+
+
+def request_loop(cluster: Cluster, path: str = "/health/") -> RequestLoop:
+    """GETs of `path` and the API's two POSTs, back to back through the balancer."""
+    sql(
+        cluster,
+        "INSERT INTO prayer_room_api_location (name, slug, is_active, created_at)"
+        " VALUES ('Cluster e2e', 'cluster-e2e', true, now()) ON CONFLICT DO NOTHING",
+    )
+    request_id = sql(
+        cluster,
+        "INSERT INTO prayer_room_api_prayerrequest (content, name, type, location_id, created_at, updated_at,"
+        " prayer_count, approved_at, response) SELECT 'pray for the cluster', 'e2e', 'prayer', id, now(), now(),"
+        " 0, now(), '' FROM prayer_room_api_location WHERE slug = 'cluster-e2e' RETURNING id",
+    ).split()[0]
+    base = f"{front(cluster)}/api/requests/"
+    submit = {"type": "prayer", "content": "a request sent during a cluster deploy", "location": "cluster-e2e"}
+    return RequestLoop(front(cluster) + path, posts=((base, submit), (f"{base}{request_id}/prayed/", {})))
+
+
+def summary_seconds(output: str, step: str) -> float:
+    """The seconds the closing summary gives the steps whose names start with `step`, added up."""
+    found = re.findall(rf"^  [ !] +([\d.]+) s  {re.escape(step)}", output, re.M)
+    return sum(map(float, found))
+
+
+def test_20_the_first_deploy_makes_every_host_live_with_its_roles_programs(cluster, clone):
+    started = time.monotonic()
+    out = ok(cluster.fab("deploy", "--repo", str(clone.path)))
+    cluster.timings["deploy, first (3 app hosts; virtualenvs built in parallel)"] = time.monotonic() - started
+    release = live_release(cluster, "web1")
+    assert f"{release} is live on 3 hosts" in out
+    assert {name: live_release(cluster, name) for name in APP_HOSTS} == dict.fromkeys(APP_HOSTS, release)
+    expected = {
+        "web1": {"web-1", "web-2", "beat"},
+        "web2": {"web-1", "web-2", "worker", "beat"},
+        "app": {"worker"},
+    }
+    for name, programs in expected.items():
+        states = cluster[name].ssh("supervisorctl status", check=False).stdout.splitlines()
+        running = {line.split()[0].split(":")[-1] for line in states if " RUNNING " in line}
+        assert running == programs and len(states) == len(programs), (name, states)
+    # Migrated once, on the primary; each worker host pinged through its own queue.
+    assert out.count("-> prepare: migrate, seed_schedules") == 1
+    for name in ("web2", "app"):
+        assert re.search(rf"^\[{re.escape(cluster[name].address)} *\]    answered by ", out, re.M), out[-4000:]
+        conf = cluster[name].ssh("cat /etc/prayer-room/programs.conf").stdout
+        assert f'WORKER_QUEUES="celery,host.{cluster[name].address}"' in conf
+    status, body = http_get(f"{front(cluster)}/health/")
+    assert status == 200 and json.loads(body)["release"] == release, body
+    assert len(sql(cluster, LEADER).split()) == 1  # one beat leads, on web1 or web2
+
+
+def test_21_a_rolling_deploy_through_the_balancer_loses_no_request(cluster, clone):
+    before = live_release(cluster, "web1")
+    clone.commit_file("project/prayer_room_api/e2e_cluster.txt", "second\n", "a change for the rolling deploy")
+    with request_loop(cluster) as loop:
+        started = time.monotonic()
+        result = cluster.fab("deploy", "--repo", str(clone.path))
+        cluster.timings["deploy, code change (3 app hosts)"] = time.monotonic() - started
+        time.sleep(0.5)
+    out = ok(result)
+    after = live_release(cluster, "web1")
+    assert after != before and {live_release(cluster, n) for n in APP_HOSTS} == {after}
+    assert "virtualenv venvs/" in out and "reused" in out
+    cluster.timings["rolling deploy: GET and POST answered"] = loop.ok + loop.posted
+    cluster.timings["rolling deploy: failed requests"] = len(loop.failures)
+    assert loop.failures == [], loop.failures[:10]
+    assert loop.ok > 20 and loop.posted > 20 and after in loop.releases
+
+
+def test_22_a_failed_verification_on_one_web_host_rolls_every_host_back(cluster, clone):
+    live = live_release(cluster, "web1")
+    views = clone.path / "project/prayer_room_api/views.py"
+    broken = "import os\n" + views.read_text().replace(
+        "    healthy = all(",
+        f'    if os.path.exists("{UNHEALTHY_MARK}"):\n        checks["e2e"] = "unavailable"\n    healthy = all(',
+    )
+    clone.commit_file("project/prayer_room_api/views.py", broken, "unhealthy where the e2e mark exists")
+    cluster.web2.ssh(f"touch {UNHEALTHY_MARK}")
+    try:
+        with request_loop(cluster, "/api/requests/") as loop:
+            started = time.monotonic()
+            result = cluster.fab("deploy", "--repo", str(clone.path))
+            elapsed = time.monotonic() - started
+        assert result.returncode == 1, result.stdout[-4000:]
+        line = result.stderr.strip()
+        assert line.startswith("error: ") and len(line.splitlines()) == 1, result.stderr
+        assert f"failed on {cluster.web2.address}" in line and f"every host was rolled back to {live}" in line, line
+        assert {name: live_release(cluster, name) for name in APP_HOSTS} == dict.fromkeys(APP_HOSTS, live)
+        failed_release = clone.git("rev-parse", "HEAD")[:12]
+        for name in APP_HOSTS:
+            assert failed_release not in cluster[name].ssh("ls /srv/prayer-room/releases").stdout, name
+        status, body = http_get(f"{front(cluster)}/health/")
+        assert status == 200 and json.loads(body)["release"] == live
+        cluster.timings["failed deploy, whole command"] = elapsed
+        cluster.timings["failed deploy: rolling every host back"] = summary_seconds(result.stdout, "roll ")
+        cluster.timings["failed deploy: failed API requests"] = len(loop.failures)
+        assert summary_seconds(result.stdout, "roll ") > 0
+        assert loop.failures == [], loop.failures[:10]
+    finally:
+        cluster.web2.ssh(f"rm -f {UNHEALTHY_MARK}")
+        clone.revert_head()
+
+
+def test_23_status_logs_and_restart_by_role(cluster):
+    live = live_release(cluster, "web1")
+    table = ok(cluster.fab("status"))
+    for name, program in (("web1", "beat"), ("web2", "worker"), ("app", "worker")):
+        assert re.search(rf"^{re.escape(cluster[name].address)}\s+\S+\s+{live}\s+{program}\s+RUNNING", table, re.M), (
+            table
+        )
+    assert f"{cluster.lb.address}: balancer (no programs)" in table
+    assert "schedules (beat, DatabaseScheduler):" in table
+    logs = ok(cluster.fab("logs", "--role", "worker", "--lines", "20"))
+    prefixes = {line.split(" | ", 1)[0] for line in logs.splitlines() if " | " in line}
+    assert prefixes == {cluster.web2.address, cluster.app.address}, prefixes
+    out = ok(cluster.fab("restart", "--role", "worker"))
+    assert f"restarted on {cluster.web2.address}, {cluster.app.address}" in out
+
+
+def test_24_rollback_moves_every_host_back(cluster):
+    live = live_release(cluster, "web1")
+    with request_loop(cluster) as loop:
+        started = time.monotonic()
+        out = ok(cluster.fab("rollback"))
+        cluster.timings["rollback of the cluster"] = time.monotonic() - started
+    previous = live_release(cluster, "web1")
+    assert previous != live and f"{previous} is live on 3 hosts" in out
+    assert {live_release(cluster, n) for n in APP_HOSTS} == {previous}
+    cluster.timings["rollback: failed requests"] = len(loop.failures)
+    assert loop.failures == [], loop.failures[:10]
+
+
+def test_25_killing_the_beat_leaders_host_lets_the_standby_lead(cluster):
+    leader = sql(cluster, LEADER).strip()
+    names = {cluster[n].address: n for n in ("web1", "web2")}
+    assert leader in names, leader
+    standby = next(address for address in names if address != leader)
+    started = time.monotonic()
+    cluster[names[leader]].pull_the_plug()
+    now = leader
+    while time.monotonic() - started < 90:
+        now = sql(cluster, LEADER).strip()
+        if now == standby:
+            break
+        time.sleep(0.5)
+    cluster.timings["beat failover after the leader's host died"] = time.monotonic() - started
+    assert now == standby, f"the leader is {now!r}, not the standby {standby}"
+    # The balancer sends the site's requests to the web host that is left: a request it first sends to the dead
+    # one waits out the connect timeout (2 s), then goes on.
+    answers, slowest = [], 0.0
+    for _ in range(6):
+        begun = time.monotonic()
+        answers.append(http_get(f"{front(cluster)}/health/", timeout=15)[0])
+        slowest = max(slowest, time.monotonic() - begun)
+    cluster.timings["balancer, slowest of 6 requests after a web host died"] = slowest
+    assert answers == [200] * 6 and slowest < 5, (answers, slowest)

@@ -289,9 +289,29 @@ class Container:
                 self.process.wait()
         self.process = None
 
+    def pull_the_plug(self) -> None:
+        """A power cut: every packet to or from it dropped at once (its peers get silence, not a reset, and the host
+        forwards nothing of it anywhere else once its link is gone), then its init killed with SIGKILL, which ends
+        every process inside (killing systemd-nspawn alone would leave them running)."""
+        table = self.name.replace("-", "_") + "_cut"
+        rules = (
+            f"table inet {table} {{\n"
+            f"  chain forward {{ type filter hook forward priority -10; ip saddr {self.address} drop; "
+            f"ip daddr {self.address} drop; }}\n"
+            f"  chain output {{ type filter hook output priority -10; ip daddr {self.address} drop; }}\n}}\n"
+        )
+        subprocess.run(["nft", "-f", "-"], input=rules, text=True, check=True, capture_output=True)
+        assert self.process is not None
+        inits = _run("ps", "-o", "pid=", "--ppid", str(self.process.pid)).stdout.split()
+        for pid in inits:
+            os.kill(int(pid), 9)
+        self.process.wait(timeout=30)
+        self.process = None
+
     def destroy(self) -> None:
         self.stop()
         _run("nft", "delete", "table", "ip", self.name.replace("-", "_"), check=False)
+        _run("nft", "delete", "table", "inet", self.name.replace("-", "_") + "_cut", check=False)
         shutil.rmtree(self.rootfs, ignore_errors=True)
 
 
