@@ -271,7 +271,7 @@ def test_10_without_a_db_host_provision_installs_no_database_and_names_the_keys_
 SETTINGS = """
 web_workers = 1
 worker_concurrency = 1
-health_timeout = 90
+health_timeout = 40
 env = { THROTTLE_SUBMIT = "1000000/hour", THROTTLE_PRAYED = "1000000/hour" }
 """
 UNHEALTHY_MARK = "/etc/prayer-room-e2e-unhealthy"  # the test's release reports unhealthy where this exists
