@@ -11,14 +11,14 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass
+from contextlib import ExitStack, contextmanager, nullcontext
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TypeVar
 
 from fabric import Connection
 
-from deploy import backup, release, schema, workflow
+from deploy import backup, release, schema, tls, workflow
 from deploy.config import APP_ROLES, DeployConfig, address_of
 from deploy.errors import DeployError
 from deploy.lock import DeployLock
@@ -27,7 +27,7 @@ from deploy.processes import Programs, log_path
 from deploy.progress import Progress
 from deploy.remote import Server, connect, sh
 from deploy.schema import SchemaReport
-from deploy.server_files import has_app
+from deploy.server_files import certificate_line, has_app
 from deploy.state import ServerState, read_state
 
 T = TypeVar("T")
@@ -256,7 +256,7 @@ def _deploy_locked(cluster: Cluster, source, *, maintenance: bool) -> str:
             ) from exc
         raise
     windowed = maintenance and bool(report.new) and live is not None
-    with cluster.maintenance("the schema changes") if windowed else _nothing():
+    with cluster.maintenance("the schema changes") if windowed else nullcontext():
         seen: list[dict] = []
         try:
             with progress.step(f"prepare: migrate, seed_schedules (once, on {primary.label})"):
@@ -265,7 +265,7 @@ def _deploy_locked(cluster: Cluster, source, *, maintenance: bool) -> str:
                     on_lines=workflow._report_steps(progress, seen),
                 )  # fmt: skip
         except BaseException as exc:
-            applied = _applied(seen)
+            applied = workflow.applied_migrations(seen)
             where = workflow._undo_migrations(primary.server, release_dir, applied, saved, progress)
             if windowed:
                 cluster.start_all()
@@ -273,7 +273,7 @@ def _deploy_locked(cluster: Cluster, source, *, maintenance: bool) -> str:
             if isinstance(exc, DeployError):
                 raise DeployError(f"{exc} -- failed at the schema step; {where}; {serving} on every host.") from exc
             raise
-        applied = _applied(seen)
+        applied = workflow.applied_migrations(seen)
         switched: list[Member] = []
         try:
             for member in cluster.order:
@@ -314,15 +314,6 @@ def _roll_back(cluster: Cluster, switched: list[Member], previous: dict[str, str
         except DeployError as exc:
             problems.append(f"{member.label}: {exc}")
     return problems
-
-
-@contextmanager
-def _nothing() -> Iterator[None]:
-    yield
-
-
-def _applied(seen: list[dict]) -> list[str]:
-    return next((line.get("applied", []) for line in seen if "applied" in line), [])
 
 
 def rollback(
@@ -432,13 +423,27 @@ def status(conns: Sequence[Connection], config: DeployConfig, role: str | None =
     ]
     others = [h for h in config.cluster_hosts if h not in cluster.members]
     for host in others:
-        lines.append(f"{_address(host)}: {','.join(sorted(config.roles_of(host)))} (no programs)")
+        line = f"{_address(host)}: {','.join(sorted(config.roles_of(host)))} (no programs)"
+        if config.domain and host in config.role_hosts("balancer"):
+            line += f"; {balancer_certificate(config, conns)}"
+        lines.append(line)
     releases = {row[2] for row in table[1:]}
     if len(releases) > 1:
         lines.append(f"WARNING: the hosts run different releases ({', '.join(sorted(releases))}); `fab deploy` again.")
     lines += ["", f"on the primary, {cluster.primary.label}:"]
     lines += workflow.status_lines(cluster.primary.server, read_state(cluster.primary.server), programs=False)
     return "\n".join(lines)
+
+
+def balancer_certificate(config: DeployConfig, conns: Sequence[Connection]) -> str:
+    """`fab status`'s certificate line, read on the balancer (it holds the certificate; it has no app user)."""
+    host = config.role_hosts("balancer")[0]
+    conn = next(conn for conn in conns if conn.host == _address(host))
+    try:
+        server = connect(conn, replace(config.for_host(host), user="root"))
+        return certificate_line(config, tls.read_certificate(server), time.time())
+    except DeployError as exc:
+        return f"certificate: unavailable ({exc})"
 
 
 def logs(

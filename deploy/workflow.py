@@ -158,6 +158,11 @@ def _report_steps(progress: Progress, seen: list[dict]):
     return report
 
 
+def applied_migrations(lines: list[dict]) -> list[str]:
+    """The migrations the prepare helper's `migrate` step reports it applied (none when it did not get there)."""
+    return next((line.get("applied", []) for line in lines if "applied" in line), [])
+
+
 def _undo_migrations(server: Server, release_dir, applied: list[str], saved: dict | None, progress: Progress) -> str:
     """Unapply the migrations a failed deploy applied (with its own code); a sentence on the database's state."""
     if not applied:
@@ -232,7 +237,7 @@ def _deploy_locked(
                     on_lines=_report_steps(progress, seen), wrap=lock.kept_alive,
                 )  # fmt: skip
         except BaseException as exc:
-            applied = next((line.get("applied", []) for line in seen if "applied" in line), [])
+            applied = applied_migrations(seen)
             where = _undo_migrations(server, release_dir, applied, saved, progress)
             if windowed:
                 with progress.step(f"start {previous}'s programs again"):
@@ -241,7 +246,7 @@ def _deploy_locked(
             if isinstance(exc, DeployError):
                 raise DeployError(f"{exc} -- failed at the schema step; {where}; {serving}.") from exc
             raise
-        applied = next((line.get("applied", []) for line in seen if "applied" in line), [])
+        applied = applied_migrations(seen)
         try:
             _activate(server, state, release_id, programs_text, progress)
         except BaseException as exc:

@@ -4,6 +4,7 @@ and the fab commands that refuse to act on one host of a cluster."""
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -76,3 +77,22 @@ def test_a_host_outside_the_cluster_is_refused(config_file):
     )  # fmt: skip
     assert result.returncode == 1
     assert "10.0.0.77 is not a host of the cluster cluster" in result.stderr
+
+
+def test_an_unreachable_cluster_is_refused_naming_every_host_before_anything_changes(tmp_path):
+    path = tmp_path / "deploy.toml"
+    path.write_text(
+        "[environments.down.roles]\n"
+        'web = ["root@127.0.0.2:1", "root@127.0.0.3:1"]\nworker = ["root@127.0.0.3:1"]\nbeat = ["root@127.0.0.2:1"]\n'
+    )
+    started = time.monotonic()
+    result = subprocess.run(
+        [str(Path(sys.executable).with_name("fab")), "-r", str(REPO), "deploy", "--env", "down", "--config", str(path),
+         "--repo", str(REPO), "--allow-dirty"],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 1 and time.monotonic() - started < 60
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    for host in ("root@127.0.0.2:1", "root@127.0.0.3:1"):
+        assert f"{host}: root@{host.split('@')[1].split(':')[0]}:1: cannot connect over SSH" in lines[0], lines[0]

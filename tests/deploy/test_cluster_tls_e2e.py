@@ -6,6 +6,7 @@ pebble, validating HTTP-01 against the balancer's nginx) and sends the requests 
 from __future__ import annotations
 
 import json
+import re
 import socket
 import ssl
 import time
@@ -88,3 +89,13 @@ def test_02_provision_again_changes_nothing(cluster):
     cluster.timings["provision, second run"] = time.monotonic() - started
     assert result.returncode == 0, (result.stdout + result.stderr)[-5000:]
     assert "provision cluster cluster: nothing changed on its 2 hosts" in result.stdout, result.stdout[-3000:]
+
+
+def test_03_status_reads_the_certificate_on_the_balancer(cluster):
+    result = cluster.fab("status")
+    assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
+    line = next(line for line in result.stdout.splitlines() if line.startswith(f"{cluster.lb.address}: "))
+    assert f"certificate: {DOMAIN}, expires in " in line and "WARNING" not in line, line
+    assert re.search(rf"^{re.escape(cluster.app.address)}\s+web,worker,beat,db\s+none\s", result.stdout, re.M), (
+        result.stdout
+    )
