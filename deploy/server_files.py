@@ -247,23 +247,32 @@ def render_nginx_site(
             upstream="prayer_room_web",
             balancer=balancer_address(config),
             web_ports=config.web_ports,
-            ipv6=ipv6,
-            address=address,
-            http_port=http_port,
-            https_port=https_port,
             server_names=[config.domain] if tls else site_names(config, host),
-            max_body="1m",
-            client_timeout=CLIENT_TIMEOUT,
             root=str(config.layout.root),
-            read_timeout=PROXY_READ_TIMEOUT,
             **maintenance_context(config),
-            tls=tls,
-            acme_webroot=str(ACME_WEBROOT) if config.domain else "",
-            certificate=str(CERT_DIR / "fullchain.pem"),
-            certificate_key=str(CERT_DIR / "privkey.pem"),
-            hsts_seconds=HSTS_SECONDS,
+            **_front_context(config, tls, ipv6, address, http_port, https_port),
         )
     )
+
+
+def _front_context(
+    config: DeployConfig, tls: bool, ipv6: bool, address: str, http_port: int, https_port: int
+) -> dict[str, object]:
+    """What a web host's site and the balancer's share: where they listen, the client limits, TLS."""
+    return {
+        "ipv6": ipv6,
+        "address": address,
+        "http_port": http_port,
+        "https_port": https_port,
+        "max_body": "1m",
+        "client_timeout": CLIENT_TIMEOUT,
+        "read_timeout": PROXY_READ_TIMEOUT,
+        "tls": tls,
+        "acme_webroot": str(ACME_WEBROOT) if config.domain else "",
+        "certificate": str(CERT_DIR / "fullchain.pem"),
+        "certificate_key": str(CERT_DIR / "privkey.pem"),
+        "hsts_seconds": HSTS_SECONDS,
+    }
 
 
 def balancer_address(config: DeployConfig) -> str:
@@ -282,8 +291,8 @@ def render_balancer_site(
     https_port: int = 443,
     web_port: int = 80,
 ) -> str:
-    """The balancer's nginx site: the web hosts' own nginx (port 80) as upstreams with passive health checks and
-    kept-alive connections, a 444 default server. With `domain` it answers the ACME challenge, and with `tls` (its
+    """The balancer's nginx site: the web hosts' own nginx (port 80) as upstreams with passive health checks and a
+    new connection per request, a 444 default server. With `domain` it answers the ACME challenge, and with `tls` (its
     certificate exists) it serves HTTPS and redirects HTTP. `address`, the ports and `ipv6` are for tests."""
     servers = [f"{_url_host(address_of(host))}:{web_port}" for host in config.role_hosts("web")]
     return (
@@ -294,19 +303,8 @@ def render_balancer_site(
             servers=servers,
             max_fails=BALANCER_MAX_FAILS,
             fail_timeout=BALANCER_FAIL_TIMEOUT,
-            ipv6=ipv6,
-            address=address,
-            http_port=http_port,
-            https_port=https_port,
             server_names=cluster_site_names(config),
-            max_body="1m",
-            client_timeout=CLIENT_TIMEOUT,
-            read_timeout=PROXY_READ_TIMEOUT,
-            tls=tls,
-            acme_webroot=str(ACME_WEBROOT) if config.domain else "",
-            certificate=str(CERT_DIR / "fullchain.pem"),
-            certificate_key=str(CERT_DIR / "privkey.pem"),
-            hsts_seconds=HSTS_SECONDS,
+            **_front_context(config, tls, ipv6, address, http_port, https_port),
         )
     )
 
