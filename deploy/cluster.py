@@ -8,9 +8,9 @@ ports, a ping through its own queue, one beat leader); a failure anywhere puts e
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -24,13 +24,12 @@ from deploy.errors import DeployError
 from deploy.lock import DeployLock
 from deploy.maintenance import window as maintenance_window
 from deploy.processes import Programs, log_path
-from deploy.progress import Progress
+from deploy.progress import PrefixedLines, Progress, in_parallel
 from deploy.remote import Server, connect, sh
 from deploy.schema import SchemaReport
 from deploy.server_files import certificate_line, has_app
 from deploy.state import ServerState, read_state
 
-T = TypeVar("T")
 R = TypeVar("R")
 
 
@@ -40,26 +39,6 @@ def rollout_order(config: DeployConfig, hosts: Sequence[str]) -> list[str]:
     for role in APP_ROLES:
         order += [h for h in config.role_hosts(role) if h in hosts and h not in order]
     return order
-
-
-def in_parallel(action: Callable[[T], R], items: Sequence[T], name: Callable[[T], str]) -> list[R]:
-    """`action` on every item at once (a thread each); when any fails, all are waited for, then one DeployError
-    names each failure."""
-    if len(items) <= 1:
-        return [action(item) for item in items]
-    with ThreadPoolExecutor(max_workers=len(items)) as pool:
-        futures = [pool.submit(action, item) for item in items]
-        errors = []
-        for item, future in zip(items, futures, strict=True):
-            try:
-                future.result()
-            except DeployError as exc:
-                errors.append(f"{name(item)}: {exc}")
-            except Exception as exc:  # noqa: BLE001 - reported with the others, then raised as one
-                errors.append(f"{name(item)}: {type(exc).__name__}: {exc}")
-    if errors:
-        raise DeployError(" | ".join(errors))
-    return [future.result() for future in futures]
 
 
 @dataclass
@@ -91,18 +70,21 @@ class Cluster:
 
         def open_one(host: str) -> tuple[str, Server]:
             host_config = config.for_host(host)
-            conn = by_address[_address(host)]
+            conn = by_address[address_of(host)]
             return host, connect(conn, host_config)
 
         apps = [h for h in config.cluster_hosts if has_app(config.for_host(h))]
-        missing = [h for h in apps if _address(h) not in by_address]
+        missing = [h for h in apps if address_of(h) not in by_address]
         if missing:
             raise DeployError(f"no connection to {', '.join(missing)}: a cluster command acts on all its hosts.")
-        width = max(len(_address(h)) for h in apps)
+        width = max(len(address_of(h)) for h in apps)
         opened = in_parallel(open_one, apps, name=lambda h: h)
+        lines = threading.Lock()
         self.members = {
             host: Member(
-                host, server, Progress(progress.title, out=progress.out, prefix=f"[{_address(host):<{width}}] ")
+                host,
+                server,
+                Progress(progress.title, out=PrefixedLines(f"[{address_of(host):<{width}}] ", progress.out, lines)),
             )
             for host, server in opened
         }
@@ -170,10 +152,6 @@ class Cluster:
             programs = Programs.from_config(member.server.config).all
             with member.progress.step("start the programs again"):
                 member.server.supervisorctl("start", *programs, what="starting")
-
-
-def _address(host: str) -> str:
-    return address_of(host)
 
 
 def deploy(
@@ -423,7 +401,7 @@ def status(conns: Sequence[Connection], config: DeployConfig, role: str | None =
     ]
     others = [h for h in config.cluster_hosts if h not in cluster.members]
     for host in others:
-        line = f"{_address(host)}: {','.join(sorted(config.roles_of(host)))} (no programs)"
+        line = f"{address_of(host)}: {','.join(sorted(config.roles_of(host)))} (no programs)"
         if config.domain and host in config.role_hosts("balancer"):
             line += f"; {balancer_certificate(config, conns)}"
         lines.append(line)
@@ -438,7 +416,7 @@ def status(conns: Sequence[Connection], config: DeployConfig, role: str | None =
 def balancer_certificate(config: DeployConfig, conns: Sequence[Connection]) -> str:
     """`fab status`'s certificate line, read on the balancer (it holds the certificate; it has no app user)."""
     host = config.role_hosts("balancer")[0]
-    conn = next(conn for conn in conns if conn.host == _address(host))
+    conn = next(conn for conn in conns if conn.host == address_of(host))
     try:
         server = connect(conn, replace(config.for_host(host), user="root"))
         return certificate_line(config, tls.read_certificate(server), time.time())

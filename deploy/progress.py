@@ -1,13 +1,21 @@
-"""Deploy progress: each step printed with its duration, and a summary at the end."""
+"""Deploy progress: each step printed with its duration, and a summary at the end; several hosts' work run at once,
+each one's lines behind its name."""
 
 from __future__ import annotations
 
 import sys
+import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import TextIO
+from typing import TextIO, TypeVar
+
+from deploy.errors import DeployError
+
+T = TypeVar("T")
+R = TypeVar("R")
 
 
 @dataclass
@@ -33,14 +41,11 @@ class Progress:
 
     title: str
     out: TextIO = sys.stdout
-    prefix: str = ""  # before every line: the host, when several hosts report at once
     heartbeat: Callable[[], None] | None = None
     steps: list[StepRecord] = field(default_factory=list)
     started: float = field(default_factory=time.monotonic)
 
     def say(self, text: str) -> None:
-        if self.prefix:
-            text = "\n".join(f"{self.prefix}{line}" for line in text.splitlines())
         print(text, file=self.out, flush=True)
 
     @contextmanager
@@ -71,3 +76,42 @@ class Progress:
         lines = [f"{self.title}: {outcome} in {self.elapsed:.1f} s"]
         lines += [f"  {'  ' if step.ok else '! '}{step.seconds:6.1f} s  {step.name}" for step in self.steps]
         return "\n".join(lines)
+
+
+class PrefixedLines:
+    """A text stream that writes each whole line to `out` behind `prefix`, one host's lines never split by
+    another's (the lock is shared by every host's stream)."""
+
+    def __init__(self, prefix: str, out: TextIO, lock: threading.Lock) -> None:
+        self.prefix, self.out, self.lock, self.pending = prefix, out, lock, ""
+
+    def write(self, text: str) -> int:
+        *lines, self.pending = (self.pending + text).split("\n")
+        if lines:
+            with self.lock:
+                self.out.write("".join(f"{self.prefix}{line}\n" for line in lines))
+                self.out.flush()
+        return len(text)
+
+    def flush(self) -> None:
+        pass
+
+
+def in_parallel(action: Callable[[T], R], items: Sequence[T], name: Callable[[T], str]) -> list[R]:
+    """`action` on every item at once (a thread each); when any fails, all are waited for, then one DeployError
+    names each failure."""
+    if len(items) <= 1:
+        return [action(item) for item in items]
+    with ThreadPoolExecutor(max_workers=len(items)) as pool:
+        futures = [pool.submit(action, item) for item in items]
+        errors = []
+        for item, future in zip(items, futures, strict=True):
+            try:
+                future.result()
+            except DeployError as exc:
+                errors.append(f"{name(item)}: {exc}")
+            except Exception as exc:  # noqa: BLE001 - reported with the others, then raised as one
+                errors.append(f"{name(item)}: {type(exc).__name__}: {exc}")
+    if errors:
+        raise DeployError(" | ".join(errors))
+    return [future.result() for future in futures]

@@ -25,7 +25,7 @@ from deploy.config import DeployConfig, address_of
 from deploy.errors import DeployError
 from deploy.lock import DeployLock
 from deploy.onserver import read_env_file
-from deploy.progress import Progress
+from deploy.progress import PrefixedLines, Progress, in_parallel
 from deploy.remote import HELPER_SOURCE, Server, connect, sh
 from deploy.server_files import (
     ACME_WEBROOT,
@@ -596,25 +596,6 @@ def provision(conn: Connection, config: DeployConfig, *, progress: Progress | No
 # --- a cluster ---------------------------------------------------------------------------------
 
 
-class PrefixedLines:
-    """A text stream that writes each whole line to `out` behind `prefix`, one host's lines never split by
-    another's (the lock is shared by every host's stream)."""
-
-    def __init__(self, prefix: str, out: TextIO, lock: threading.Lock) -> None:
-        self.prefix, self.out, self.lock, self.pending = prefix, out, lock, ""
-
-    def write(self, text: str) -> int:
-        *lines, self.pending = (self.pending + text).split("\n")
-        if lines:
-            with self.lock:
-                self.out.write("".join(f"{self.prefix}{line}\n" for line in lines))
-                self.out.flush()
-        return len(text)
-
-    def flush(self) -> None:
-        pass
-
-
 class ClusterHost:
     """One host of the cluster being provisioned: its connection, bound config, progress, and outcome."""
 
@@ -652,11 +633,8 @@ class ClusterHost:
 
 
 def _in_parallel(hosts: list[ClusterHost], phase: Callable[[ClusterHost], None]) -> None:
-    threads = [threading.Thread(target=host.run, args=(phase,), name=host.host) for host in hosts]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
+    """`phase` on every host at once; each host keeps its own DeployError (`run`), anything else is raised."""
+    in_parallel(lambda host: host.run(phase), hosts, name=lambda host: host.host)
 
 
 def _connect(host: ClusterHost) -> None:

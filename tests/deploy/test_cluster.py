@@ -9,9 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from deploy.cluster import in_parallel, rollout_order
+from deploy.cluster import rollout_order
 from deploy.config import load_config
 from deploy.errors import DeployError
+from deploy.progress import in_parallel
 from deploy.server_files import has_app
 
 REPO = Path(__file__).resolve().parents[2]

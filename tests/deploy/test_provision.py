@@ -19,8 +19,8 @@ from deploy.config import DeployConfig, load_config
 from deploy.errors import DeployError
 from deploy.layout import WEB_PORTS
 from deploy.onserver import read_env_file
-from deploy.progress import Progress
-from deploy.provision import PrefixedLines, packages_for, services_for, summary
+from deploy.progress import PrefixedLines, Progress
+from deploy.provision import packages_for, services_for, summary
 from deploy.server_files import (
     ACME_WEBROOT,
     CERT_DIR,
