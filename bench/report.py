@@ -121,7 +121,7 @@ def table(results: list[Result]) -> str:
 
 
 def markdown(results: list[Result]) -> str:
-    """The same table in Markdown, for the README's Performance section."""
+    """The same table in Markdown, for docs/performance.md."""
     out = ["| benchmark | metric | ours | baseline | ratio | target | met |", "|---|---|---|---|---|---|---|"]
     for result in results:
         if result.error or result.skipped:

@@ -17,7 +17,7 @@ SUPERVISOR_GROUP = "prayer-room"
 class ServerLayout:
     """Paths under the app directory (default /srv/prayer-room), all owned by root and read-only to the app user
     unless noted: code execution as the app user can change neither the code, nor its virtualenv, nor what
-    root runs next (see "Security boundary" in README.md)."""
+    root runs next (see docs/security.md)."""
 
     root: PurePosixPath = PurePosixPath("/srv/prayer-room")
     # Root-owned configuration; tests point both at a temporary directory.
