@@ -1,6 +1,6 @@
 """Item 5: memory of the whole local stack under supervisord (web 2 workers, worker concurrency 2, beat).
 
-The stack is the repo's own supervisord.conf.j2, rendered by deploy.render for a checkout, with the
+The stack is the repo's own supervisord.conf.j2, rendered by deploy.render.supervisord for a checkout, with the
 production settings. RSS counts pages shared between forked processes once per process; PSS shares
 them out, so its sum is what the stack really occupies.
 """
@@ -47,7 +47,7 @@ def snapshot(root: int) -> dict:
 
 def start_stack(ctx: Context, port: int) -> tuple[Command, Path]:
     """supervisord in the foreground, from the repo's template rendered for a checkout."""
-    from deploy.render import local_context, render_supervisord_conf
+    from deploy.render.supervisord import local_context, render_supervisord_conf
 
     var = ctx.logs("memory", "var")
     for folder in ("run", "log"):

@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 from deploy.errors import DeployError
-from deploy.render import local_context, render_supervisord_conf
+from deploy.render.supervisord import local_context, render_supervisord_conf
 
 REPO_DIR = Path(__file__).resolve().parent.parent
 

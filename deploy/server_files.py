@@ -16,7 +16,7 @@ from urllib.parse import quote, unquote, urlsplit
 from deploy.config import APP_ROLES, DeployConfig, address_of
 from deploy.errors import DeployError
 from deploy.onserver import read_env_file
-from deploy.render import render_supervisord_conf, shell_join, template_environment
+from deploy.render.supervisord import render_supervisord_conf, shell_join, template_environment
 
 TEMPLATE_DIR = Path(__file__).resolve().parent / "templates" / "provision"
 # Debian's and Ubuntu's supervisor package: root-owned and patched by apt. Its own system-wide

@@ -18,7 +18,7 @@ from deploy.maintenance import window as maintenance_window
 from deploy.processes import Programs, config_diff, log_path, rolling_restart, wait_running
 from deploy.progress import Progress
 from deploy.remote import Server, connect, sh
-from deploy.render import render_supervisord_conf, server_context
+from deploy.render.supervisord import render_supervisord_conf, server_context
 from deploy.schema import SchemaReport
 from deploy.server_files import certificate_line
 from deploy.state import ServerState, read_state

@@ -24,7 +24,7 @@ from pathlib import Path
 import redis
 
 from deploy.config import load_config
-from deploy.render import local_context, render_supervisord_conf
+from deploy.render.supervisord import local_context, render_supervisord_conf
 from deploy.server_files import render_nginx_site
 from tests.support.stack import Database, claim_redis_db, free_port, redis_url, release_redis_db, services_unavailable
 

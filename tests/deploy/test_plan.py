@@ -6,7 +6,7 @@ from deploy.config import DeployConfig
 from deploy.errors import DeployError
 from deploy.onserver import read_env_file
 from deploy.processes import Programs, config_diff, redact
-from deploy.render import render_supervisord_conf, server_context
+from deploy.render.supervisord import render_supervisord_conf, server_context
 from deploy.verify import health_host
 
 ENV = {"SECRET_KEY": "s3cr%t-value", "DATABASE_URL": "postgres://u:pw@127.0.0.1/db", "ALLOWED_HOSTS": "example.org"}

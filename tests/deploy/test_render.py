@@ -7,7 +7,7 @@ from supervisor.datatypes import RestartUnconditionally
 from supervisor.options import ClientOptions, ServerOptions
 
 from deploy.errors import DeployError
-from deploy.render import local_context, render_supervisord_conf, supervisor_environment
+from deploy.render.supervisord import local_context, render_supervisord_conf, supervisor_environment
 
 TRICKY_VALUES = {
     "PERCENT": "50%(here)s%",
@@ -157,7 +157,7 @@ def test_refused_values_are_named_not_printed():
 def test_a_cluster_host_gets_only_the_programs_of_its_roles():
     from deploy.config import DeployConfig
     from deploy.processes import Programs
-    from deploy.render import server_context as context_of
+    from deploy.render.supervisord import server_context as context_of
 
     roles = (("web", ("root@10.0.0.2",)), ("worker", ("root@10.0.0.4",)), ("beat", ("root@10.0.0.4",)))
     cluster = DeployConfig(name="c", roles=roles)

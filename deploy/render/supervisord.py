@@ -14,7 +14,7 @@ from deploy.config import DeployConfig
 from deploy.errors import DeployError
 from deploy.layout import SUPERVISOR_GROUP, WEB_PORTS
 
-TEMPLATE_DIR = Path(__file__).resolve().parent.parent
+TEMPLATE_DIR = Path(__file__).resolve().parents[2]
 TEMPLATE_NAME = "supervisord.conf.j2"
 PROGRAM_KINDS = ("web", "worker", "beat")
 MAX_WORKER_PROCESSES = 16
