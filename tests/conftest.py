@@ -8,8 +8,8 @@ from psycopg.conninfo import conninfo_to_dict
 
 from tests.support import services
 
-# The real-stack layers' fixtures (services, database, redis_db).
-pytest_plugins = ["tests.support.fixtures"]
+# The real-stack layers' fixtures (services, database, redis_db); the archive tests' S3 server (s3_server).
+pytest_plugins = ["tests.support.fixtures", "tests.support.s3"]
 
 IN_CI = os.environ.get("CI", "").lower() in {"1", "true", "yes"}
 

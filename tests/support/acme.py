@@ -10,13 +10,12 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import ssl
 import subprocess
-import time
 import urllib.request
 from pathlib import Path
 
+from tests.support.ca import make_listener_certificate, wait_port
 from tests.support.stack import free_port
 
 TOOLS = ("pebble", "pebble-challtestsrv", "openssl")
@@ -25,39 +24,6 @@ TOOLS = ("pebble", "pebble-challtestsrv", "openssl")
 def missing_tools() -> str | None:
     missing = [tool for tool in TOOLS if not shutil.which(tool)]
     return f"missing {', '.join(missing)} (.ci/setup.d/26-tls.sh installs them)" if missing else None
-
-
-def _openssl(*args: str, cwd: Path) -> None:
-    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True)
-
-
-def make_listener_certificate(workdir: Path, addresses: list[str]) -> tuple[Path, Path, Path]:
-    """A throwaway CA and a server certificate signed by it for `addresses`: (ca.pem, cert.pem, key.pem)."""
-    workdir.mkdir(parents=True, exist_ok=True)
-    _openssl(
-        "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.pem", "-days", "2",
-        "-subj", "/CN=prayer-room test ACME CA", "-addext", "basicConstraints=critical,CA:TRUE",
-        "-addext", "keyUsage=critical,keyCertSign,cRLSign", cwd=workdir,
-    )  # fmt: skip
-    _openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", "key.pem", "-out", "req.csr", "-subj", "/CN=pebble",
-             cwd=workdir)  # fmt: skip
-    sans = ",".join(f"IP:{address}" for address in addresses)
-    (workdir / "ext.cnf").write_text(f"subjectAltName={sans}\nextendedKeyUsage=serverAuth\n")
-    _openssl(
-        "x509", "-req", "-in", "req.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial", "-out", "cert.pem",
-        "-days", "2", "-extfile", "ext.cnf", cwd=workdir,
-    )  # fmt: skip
-    return workdir / "ca.pem", workdir / "cert.pem", workdir / "key.pem"
-
-
-def _wait_port(host: str, port: int, timeout: float = 20) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        with socket.socket() as sock:
-            if sock.connect_ex((host, port)) == 0:
-                return
-        time.sleep(0.1)
-    raise RuntimeError(f"nothing listens on {host}:{port} after {timeout} s")
 
 
 class Pebble:
@@ -77,7 +43,9 @@ class Pebble:
         return f"https://{self.listen_address}:{self.port}/dir"
 
     def start(self) -> Pebble:
-        self.ca, cert, key = make_listener_certificate(self.workdir / "listener", [self.listen_address, "127.0.0.1"])
+        self.ca, cert, key = make_listener_certificate(
+            self.workdir / "listener", [self.listen_address, "127.0.0.1"], ca_name="prayer-room test ACME CA"
+        )
         self._spawn(
             ["pebble-challtestsrv", "-defaultIPv4", self.answer, "-defaultIPv6", "", "-dns01",
              f"127.0.0.1:{self.dns_port}", "-http01", "", "-https01", "", "-tlsalpn01", "",
@@ -103,8 +71,8 @@ class Pebble:
             "pebble.log",
             env=env,
         )
-        _wait_port(self.listen_address, self.port)
-        _wait_port("127.0.0.1", self.management_port)
+        wait_port(self.listen_address, self.port)
+        wait_port("127.0.0.1", self.management_port)
         return self
 
     def _spawn(self, argv: list[str], log: str, env: dict | None = None) -> None:
