@@ -1,6 +1,8 @@
 """Local tasks (`invoke --list`): thin wrappers over the project's manage.py and the deploy library."""
 
 import os
+import random
+import shlex
 import sys
 from pathlib import Path
 
@@ -52,15 +54,34 @@ def seed(c, check=False):
     c.run(f"{MANAGE} seed_schedules{' --check' if check else ''}")
 
 
+END_TO_END_LAYERS = "integration or deploy or browser or faults"
+NO_TESTS_COLLECTED = 5  # pytest's exit code when the selection is empty
+
+
 @task
-def test(c, k="", unit=False):
-    """Run the test suite (-k EXPR to select, --unit for the fast layer only)."""
-    args = ["-m 'not integration and not deploy and not browser and not faults'"] if unit else []
-    if k:
-        args.append(f"-k {k!r}")
-    result = c.run(f"{sys.executable} -m pytest {' '.join(args)}", warn=True, pty=sys.stdout.isatty())
-    if result.exited:
-        raise Exit(code=result.exited)
+def test(c, k="", unit=False, seed=0):
+    """Run the unit layer in a random order (--seed N repeats one), then the end-to-end layers in file order.
+
+    -k EXPR selects tests; --unit runs the unit layer only. The end-to-end modules share booted servers and some
+    of their tests follow each other, so pytest-randomly (off by default in pyproject.toml) shuffles only the first.
+    """
+    seed = seed or random.SystemRandom().randrange(1, 2**32)
+    selection = f" -k {shlex.quote(k)}" if k else ""
+    print(f"== unit layer, shuffled with seed {seed} (this order again: invoke test --unit --seed {seed})", flush=True)
+    unit_layer = shlex.quote(f"not ({END_TO_END_LAYERS})")
+    codes = [run_pytest(c, f"-p randomly --randomly-seed={seed} -m {unit_layer}{selection}")]
+    if not unit:
+        print("== end-to-end layers, in file order", flush=True)
+        codes.append(run_pytest(c, f"-m {shlex.quote(END_TO_END_LAYERS)}{selection}"))
+    ran = [code for code in codes if code != NO_TESTS_COLLECTED]
+    failed = [code for code in ran if code]
+    if failed or not ran:
+        raise Exit(code=failed[0] if failed else NO_TESTS_COLLECTED)
+
+
+def run_pytest(c, args: str) -> int:
+    """Run pytest with these arguments; its exit code."""
+    return c.run(f"{sys.executable} -m pytest {args}", warn=True, pty=sys.stdout.isatty()).exited
 
 
 @task
