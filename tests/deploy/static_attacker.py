@@ -1,9 +1,10 @@
 """Code execution as the app user during a deploy: `python3 static_attacker.py RELEASES STOP_FILE`.
 
-Watches RELEASES for a new release's static/ and, while it is there, tries to add planted.js to each of its
-directories and to append to each file in them (what nginx would then serve), until STOP_FILE exists; then
-prints one JSON line: the rounds it made (and how many found static/ not yet root's), the writes it tried, and
-what it planted. Standard library only: it runs with the server's python3.
+Prints `watching` once it has listed RELEASES, then watches it for a new release's static/ and, while it is
+there, tries to add planted.js to each of its directories and to append to each file in them (what nginx would
+then serve), until STOP_FILE exists; then prints one JSON line: the rounds it made (and how many found static/
+not yet root's), the writes it tried, and what it planted. Standard library only: it runs with the server's
+python3.
 """
 
 import json
@@ -15,6 +16,7 @@ import time
 def attack(releases: str, stop_file: str) -> dict:
     known = set(os.listdir(releases))
     found = {"rounds": 0, "rounds_before_root_took_it": 0, "tries": 0, "planted": []}
+    print("watching", flush=True)
     while not os.path.exists(stop_file):
         for name in sorted(set(os.listdir(releases)) - known):
             static = os.path.join(releases, name, "static")

@@ -481,11 +481,11 @@ def test_the_app_user_cannot_plant_static_files_while_collectstatic_runs(target,
         user=APP_USER, group=APP_USER, extra_groups=[], cwd="/tmp", stdout=subprocess.PIPE, text=True,
     )  # fmt: skip
     try:
-        time.sleep(0.5)
+        assert attacker.stdout.readline() == "watching\n"  # it listed the releases there before the deploy
         out = ok(target.fab("deploy", repo=clone.path))
     finally:
         stop.touch()
-        found = json.loads(attacker.communicate(timeout=30)[0])
+        found = json.loads(attacker.communicate(timeout=30)[0].splitlines()[-1])
     release = target.live_release()
     print(f"static attacker: {json.dumps({**found, 'planted': found['planted'][:5]})}")
     assert "ok  collectstatic" in out

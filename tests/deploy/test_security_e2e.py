@@ -1,6 +1,8 @@
 """The server's security boundary, end to end: on a fresh Debian 12 that `fab provision` and `fab deploy` built
 (one nspawn container for the module, over real SSH), an attacker with code execution as the app user tries
-each step of issue 9's list, after a deploy and again after a rollback; every one must fail and change nothing.
+each step of issue 9's list, after a deploy and again after a rollback; every one must fail for its reason (EACCES,
+EPERM, the service's refusal) and change nothing, and the same step done as root in a throwaway copy of the
+server's directories (its positive control) must work.
 
 The attacker here is a shell as the app user outside the unit's sandbox: stronger than code running inside
 web, worker or beat, which also meet the read-only file system and an empty capability set.
@@ -22,6 +24,7 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -41,43 +44,85 @@ STATIC_ATTACKER = Path(__file__).with_name("static_attacker.py")
 pytestmark = [pytest.mark.deploy, pytest.mark.skipif(bool(missing_tools()), reason=str(missing_tools()))]
 report: dict[str, object] = {}
 
-# What the attacker runs as the app user; each exits 0 only if the step worked.
+EACCES = "Permission denied"
+EPERM = "Operation not permitted"
+
+
+@dataclass(frozen=True)
+class Attack:
+    """A shell command that exits 0 only if the step worked, what its refusal must say (the errno's message, or
+    the service's), and who runs it. Its positive control runs the same command as root, after `control_setup`
+    (e.g. giving it the password the attacker lacks), with `control_overlays` replaced by throwaway copies: it must
+    succeed, so a wrong path, glob or command cannot pass for a refusal."""
+
+    command: str
+    refusal: str = EACCES
+    user: str = APP
+    control_setup: str = ""
+    control_overlays: tuple[str, ...] = (SRV, "/etc/prayer-room", "/run/prayer-room")
+
+
+REDIS_PASSWORD = f"\"$(sed -n 's/^CELERY_BROKER_URL=redis:..:\\([^@]*\\)@.*/\\1/p' {ENV})\""
 ATTACKS = {
-    "append a line to the live release's urls.py": (
+    "append a line to the live release's urls.py": Attack(
         f"echo 'import os' >> {SRV}/current/project/prayer_room_api/urls.py"
     ),
-    "plant a .pth file in the live virtualenv": (
+    "plant a .pth file in the live virtualenv": Attack(
         f"echo 'import os' > \"$(echo {SRV}/current/.venv/lib/python3*/site-packages)/zz-attacker.pth\""
     ),
-    "replace a static file the live release serves": (
+    "replace a static file the live release serves": Attack(
         f"f=$(find {SRV}/current/static -name '*.css' | head -n 1) && echo 'body{{}}' > \"$f\""
     ),
-    "add a static file to the live release": f"echo 'alert(1)' > {SRV}/current/static/attacker.js",
-    "add a virtualenv a later deploy would reuse": f"mkdir {SRV}/venvs/0000000000000000",
-    "add a release": f"mkdir {SRV}/releases/29990101000000-000000000000",
-    "point current at a copy of its own": (
-        f"cp -rL {SRV}/current /tmp/own-copy && ln -sfn /tmp/own-copy {SRV}/.current-x"
-        f" && mv -T {SRV}/.current-x {SRV}/current"
+    "add a static file to the live release": Attack(f"echo 'alert(1)' > {SRV}/current/static/attacker.js"),
+    "add a virtualenv a later deploy would reuse": Attack(f"mkdir {SRV}/venvs/0000000000000000"),
+    "add a release": Attack(f"mkdir {SRV}/releases/29990101000000-000000000000"),
+    "point current at a copy of its own": Attack(
+        f'rm -rf /tmp/own-copy && cp -r "$(readlink -f {SRV}/current)" /tmp/own-copy'
+        f" && ln -sfn /tmp/own-copy {SRV}/.current-x && mv -T {SRV}/.current-x {SRV}/current"
     ),
-    "swap venvs/ for a symlink to a root-only directory": (
+    "swap venvs/ for a symlink to a root-only directory": Attack(
         f"mv {SRV}/venvs {SRV}/venvs.old && ln -s /root/.ssh {SRV}/venvs"
     ),
-    "append a line to the env file": f"echo DEBUG=true >> {ENV}",
-    "replace the env file": f"cp {ENV} /tmp/env && echo DEBUG=true >> /tmp/env && mv -f /tmp/env {ENV}",
-    "replace beat.log with a symlink into /root/.ssh": f"ln -sfn /root/.ssh/authorized_keys {SRV}/log/beat.log",
-    "replace the log directory": f"mv {SRV}/log {SRV}/log.old",
-    "connect to supervisord's socket (restart beat)": (
-        f"python3 -c 'import socket; s = socket.socket(socket.AF_UNIX); s.connect(\"{SOCKET}\")'"
+    "append a line to the env file": Attack(f"echo DEBUG=true >> {ENV}"),
+    "replace the env file": Attack(f"cp {ENV} /tmp/env && echo DEBUG=true >> /tmp/env && mv -f /tmp/env {ENV}"),
+    "make the env file readable by every account": Attack(f"chmod 0644 {ENV}", refusal=EPERM),
+    "replace beat.log with a symlink into /root/.ssh": Attack(f"ln -sfn /root/.ssh/authorized_keys {SRV}/log/beat.log"),
+    "replace the log directory": Attack(f"mv {SRV}/log {SRV}/log.old"),
+    "connect to supervisord's socket (restart beat)": Attack(
+        f"python3 -c 'import socket; s = socket.socket(socket.AF_UNIX); s.connect(\"{SOCKET}\")'",
+        control_overlays=(SRV, "/etc/prayer-room"),  # the live socket: a copy's accepts no connection
     ),
-    "replace supervisord's socket": f"rm -f {SOCKET} && ln -s /tmp/fake.sock {SOCKET}",
-    "write the programs config": "echo '[program:x]' >> /etc/prayer-room/programs.conf",
-    "read the programs config (the env values)": "cat /etc/prayer-room/programs.conf",
-    "use Redis without the password (broker, cache)": (
-        'out=$(redis-cli -h 127.0.0.1 -n 0 dbsize 2>&1); echo "$out"; case "$out" in *NOAUTH*) exit 1;; esac'
+    "replace supervisord's socket": Attack(f"rm -f {SOCKET} && ln -s /tmp/fake.sock {SOCKET}"),
+    "signal root's supervisord": Attack(
+        'pid=$(systemctl show -p MainPID --value prayer-room) && [ "$pid" -gt 1 ] && kill -0 "$pid"', refusal=EPERM
     ),
-    "sudo": "sudo -n true",
-    "make a home of its own for user site-packages": f"mkdir -p {SRV}/.local",
+    "write the programs config": Attack("echo '[program:x]' >> /etc/prayer-room/programs.conf"),
+    "read the programs config (the env values)": Attack("cat /etc/prayer-room/programs.conf"),
+    "use Redis without the password (broker, cache)": Attack(
+        'out=$(redis-cli -h 127.0.0.1 -n 0 dbsize 2>&1); echo "$out"; case "$out" in *NOAUTH*) exit 1;; esac',
+        refusal="NOAUTH Authentication required",
+        control_setup=f"export REDISCLI_AUTH={REDIS_PASSWORD};",
+    ),
+    "sudo": Attack("sudo -n true", refusal="a password is required"),
+    "make a home of its own for user site-packages": Attack(f"mkdir -p {SRV}/.local"),
+    "another local account reads the env file": Attack(f"cat {ENV}", user="nobody"),
 }
+# The controls' throwaway copies: each control runs in a mount namespace of its own in which its overlays are
+# overlay mounts (writes land in a tmpfs) and /tmp is an empty tmpfs; the server itself is left as it was.
+CONTROLS = """
+import json, subprocess, sys
+results = {}
+for name, (command, overlays) in json.load(sys.stdin).items():
+    setup = " && ".join(["mount -t tmpfs control /mnt"] + [
+        f"mkdir /mnt/u{n} /mnt/w{n} && mount -t overlay overlay"
+        f" -o lowerdir={d},upperdir=/mnt/u{n},workdir=/mnt/w{n},redirect_dir=on {d}"
+        for n, d in enumerate(overlays)
+    ] + ["mount -t tmpfs tmp /tmp", "cd /tmp"])
+    run = subprocess.run(["unshare", "--mount", "sh", "-c", f"{setup} || exit 99; {command}"],
+                         capture_output=True, text=True, timeout=120)
+    results[name] = [run.returncode, (run.stdout + run.stderr)[-300:]]
+print(json.dumps(results))
+"""
 
 
 @pytest.fixture(scope="module")
@@ -90,7 +135,7 @@ def server(tmp_path_factory):
         report["outputs"] = outputs = {}
         for name, args in (("provision", ["provision"]), ("deploy", ["deploy", "--allow-dirty"])):
             outputs[name] = expect_ok(fab(vps, *args))
-        time.sleep(1.1)  # the next release id is one second later at least
+        wait_for_the_next_second(vps)  # a release id names its second: the next deploy's must be another
         outputs["deploy again"] = expect_ok(fab(vps, "deploy", "--allow-dirty"))
         in_app(
             vps,
@@ -111,6 +156,15 @@ def fab(vps: Container, *args: str, timeout: float = 900) -> subprocess.Complete
     command = [str(FAB), "-H", f"root@{vps.address}", "-i", str(vps.key), *args]
     env = {k: v for k, v in os.environ.items() if k != "SSH_AUTH_SOCK"}
     return subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=timeout, env=env)
+
+
+def wait_for_the_next_second(vps: Container) -> None:
+    """Until this machine's clock (fab names a release after it, in UTC) is past the live release id's second."""
+    live = vps.ssh(f"basename $(readlink {SRV}/current)").stdout.split("-")[0]
+    deadline = time.monotonic() + 10
+    while time.strftime("%Y%m%d%H%M%S", time.gmtime()) <= live:
+        assert time.monotonic() < deadline, f"the clock does not pass {live}"
+        time.sleep(0.05)
 
 
 def expect_ok(result: subprocess.CompletedProcess) -> str:
@@ -140,27 +194,51 @@ def lynis_index(vps: Container) -> int:
 
 def fingerprint(vps: Container) -> str:
     """What the attacks must leave as it was: the code, the env file, the configs, the layout and /root/.ssh."""
-    listed = f"{SRV} {SRV}/releases {SRV}/venvs {SRV}/log /root/.ssh /run/prayer-room"
+    listed = f"{SRV} {SRV}/releases {SRV}/venvs {SRV}/shared {SRV}/log /root/.ssh /run/prayer-room"
     return vps.ssh(
         f"cd / && find {listed} -maxdepth 1 -printf '%p %u %g %m %y %l\\n' | sort;"
         f" md5sum {ENV} /etc/prayer-room/*.conf $(readlink -f {SRV}/current)/project/prayer_room_api/urls.py;"
-        f" find {SRV}/venvs -name '*.pth' | sort | md5sum"
+        f" find {SRV}/venvs -name '*.pth' | sort | md5sum; systemctl show -p MainPID --value prayer-room"
     ).stdout
 
 
+def run_controls(vps: Container) -> dict[str, tuple[int, str]]:
+    """Each attack's command as root (after its control_setup) in throwaway copies of the server's directories."""
+    commands = {
+        name: [f"{attack.control_setup} {attack.command}".strip(), attack.control_overlays]
+        for name, attack in ATTACKS.items()
+    }
+    result = subprocess.run(
+        ["ssh", *vps.ssh_options(), f"root@{vps.address}",
+         f"python3 -c {shlex.quote(CONTROLS)}"],
+        input=json.dumps(commands), capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout + result.stderr
+    return {name: (code, said) for name, (code, said) in json.loads(result.stdout).items()}
+
+
 def attack_all(vps: Container, phase: str) -> None:
+    """Every attack refused for its reason, and the same step as root in a throwaway copy worked (its control)."""
     before = fingerprint(vps)
-    outcomes, succeeded = {}, []
-    for name, command in ATTACKS.items():
-        result = as_app(vps, command)
-        said = (result.stderr.strip() or result.stdout.strip()).splitlines()
-        outcomes[name] = ("WORKED" if result.returncode == 0 else "refused") + (f": {said[-1][-160:]}" if said else "")
-        if result.returncode == 0:
-            succeeded.append(name)
-    other = as_app(vps, f"cat {ENV}", user="nobody")
-    outcomes["another local account reads the env file"] = "WORKED" if other.returncode == 0 else "refused"
+    outcomes, wrong = {}, []
+    for name, attack in ATTACKS.items():
+        result = as_app(vps, attack.command, user=attack.user)
+        said = (result.stdout + result.stderr).strip()
+        last = said.splitlines()[-1][-160:] if said else ""
+        refused = result.returncode != 0 and attack.refusal in said
+        outcomes[name] = ("refused" if refused else "WORKED" if result.returncode == 0 else "FAILED") + f": {last}"
+        if not refused:
+            wrong.append(f"{name}: exit {result.returncode}, expected {attack.refusal!r}: {said[-300:]}")
+    assert fingerprint(vps) == before  # checked before the controls, which must not change it either
+    started = time.monotonic()
+    controls = run_controls(vps)
+    report[f"controls {phase}, seconds"] = round(time.monotonic() - started, 1)
+    for name, (code, said) in controls.items():
+        outcomes[name] += f" / as root: {'worked' if code == 0 else f'FAILED ({code})'}"
+        if code != 0:
+            wrong.append(f"{name}: the control as root failed with exit {code}: {said}")
     report[f"attacks {phase}"] = outcomes
-    assert not succeeded and other.returncode != 0, outcomes
+    assert wrong == [], "\n".join(wrong)
     assert fingerprint(vps) == before
 
 
@@ -202,11 +280,11 @@ def test_no_static_file_can_be_planted_while_a_deploy_collects_them(server):
         stdout=subprocess.PIPE, text=True,
     )  # fmt: skip
     try:
-        time.sleep(1)
+        assert attacker.stdout.readline() == "watching\n"  # it listed the releases there before the deploy
         out = expect_ok(fab(server, "deploy", "--allow-dirty"))
     finally:
         server.ssh(f"touch {stop}", check=False)
-        found = json.loads(attacker.communicate(timeout=60)[0])
+        found = json.loads(attacker.communicate(timeout=60)[0].splitlines()[-1])
     report["static attacker during a deploy"] = {**found, "planted": found["planted"][:10]}
     assert "ok  collectstatic" in out
     assert found["rounds_before_root_took_it"] > 0, found  # it raced collectstatic, not only the sealed result
