@@ -15,7 +15,7 @@ from invoke import Exit
 
 from deploy import cluster, workflow
 from deploy import provision as provisioning
-from deploy.config import DeployConfig, address_of, load_config
+from deploy.config import DeployConfig, address_of, load_config, single_host_site
 from deploy.errors import DeployError
 from deploy.server_files import has_app
 
@@ -32,14 +32,18 @@ COMMON_HELP = {
 
 
 def _targets(c, env: str | None, config: str | None) -> tuple[DeployConfig, list[Connection]]:
-    """The checked config and the hosts to act on: -H wins, else the environment's hosts (a cluster's: all of them,
-    in the order its roles name them; `cfg.at(conn.host)` is each one's config)."""
+    """The checked config and the hosts to act on: -H wins, else the site's hosts (all of them, in the order its
+    roles name them; `cfg.at(conn.host)` is each one's config). -H on a site of one host (or without --env) makes
+    that host the site."""
     cfg = load_config(Path(config) if config else None, env)
     if isinstance(c, Connection):
-        cfg.at(c.host)  # on a cluster, -H must be one of its hosts
+        if cfg.multi_host:
+            cfg.at(c.host)  # on a site of several hosts, -H must be one of them
+        else:
+            cfg = single_host_site(cfg, c.original_host)
         conns = [c]
-    elif cfg.hosts or cfg.is_cluster:
-        conns = [Connection(host, config=c.config) for host in (cfg.hosts or cfg.cluster_hosts)]
+    elif cfg.site_hosts:
+        conns = [Connection(host, config=c.config) for host in cfg.site_hosts]
     else:
         raise DeployError("no host: pass -H user@host, or --env NAME for an environment with hosts in deploy.toml.")
     for conn in conns:
@@ -51,7 +55,7 @@ def _targets(c, env: str | None, config: str | None) -> tuple[DeployConfig, list
 def _primary(c, env: str | None, config: str | None) -> tuple[DeployConfig, list[Connection]]:
     """`_targets`, narrowed on a cluster to its primary (the first web host: it keeps the backups)."""
     cfg, conns = _targets(c, env, config)
-    if not cfg.is_cluster:
+    if not cfg.multi_host:
         return cfg, conns
     chosen = [conn for conn in conns if conn.host == address_of(cfg.primary)]
     if not chosen:
@@ -63,7 +67,7 @@ def _primary(c, env: str | None, config: str | None) -> tuple[DeployConfig, list
 
 def _as_cluster(c, cfg: DeployConfig, what: str) -> bool:
     """Whether to act on the whole cluster (an environment with roles, no -H); `what` cannot take -H on one."""
-    if not cfg.is_cluster:
+    if not cfg.multi_host:
         return False
     if isinstance(c, Connection):
         if what:
@@ -217,7 +221,7 @@ def supervisorctl(c, command=None, env=None, config=None):
     code = 0
     for conn in conns:
         if has_app(cfg.at(conn.host)):
-            if cfg.is_cluster:
+            if cfg.multi_host:
                 print(f"== {conn.host}", flush=True)
             code = workflow.supervisorctl(conn, cfg.at(conn.host), command or "status") or code
     if code:
@@ -244,7 +248,7 @@ def provision(c, env=None, config=None):
     A cluster's hosts each get their roles' share: the db host first, then the others in parallel.
     """
     cfg, conns = _targets(c, env, config)
-    if cfg.is_cluster:
+    if cfg.multi_host:
         print(provisioning.provision_cluster(conns, cfg))
         return
     for conn in conns:

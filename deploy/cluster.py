@@ -73,7 +73,7 @@ class Cluster:
             conn = by_address[address_of(host)]
             return host, connect(conn, host_config)
 
-        apps = [h for h in config.cluster_hosts if has_app(config.for_host(h))]
+        apps = [h for h in config.site_hosts if has_app(config.for_host(h))]
         missing = [h for h in apps if address_of(h) not in by_address]
         if missing:
             raise DeployError(f"no connection to {', '.join(missing)}: a cluster command acts on all its hosts.")
@@ -108,7 +108,7 @@ class Cluster:
         locks: list[DeployLock] = []
         with self.progress.step(f"take the deploy lock on all {len(self.order)} hosts"):
             try:
-                for member in sorted(self.order, key=lambda m: self.config.cluster_hosts.index(m.host)):
+                for member in sorted(self.order, key=lambda m: self.config.site_hosts.index(m.host)):
                     lock = DeployLock(member.server, action)
                     lock.acquire()
                     locks.append(lock)
@@ -167,7 +167,7 @@ def deploy(
     progress = Progress(f"deploy {source.short} to the cluster {config.name}")
     if source.dirty:
         progress.say(f"WARNING: shipping HEAD {source.short}; {len(source.dirty)} uncommitted change(s) stay behind.")
-    with progress.step(f"connect to the {len(config.cluster_hosts)} hosts"):
+    with progress.step(f"connect to the {len(config.site_hosts)} hosts"):
         cluster = Cluster(config, conns, progress)
     with cluster.locked(f"deploy {source.short}"):
         with progress.step("read every host's state; render each one's programs"):
@@ -308,7 +308,7 @@ def rollback(
     if sum((unapply, bool(restore), keep_schema)) > 1:
         raise DeployError("choose one of --unapply, --restore BACKUP and --keep-schema.")
     progress = Progress(f"rollback of the cluster {config.name}")
-    with progress.step(f"connect to the {len(config.cluster_hosts)} hosts"):
+    with progress.step(f"connect to the {len(config.site_hosts)} hosts"):
         cluster = Cluster(config, conns, progress)
     layout = config.layout
     with cluster.locked(f"rollback{' to ' + to if to else ''}"):
@@ -399,7 +399,7 @@ def status(conns: Sequence[Connection], config: DeployConfig, role: str | None =
     lines = [
         "  ".join(cell.ljust(widths[i]) if i < 5 else cell for i, cell in enumerate(row)).rstrip() for row in table
     ]
-    others = [h for h in config.cluster_hosts if h not in cluster.members]
+    others = [h for h in config.site_hosts if h not in cluster.members]
     for host in others:
         line = f"{address_of(host)}: {','.join(sorted(config.roles_of(host)))} (no programs)"
         if config.domain and host in config.role_hosts("balancer"):
@@ -464,7 +464,7 @@ def restore(conns: Sequence[Connection], config: DeployConfig, name: str, *, yes
     """Put backup `name` back for the whole cluster: the current state backed up first, the maintenance page on
     every web host and every program stopped meanwhile, then each host restarted and verified."""
     progress = Progress(f"restore {name} on {config.name}")
-    with progress.step(f"connect to the {len(config.cluster_hosts)} hosts"):
+    with progress.step(f"connect to the {len(config.site_hosts)} hosts"):
         cluster = Cluster(config, conns, progress)
     primary = cluster.primary
     record = backup.find(primary.server, name)

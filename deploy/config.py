@@ -15,8 +15,8 @@ REPO_DIR = Path(__file__).resolve().parent.parent
 DEFAULT_CONFIG_FILE = REPO_DIR / "deploy.toml"
 
 LETSENCRYPT = "https://acme-v02.api.letsencrypt.org/directory"
-# What a host of a cluster can be: the programs it runs (web, worker, beat), the shared PostgreSQL and Redis
-# (db) and the front server in front of the web hosts (balancer). A single-host environment is APP_ROLES + db.
+# What a host of a site can be: the programs it runs (web, worker, beat), the shared PostgreSQL and Redis (db)
+# and the front server in front of the web hosts (balancer). A site of one host holds APP_ROLES + db.
 APP_ROLES = ("web", "worker", "beat")
 ROLES = (*APP_ROLES, "db", "balancer")
 SINGLE_HOST_ROLES = frozenset((*APP_ROLES, "db"))
@@ -57,9 +57,10 @@ class DeployConfig:
     require_systemd: bool = True
     web_ports: tuple[int, ...] = WEB_PORTS
     extra_env: tuple[tuple[str, str], ...] = field(default=())
-    # [environments.NAME.roles]: role -> the hosts that have it (a cluster); empty for a single host.
+    # role -> the hosts that have it: [environments.NAME.roles], or every role but balancer on the one host of
+    # `hosts` (`single_host_site`); empty only while no host is known (the defaults, before -H).
     roles: tuple[tuple[str, tuple[str, ...]], ...] = ()
-    # The roles of the one host this config is bound to (`for_host`); a single host has them all but balancer.
+    # The roles of the one host this config is bound to (`for_host`); a site of one host has them all but balancer.
     host_roles: frozenset[str] = SINGLE_HOST_ROLES
 
     @property
@@ -69,53 +70,57 @@ class DeployConfig:
         return f"{self.user}-build"
 
     @property
-    def is_cluster(self) -> bool:
-        return bool(self.roles)
+    def site_hosts(self) -> tuple[str, ...]:
+        """Every host of the site once, in the order the roles first name them (a site of one host: that one)."""
+        return tuple(dict.fromkeys(host for _, hosts in self.roles for host in hosts))
+
+    @property
+    def multi_host(self) -> bool:
+        """Whether the site spans several hosts: then PostgreSQL and Redis listen on the db host's address behind a
+        firewall, each host's workers have a queue of their own, and a balancer may front the web hosts."""
+        return len(self.site_hosts) > 1
 
     def role_hosts(self, role: str) -> tuple[str, ...]:
         """The hosts (user@host[:port]) that have `role`, in the config's order."""
         return dict(self.roles).get(role, ())
 
-    @property
-    def cluster_hosts(self) -> tuple[str, ...]:
-        """Every host of the cluster once, in the order the roles first name them."""
-        return tuple(dict.fromkeys(host for _, hosts in self.roles for host in hosts))
-
     def roles_of(self, host: str) -> frozenset[str]:
         return frozenset(role for role, hosts in self.roles if host in hosts)
 
     def for_host(self, host: str) -> DeployConfig:
-        """This config for one host of the cluster: `hosts` is that host, `host_roles` its roles."""
-        if not self.is_cluster:
-            return self
+        """This config bound to one host of the site: `hosts` is that host, `host_roles` its roles."""
         return replace(self, hosts=(host,), host_roles=self.roles_of(host))
 
     def at(self, address: str) -> DeployConfig:
-        """`for_host` for the cluster host at `address` (a Connection's host); a single-host config as it is."""
-        if not self.is_cluster:
-            return self
-        for host in self.cluster_hosts:
+        """`for_host` for the host of the site at `address` (a Connection's host); a site of one host: bound to that
+        host whatever the address (-H may name it another way); a config with no host yet: as it is."""
+        if not self.multi_host:
+            return self.for_host(self.site_hosts[0]) if self.site_hosts else self
+        for host in self.site_hosts:
             if address_of(host) == address:
                 return self.for_host(host)
-        raise DeployError(
-            f"{address} is not a host of the cluster {self.name}; its hosts: {', '.join(self.cluster_hosts)}."
-        )
+        hosts = ", ".join(self.site_hosts)
+        raise DeployError(f"{address} is not a host of the environment {self.name}; its hosts: {hosts}.")
 
     @property
     def primary(self) -> str:
         """The host that migrates, seeds the schedules, verifies writes and keeps the backups: the first web host."""
-        return self.role_hosts("web")[0] if self.is_cluster else (self.hosts[0] if self.hosts else "")
+        web = self.role_hosts("web")
+        return web[0] if web else (self.hosts[0] if self.hosts else "")
 
     @property
     def db_address(self) -> str:
-        """The address the programs reach PostgreSQL and Redis at: the db host's, or loopback on a single host."""
+        """The address the programs reach PostgreSQL and Redis at: loopback on a site of one host (or before its host
+        is known), else the db host's; "" when the roles name no db host (the operator's managed services)."""
         db = self.role_hosts("db")
-        return address_of(db[0]) if db else ("" if self.is_cluster else "127.0.0.1")
+        if self.roles and not db:
+            return ""
+        return address_of(db[0]) if self.multi_host else "127.0.0.1"
 
     @property
     def peer_addresses(self) -> tuple[str, ...]:
-        """The addresses of every host of the cluster: the only ones the db host's firewall admits."""
-        return tuple(dict.fromkeys(address_of(host) for host in self.cluster_hosts))
+        """The addresses of every host of the site: the only ones the db host's firewall admits."""
+        return tuple(dict.fromkeys(address_of(host) for host in self.site_hosts))
 
     def runs(self, role: str) -> bool:
         return role in self.host_roles
@@ -123,7 +128,7 @@ class DeployConfig:
     @property
     def host_queue(self) -> str:
         """The Celery queue only this host's workers consume besides the shared one: the deploy's ping goes there."""
-        return f"host.{address_of(self.hosts[0])}" if self.is_cluster and self.hosts else ""
+        return f"host.{address_of(self.hosts[0])}" if self.multi_host and self.hosts else ""
 
     @property
     def layout(self) -> ServerLayout:
@@ -163,6 +168,12 @@ class DeployConfig:
             *([("WORKER_QUEUES", f"celery,{self.host_queue}")] if self.host_queue and self.runs("worker") else []),
             *self.extra_env,
         ]
+
+
+def single_host_site(config: DeployConfig, host: str) -> DeployConfig:
+    """`config` as a site of one host holding web, worker, beat and db: what `hosts = [host]` or `-H host` means."""
+    roles = tuple((role, (host,)) for role in (*APP_ROLES, "db"))
+    return replace(config, hosts=(host,), roles=roles, host_roles=SINGLE_HOST_ROLES)
 
 
 def address_of(host: str) -> str:
@@ -214,7 +225,7 @@ def load_config(path: Path | None = None, environment: str | None = None) -> Dep
         values["acme_ca_bundle"] = str((path.parent / Path(values["acme_ca_bundle"]).expanduser()).resolve())
     config = DeployConfig(name=name, extra_env=tuple(sorted(env.items())), **values)
     validate(config, str(path))
-    return config
+    return single_host_site(config, config.hosts[0]) if config.hosts else config
 
 
 def _checked(table: Any, where: str) -> dict[str, Any]:
@@ -263,9 +274,11 @@ def _checked_roles(table: Any, where: str) -> tuple[tuple[str, tuple[str, ...]],
 
 
 def validate_roles(config: DeployConfig, where: str) -> None:
-    """A cluster has web, worker and beat hosts, at most one db and one balancer host, and no `hosts` list;
+    """Roles name web, worker and beat hosts, at most one db and one balancer host, and come without a `hosts` list;
     several hosts without roles would be several separate sites sharing nothing."""
-    if not config.is_cluster:
+    if config.hosts and config == single_host_site(config, config.hosts[0]):
+        return  # already a site of its one host
+    if not config.roles:
         if len(config.hosts) > 1:
             raise DeployError(
                 f"{where}: {len(config.hosts)} hosts and no roles: each would get its own PostgreSQL, Redis and "
@@ -277,24 +290,24 @@ def validate_roles(config: DeployConfig, where: str) -> None:
         raise DeployError(f"{where}: hosts and roles both set; with roles, list each host under its roles only.")
     missing = [role for role in APP_ROLES if not config.role_hosts(role)]
     if missing:
-        raise DeployError(f"{where}: roles has no {', '.join(missing)} host; a cluster needs web, worker and beat.")
+        raise DeployError(f"{where}: roles has no {', '.join(missing)} host; a site needs web, worker and beat.")
     for role in ("db", "balancer"):
         if len(config.role_hosts(role)) > 1:
             raise DeployError(
                 f"{where}: {role} must be one host, got {len(config.role_hosts(role))}"
                 + (" (one PostgreSQL and Redis for all)." if role == "db" else " (one front server).")
             )
-    for host in config.cluster_hosts:
+    for host in config.site_hosts:
         if not _HOST.fullmatch(host):
             raise DeployError(f"{where}: host {host!r} is not user@host[:port].")
     by_address: dict[str, str] = {}
-    for host in config.cluster_hosts:
+    for host in config.site_hosts:
         other = by_address.setdefault(address_of(host), host)
         if other != host:
             raise DeployError(f"{where}: {other!r} and {host!r} are the same server; name it one way in every role.")
     if config.role_hosts("balancer") and set(config.role_hosts("balancer")) & set(config.role_hosts("web")):
         raise DeployError(f"{where}: the balancer host cannot be a web host too (both need ports 80 and 443).")
-    if config.domain and not config.role_hosts("balancer"):
+    if config.multi_host and config.domain and not config.role_hosts("balancer"):
         raise DeployError(
             f"{where}: domain on a cluster needs a balancer host, which holds the certificate; add balancer = "
             '["root@..."] to roles (or leave domain out and terminate TLS on your own load balancer).'

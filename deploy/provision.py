@@ -110,7 +110,7 @@ def connect_for_provision(conn: Connection, config: DeployConfig) -> Server:
 
 def packages_for(config: DeployConfig) -> tuple[str, ...]:
     """What the host needs installed: PACKAGES (and TLS_PACKAGES with a domain), or a cluster host's roles' share."""
-    if not config.is_cluster:
+    if not config.multi_host:
         return PACKAGES + (TLS_PACKAGES if config.domain else ())
     wanted = [
         *(APP_PACKAGES if has_app(config) else ()),
@@ -123,7 +123,7 @@ def packages_for(config: DeployConfig) -> tuple[str, ...]:
 
 def services_for(config: DeployConfig) -> tuple[str, ...]:
     """The installed services that must be enabled and running."""
-    if not config.is_cluster:
+    if not config.multi_host:
         return SERVICES
     return (
         *(("postgresql", "redis-server") if config.runs("db") else ()),

@@ -89,7 +89,7 @@ def cluster_site_names(config: DeployConfig) -> list[str]:
 def site_names(config: DeployConfig, host: str) -> list[str]:
     """The names the site answers to: the configured domain, then the address or name given with -H (a cluster's:
     `cluster_site_names`, the same on every host)."""
-    if config.is_cluster:
+    if config.multi_host:
         return cluster_site_names(config)
     names = [name for name in (config.domain, host) if name]
     return list(dict.fromkeys(names))

@@ -451,7 +451,7 @@ def status_lines(server: Server, state: ServerState, *, programs: bool = True) -
     """`status`'s lines; without `programs`, only what the whole site shares (certificate, lock, backups, schedules)."""
     config = server.config
     lines = [f"{server.name}: live release {state.current or 'none'}"] if programs else []
-    if config.domain and not config.is_cluster:  # a cluster's certificate is on its balancer
+    if config.domain and not config.multi_host:  # a cluster's certificate is on its balancer
         lines.append(certificate_line(config, tls.read_certificate(server), time.time()))
     held = DeployLock(server, "status").holder()
     if held:

@@ -35,7 +35,7 @@ def config_file(tmp_path):
 
 def test_web_hosts_switch_first_one_at_a_time_then_workers_then_beat(config_file):
     config = load_config(config_file, "cluster")
-    apps = [h for h in config.cluster_hosts if has_app(config.for_host(h))]
+    apps = [h for h in config.site_hosts if has_app(config.for_host(h))]
     assert "root@10.0.0.9" not in apps  # the balancer runs no programs
     assert rollout_order(config, apps) == ["root@10.0.0.2", "root@10.0.0.3", "root@10.0.0.4", "root@10.0.0.5"]
     assert config.primary == "root@10.0.0.2"
@@ -77,7 +77,7 @@ def test_a_host_outside_the_cluster_is_refused(config_file):
         capture_output=True, text=True, timeout=60,
     )  # fmt: skip
     assert result.returncode == 1
-    assert "10.0.0.77 is not a host of the cluster cluster" in result.stderr
+    assert "10.0.0.77 is not a host of the environment cluster" in result.stderr
 
 
 def test_an_unreachable_cluster_is_refused_naming_every_host_before_anything_changes(tmp_path):

@@ -5,7 +5,7 @@ from pathlib import Path, PurePosixPath
 
 import pytest
 
-from deploy.config import DEFAULT_CONFIG_FILE, DeployConfig, load_config
+from deploy.config import DEFAULT_CONFIG_FILE, DeployConfig, load_config, single_host_site
 from deploy.errors import DeployError
 from deploy.layout import WEB_PORTS
 
@@ -151,21 +151,33 @@ balancer = ["root@10.0.0.5:2222"]
 
 def test_roles_make_a_cluster_and_each_host_gets_its_own_roles(tmp_path):
     config = load_config(write(tmp_path, CLUSTER), "cluster")
-    assert config.is_cluster and config.primary == "root@10.0.0.2"
-    assert config.cluster_hosts == ("root@10.0.0.2", "root@10.0.0.3", "root@10.0.0.4", "root@10.0.0.5:2222")
+    assert config.multi_host and config.primary == "root@10.0.0.2"
+    assert config.site_hosts == ("root@10.0.0.2", "root@10.0.0.3", "root@10.0.0.4", "root@10.0.0.5:2222")
     assert config.db_address == "10.0.0.4"
     assert config.peer_addresses == ("10.0.0.2", "10.0.0.3", "10.0.0.4", "10.0.0.5")
     app = config.for_host("root@10.0.0.4")
     assert app.host_roles == {"worker", "beat", "db"} and app.hosts == ("root@10.0.0.4",)
     assert ("WORKER_QUEUES", "celery,host.10.0.0.4") in app.environment_overrides()
     assert config.at("10.0.0.5").host_roles == {"balancer"} and config.at("10.0.0.5").hosts == ("root@10.0.0.5:2222",)
-    with pytest.raises(DeployError, match="10.0.0.9 is not a host of the cluster cluster"):
+    with pytest.raises(DeployError, match="10.0.0.9 is not a host of the environment cluster"):
         config.at("10.0.0.9")
     web = config.for_host("root@10.0.0.2")
     assert web.host_roles == {"web"} and not any(k == "WORKER_QUEUES" for k, _ in web.environment_overrides())
+
+
+def test_a_single_host_is_a_site_of_one_holding_every_role_but_balancer(tmp_path):
     single = load_config(write(tmp_path, '[environments.one]\nhosts = ["root@h"]\n'), "one")
-    assert not single.is_cluster and single.for_host("root@h") is single and single.db_address == "127.0.0.1"
-    assert single.host_roles == {"web", "worker", "beat", "db"}
+    roles = "".join(f'{role} = ["root@h"]\n' for role in ("web", "worker", "beat", "db"))
+    named = load_config(write(tmp_path, f"[environments.one.roles]\n{roles}"), "one")
+    for config in (single, named, single_host_site(load_config(write(tmp_path, "")), "root@h")):
+        assert config.site_hosts == ("root@h",) and not config.multi_host and config.primary == "root@h"
+        roles = ("web", "worker", "beat", "db", "balancer")
+        assert [config.role_hosts(role) for role in roles] == [("root@h",)] * 4 + [()]
+        assert config.roles_of("root@h") == {"web", "worker", "beat", "db"} and config.db_address == "127.0.0.1"
+        assert config.at("h") == config.at("203.0.113.9") == config.for_host("root@h")
+        assert config.for_host("root@h").hosts == ("root@h",)
+        assert config.host_roles == {"web", "worker", "beat", "db"} and config.host_queue == ""
+    assert load_config(write(tmp_path, "")).site_hosts == ()
 
 
 @pytest.mark.parametrize(
@@ -185,7 +197,7 @@ def test_roles_make_a_cluster_and_each_host_gets_its_own_roles(tmp_path):
         ('roles = { web = ["root@b"], worker = ["root@b"], beat = ["root@b"], balancer = ["root@b"] }\n',
          "balancer host cannot be a web host"),
         ('domain = "x.example.org"\nacme_email = "a@example.org"\n'
-         'roles = { web = ["root@b"], worker = ["root@b"], beat = ["root@b"] }\n',
+         'roles = { web = ["root@b"], worker = ["root@c"], beat = ["root@c"] }\n',
          "domain on a cluster needs a balancer"),
     ],
 )  # fmt: skip

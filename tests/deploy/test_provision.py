@@ -684,3 +684,34 @@ def test_an_ipv6_cluster_gets_bracketed_urls_and_ipv6_rules(tmp_path):
         path.write_text(rules)
         checked = subprocess.run(["nft", "--check", "-f", str(path)], capture_output=True, text=True)
         assert checked.returncode == 0, checked.stderr
+
+
+@pytest.mark.parametrize("config", [CONFIG, TLS], ids=["plain", "tls"])
+def test_a_site_of_one_host_renders_byte_identical_files_to_a_single_server(config):
+    from deploy.config import single_host_site
+    from deploy.render.supervisord import render_supervisord_conf, server_context
+    from deploy.server_files import render_nginx_maintenance
+
+    def rendered(config: DeployConfig) -> list:
+        env = env_defaults(config, HOST, secret_key="s" * 67, db_password="pw-_1", redis_password="rp-_2")
+        return [
+            env,
+            render_nginx_site(config, HOST),
+            render_nginx_site(config, HOST, tls=True),
+            render_nginx_maintenance(config),
+            render_unit(config),
+            render_backup_units(config),
+            render_supervisord_main(config),
+            render_supervisorctl_default(config),
+            render_supervisord_conf(server_context(config, env)),
+            redis_bind(config),
+            directories(config),
+            packages_for(config),
+            services_for(config),
+            has_app(config),
+            config.environment_overrides(),
+        ]
+
+    site = single_host_site(config, f"root@{HOST}")
+    assert not site.multi_host and site.site_hosts == (f"root@{HOST}",)
+    assert rendered(site) == rendered(config) == rendered(site.at(HOST))
