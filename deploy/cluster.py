@@ -27,7 +27,7 @@ from deploy.processes import Programs, log_path
 from deploy.progress import PrefixedLines, Progress, in_parallel
 from deploy.remote import Server, connect, sh
 from deploy.schema import SchemaReport
-from deploy.server_files import certificate_line, has_app
+from deploy.server_files import has_app
 from deploy.state import ServerState, read_state
 
 R = TypeVar("R")
@@ -419,7 +419,7 @@ def balancer_certificate(config: DeployConfig, conns: Sequence[Connection]) -> s
     conn = next(conn for conn in conns if conn.host == address_of(host))
     try:
         server = connect(conn, replace(config.for_host(host), user="root"))
-        return certificate_line(config, tls.read_certificate(server), time.time())
+        return tls.certificate_line(config, tls.read_certificate(server), time.time())
     except DeployError as exc:
         return f"certificate: unavailable ({exc})"
 

@@ -1,7 +1,7 @@
 """`fab provision`: take a fresh Debian 12 / Ubuntu 24.04 server to one `fab deploy` can fill; a re-run changes nothing.
 
 Every step first reads what is there and only acts on a difference, so each reports whether it changed
-anything. What the files say is rendered by deploy.server_files (pure); the steps here only compare and upload.
+anything. What the files say is rendered by deploy.render (pure); the steps here only compare and upload.
 """
 
 from __future__ import annotations
@@ -27,47 +27,44 @@ from deploy.lock import DeployLock
 from deploy.onserver import read_env_file
 from deploy.progress import PrefixedLines, Progress, in_parallel
 from deploy.remote import HELPER_SOURCE, Server, connect, sh
-from deploy.server_files import (
-    ACME_WEBROOT,
-    BACKUP_SERVICE,
-    BACKUP_TIMER,
-    CERTBOT_DROPIN,
-    DATABASE,
-    FACTS_SCRIPT,
+from deploy.render.db_host import (
     FIREWALL_TABLE,
     FIREWALL_UNIT,
     REDIS_CONF,
-    SUPERVISORCTL_DEFAULT,
-    UNIT,
-    acme_ca_path,
-    backup_helper,
-    check_facts,
-    directories,
-    env_defaults,
     firewall_rules_path,
-    has_app,
-    merge_env_file,
-    parse_facts,
     pg_hba_with_peers,
     redis_bind,
     redis_conf_with_password,
-    redis_password,
-    render_after_network_dropin,
-    render_backup_units,
-    render_balancer_site,
-    render_certbot_dropin,
     render_firewall,
     render_firewall_unit,
-    render_nginx_site,
     render_postgres_listen,
-    render_supervisorctl_default,
-    render_supervisord_main,
+)
+from deploy.render.env_file import DATABASE, env_defaults, merge_env_file, sync_env_file
+from deploy.render.nginx import ACME_WEBROOT, render_balancer_site, render_nginx_site
+from deploy.render.supervisord import SUPERVISORCTL_DEFAULT, render_supervisorctl_default, render_supervisord_main
+from deploy.render.systemd import (
+    BACKUP_SERVICE,
+    BACKUP_TIMER,
+    CERTBOT_DROPIN,
+    UNIT,
+    acme_ca_path,
+    backup_helper,
+    render_after_network_dropin,
+    render_backup_units,
+    render_certbot_dropin,
     render_unit,
+)
+from deploy.server_files import (
+    FACTS_SCRIPT,
+    check_facts,
+    directories,
+    has_app,
+    parse_facts,
+    redis_password,
     scram_matches,
     service_key_problems,
     service_keys_refusal,
     shared_env_values,
-    sync_env_file,
 )
 
 PACKAGES = ("python3-venv", "postgresql", "redis-server", "nginx", "supervisor")

@@ -7,11 +7,84 @@ reloads nginx gracefully (`systemctl reload nginx`: old workers finish their req
 
 from __future__ import annotations
 
+import calendar
+import re
 import time
+from collections.abc import Mapping
+from pathlib import PurePosixPath
 
+from deploy.config import DeployConfig
 from deploy.errors import DeployError
 from deploy.remote import Server, sh
-from deploy.server_files import CERTIFICATE_SCRIPT, certbot_command, certificate_fits, parse_certificate
+from deploy.render.jinja import shell_join
+from deploy.render.nginx import ACME_WEBROOT, CERT_DIR, CERT_NAME
+from deploy.render.systemd import acme_ca_path
+
+RENEWAL_CONF = PurePosixPath("/etc/letsencrypt/renewal") / f"{CERT_NAME}.conf"
+# `fab status` warns when the certificate expires sooner (certbot renews 30 days before).
+EXPIRY_WARNING_DAYS = 14
+
+
+def certbot_command(config: DeployConfig, *, replace: bool) -> str:
+    """certbot certonly in webroot mode (nginx keeps running) for config.domain, saved for certbot.timer's
+    renewals with the same server and the deploy hook that reloads nginx; `replace` re-issues at once."""
+    words = [
+        "certbot", "certonly", "--non-interactive", "--agree-tos", "--email", config.acme_email,
+        "--server", config.acme_directory, "--webroot", "--webroot-path", ACME_WEBROOT,
+        "--cert-name", CERT_NAME, "--domains", config.domain, "--deploy-hook", "systemctl reload nginx",
+    ]  # fmt: skip
+    words += ["--force-renewal"] if replace else ["--keep-until-expiring"]
+    command = shell_join(words)
+    if config.acme_ca_bundle:
+        command = f"REQUESTS_CA_BUNDLE={shell_join([acme_ca_path(config)])} {command}"
+    return command
+
+
+CERTIFICATE_SCRIPT = f"""\
+if [ -f {CERT_DIR}/fullchain.pem ]; then
+    openssl x509 -in {CERT_DIR}/fullchain.pem -noout -enddate -ext subjectAltName
+    sed -n 's/^server *= */server=/p' {RENEWAL_CONF}
+fi
+"""
+
+
+def parse_certificate(text: str) -> dict[str, object] | None:
+    """CERTIFICATE_SCRIPT's output: the names, expiry (epoch seconds) and ACME server; None without a certificate."""
+    expiry = re.search(r"^notAfter=(.+)$", text, re.M)
+    if not expiry:
+        return None
+    server = re.search(r"^server=(\S+)", text, re.M)
+    return {
+        "names": re.findall(r"DNS:([^,\s]+)", text),
+        "expires": calendar.timegm(time.strptime(expiry.group(1).strip(), "%b %d %H:%M:%S %Y %Z")),
+        "server": server.group(1) if server else "",
+    }
+
+
+def certificate_fits(config: DeployConfig, certificate: Mapping[str, object] | None, now: float) -> bool:
+    """A certificate nginx can serve for config.domain: it names the domain, is unexpired, and from acme_directory."""
+    return bool(
+        certificate
+        and config.domain in certificate["names"]
+        and certificate["expires"] > now
+        and certificate["server"] == config.acme_directory
+    )
+
+
+def certificate_line(config: DeployConfig, certificate: Mapping[str, object] | None, now: float) -> str:
+    """`fab status`'s line: the days left, a WARNING under EXPIRY_WARNING_DAYS (renewal is not working)."""
+    if certificate is None:
+        return f"certificate: none for {config.domain}; run `fab provision`"
+    days = int((certificate["expires"] - now) // 86400)
+    names = ", ".join(certificate["names"])
+    date = time.strftime("%Y-%m-%d", time.gmtime(certificate["expires"]))
+    line = f"certificate: {names}, expires in {days} days ({date})"
+    if days < EXPIRY_WARNING_DAYS:
+        line += (
+            f"  WARNING: under {EXPIRY_WARNING_DAYS} days; certbot.timer should have renewed it 30 days before: "
+            "see `journalctl -u certbot` on the server"
+        )
+    return line
 
 
 def read_certificate(server: Server) -> dict[str, object] | None:

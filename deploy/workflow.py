@@ -20,7 +20,6 @@ from deploy.progress import Progress
 from deploy.remote import Server, connect, sh
 from deploy.render.supervisord import render_supervisord_conf, server_context
 from deploy.schema import SchemaReport
-from deploy.server_files import certificate_line
 from deploy.state import ServerState, read_state
 
 
@@ -452,7 +451,7 @@ def status_lines(server: Server, state: ServerState, *, programs: bool = True) -
     config = server.config
     lines = [f"{server.name}: live release {state.current or 'none'}"] if programs else []
     if config.domain and not config.multi_host:  # a cluster's certificate is on its balancer
-        lines.append(certificate_line(config, tls.read_certificate(server), time.time()))
+        lines.append(tls.certificate_line(config, tls.read_certificate(server), time.time()))
     held = DeployLock(server, "status").holder()
     if held:
         lines.append(

@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import re
-import shlex
 from collections.abc import Mapping
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import jinja2
@@ -13,74 +11,18 @@ import jinja2
 from deploy.config import DeployConfig
 from deploy.errors import DeployError
 from deploy.layout import SUPERVISOR_GROUP, WEB_PORTS
+from deploy.render.jinja import REPO_DIR, render_template, supervisor_environment, template_environment
 
-TEMPLATE_DIR = Path(__file__).resolve().parents[2]
+TEMPLATE_DIR = REPO_DIR
 TEMPLATE_NAME = "supervisord.conf.j2"
 PROGRAM_KINDS = ("web", "worker", "beat")
 MAX_WORKER_PROCESSES = 16
+# The first file on supervisorctl's search path that exists wins, before Debian's own
+# /etc/supervisor/supervisord.conf: it names our socket, so a plain `supervisorctl status` as root works.
+SUPERVISORCTL_DEFAULT = PurePosixPath("/etc/supervisord.conf")
 
-_ENV_KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _PROGRAM_KEYS = ("group", "directory", "python", "manage", "log_dir", "environment", "processes", "web_ports")
 _DAEMON_KEYS = ("socket", "pidfile", "logfile")
-
-
-def supervisor_escape(value: Any) -> str:
-    """Escape `%` for supervisord's `%(name)s` expansion."""
-    return str(value).replace("%", "%%")
-
-
-def shell_join(words: list[Any]) -> str:
-    """One command line, each word quoted for the shell-like split supervisord does on `command=`."""
-    return shlex.join(str(word) for word in words)
-
-
-def supervisor_environment(environment: Mapping[str, str]) -> str:
-    """An `environment=` value that supervisord parses back into exactly `environment`.
-
-    NOTE: supervisord splits it with a non-POSIX shlex (no escapes inside quotes), strips every
-    leading and trailing quote from each value, and its config parser treats " ;" and " #" as
-    inline comments: values it cannot carry are refused by name (never printed).
-    """
-    pairs = []
-    for key, raw in environment.items():
-        value = str(raw)
-        if not _ENV_KEY.fullmatch(key):
-            raise DeployError(f"environment variable name {key!r} is not valid; use letters, digits and _.")
-        problem = _unrepresentable(value)
-        if problem:
-            raise DeployError(f"the value of {key} {problem}, which supervisord cannot pass on; change it.")
-        quote = "'" if '"' in value else '"'
-        pairs.append(f"{key}={quote}{supervisor_escape(value)}{quote}")
-    return ",".join(pairs)
-
-
-def _unrepresentable(value: str) -> str | None:
-    if "\n" in value or "\r" in value:
-        return "spans several lines"
-    if re.search(r"\s[;#]", value):
-        return 'contains a space before ";" or "#" (an inline comment for supervisord)'
-    if value[:1] in ("'", '"') or value[-1:] in ("'", '"'):
-        return "starts or ends with a quote"
-    if '"' in value and "'" in value:
-        return "contains both kinds of quote"
-    return None
-
-
-def template_environment(template_dir: Path = TEMPLATE_DIR) -> jinja2.Environment:
-    """The one Jinja2 environment for deploy templates: strict about undefined values, with the quoting filters."""
-    env = jinja2.Environment(
-        loader=jinja2.FileSystemLoader(str(template_dir)),
-        undefined=jinja2.StrictUndefined,
-        keep_trailing_newline=True,
-        trim_blocks=True,
-        lstrip_blocks=True,
-        autoescape=False,
-    )
-    env.filters["pct"] = supervisor_escape
-    env.filters["shquote"] = lambda value: shlex.quote(str(value))
-    env.filters["shjoin"] = shell_join
-    env.filters["supervisor_env"] = supervisor_environment
-    return env
 
 
 def check_context(context: Mapping[str, Any]) -> None:
@@ -249,3 +191,28 @@ def server_context(
         "task_time_limit": config.task_time_limit,
         "supervisord": None,
     }
+
+
+def render_supervisord_main(config: DeployConfig) -> str:
+    """supervisord's root-owned main config on a server: a root-only socket, and the programs deploy renders."""
+    layout = config.layout
+    return render_supervisord_conf(
+        {
+            "processes": {},
+            "log_dir": str(layout.logs),
+            "supervisord": {
+                "socket": str(layout.supervisor_socket),
+                "socket_owner": None,
+                "pidfile": str(layout.run / "supervisord.pid"),
+                "logfile": str(layout.logs / "supervisord.log"),
+                "include": (str(layout.programs_conf),),
+            },
+        }
+    )
+
+
+def render_supervisorctl_default(config: DeployConfig) -> str:
+    """SUPERVISORCTL_DEFAULT: only the [supervisorctl] section, naming the app's socket."""
+    return render_template(
+        "supervisorctl.conf.j2", socket=str(config.layout.supervisor_socket), main=str(config.layout.supervisor_conf)
+    )

@@ -24,8 +24,8 @@ from pathlib import Path
 import redis
 
 from deploy.config import load_config
+from deploy.render.nginx import render_nginx_site
 from deploy.render.supervisord import local_context, render_supervisord_conf
-from deploy.server_files import render_nginx_site
 from tests.support.stack import Database, claim_redis_db, free_port, redis_url, release_redis_db, services_unavailable
 
 REPO = Path(__file__).resolve().parents[2]

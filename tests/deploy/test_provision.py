@@ -21,45 +21,33 @@ from deploy.layout import WEB_PORTS
 from deploy.onserver import read_env_file
 from deploy.progress import PrefixedLines, Progress
 from deploy.provision import packages_for, services_for, summary
-from deploy.server_files import (
-    ACME_WEBROOT,
-    CERT_DIR,
-    FACTS_SCRIPT,
-    SERVICE_ENV_KEYS,
-    SHARED_ENV_KEYS,
-    SUPERVISORCTL_DEFAULT,
-    UNIT,
-    acme_ca_path,
-    certbot_command,
-    certificate_fits,
-    certificate_line,
-    check_facts,
-    directories,
-    env_defaults,
-    has_app,
-    merge_env_file,
-    parse_certificate,
-    parse_facts,
+from deploy.render.db_host import (
     pg_hba_with_peers,
     redis_bind,
     redis_conf_with_password,
-    redis_password,
-    render_backup_units,
-    render_balancer_site,
-    render_certbot_dropin,
     render_firewall,
     render_firewall_unit,
-    render_nginx_site,
     render_postgres_listen,
-    render_supervisorctl_default,
-    render_supervisord_main,
-    render_unit,
+)
+from deploy.render.env_file import env_defaults, merge_env_file, sync_env_file
+from deploy.render.nginx import ACME_WEBROOT, CERT_DIR, render_balancer_site, render_nginx_site
+from deploy.render.supervisord import SUPERVISORCTL_DEFAULT, render_supervisorctl_default, render_supervisord_main
+from deploy.render.systemd import UNIT, acme_ca_path, render_backup_units, render_certbot_dropin, render_unit
+from deploy.server_files import (
+    FACTS_SCRIPT,
+    SERVICE_ENV_KEYS,
+    SHARED_ENV_KEYS,
+    check_facts,
+    directories,
+    has_app,
+    parse_facts,
+    redis_password,
     scram_matches,
     service_key_problems,
     service_keys_refusal,
     shared_env_values,
-    sync_env_file,
 )
+from deploy.tls import certbot_command, certificate_fits, certificate_line, parse_certificate
 
 REPO = Path(__file__).resolve().parents[2]
 CONFIG = DeployConfig()
@@ -689,8 +677,8 @@ def test_an_ipv6_cluster_gets_bracketed_urls_and_ipv6_rules(tmp_path):
 @pytest.mark.parametrize("config", [CONFIG, TLS], ids=["plain", "tls"])
 def test_a_site_of_one_host_renders_byte_identical_files_to_a_single_server(config):
     from deploy.config import single_host_site
+    from deploy.render.nginx import maintenance_context
     from deploy.render.supervisord import render_supervisord_conf, server_context
-    from deploy.server_files import render_nginx_maintenance
 
     def rendered(config: DeployConfig) -> list:
         env = env_defaults(config, HOST, secret_key="s" * 67, db_password="pw-_1", redis_password="rp-_2")
@@ -698,7 +686,7 @@ def test_a_site_of_one_host_renders_byte_identical_files_to_a_single_server(conf
             env,
             render_nginx_site(config, HOST),
             render_nginx_site(config, HOST, tls=True),
-            render_nginx_maintenance(config),
+            maintenance_context(config),
             render_unit(config),
             render_backup_units(config),
             render_supervisord_main(config),

@@ -7,7 +7,8 @@ from supervisor.datatypes import RestartUnconditionally
 from supervisor.options import ClientOptions, ServerOptions
 
 from deploy.errors import DeployError
-from deploy.render.supervisord import local_context, render_supervisord_conf, supervisor_environment
+from deploy.render.jinja import supervisor_environment
+from deploy.render.supervisord import local_context, render_supervisord_conf
 
 TRICKY_VALUES = {
     "PERCENT": "50%(here)s%",

@@ -1,0 +1,95 @@
+"""The app's env file (shared/env, KEY=value lines): its default values, and a new or existing file merged with them."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from urllib.parse import quote
+
+from deploy.config import DeployConfig
+from deploy.onserver import read_env_file
+from deploy.render.jinja import render_template
+from deploy.render.site import POSTGRES_PORT, REDIS_PORT, site_names, url_host
+
+DATABASE = "prayer_room"
+# Debian's redis-server on loopback, with the password provision generates (requirepass): the broker (and
+# Celery's result backend) in database 0, Django's cache in 1.
+REDIS = "127.0.0.1:6379"
+OLD_BROKER_URL = f"redis://{REDIS}/0"  # what servers provisioned before the password have
+
+
+def redis_urls(password: str, address: str = "127.0.0.1") -> dict[str, str]:
+    """Every Redis URL the programs use, each with the password."""
+    auth = f":{quote(password, safe='')}@"
+    where = f"{url_host(address)}:{REDIS_PORT}"
+    return {"CELERY_BROKER_URL": f"redis://{auth}{where}/0", "CACHE_URL": f"redis://{auth}{where}/1"}
+
+
+def env_defaults(
+    config: DeployConfig, host: str, *, secret_key: str, db_password: str, redis_password: str
+) -> dict[str, str]:
+    """The env file's values for a server without TLS (the health check reaches gunicorn as 127.0.0.1).
+
+    PostgreSQL and Redis are the db host's (config.db_address: loopback on a site of one host); without a db host
+    the URLs are left out (the operator's managed services).
+    """
+    role = config.user.replace("-", "_")
+    db = config.db_address
+    where = f"{url_host(db)}:{POSTGRES_PORT}"
+    services = (
+        {
+            "DATABASE_URL": f"postgres://{role}:{quote(db_password, safe='')}@{where}/{DATABASE}",
+            **redis_urls(redis_password, db),
+        }
+        if db
+        else {}
+    )
+    return {
+        "DJANGO_SETTINGS_MODULE": config.settings_module,
+        "SECRET_KEY": secret_key,
+        "ALLOWED_HOSTS": ",".join([*site_names(config, host), "127.0.0.1", "localhost"]),
+        **services,
+        "SECURE_SSL_REDIRECT": "false",
+        "SECURE_COOKIES": "false",
+    }
+
+
+def _env_line(key: str, value: str) -> str:
+    """KEY=value as read_env_file reads it back: quoted when the value has outer spaces or quotes of its own."""
+    plain = value == value.strip() and not (len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"")
+    return f"{key}={value}\n" if plain else f'{key}="{value}"\n'
+
+
+def sync_env_file(existing: str | None, shared: Mapping[str, str], defaults: Mapping[str, str]) -> str:
+    """An app host's env file: `merge_env_file`'s, with each of `shared` (the site's values, the primary's) set to
+    its value (an older one's line replaced in place, every other line kept)."""
+    text = merge_env_file(existing, {**defaults, **shared})
+    lines = []
+    for line in text.splitlines(keepends=True):
+        stripped = line.strip()
+        stripped = stripped[len("export ") :].lstrip() if stripped.startswith("export ") else stripped
+        key = stripped.partition("=")[0].strip()
+        if not stripped.startswith("#") and key in shared and read_env_file(line).get(key) != shared[key]:
+            line = _env_line(key, shared[key])
+        lines.append(line)
+    return "".join(lines)
+
+
+def merge_env_file(existing: str | None, defaults: Mapping[str, str]) -> str:
+    """The env file text: `existing` untouched plus a line for each default it lacks (the whole file when new).
+
+    One exception: the broker URL of a server provisioned before Redis had a password (OLD_BROKER_URL) is
+    replaced by the default's, which has one.
+    """
+    if existing is None:
+        return render_template("env.j2", values=defaults)
+    if read_env_file(existing).get("CELERY_BROKER_URL") == OLD_BROKER_URL and "CELERY_BROKER_URL" in defaults:
+        existing = "".join(
+            line
+            for line in existing.splitlines(keepends=True)
+            if not line.strip().startswith(("CELERY_BROKER_URL=", "export CELERY_BROKER_URL="))
+        )
+    present = read_env_file(existing)
+    missing = [f"{key}={value}\n" for key, value in defaults.items() if key not in present]
+    if not missing:
+        return existing
+    return existing + ("" if existing.endswith("\n") or not existing else "\n") + "".join(missing)

@@ -1,0 +1,104 @@
+"""The nginx sites: a web host's (its web programs, each release's static files, the maintenance page) and the
+balancer's (the web hosts' nginx as upstreams)."""
+
+from __future__ import annotations
+
+from pathlib import PurePosixPath
+
+from deploy.config import DeployConfig, address_of
+from deploy.render.jinja import PROVISION_TEMPLATES, render_template
+from deploy.render.site import balancer_address, cluster_site_names, site_names, url_host
+
+# gunicorn's own timeout (WEB_TIMEOUT) is 30 s; nginx must wait at least that long for an answer.
+PROXY_READ_TIMEOUT = 60
+# A client that sends nothing for this long while uploading its headers or body is dropped.
+CLIENT_TIMEOUT = 10
+# certbot (webroot mode) writes its HTTP-01 answers under here; nginx serves them on port 80.
+ACME_WEBROOT = PurePosixPath("/var/lib/prayer-room-acme")
+# certbot --cert-name: the certificate's fixed directory under /etc/letsencrypt/live/, whatever the domain.
+CERT_NAME = "prayer-room"
+CERT_DIR = PurePosixPath("/etc/letsencrypt/live") / CERT_NAME
+HSTS_SECONDS = 31536000
+# Seconds a client is told to wait during a maintenance window (the measured window is shorter).
+MAINTENANCE_RETRY_AFTER = 30
+# The balancer's passive health check: a web host failing this often within FAIL_TIMEOUT s is skipped that long.
+BALANCER_MAX_FAILS = 2
+BALANCER_FAIL_TIMEOUT = 10
+
+
+def render_nginx_site(
+    config: DeployConfig,
+    host: str,
+    *,
+    tls: bool = False,
+    ipv6: bool = True,
+    address: str = "",
+    http_port: int = 80,
+    https_port: int = 443,
+) -> str:
+    """The nginx site: config.web_ports behind one upstream, each release's static files, a 444 default server.
+
+    With `tls` (a certificate for config.domain exists) port 80 only answers the ACME challenge and redirects;
+    the site is on 443. `address`, the ports and `ipv6` are for tests, which listen on a loopback port.
+    """
+    return render_template(
+        "nginx-site.conf.j2",
+        upstream="prayer_room_web",
+        balancer=balancer_address(config),
+        web_ports=config.web_ports,
+        server_names=[config.domain] if tls else site_names(config, host),
+        root=str(config.layout.root),
+        **maintenance_context(config),
+        **_front_context(config, tls, ipv6, address, http_port, https_port),
+    )
+
+
+def _front_context(
+    config: DeployConfig, tls: bool, ipv6: bool, address: str, http_port: int, https_port: int
+) -> dict[str, object]:
+    """What a web host's site and the balancer's share: where they listen, the client limits, TLS."""
+    return {
+        "ipv6": ipv6,
+        "address": address,
+        "http_port": http_port,
+        "https_port": https_port,
+        "max_body": "1m",
+        "client_timeout": CLIENT_TIMEOUT,
+        "read_timeout": PROXY_READ_TIMEOUT,
+        "tls": tls,
+        "acme_webroot": str(ACME_WEBROOT) if config.domain else "",
+        "certificate": str(CERT_DIR / "fullchain.pem"),
+        "certificate_key": str(CERT_DIR / "privkey.pem"),
+        "hsts_seconds": HSTS_SECONDS,
+    }
+
+
+def render_balancer_site(
+    config: DeployConfig,
+    *,
+    tls: bool = False,
+    ipv6: bool = True,
+    address: str = "",
+    http_port: int = 80,
+    https_port: int = 443,
+    web_port: int = 80,
+) -> str:
+    """The balancer's nginx site: the web hosts' own nginx (port 80) as upstreams with passive health checks and a
+    new connection per request, a 444 default server. With `domain` it answers the ACME challenge, and with `tls` (its
+    certificate exists) it serves HTTPS and redirects HTTP. `address`, the ports and `ipv6` are for tests."""
+    return render_template(
+        "nginx-balancer.conf.j2",
+        upstream="prayer_room_web_hosts",
+        servers=[f"{url_host(address_of(host))}:{web_port}" for host in config.role_hosts("web")],
+        max_fails=BALANCER_MAX_FAILS,
+        fail_timeout=BALANCER_FAIL_TIMEOUT,
+        server_names=cluster_site_names(config),
+        **_front_context(config, tls, ipv6, address, http_port, https_port),
+    )
+
+
+def maintenance_context(config: DeployConfig) -> dict[str, object]:
+    """The maintenance flag nginx checks, the Retry-After it sends, and the page (one line: it goes in a string)."""
+    page = " ".join((PROVISION_TEMPLATES / "maintenance.html").read_text().split())
+    flag = str(config.layout.maintenance_flag)
+    return {"maintenance_flag": flag, "retry_after": MAINTENANCE_RETRY_AFTER, "page": page}
