@@ -57,6 +57,17 @@ class DeployConfig:
     require_systemd: bool = True
     web_ports: tuple[int, ...] = WEB_PORTS
     extra_env: tuple[tuple[str, str], ...] = field(default=())
+    # Continuous archiving (pgBackRest on the db host) to an S3-compatible bucket, encrypted: off while
+    # backup_repository is empty. Checked by validate_archive; rendered by deploy/render/archive.py.
+    backup_repository: str = ""
+    backup_s3_endpoint: str = ""
+    backup_s3_region: str = "us-east-1"
+    backup_s3_uri_style: str = "host"
+    backup_s3_ca_bundle: str = ""
+    backup_full_schedule: str = "Sun *-*-* 01:30:00"
+    backup_diff_schedule: str = "Mon..Sat *-*-* 01:30:00"
+    backup_full_keep: int = 4
+    backup_diff_keep: int = 7
     # role -> the hosts that have it: [environments.NAME.roles], or every role but balancer on the one host of
     # `hosts` (`single_host_site`); empty only while no host is known (the defaults, before -H).
     roles: tuple[tuple[str, tuple[str, ...]], ...] = ()
@@ -221,8 +232,9 @@ def load_config(path: Path | None = None, environment: str | None = None) -> Dep
     values.pop("env", None)
     if "roles" in defaults:
         raise DeployError(f"{path} [defaults]: roles belong to an environment: [environments.NAME.roles].")
-    if values.get("acme_ca_bundle"):  # relative to the config file, like a path on the command line
-        values["acme_ca_bundle"] = str((path.parent / Path(values["acme_ca_bundle"]).expanduser()).resolve())
+    for bundle in ("acme_ca_bundle", "backup_s3_ca_bundle"):  # relative to the config file, like a command line's
+        if values.get(bundle):
+            values[bundle] = str((path.parent / Path(values[bundle]).expanduser()).resolve())
     config = DeployConfig(name=name, extra_env=tuple(sorted(env.items())), **values)
     validate(config, str(path))
     return single_host_site(config, config.hosts[0]) if config.hosts else config
@@ -351,6 +363,7 @@ def validate(config: DeployConfig, where: str = "deploy config") -> None:
         raise DeployError(f"{where}: workers must be at most 16 (raise worker_concurrency instead).")
     validate_tls(config, where)
     validate_roles(config, where)
+    validate_archive(config, where)
 
 
 def validate_tls(config: DeployConfig, where: str) -> None:
@@ -380,10 +393,104 @@ def validate_tls(config: DeployConfig, where: str) -> None:
     if not re.fullmatch(r"https://[^\s]+", config.acme_directory):
         raise DeployError(f"{where}: acme_directory must be an https:// URL, got {config.acme_directory!r}.")
     if config.acme_ca_bundle:
-        bundle = Path(config.acme_ca_bundle)
-        try:
-            text = bundle.read_text()
-        except (OSError, UnicodeDecodeError) as exc:
-            raise DeployError(f"{where}: acme_ca_bundle {bundle} cannot be read ({exc}).") from exc
-        if "-----BEGIN CERTIFICATE-----" not in text:
-            raise DeployError(f"{where}: acme_ca_bundle {bundle} holds no PEM certificate.")
+        _check_pem_bundle(Path(config.acme_ca_bundle), "acme_ca_bundle", where)
+
+
+def _check_pem_bundle(bundle: Path, key: str, where: str) -> None:
+    try:
+        text = bundle.read_text()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise DeployError(f"{where}: {key} {bundle} cannot be read ({exc}).") from exc
+    if "-----BEGIN CERTIFICATE-----" not in text:
+        raise DeployError(f"{where}: {key} {bundle} holds no PEM certificate.")
+
+
+# --- Continuous archiving (issue 20): deploy.toml's backup_repository and backup_s3_* / backup_*_schedule/_keep.
+_BUCKET = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
+_REPOSITORY = re.compile(r"s3://([^/]*)(/[A-Za-z0-9._/-]*)?")
+_ENDPOINT = re.compile(r"(?:https://)?([A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*)(?::(\d{1,5}))?/?")
+_REGION = re.compile(r"[a-z0-9][a-z0-9-]*")
+# A systemd calendar expression (OnCalendar=): `systemd-analyze calendar` says what it means.
+_CALENDAR = re.compile(r"[A-Za-z0-9*:,./~ +-]+")
+_ARCHIVE_DEFAULTS = {f.name: f.default for f in fields(DeployConfig) if f.name.startswith("backup_s3_")}
+
+
+@dataclass(frozen=True)
+class ArchiveRepository:
+    """Where pgBackRest keeps the archive: the bucket, the path in it, the S3 endpoint's host and port."""
+
+    bucket: str
+    path: str
+    endpoint: str
+    port: int
+    region: str
+    uri_style: str
+    ca_bundle: str
+
+
+def archive_repository(config: DeployConfig) -> ArchiveRepository | None:
+    """The config's archive repository (checked by validate_archive), or None when archiving is off."""
+    if not config.backup_repository:
+        return None
+    match = _REPOSITORY.fullmatch(config.backup_repository)
+    endpoint = _ENDPOINT.fullmatch(config.backup_s3_endpoint or f"s3.{config.backup_s3_region}.amazonaws.com")
+    assert match and endpoint, "validate_archive checks both"
+    return ArchiveRepository(
+        bucket=match.group(1),
+        path="/" + (match.group(2) or "").strip("/"),
+        endpoint=endpoint.group(1),
+        port=int(endpoint.group(2) or 443),
+        region=config.backup_s3_region,
+        uri_style=config.backup_s3_uri_style,
+        ca_bundle=config.backup_s3_ca_bundle,
+    )
+
+
+def validate_archive(config: DeployConfig, where: str) -> None:
+    """backup_repository is s3://BUCKET/PREFIX, the backup_s3_* settings come with it and make sense, the schedules
+    are systemd calendar expressions and the retention counts at least 1."""
+    if not config.backup_repository:
+        stray = [key for key, default in _ARCHIVE_DEFAULTS.items() if getattr(config, key) != default]
+        if stray:
+            raise DeployError(
+                f"{where}: {', '.join(stray)} set without backup_repository; set backup_repository = "
+                '"s3://BUCKET/PREFIX" too (or leave them out).'
+            )
+    else:
+        match = _REPOSITORY.fullmatch(config.backup_repository)
+        if not match or not _BUCKET.fullmatch(match.group(1)) or ".." in (match.group(2) or "").split("/"):
+            raise DeployError(
+                f'{where}: backup_repository must be "s3://BUCKET/PREFIX" (a bucket name of 3 to 63 lower-case '
+                f"letters, digits, dots and hyphens, then a path), got {config.backup_repository!r}."
+            )
+        endpoint = config.backup_s3_endpoint
+        if endpoint.startswith("http://"):
+            raise DeployError(
+                f"{where}: backup_s3_endpoint must use HTTPS (pgBackRest speaks nothing else): {endpoint!r}."
+            )
+        parsed = _ENDPOINT.fullmatch(endpoint) if endpoint else None
+        if endpoint and (not parsed or not 0 < int(parsed.group(2) or 443) < 65536):
+            raise DeployError(
+                f"{where}: backup_s3_endpoint must be a host name with an optional port, e.g. "
+                f'"s3.eu-central-003.backblazeb2.com" or "minio.example.org:9000", got {endpoint!r}.'
+            )
+        if not _REGION.fullmatch(config.backup_s3_region):
+            raise DeployError(f"{where}: backup_s3_region must be a region name such as us-east-1, got "
+                              f"{config.backup_s3_region!r}.")  # fmt: skip
+        if config.backup_s3_uri_style not in ("host", "path"):
+            raise DeployError(
+                f'{where}: backup_s3_uri_style must be "host" (BUCKET.endpoint) or "path" (endpoint/BUCKET), got '
+                f"{config.backup_s3_uri_style!r}."
+            )
+        if config.backup_s3_ca_bundle:
+            _check_pem_bundle(Path(config.backup_s3_ca_bundle), "backup_s3_ca_bundle", where)
+    for key in ("backup_full_schedule", "backup_diff_schedule"):
+        value = getattr(config, key)
+        if not _CALENDAR.fullmatch(value):
+            raise DeployError(
+                f'{where}: {key} must be a systemd calendar expression such as "Sun *-*-* 01:30:00" or "daily", '
+                f"got {value!r}."
+            )
+    for key in ("backup_full_keep", "backup_diff_keep"):
+        if getattr(config, key) < 1:
+            raise DeployError(f"{where}: {key} must be at least 1, got {getattr(config, key)}.")

@@ -1,0 +1,244 @@
+"""Continuous archiving's steps on the db host (pgBackRest, Debian's package): install and configure it, read the
+archive, restore a point in time. Each step runs through a `remote.Server` (root, upload, read); the files come
+from deploy/render/archive.py."""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path, PurePosixPath
+
+from deploy.config import DeployConfig
+from deploy.errors import DeployError
+from deploy.remote import Server, sh
+from deploy.render.archive import (
+    CA_FILE,
+    PGBACKREST_CONF,
+    ArchiveSecrets,
+    backup_unit_name,
+    pgbackrest_command,
+    render_archive_settings,
+    render_backup_units,
+    render_pgbackrest_conf,
+)
+
+UNIT_DIR = PurePosixPath("/etc/systemd/system")
+ARCHIVE_DROPIN = "prayer-room-archive.conf"
+_TIME = re.compile(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d(\.\d+)?([+-]\d\d(:?\d\d)?|Z)?")
+
+
+def as_postgres(command: list[str]) -> str:
+    """A root shell command running `command` as PostgreSQL's user, from a directory it may enter."""
+    return "cd / && " + sh("runuser", "-u", "postgres", "--", *command)
+
+
+def psql(server: Server, sql: str, *, what: str) -> str:
+    """One SQL statement as PostgreSQL's superuser; its rows as unaligned text."""
+    return server.root(as_postgres(["psql", "-AtX", "-c", sql]), what=what).stdout.strip()
+
+
+@dataclass(frozen=True)
+class Cluster:
+    """The db host's live PostgreSQL cluster: where its config and data are, and its port."""
+
+    config_file: PurePosixPath
+    data_directory: PurePosixPath
+    port: int
+
+    @property
+    def dropin(self) -> PurePosixPath:
+        return self.config_file.parent / "conf.d" / ARCHIVE_DROPIN
+
+    @property
+    def unit(self) -> str:
+        """Debian's unit for this cluster (postgresql@15-main), from its config's path /etc/postgresql/15/main."""
+        return f"postgresql@{self.config_file.parent.parent.name}-{self.config_file.parent.name}"
+
+
+def live_cluster(server: Server) -> Cluster:
+    row = psql(
+        server,
+        "SELECT current_setting('config_file'), current_setting('data_directory'), current_setting('port')",
+        what="reading PostgreSQL's settings",
+    )
+    config_file, data_directory, port = row.split("|")
+    return Cluster(PurePosixPath(config_file), PurePosixPath(data_directory), int(port))
+
+
+def wait_until_writable(server: Server, timeout: int = 120) -> None:
+    """Wait until PostgreSQL accepts connections and is out of recovery (a restore replays WAL first)."""
+    probe = (
+        f"for i in $(seq {timeout * 5}); do "
+        + as_postgres(["psql", "-AtXc", "SELECT pg_is_in_recovery()"])
+        + " 2>/dev/null | grep -qx f && exit 0; sleep 0.2; done; exit 1"
+    )
+    if server.root(probe, what="waiting for PostgreSQL", warn=True).exited != 0:
+        log = server.root("journalctl -u 'postgresql*' -n 8 --no-pager", what="reading the log", warn=True)
+        raise DeployError(f"PostgreSQL did not come up writable on {server.name}: {log.stdout.strip()[-800:]}")
+
+
+def archive_info(server: Server, config: DeployConfig, *, conf: PurePosixPath = PGBACKREST_CONF) -> dict:
+    """pgBackRest's view of the site's stanza (`info --output=json`); an unreadable archive raises one line: a
+    wrong BACKUP_CIPHER_PASS, or a bucket that cannot be reached."""
+    result = server.root(
+        as_postgres(pgbackrest_command(config, f"--config={conf}", "--output=json", "info")),
+        what="reading the archive",
+        warn=True,
+    )
+    try:
+        stanza = json.loads(result.stdout, strict=False)[0]  # its messages may quote undecryptable bytes
+    except (ValueError, IndexError, KeyError) as exc:
+        detail = (result.stderr.strip() or result.stdout.strip()).splitlines()
+        raise DeployError(
+            f"cannot read the archive {config.backup_repository} from {server.name}: {detail[-1] if detail else exc}"
+        ) from exc
+    # 0 ok; 1 no stanza yet, 2 no backup yet, 3 stanza without its info files: a new archive. 99: unreadable.
+    problem = next(
+        (repo["status"] for repo in stanza.get("repo", []) if repo["status"]["code"] not in (0, 1, 2, 3)), None
+    )
+    if problem:
+        message = problem["message"]
+        if "unable to load info file" in message and "FormatError" in message:
+            raise DeployError(
+                f"the archive {config.backup_repository} cannot be decrypted with this BACKUP_CIPHER_PASS: give the "
+                "passphrase it was made with (nothing was changed)."
+            )
+        first = message.splitlines()[0][:300]
+        raise DeployError(
+            f"cannot read the archive {config.backup_repository} from {server.name} ({first}): check "
+            "backup_s3_endpoint, the bucket and BACKUP_S3_KEY / BACKUP_S3_KEY_SECRET (nothing was changed)."
+        )
+    return stanza
+
+
+def install(server: Server, config: DeployConfig, secrets: ArchiveSecrets) -> bool:
+    """Archive the db host's PostgreSQL to the bucket: pgBackRest installed and configured, the stanza created,
+    WAL archived (checked), the backup timers on, and a first full backup if the archive has none.
+
+    The new config is tried against the bucket before anything is put in place: a wrong passphrase or an
+    unreachable bucket is one line, with nothing changed. True when something changed."""
+    server.root(
+        "command -v pgbackrest >/dev/null || { export DEBIAN_FRONTEND=noninteractive; "
+        "apt-get install -y -q pgbackrest || { apt-get update -q && apt-get install -y -q pgbackrest; }; }",
+        what="installing pgBackRest",
+    )
+    cluster = live_cluster(server)
+    conf = render_pgbackrest_conf(config, secrets, pg_path=str(cluster.data_directory), pg_port=cluster.port)
+    files: list[tuple[bytes | str, object, str, str]] = []
+    if config.backup_s3_ca_bundle:
+        files.append((Path(config.backup_s3_ca_bundle).read_text(), CA_FILE, "root", "0644"))
+    candidate = PGBACKREST_CONF.with_name("pgbackrest.conf.new")
+    server.upload([*files, (conf, candidate, "root:postgres", "0640")], what="uploading the archive's config")
+    try:
+        archive_info(server, config, conf=candidate)
+    except DeployError:
+        server.root(sh("rm", "-f", candidate), what="removing the refused config")
+        raise
+    changed = server.read(PGBACKREST_CONF, what="reading pgBackRest's config") != conf
+    units = render_backup_units(config)
+    dropin = render_archive_settings(config)
+    changed |= server.read(cluster.dropin, what="reading the archive settings") != dropin
+    server.upload(
+        [(dropin, cluster.dropin, "postgres:postgres", "0644")]
+        + [(text, UNIT_DIR / name, "root", "0644") for name, text in units.items()],
+        then=sh("mv", candidate, PGBACKREST_CONF) + " && systemctl daemon-reload",
+        what="installing the archive's config and units",
+    )
+    if psql(server, "SHOW archive_mode", what="reading archive_mode") != "on":
+        server.root(sh("systemctl", "restart", cluster.unit), what="restarting PostgreSQL to archive its WAL")
+        changed = True
+    else:
+        psql(server, "SELECT pg_reload_conf()", what="reloading PostgreSQL's settings")
+    wait_until_writable(server)
+    server.root(as_postgres(pgbackrest_command(config, "stanza-create")), what="creating the archive's stanza")
+    server.root(as_postgres(pgbackrest_command(config, "check")), what="checking that WAL reaches the archive")
+    timers = [name for name in units if name.endswith(".timer")]
+    server.root(sh("systemctl", "enable", "--now", *timers), what="starting the backup timers")
+    if not archive_info(server, config).get("backup"):
+        backup(server, config, "full")
+        changed = True
+    return changed
+
+
+def backup(server: Server, config: DeployConfig, kind: str) -> None:
+    """Take a `kind` (full or diff) backup now, through its unit (as the timer would)."""
+    unit = backup_unit_name(config, kind) + ".service"
+    server.root(sh("systemctl", "start", unit), what=f"taking a {kind} backup ({unit})")
+
+
+def archive_current_wal(server: Server, timeout: int = 120) -> str:
+    """Close the WAL segment being written and wait until the archive has it: the archive then holds every
+    transaction committed so far. The segment's name."""
+    segment = psql(server, "SELECT pg_walfile_name(pg_switch_wal())", what="switching to a new WAL segment")
+    probe = (
+        f"for i in $(seq {timeout * 2}); do w=$("
+        + as_postgres(["psql", "-AtXc", "SELECT last_archived_wal FROM pg_stat_archiver"])
+        + f') && [ -n "$w" ] && [ "$w" \\> {sh(segment)} -o "$w" = {sh(segment)} ] && exit 0; sleep 0.5; done; exit 1'
+    )
+    if server.root(probe, what="waiting for the WAL to reach the archive", warn=True).exited != 0:
+        raise DeployError(
+            f"WAL segment {segment} did not reach the archive in {timeout} s on {server.name}: see "
+            "`journalctl -u 'postgresql*'` and /var/log/pgbackrest there."
+        )
+    return segment
+
+
+def restore_window(info: dict) -> tuple[datetime, datetime]:
+    """The earliest and latest points the archive can restore to: the oldest backup's end, and now."""
+    ends = [entry["timestamp"]["stop"] for entry in info.get("backup", [])]
+    if not ends:
+        raise DeployError("the archive holds no backup yet: run `fab backup` (or wait for the timer) first.")
+    return datetime.fromtimestamp(min(ends), UTC), datetime.now(UTC)
+
+
+def parse_target_time(text: str) -> datetime:
+    """A --to-time value, "YYYY-MM-DD HH:MM:SS[+TZ]" (UTC without +TZ), as an aware datetime."""
+    if not _TIME.fullmatch(text.strip()):
+        raise DeployError(f'--to-time must be "YYYY-MM-DD HH:MM:SS[+TZ]" (UTC without +TZ), got {text!r}.')
+    moment = datetime.fromisoformat(text.strip())
+    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
+
+
+def restore(server: Server, config: DeployConfig, target: datetime | None = None) -> PurePosixPath:
+    """Restore the db host's PostgreSQL from the archive: to `target` (a point in time), or to the newest archived
+    transaction. The live WAL is archived first, and the data directory kept aside (its path is returned); on a
+    failure it is put back and PostgreSQL started on it again."""
+    info = archive_info(server, config)
+    earliest, latest = restore_window(info)
+    if target is not None and not earliest <= target <= latest:
+        raise DeployError(
+            f"{target:%Y-%m-%d %H:%M:%S%z} is outside the archive's window, {earliest:%Y-%m-%d %H:%M:%S}+0000 to now "
+            f"({latest:%Y-%m-%d %H:%M:%S}+0000); nothing was changed."
+        )
+    cluster = live_cluster(server)
+    archive_current_wal(server)
+    aside = cluster.data_directory.with_name(
+        f"{cluster.data_directory.name}.before-restore-{time.strftime('%Y%m%dT%H%M%S')}"
+    )
+    at = target.astimezone(UTC) if target else None
+    options = ["--type=time", f"--target={at:%Y-%m-%d %H:%M:%S.%f}+00", "--target-action=promote"] if at else []
+    data = sh(cluster.data_directory)
+    server.root(
+        " && ".join([
+            sh("systemctl", "stop", cluster.unit),
+            sh("mv", cluster.data_directory, aside),
+            sh("install", "-d", "-o", "postgres", "-g", "postgres", "-m", "0700", cluster.data_directory),
+        ]),
+        what="stopping PostgreSQL and keeping its data aside",
+    )  # fmt: skip
+    try:
+        server.root(as_postgres(pgbackrest_command(config, *options, "restore")), what="restoring from the archive")
+        server.root(sh("systemctl", "start", cluster.unit), what="starting the restored PostgreSQL")
+        wait_until_writable(server)
+    except DeployError as exc:
+        server.root(
+            f"systemctl stop {sh(cluster.unit)}; rm -rf {data} && mv {sh(aside)} {data} && "
+            + sh("systemctl", "start", cluster.unit),
+            what="putting the data from before the restore back",
+            warn=True,
+        )
+        raise DeployError(f"{exc} (the data from before the restore is back in place)") from exc
+    return aside

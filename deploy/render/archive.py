@@ -1,0 +1,104 @@
+"""Pure renderers of continuous archiving's files on the db host: pgBackRest's config, PostgreSQL's archive
+drop-in, and the systemd units and timers of the full and differential backups."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import PurePosixPath
+
+from deploy.config import DeployConfig, archive_repository
+from deploy.errors import DeployError
+from deploy.render.jinja import render_template, shell_join
+
+PGBACKREST = "/usr/bin/pgbackrest"
+PGBACKREST_DIR = PurePosixPath("/etc/pgbackrest")
+PGBACKREST_CONF = PGBACKREST_DIR / "pgbackrest.conf"
+# The backup_s3_ca_bundle's copy on the server (trusted for the archive's endpoint only).
+CA_FILE = PGBACKREST_DIR / "s3-ca.pem"
+# Seconds after which PostgreSQL switches to a new WAL segment, so an idle-ish server archives its last writes.
+ARCHIVE_TIMEOUT = 60
+BACKUP_KINDS = ("full", "diff")
+# What reaches the server from the operator's environment (or the git-ignored secrets file) at provision.
+SECRET_NAMES = ("BACKUP_S3_KEY", "BACKUP_S3_KEY_SECRET", "BACKUP_CIPHER_PASS")
+_SECRET = re.compile(r"[\x21-\x7e]+")  # printable, no spaces: each is one line of pgbackrest.conf
+
+
+@dataclass(frozen=True)
+class ArchiveSecrets:
+    """The bucket's access key and secret, and the passphrase the archive is encrypted with."""
+
+    s3_key: str
+    s3_key_secret: str
+    cipher_pass: str
+
+    @classmethod
+    def from_environment(cls, environ: dict[str, str]) -> ArchiveSecrets:
+        """The three secrets by their names (SECRET_NAMES); one missing or malformed is refused, naming it."""
+        missing = [name for name in SECRET_NAMES if not environ.get(name)]
+        if missing:
+            raise DeployError(f"backup_repository needs {', '.join(missing)} in the environment (or the secrets file).")
+        for name in SECRET_NAMES:
+            if not _SECRET.fullmatch(environ[name]):
+                raise DeployError(f"{name} must be printable ASCII without spaces or line breaks.")
+        return cls(*(environ[name] for name in SECRET_NAMES))
+
+
+def stanza(config: DeployConfig) -> str:
+    """pgBackRest's name for the archived PostgreSQL cluster: the app's user name."""
+    return config.user
+
+
+def pgbackrest_command(config: DeployConfig, *args: str) -> list[str]:
+    """pgbackrest with the site's stanza, then `args` (options and the command)."""
+    return [PGBACKREST, f"--stanza={stanza(config)}", *args]
+
+
+def _repository(config: DeployConfig):
+    repo = archive_repository(config)
+    if repo is None:
+        raise DeployError(f"{config.name}: backup_repository is not set; archiving is off.")
+    return repo
+
+
+def render_pgbackrest_conf(config: DeployConfig, secrets: ArchiveSecrets, *, pg_path: str, pg_port: int = 5432) -> str:
+    """/etc/pgbackrest/pgbackrest.conf: the S3 repository, encrypted (aes-256-cbc), its retention, and the cluster
+    at `pg_path` (the live data directory) on `pg_port`."""
+    return render_template(
+        "pgbackrest.conf.j2",
+        repo=_repository(config),
+        ca_file=str(CA_FILE) if config.backup_s3_ca_bundle else "",
+        secrets=secrets,
+        full_keep=config.backup_full_keep,
+        diff_keep=config.backup_diff_keep,
+        stanza=stanza(config),
+        pg_path=pg_path,
+        pg_port=pg_port,
+    )
+
+
+def render_archive_settings(config: DeployConfig) -> str:
+    """PostgreSQL's conf.d drop-in: archive every WAL segment with pgBackRest, and at least every ARCHIVE_TIMEOUT s."""
+    return render_template(
+        "postgresql-archive.conf.j2",
+        archive_command=shell_join(pgbackrest_command(config, "archive-push")) + " %p",
+        archive_timeout=ARCHIVE_TIMEOUT,
+    )
+
+
+def backup_unit_name(config: DeployConfig, kind: str) -> str:
+    """The name of the service (and, with .timer, the timer) taking `kind` backups: prayer-room-archive-full."""
+    return f"{config.user}-archive-{kind}"
+
+
+def render_backup_units(config: DeployConfig) -> dict[str, str]:
+    """The full and differential backups' oneshot services (as postgres) and their timers, by unit file name."""
+    schedules = {"full": config.backup_full_schedule, "diff": config.backup_diff_schedule}
+    units = {}
+    for kind in BACKUP_KINDS:
+        name = backup_unit_name(config, kind)
+        context = {"kind": kind, "schedule": schedules[kind], "repository": config.backup_repository}
+        command = pgbackrest_command(config, f"--type={kind}", "backup")
+        units[f"{name}.service"] = render_template("archive-backup.service.j2", command=command, **context)
+        units[f"{name}.timer"] = render_template("archive-backup.timer.j2", **context)
+    return units

@@ -1,0 +1,180 @@
+"""Continuous archiving without a server: deploy.toml's backup_repository and backup_s3_* settings, pgBackRest's
+config, PostgreSQL's archive drop-in, the backup units and timers, the restore's time checks."""
+
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+
+from deploy.archive import parse_target_time, restore_window
+from deploy.config import archive_repository, load_config
+from deploy.errors import DeployError
+from deploy.render.archive import (
+    ArchiveSecrets,
+    render_archive_settings,
+    render_backup_units,
+    render_pgbackrest_conf,
+)
+
+PEM = "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n"
+SECRETS = ArchiveSecrets("AKIAEXAMPLE", "s3cr3t/key+value", "a-long-passphrase")
+
+
+def config_from(tmp_path: Path, settings: str):
+    path = tmp_path / "deploy.toml"
+    path.write_text("[defaults]\n" + settings)
+    return load_config(path)
+
+
+def lines(text: str) -> list[str]:
+    return [line for line in text.splitlines() if line and not line.startswith("#")]
+
+
+def test_archiving_is_off_by_default_and_the_endpoint_defaults_to_aws(tmp_path):
+    assert archive_repository(config_from(tmp_path, "")) is None
+    repo = archive_repository(config_from(tmp_path, "backup_repository = 's3://prayer-backups/site/prod'\n"))
+    assert (repo.bucket, repo.path, repo.endpoint, repo.port) == (
+        "prayer-backups",
+        "/site/prod",
+        "s3.us-east-1.amazonaws.com",
+        443,
+    )
+    assert (repo.region, repo.uri_style, repo.ca_bundle) == ("us-east-1", "host", "")
+
+
+def test_an_s3_compatible_endpoint_with_a_port_path_style_and_a_ca_bundle_beside_the_config(tmp_path):
+    (tmp_path / "s3-ca.pem").write_text(PEM)
+    config = config_from(
+        tmp_path,
+        "backup_repository = 's3://archive'\nbackup_s3_endpoint = 'https://minio.example.org:9000'\n"
+        "backup_s3_region = 'eu-west-1'\nbackup_s3_uri_style = 'path'\nbackup_s3_ca_bundle = 's3-ca.pem'\n",
+    )
+    repo = archive_repository(config)
+    assert (repo.bucket, repo.path, repo.endpoint, repo.port) == ("archive", "/", "minio.example.org", 9000)
+    assert (repo.region, repo.uri_style, repo.ca_bundle) == ("eu-west-1", "path", str(tmp_path / "s3-ca.pem"))
+
+
+@pytest.mark.parametrize(
+    "settings, message",
+    [
+        ("backup_repository = 'prayer-backups/x'\n", 'backup_repository must be "s3://BUCKET/PREFIX"'),
+        ("backup_repository = 's3://Bad_Bucket/x'\n", "backup_repository must be"),
+        ("backup_repository = 's3://ok-bucket/../x'\n", "backup_repository must be"),
+        ("backup_repository = 's3://b-1/x'\nbackup_s3_endpoint = 'http://minio:9000'\n", "must use HTTPS"),
+        ("backup_repository = 's3://b-1/x'\nbackup_s3_endpoint = 'minio:99999'\n", "backup_s3_endpoint must be a host"),
+        ("backup_repository = 's3://b-1/x'\nbackup_s3_endpoint = 'a b'\n", "backup_s3_endpoint must be a host"),
+        ("backup_repository = 's3://b-1/x'\nbackup_s3_region = 'EU West'\n", "backup_s3_region must be a region"),
+        ("backup_repository = 's3://b-1/x'\nbackup_s3_uri_style = 'virtual'\n", 'must be "host" .* or "path"'),
+        (
+            "backup_repository = 's3://b-1/x'\nbackup_s3_ca_bundle = 'absent.pem'\n",
+            "backup_s3_ca_bundle .* cannot be read",
+        ),
+        ("backup_s3_endpoint = 'minio:9000'\n", "backup_s3_endpoint set without backup_repository"),
+        ("backup_s3_uri_style = 'path'\n", "backup_s3_uri_style set without backup_repository"),
+        ("backup_full_schedule = 'Sun\\nExecStart=/bin/sh'\n", "backup_full_schedule must be a systemd calendar"),
+        ("backup_diff_schedule = ''\n", "backup_diff_schedule must be a systemd calendar"),
+        ("backup_full_keep = 0\n", "backup_full_keep must be at least 1"),
+        ("backup_diff_keep = '7'\n", "backup_diff_keep must be a int"),
+    ],
+)
+def test_bad_archive_settings_are_refused_in_one_line_naming_the_setting(tmp_path, settings, message):
+    with pytest.raises(DeployError, match=message) as refused:
+        config_from(tmp_path, settings)
+    assert "\n" not in str(refused.value)
+
+
+def test_pgbackrest_conf_encrypts_into_the_bucket_and_names_the_live_cluster(tmp_path):
+    config = config_from(tmp_path, "backup_repository = 's3://prayer-backups/prod'\nbackup_full_keep = 3\n")
+    conf = lines(render_pgbackrest_conf(config, SECRETS, pg_path="/var/lib/postgresql/15/main", pg_port=5433))
+    assert conf == [
+        "[global]",
+        "repo1-type=s3",
+        "repo1-path=/prod",
+        "repo1-s3-bucket=prayer-backups",
+        "repo1-s3-endpoint=s3.us-east-1.amazonaws.com",
+        "repo1-s3-region=us-east-1",
+        "repo1-s3-uri-style=host",
+        "repo1-s3-key=AKIAEXAMPLE",
+        "repo1-s3-key-secret=s3cr3t/key+value",
+        "repo1-cipher-type=aes-256-cbc",
+        "repo1-cipher-pass=a-long-passphrase",
+        "repo1-retention-full=3",
+        "repo1-retention-diff=7",
+        "compress-type=lz4",
+        "process-max=2",
+        "start-fast=y",
+        "log-level-console=warn",
+        "log-level-file=info",
+        "[prayer-room]",
+        "pg1-path=/var/lib/postgresql/15/main",
+        "pg1-port=5433",
+    ]
+
+
+def test_a_private_endpoint_gets_its_port_and_ca_file(tmp_path):
+    (tmp_path / "ca.pem").write_text(PEM)
+    config = config_from(
+        tmp_path,
+        "backup_repository = 's3://b-1/x'\nbackup_s3_endpoint = 's3.test:8443'\nbackup_s3_uri_style = 'path'\n"
+        "backup_s3_ca_bundle = 'ca.pem'\n",
+    )
+    conf = lines(render_pgbackrest_conf(config, SECRETS, pg_path="/d"))
+    assert "repo1-storage-port=8443" in conf and "repo1-storage-ca-file=/etc/pgbackrest/s3-ca.pem" in conf
+    assert "repo1-s3-uri-style=path" in conf and "pg1-port=5432" in conf
+
+
+def test_without_a_repository_nothing_is_rendered(tmp_path):
+    with pytest.raises(DeployError, match="backup_repository is not set"):
+        render_pgbackrest_conf(config_from(tmp_path, ""), SECRETS, pg_path="/d")
+
+
+def test_postgresql_archives_every_wal_segment_with_pgbackrest_at_least_every_60_s(tmp_path):
+    settings = lines(render_archive_settings(config_from(tmp_path, "backup_repository = 's3://b-1/x'\n")))
+    assert settings == [
+        "wal_level = replica",
+        "archive_mode = on",
+        "archive_command = '/usr/bin/pgbackrest --stanza=prayer-room archive-push %p'",
+        "archive_timeout = 60",
+    ]
+
+
+def test_full_and_differential_backups_run_as_postgres_on_their_schedules(tmp_path):
+    config = config_from(tmp_path, "backup_repository = 's3://b-1/x'\nbackup_diff_schedule = 'daily'\n")
+    units = render_backup_units(config)
+    assert sorted(units) == [
+        "prayer-room-archive-diff.service",
+        "prayer-room-archive-diff.timer",
+        "prayer-room-archive-full.service",
+        "prayer-room-archive-full.timer",
+    ]
+    full = lines(units["prayer-room-archive-full.service"])
+    assert "ExecStart=/usr/bin/pgbackrest --stanza=prayer-room --type=full backup" in full
+    assert "User=postgres" in full and "Type=oneshot" in full
+    assert "ExecStart=/usr/bin/pgbackrest --stanza=prayer-room --type=diff backup" in lines(
+        units["prayer-room-archive-diff.service"]
+    )
+    assert "OnCalendar=Sun *-*-* 01:30:00" in lines(units["prayer-room-archive-full.timer"])
+    assert "OnCalendar=daily" in lines(units["prayer-room-archive-diff.timer"])
+    assert "Persistent=true" in lines(units["prayer-room-archive-diff.timer"])
+
+
+def test_secrets_come_from_the_environment_and_a_missing_one_is_named():
+    environ = {"BACKUP_S3_KEY": "k", "BACKUP_S3_KEY_SECRET": "s", "BACKUP_CIPHER_PASS": "p"}
+    assert ArchiveSecrets.from_environment(environ) == ArchiveSecrets("k", "s", "p")
+    with pytest.raises(DeployError, match="needs BACKUP_S3_KEY_SECRET, BACKUP_CIPHER_PASS in the environment"):
+        ArchiveSecrets.from_environment({"BACKUP_S3_KEY": "k"})
+    with pytest.raises(DeployError, match="BACKUP_CIPHER_PASS must be printable ASCII without spaces"):
+        ArchiveSecrets.from_environment({**environ, "BACKUP_CIPHER_PASS": "two\nlines"})
+
+
+def test_a_restore_time_is_utc_unless_it_names_its_zone_and_must_lie_in_the_archive_window():
+    assert parse_target_time("2026-12-05 06:10:18") == datetime(2026, 12, 5, 6, 10, 18, tzinfo=UTC)
+    assert parse_target_time("2026-12-05 08:10:18+02").astimezone(UTC) == datetime(2026, 12, 5, 6, 10, 18, tzinfo=UTC)
+    for bad in ("yesterday", "2026-12-05", "2026-12-05T06:10:18", "2026-12-05 06:10:18 CET"):
+        with pytest.raises(DeployError, match='--to-time must be "YYYY-MM-DD HH:MM:SS\\[\\+TZ\\]"'):
+            parse_target_time(bad)
+    info = {"backup": [{"timestamp": {"start": 1796450700, "stop": 1796450789}}, {"timestamp": {"stop": 1796460000}}]}
+    earliest, latest = restore_window(info)
+    assert earliest == datetime.fromtimestamp(1796450789, UTC) and latest > earliest
+    with pytest.raises(DeployError, match="the archive holds no backup yet"):
+        restore_window({"backup": []})
