@@ -5,16 +5,18 @@ from __future__ import annotations
 from pathlib import Path
 
 from deploy.errors import DeployError
-from deploy.remote import HELPER_SOURCE, Server, sh
+from deploy.on_server import script
+from deploy.remote import Server, sh
 
 DAY = 24 * 3600
 
 
 def root_helper_command(server: Server, *args: str) -> str:
-    """deploy/onserver.py ARGS as root with the server's python3 (no virtualenv, no Django): the backups are root's."""
+    """The root helper (deploy/on_server/root_helper.py) with ARGS, as root with the server's python3: the backups are
+    root's."""
     config = server.config
     pg_bin = ("--pg-bin", config.postgres_bin) if config.postgres_bin else ()
-    return sh(config.python, "-c", HELPER_SOURCE.read_text(), "--env-file", config.layout.env_file, *args, *pg_bin)
+    return sh(config.python, "-c", script("root_helper"), "--env-file", config.layout.env_file, *args, *pg_bin)
 
 
 def _run(server: Server, *args: str, what: str, wrap=None) -> dict:

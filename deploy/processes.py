@@ -11,7 +11,8 @@ from dataclasses import dataclass
 from deploy.config import DeployConfig
 from deploy.errors import DeployError
 from deploy.layout import SUPERVISOR_GROUP
-from deploy.remote import HELPER_SOURCE, Server, sh
+from deploy.on_server import script
+from deploy.remote import Server, sh
 
 _ENV_PAIR = re.compile(r"""([A-Za-z_][A-Za-z0-9_]*)=("[^"]*"|'[^']*')""")
 
@@ -104,7 +105,7 @@ def cycle_command(server: Server, *names: str) -> str:
     """A root shell command: stop each program (graceful, waited for), then start it without waiting for
     startsecs; the caller's check (health, ping, beat's log) is the readiness test."""
     layout, config = server.config.layout, server.config
-    return sh(config.python, "-c", HELPER_SOURCE.read_text(), "cycle", "--socket", layout.supervisor_socket, *names)
+    return sh(config.python, "-c", script("root_helper"), "cycle", "--socket", layout.supervisor_socket, *names)
 
 
 def cycle(server: Server, name: str) -> None:

@@ -24,9 +24,10 @@ from deploy import tls
 from deploy.config import DeployConfig, address_of
 from deploy.errors import DeployError
 from deploy.lock import DeployLock
-from deploy.onserver import read_env_file
+from deploy.on_server import script
+from deploy.on_server.common import read_env_file
 from deploy.progress import PrefixedLines, Progress, in_parallel
-from deploy.remote import HELPER_SOURCE, Server, connect, sh
+from deploy.remote import Server, connect, sh
 from deploy.render.db_host import (
     FIREWALL_TABLE,
     FIREWALL_UNIT,
@@ -452,11 +453,13 @@ def ensure_backup_timer(server: Server) -> bool:
     config = server.config
     service, timer = render_backup_units(config)
     units = PurePosixPath("/etc/systemd/system")
-    changed = sync_file(server, backup_helper(config), HELPER_SOURCE.read_text(), owner="root", mode="0644")
+    changed = sync_file(server, backup_helper(config), script("root_helper"), owner="root", mode="0644")
     units_changed = sync_file(server, units / BACKUP_SERVICE, service, owner="root", mode="0644")
     units_changed |= sync_file(server, units / BACKUP_TIMER, timer, owner="root", mode="0644")
     if units_changed:
-        server.root("systemctl daemon-reload", what="reloading systemd")
+        # The copy an older kit installed (one helper for both runtimes) goes once the service no longer names it.
+        old_copy = config.layout.etc / "onserver.py"
+        server.root(f"rm -f {sh(old_copy)} && systemctl daemon-reload", what="reloading systemd")
     state = server.root(
         f"systemctl is-enabled {BACKUP_TIMER}; systemctl is-active {BACKUP_TIMER}", what="checking the timer", warn=True
     ).stdout.split()

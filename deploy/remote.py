@@ -7,7 +7,6 @@ import json
 import shlex
 import socket
 from dataclasses import dataclass
-from pathlib import Path
 
 import paramiko
 from fabric import Connection
@@ -15,8 +14,7 @@ from invoke.exceptions import Failure, UnexpectedExit
 
 from deploy.config import DeployConfig
 from deploy.errors import DeployError
-
-HELPER_SOURCE = Path(__file__).resolve().with_name("onserver.py")
+from deploy.on_server import script
 
 
 def sh(*words: object) -> str:
@@ -108,11 +106,11 @@ class Server:
         self.root(f"{script}; code=$?; rm -rf {sh(tmpdir)}; exit $code", what=what)
 
     def helper_command(self, release_dir: object, *args: str, build: bool = False) -> str:
-        """A root shell command running deploy/onserver.py ARGS with the release's Python, as the app user (or,
-        with `build`, as the build user)."""
+        """A root shell command running the app helper (deploy/on_server/app_helper.py) with ARGS and the release's
+        Python, as the app user (or, with `build`, as the build user)."""
         overlay = [f"--default={key}={value}" for key, value in self.config.environment_defaults()]
         overlay += [f"--set={key}={value}" for key, value in self.config.environment_overrides()]
-        python = sh(".venv/bin/python", "-c", HELPER_SOURCE.read_text(), "--env-file", self.config.layout.env_file)
+        python = sh(".venv/bin/python", "-c", script("app_helper"), "--env-file", self.config.layout.env_file)
         command = f"cd {sh(release_dir)} && {python} {sh(*overlay, *args)}"
         return self.as_build(command) if build else self.as_app(command)
 
@@ -126,7 +124,7 @@ class Server:
         wrap=None,
         build: bool = False,
     ) -> list[dict]:
-        """Run deploy/onserver.py with the release's Python as the app user; its JSON lines (ok=False raises).
+        """Run the app helper with the release's Python as the app user; its JSON lines (ok=False raises).
 
         `on_lines` sees the lines before a failure is raised (the prepare steps report their timings);
         `wrap` turns the root shell command into another (the deploy lock keeps it alive); `build` runs it as

@@ -10,7 +10,7 @@ from deploy.remote import Server
 
 @dataclass(frozen=True)
 class SchemaReport:
-    """What one release's code says about the database (from `onserver.py migrations` run in that release)."""
+    """What one release's code says about the database (from `app_helper.py migrations` run in that release)."""
 
     applied: tuple[str, ...]
     unknown: tuple[str, ...]  # applied in the database, absent from the release's code

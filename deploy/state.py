@@ -6,7 +6,7 @@ import secrets
 from dataclasses import dataclass
 
 from deploy.errors import DeployError
-from deploy.onserver import read_env_file
+from deploy.on_server.common import read_env_file
 from deploy.remote import Server, sh
 from deploy.server_files import has_app
 

@@ -7,6 +7,7 @@ import time
 
 import paramiko
 
+from deploy.app import LEADER_SCHEDULER
 from deploy.errors import DeployError
 from deploy.remote import Server, sh
 
@@ -102,7 +103,6 @@ def worker_answer(server: Server, result) -> str:
     return lines[-1].get("hostname", "?")
 
 
-LEADER_SCHEDULER = "prayer_room_api.beat.LeaderDatabaseScheduler"
 LOCK_DECIDED = ("took the leader lock", "standby: the leader lock is held")
 
 

@@ -6,7 +6,7 @@ from collections.abc import Mapping
 from urllib.parse import quote
 
 from deploy.config import DeployConfig
-from deploy.onserver import read_env_file
+from deploy.on_server.common import read_env_file
 from deploy.render.jinja import render_template
 from deploy.render.site import POSTGRES_PORT, REDIS_PORT, site_names, url_host
 

@@ -8,6 +8,7 @@ from typing import Any
 
 import jinja2
 
+from deploy.app import LOCAL_SETTINGS_MODULE
 from deploy.config import DeployConfig
 from deploy.errors import DeployError
 from deploy.layout import SUPERVISOR_GROUP, WEB_PORTS
@@ -130,7 +131,7 @@ def local_context(
     is the user supervisord already runs as, `password` guards its socket (both keep CRIT warnings away).
     """
     repo_dir, var_dir = Path(repo_dir).resolve(), Path(var_dir).resolve()
-    env = {"DJANGO_SETTINGS_MODULE": "prayer_room_api.settings.local", **(environment or {})}
+    env = {"DJANGO_SETTINGS_MODULE": LOCAL_SETTINGS_MODULE, **(environment or {})}
     return {
         "group": SUPERVISOR_GROUP,
         "directory": str(repo_dir / "project"),

@@ -38,8 +38,8 @@ def render_unit(config: DeployConfig) -> str:
 
 
 def backup_helper(config: DeployConfig) -> PurePosixPath:
-    """The copy of deploy/onserver.py the backup timer runs (root-owned; a deploy never touches it)."""
-    return config.layout.etc / "onserver.py"
+    """The copy of deploy/on_server/root_helper.py the backup timer runs (root-owned; a deploy never touches it)."""
+    return config.layout.etc / "root_helper.py"
 
 
 def render_backup_units(config: DeployConfig) -> tuple[str, str]:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from deploy.onserver import read_env_file
+from deploy.on_server.common import read_env_file
 from prayer_room_api.beat import LOCK_KEY
 from tests.deploy.target import Clone, RequestLoop, http_get
 from tests.support.cluster import Cluster

@@ -4,7 +4,7 @@ import pytest
 
 from deploy.config import DeployConfig
 from deploy.errors import DeployError
-from deploy.onserver import read_env_file
+from deploy.on_server.common import read_env_file
 from deploy.processes import Programs, config_diff, redact
 from deploy.render.supervisord import render_supervisord_conf, server_context
 from deploy.verify import health_host

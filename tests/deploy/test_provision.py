@@ -18,7 +18,7 @@ from supervisor.options import ClientOptions, ServerOptions
 from deploy.config import DeployConfig, load_config
 from deploy.errors import DeployError
 from deploy.layout import WEB_PORTS
-from deploy.onserver import read_env_file
+from deploy.on_server.common import read_env_file
 from deploy.progress import PrefixedLines, Progress
 from deploy.provision import packages_for, services_for, summary
 from deploy.render.db_host import (
@@ -217,7 +217,7 @@ def test_the_backup_timer_runs_the_root_copy_of_the_helper_daily_and_keeps_backu
     service, timer = render_backup_units(dataclasses.replace(CONFIG, backup_keep=3))
     assert "Type=oneshot" in service and "After=postgresql.service" in service
     expected = (
-        f"ExecStart=python3 {CONFIG.layout.etc}/onserver.py --env-file {CONFIG.layout.env_file} backup --dir "
+        f"ExecStart=python3 {CONFIG.layout.etc}/root_helper.py --env-file {CONFIG.layout.env_file} backup --dir "
         f"{CONFIG.layout.backups} --kind daily --release-link {CONFIG.layout.current} --keep 3\n"
     )
     assert expected in service

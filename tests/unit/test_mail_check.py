@@ -2,7 +2,7 @@
 
 import pytest
 
-from deploy.onserver import mail_server_warning
+from deploy.on_server.app_helper import mail_server_warning
 from tests.faults.smtp import Sink
 from tests.support.stack import free_port
 

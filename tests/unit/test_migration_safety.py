@@ -4,7 +4,7 @@ import pytest
 from django.db import migrations, models
 from django.db.migrations.loader import MigrationLoader
 
-from deploy.onserver import check_migrations, unsafe_operation
+from deploy.on_server.app_helper import check_migrations, unsafe_operation
 
 APP = "prayer_room_api"
 

@@ -120,7 +120,7 @@ def test_the_seed_migration_is_reversible():
 
 
 def test_fab_status_gets_each_schedule_on_one_line_with_its_last_run(capsys):
-    from deploy import onserver
+    from deploy.on_server import app_helper
 
     ran = datetime(2026, 1, 5, 8, 0, tzinfo=UTC)
     PeriodicTask.objects.filter(name="user-digest-weekly").update(last_run_at=ran)
@@ -129,7 +129,7 @@ def test_fab_status_gets_each_schedule_on_one_line_with_its_last_run(capsys):
         task="prayer_room_api.tasks.ping",
         interval=IntervalSchedule.objects.create(every=60, period=IntervalSchedule.SECONDS),
     )
-    assert onserver.schedules(None) == 0
+    assert app_helper.schedules(None) == 0
     rows = {row["name"]: row for row in json.loads(capsys.readouterr().out.splitlines()[-1])["schedules"]}
     assert rows["user-digest-weekly"]["schedule"] == "0 8 * * 1 (m/h/dM/MY/d) UTC"
     assert rows["user-digest-weekly"]["last_run"] == "2026-01-05 08:00:00 UTC"

@@ -1,8 +1,8 @@
-"""The deploy's hands on the server: run as `<release>/.venv/bin/python -c <this file> COMMAND` inside a release.
+"""The app helper: runs ON a server as `<release>/.venv/bin/python -c <script> COMMAND`, the release's Django inside.
 
-Self-contained (standard library, plus Django and Celery from the release's virtualenv), so the
-operator's kit decides what runs on the server whatever release is live. Each command loads the
-shared env file first and prints one JSON line for the caller.
+Run as the app user (or the build user for prepare), in the release's directory; the kit sends this script (with
+deploy/on_server/common.py and deploy/app.py inlined) on each call, so the operator's kit decides what runs on the
+server whatever release is live. Each command loads the shared env file first and prints one JSON line.
 """
 
 from __future__ import annotations
@@ -15,44 +15,8 @@ import time
 import urllib.error
 import urllib.request
 
-
-def read_env_file(text: str) -> dict[str, str]:
-    """KEY=value lines (the layout's env file format): blanks and # lines skipped, one pair of quotes stripped."""
-    values = {}
-    for number, line in enumerate(text.splitlines(), start=1):
-        line = line.strip()
-        if not line or line.startswith("#"):
-            continue
-        if line.startswith("export "):
-            line = line[len("export ") :].lstrip()
-        key, sep, value = line.partition("=")
-        if not sep or not key.strip():
-            raise ValueError(f"env file line {number} is not KEY=value")
-        value = value.strip()
-        if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
-            value = value[1:-1]
-        values[key.strip()] = value
-    return values
-
-
-def load_environment(env_file: str, defaults: list[str], overrides: list[str]) -> None:
-    """Put --default values, the env file's, then --set overrides into os.environ; make the project importable."""
-    values = dict(item.partition("=")[::2] for item in defaults)
-    with open(env_file) as handle:
-        values.update(read_env_file(handle.read()))
-    for item in overrides:
-        key, _, value = item.partition("=")
-        values[key] = value
-    os.environ.update(values)
-    project = os.path.join(os.getcwd(), "project")
-    if project not in sys.path:
-        sys.path.insert(0, project)
-
-
-def emit(**fields) -> None:
-    """One JSON line for the caller, on a line of its own even after a command's unfinished line."""
-    sys.stdout.flush()
-    print("\n" + json.dumps(fields), flush=True)
+from deploy.app import PING_TASK, beat_leaders, write_smoke_test
+from deploy.on_server.common import dispatch, emit
 
 
 def _setup_django(started: float) -> bool:
@@ -304,7 +268,7 @@ def unapply(args) -> int:
 
 
 def verify_writes(args) -> int:
-    """`migrate --check`, then the public write path (a PrayerRequest through the API's serializer) rolled back."""
+    """`migrate --check`, then deploy/app.py's write smoke test (the public write path), rolled back."""
     if not _setup_django(time.monotonic()):
         return 1
     from django.core.management import call_command
@@ -323,18 +287,8 @@ def verify_writes(args) -> int:
         return 1
     started = time.monotonic()
     try:
-        from prayer_room_api.api.serializers import SubmitRequestSerializer
-        from prayer_room_api.models import Location
-
         with transaction.atomic():
-            location = Location.objects.filter(is_active=True).first() or Location.objects.create(
-                name="deploy smoke test", slug="deploy-smoke-test"
-            )
-            serializer = SubmitRequestSerializer(
-                data={"type": "prayer", "content": "deploy smoke test", "location": location.slug}
-            )
-            serializer.is_valid(raise_exception=True)
-            serializer.save()
+            write_smoke_test()
             transaction.set_rollback(True)
     except Exception as exc:  # noqa: BLE001 - the write path's own error is the report
         emit(ok=False, error=f"the write path fails: {type(exc).__name__}: {exc}"[:1500])
@@ -387,7 +341,7 @@ def ping(args) -> int:
         # --queue: one host's own queue (a cluster's worker hosts each consume host.<address>); a ping nobody takes
         # expires instead of waiting in Redis for a worker of a later deploy.
         options = {"queue": args.queue} if args.queue else {}
-        result = app.send_task("prayer_room_api.tasks.ping", expires=args.timeout, **options)
+        result = app.send_task(PING_TASK, expires=args.timeout, **options)
         try:
             answer = result.get(timeout=max(1.0, min(15.0, deadline - time.monotonic())), propagate=False)
         except Exception as exc:  # noqa: BLE001 - timeout or broker error: report the last one
@@ -435,18 +389,16 @@ def schedules(args) -> int:
 
 
 def beat_leader(args) -> int:
-    """Exactly one beat holds the leader lock (prayer_room_api.beat); waits out a takeover in progress."""
+    """Exactly one beat holds the leader lock (deploy/app.py's beat_leaders); waits out a takeover in progress."""
     import django
 
     django.setup()
     from django.db import connection
 
-    from prayer_room_api.beat import leaders
-
     deadline = time.monotonic() + args.timeout
     while True:
         with connection.cursor() as cursor:
-            rows = leaders(cursor)
+            rows = beat_leaders(cursor)
         if len(rows) == 1:
             emit(ok=True, leader=rows[0][0], address=rows[0][1])
             return 0
@@ -456,223 +408,8 @@ def beat_leader(args) -> int:
         time.sleep(0.5)
 
 
-# --- backups: run as root with the system's python3 (no Django), pg_dump/pg_restore from the server -------------
-
-BACKUP_SUFFIX = ".dump"
-
-
-def database_environment() -> dict[str, str]:
-    """libpq's variables for the env file's DATABASE_URL: the password travels in the environment, not argv."""
-    from urllib.parse import unquote, urlsplit
-
-    url = urlsplit(os.environ.get("DATABASE_URL", ""))
-    if url.scheme not in ("postgres", "postgresql", "pgsql") or not url.path.strip("/"):
-        raise ValueError("the env file's DATABASE_URL is not a postgres:// URL with a database name")
-    values = {
-        "PGHOST": url.hostname or "127.0.0.1",
-        "PGPORT": str(url.port or 5432),
-        "PGUSER": unquote(url.username or ""),
-        "PGPASSWORD": unquote(url.password or ""),
-        "PGDATABASE": unquote(url.path.lstrip("/")),
-    }
-    return {**os.environ, **{key: value for key, value in values.items() if value}}
-
-
-def pg_tool(args, name: str) -> str:
-    """pg_dump, pg_restore or psql: from --pg-bin when given, else the PATH's (Debian's postgresql-client)."""
-    return os.path.join(args.pg_bin, name) if args.pg_bin else name
-
-
-def sha256_of(path: str) -> str:
-    import hashlib
-
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while chunk := handle.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def read_backups(directory: str) -> list[dict]:
-    """The backups' records (name, release, kind, created, size, sha256), oldest first."""
-    records = []
-    try:
-        names = os.listdir(directory)
-    except FileNotFoundError:
-        return []
-    for name in names:
-        if name.endswith(BACKUP_SUFFIX + ".json"):
-            try:
-                with open(os.path.join(directory, name)) as handle:
-                    records.append(json.load(handle))
-            except (OSError, ValueError):
-                continue
-    return sorted(records, key=lambda r: (r.get("created", 0), r.get("name", "")))
-
-
-def backup(args) -> int:
-    """pg_dump -Fc into the root-only backups directory, with a record of its release, size and sha256.
-
-    Keeps the newest --keep backups of the same kind (0: all).
-    """
-    import subprocess
-
-    os.makedirs(args.dir, mode=0o700, exist_ok=True)
-    os.chmod(args.dir, 0o700)
-    now = time.time()
-    release = args.release
-    if not release and args.release_link:
-        release = os.path.basename(os.path.realpath(args.release_link)) if os.path.islink(args.release_link) else ""
-    release = release or "none"
-    name = f"{time.strftime('%Y%m%d%H%M%S', time.gmtime(now))}-{args.kind}-{release}{BACKUP_SUFFIX}"
-    path = os.path.join(args.dir, name)
-    partial = path + ".partial"
-    started = time.monotonic()
-    try:
-        env = database_environment()
-    except ValueError as exc:
-        emit(ok=False, error=str(exc))
-        return 1
-    os.umask(0o077)
-    run = subprocess.run(
-        [pg_tool(args, "pg_dump"), "--format=custom", "--no-owner", "--no-privileges", f"--file={partial}"],
-        env=env, capture_output=True, text=True,
-    )  # fmt: skip
-    if run.returncode != 0:
-        if os.path.exists(partial):
-            os.unlink(partial)
-        emit(ok=False, error=f"pg_dump failed: {run.stderr.strip()[-1000:]}")
-        return 1
-    os.rename(partial, path)
-    record = {
-        "name": name,
-        "release": release,
-        "kind": args.kind,
-        "created": int(now),
-        "size": os.path.getsize(path),
-        "sha256": sha256_of(path),
-        "seconds": round(time.monotonic() - started, 2),
-    }
-    with open(path + ".json", "w") as handle:
-        json.dump(record, handle)
-    removed = []
-    if args.keep:
-        same = [r for r in read_backups(args.dir) if r.get("kind") == args.kind]
-        for old in same[: max(0, len(same) - args.keep)]:
-            for suffix in ("", ".json"):
-                try:
-                    os.unlink(os.path.join(args.dir, old["name"] + suffix))
-                except FileNotFoundError:
-                    pass
-            removed.append(old["name"])
-    emit(ok=True, backup=record, removed=removed)
-    return 0
-
-
-def backups(args) -> int:
-    emit(ok=True, backups=read_backups(args.dir), now=int(time.time()))
-    return 0
-
-
-def restore(args) -> int:
-    """Replace the database's public schema with a backup's, in one transaction: all of it or nothing.
-
-    The checksum is checked first. Tables the backup does not have (from later migrations) go too.
-    """
-    import shutil
-    import subprocess
-    import tempfile
-
-    records = {r["name"]: r for r in read_backups(args.dir)}
-    record = records.get(args.name)
-    path = os.path.join(args.dir, args.name)
-    if record is None or not os.path.exists(path):
-        emit(ok=False, error=f"there is no backup {args.name}; `fab backups` lists them")
-        return 1
-    if sha256_of(path) != record["sha256"]:
-        emit(ok=False, error=f"{args.name} does not match its recorded sha256: the file is damaged; nothing restored")
-        return 1
-    try:
-        env = database_environment()
-    except ValueError as exc:
-        emit(ok=False, error=str(exc))
-        return 1
-    started = time.monotonic()
-    with tempfile.TemporaryFile() as psql_err, tempfile.TemporaryFile() as dump_err:
-        psql = subprocess.Popen(
-            [pg_tool(args, "psql"), "-X", "-q", "--single-transaction", "-v", "ON_ERROR_STOP=1"],
-            stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=psql_err, env=env,
-        )  # fmt: skip
-        dump = subprocess.Popen(
-            [pg_tool(args, "pg_restore"), "--no-owner", "--no-privileges", "--file=-", path],
-            stdout=subprocess.PIPE, stderr=dump_err, env=env,
-        )  # fmt: skip
-        try:
-            psql.stdin.write(b"DROP SCHEMA public CASCADE;\nCREATE SCHEMA public;\n")
-            shutil.copyfileobj(dump.stdout, psql.stdin)
-        except BrokenPipeError:
-            pass
-        finally:
-            psql.stdin.close()
-        dump.wait()
-        psql.wait()
-        psql_err.seek(0)
-        dump_err.seek(0)
-        errors = (psql_err.read() or dump_err.read()).decode(errors="replace").strip()[-1000:]
-    if dump.returncode != 0 or psql.returncode != 0:
-        emit(ok=False, error=f"restoring {args.name} failed, the database is unchanged (one transaction): {errors}")
-        return 1
-    emit(ok=True, restored=record, seconds=round(time.monotonic() - started, 2))
-    return 0
-
-
-def supervisor_rpc(socket_path: str):
-    """An XML-RPC proxy to supervisord over its unix socket, with the standard library only."""
-    import http.client
-    import socket
-    import xmlrpc.client
-
-    class UnixConnection(http.client.HTTPConnection):
-        def connect(self):
-            self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            self.sock.connect(socket_path)
-
-    class UnixTransport(xmlrpc.client.Transport):
-        def make_connection(self, host):
-            return UnixConnection("localhost")
-
-    return xmlrpc.client.ServerProxy("http://localhost/RPC2", transport=UnixTransport())
-
-
-def cycle(args) -> int:
-    """Stop each program (waiting: TERM, then its graceful stop), then start it without waiting for startsecs.
-
-    The caller's health check is the real readiness test, so `supervisorctl restart`'s wait is saved.
-    """
-    import xmlrpc.client
-
-    rpc = supervisor_rpc(args.socket)
-    for name in args.names:
-        try:
-            rpc.supervisor.stopProcess(name, True)
-        except xmlrpc.client.Fault as fault:
-            if fault.faultCode != 70:  # NOT_RUNNING is fine
-                emit(ok=False, error=f"stopping {name}: {fault.faultString}")
-                return 1
-        try:
-            rpc.supervisor.startProcess(name, False)
-        except xmlrpc.client.Fault as fault:
-            emit(ok=False, error=f"starting {name}: {fault.faultString}")
-            return 1
-    emit(ok=True)
-    return 0
-
-
 def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="onserver")
-    parser.add_argument("--env-file")
-    parser.add_argument("--default", action="append", default=[], metavar="KEY=VALUE")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    parser = argparse.ArgumentParser(prog="app_helper")
     sub = parser.add_subparsers(dest="command", required=True)
     prepare_parser = sub.add_parser("prepare")
     prepare_parser.add_argument("--stage", action="append", choices=("before", "migrate"), default=[])
@@ -681,31 +418,15 @@ def main(argv: list[str]) -> int:
     unapply_parser = sub.add_parser("unapply")
     unapply_parser.add_argument("--check", action="store_true")
     unapply_parser.add_argument("names", nargs="+")
-    cycle_parser = sub.add_parser("cycle")
-    cycle_parser.add_argument("--socket", required=True)
-    cycle_parser.add_argument("names", nargs="+")
     sub.add_parser("schedules")
     sub.add_parser("beat-leader").add_argument("--timeout", type=float, default=20)
     health_parser = sub.add_parser("health")
     health_parser.add_argument("--port", type=int, required=True)
-    backup_parser = sub.add_parser("backup")
-    backup_parser.add_argument("--kind", default="manual")
-    backup_parser.add_argument("--release", default="")
-    backup_parser.add_argument("--release-link", default="", help="name the backup after this symlink's target")
-    backup_parser.add_argument("--keep", type=int, default=0)
-    restore_parser = sub.add_parser("restore")
-    restore_parser.add_argument("name")
-    for p in (backup_parser, restore_parser, sub.add_parser("backups")):
-        p.add_argument("--dir", required=True)
-        p.add_argument("--pg-bin", default="", help="the directory of pg_dump, pg_restore and psql")
     ping_parser = sub.add_parser("ping")
     ping_parser.add_argument("--queue", default="", help="send it to this queue (default: the shared one)")
     for p in (health_parser, ping_parser):
         p.add_argument("--expect", required=True)
         p.add_argument("--timeout", type=float, default=60)
-    args = parser.parse_args(argv)
-    if args.env_file:
-        load_environment(args.env_file, args.default, args.set)
     commands = {
         "prepare": prepare,
         "migrations": migrations,
@@ -714,13 +435,9 @@ def main(argv: list[str]) -> int:
         "health": health,
         "ping": ping,
         "schedules": schedules,
-        "cycle": cycle,
         "beat-leader": beat_leader,
-        "backup": backup,
-        "backups": backups,
-        "restore": restore,
     }
-    return commands[args.command](args)
+    return dispatch(parser, commands, argv)
 
 
 if __name__ == "__main__":

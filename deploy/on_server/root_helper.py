@@ -1,0 +1,249 @@
+"""The root helper: runs ON a server as root with the system's python3 (standard library only, no release code).
+
+Backups (pg_dump/pg_restore/psql from the server), restore, and restarting supervisord's programs through its
+XML-RPC socket. The kit sends it as `python3 -c <script>` (deploy/on_server/common.py inlined); the daily backup
+timer runs provision's root-owned copy of the same script. Each command prints one JSON line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+from deploy.on_server.common import dispatch, emit
+
+BACKUP_SUFFIX = ".dump"
+
+
+def database_environment() -> dict[str, str]:
+    """libpq's variables for the env file's DATABASE_URL: the password travels in the environment, not argv."""
+    from urllib.parse import unquote, urlsplit
+
+    url = urlsplit(os.environ.get("DATABASE_URL", ""))
+    if url.scheme not in ("postgres", "postgresql", "pgsql") or not url.path.strip("/"):
+        raise ValueError("the env file's DATABASE_URL is not a postgres:// URL with a database name")
+    values = {
+        "PGHOST": url.hostname or "127.0.0.1",
+        "PGPORT": str(url.port or 5432),
+        "PGUSER": unquote(url.username or ""),
+        "PGPASSWORD": unquote(url.password or ""),
+        "PGDATABASE": unquote(url.path.lstrip("/")),
+    }
+    return {**os.environ, **{key: value for key, value in values.items() if value}}
+
+
+def pg_tool(args, name: str) -> str:
+    """pg_dump, pg_restore or psql: from --pg-bin when given, else the PATH's (Debian's postgresql-client)."""
+    return os.path.join(args.pg_bin, name) if args.pg_bin else name
+
+
+def sha256_of(path: str) -> str:
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def read_backups(directory: str) -> list[dict]:
+    """The backups' records (name, release, kind, created, size, sha256), oldest first."""
+    records = []
+    try:
+        names = os.listdir(directory)
+    except FileNotFoundError:
+        return []
+    for name in names:
+        if name.endswith(BACKUP_SUFFIX + ".json"):
+            try:
+                with open(os.path.join(directory, name)) as handle:
+                    records.append(json.load(handle))
+            except (OSError, ValueError):
+                continue
+    return sorted(records, key=lambda r: (r.get("created", 0), r.get("name", "")))
+
+
+def backup(args) -> int:
+    """pg_dump -Fc into the root-only backups directory, with a record of its release, size and sha256.
+
+    Keeps the newest --keep backups of the same kind (0: all).
+    """
+    import subprocess
+
+    os.makedirs(args.dir, mode=0o700, exist_ok=True)
+    os.chmod(args.dir, 0o700)
+    now = time.time()
+    release = args.release
+    if not release and args.release_link:
+        release = os.path.basename(os.path.realpath(args.release_link)) if os.path.islink(args.release_link) else ""
+    release = release or "none"
+    name = f"{time.strftime('%Y%m%d%H%M%S', time.gmtime(now))}-{args.kind}-{release}{BACKUP_SUFFIX}"
+    path = os.path.join(args.dir, name)
+    partial = path + ".partial"
+    started = time.monotonic()
+    try:
+        env = database_environment()
+    except ValueError as exc:
+        emit(ok=False, error=str(exc))
+        return 1
+    os.umask(0o077)
+    run = subprocess.run(
+        [pg_tool(args, "pg_dump"), "--format=custom", "--no-owner", "--no-privileges", f"--file={partial}"],
+        env=env, capture_output=True, text=True,
+    )  # fmt: skip
+    if run.returncode != 0:
+        if os.path.exists(partial):
+            os.unlink(partial)
+        emit(ok=False, error=f"pg_dump failed: {run.stderr.strip()[-1000:]}")
+        return 1
+    os.rename(partial, path)
+    record = {
+        "name": name,
+        "release": release,
+        "kind": args.kind,
+        "created": int(now),
+        "size": os.path.getsize(path),
+        "sha256": sha256_of(path),
+        "seconds": round(time.monotonic() - started, 2),
+    }
+    with open(path + ".json", "w") as handle:
+        json.dump(record, handle)
+    removed = []
+    if args.keep:
+        same = [r for r in read_backups(args.dir) if r.get("kind") == args.kind]
+        for old in same[: max(0, len(same) - args.keep)]:
+            for suffix in ("", ".json"):
+                try:
+                    os.unlink(os.path.join(args.dir, old["name"] + suffix))
+                except FileNotFoundError:
+                    pass
+            removed.append(old["name"])
+    emit(ok=True, backup=record, removed=removed)
+    return 0
+
+
+def backups(args) -> int:
+    emit(ok=True, backups=read_backups(args.dir), now=int(time.time()))
+    return 0
+
+
+def restore(args) -> int:
+    """Replace the database's public schema with a backup's, in one transaction: all of it or nothing.
+
+    The checksum is checked first. Tables the backup does not have (from later migrations) go too.
+    """
+    import shutil
+    import subprocess
+    import tempfile
+
+    records = {r["name"]: r for r in read_backups(args.dir)}
+    record = records.get(args.name)
+    path = os.path.join(args.dir, args.name)
+    if record is None or not os.path.exists(path):
+        emit(ok=False, error=f"there is no backup {args.name}; `fab backups` lists them")
+        return 1
+    if sha256_of(path) != record["sha256"]:
+        emit(ok=False, error=f"{args.name} does not match its recorded sha256: the file is damaged; nothing restored")
+        return 1
+    try:
+        env = database_environment()
+    except ValueError as exc:
+        emit(ok=False, error=str(exc))
+        return 1
+    started = time.monotonic()
+    with tempfile.TemporaryFile() as psql_err, tempfile.TemporaryFile() as dump_err:
+        psql = subprocess.Popen(
+            [pg_tool(args, "psql"), "-X", "-q", "--single-transaction", "-v", "ON_ERROR_STOP=1"],
+            stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=psql_err, env=env,
+        )  # fmt: skip
+        dump = subprocess.Popen(
+            [pg_tool(args, "pg_restore"), "--no-owner", "--no-privileges", "--file=-", path],
+            stdout=subprocess.PIPE, stderr=dump_err, env=env,
+        )  # fmt: skip
+        try:
+            psql.stdin.write(b"DROP SCHEMA public CASCADE;\nCREATE SCHEMA public;\n")
+            shutil.copyfileobj(dump.stdout, psql.stdin)
+        except BrokenPipeError:
+            pass
+        finally:
+            psql.stdin.close()
+        dump.wait()
+        psql.wait()
+        psql_err.seek(0)
+        dump_err.seek(0)
+        errors = (psql_err.read() or dump_err.read()).decode(errors="replace").strip()[-1000:]
+    if dump.returncode != 0 or psql.returncode != 0:
+        emit(ok=False, error=f"restoring {args.name} failed, the database is unchanged (one transaction): {errors}")
+        return 1
+    emit(ok=True, restored=record, seconds=round(time.monotonic() - started, 2))
+    return 0
+
+
+def supervisor_rpc(socket_path: str):
+    """An XML-RPC proxy to supervisord over its unix socket, with the standard library only."""
+    import http.client
+    import socket
+    import xmlrpc.client
+
+    class UnixConnection(http.client.HTTPConnection):
+        def connect(self):
+            self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            self.sock.connect(socket_path)
+
+    class UnixTransport(xmlrpc.client.Transport):
+        def make_connection(self, host):
+            return UnixConnection("localhost")
+
+    return xmlrpc.client.ServerProxy("http://localhost/RPC2", transport=UnixTransport())
+
+
+def cycle(args) -> int:
+    """Stop each program (waiting: TERM, then its graceful stop), then start it without waiting for startsecs.
+
+    The caller's health check is the real readiness test, so `supervisorctl restart`'s wait is saved.
+    """
+    import xmlrpc.client
+
+    rpc = supervisor_rpc(args.socket)
+    for name in args.names:
+        try:
+            rpc.supervisor.stopProcess(name, True)
+        except xmlrpc.client.Fault as fault:
+            if fault.faultCode != 70:  # NOT_RUNNING is fine
+                emit(ok=False, error=f"stopping {name}: {fault.faultString}")
+                return 1
+        try:
+            rpc.supervisor.startProcess(name, False)
+        except xmlrpc.client.Fault as fault:
+            emit(ok=False, error=f"starting {name}: {fault.faultString}")
+            return 1
+    emit(ok=True)
+    return 0
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="root_helper")
+    sub = parser.add_subparsers(dest="command", required=True)
+    cycle_parser = sub.add_parser("cycle")
+    cycle_parser.add_argument("--socket", required=True)
+    cycle_parser.add_argument("names", nargs="+")
+    backup_parser = sub.add_parser("backup")
+    backup_parser.add_argument("--kind", default="manual")
+    backup_parser.add_argument("--release", default="")
+    backup_parser.add_argument("--release-link", default="", help="name the backup after this symlink's target")
+    backup_parser.add_argument("--keep", type=int, default=0)
+    restore_parser = sub.add_parser("restore")
+    restore_parser.add_argument("name")
+    for p in (backup_parser, restore_parser, sub.add_parser("backups")):
+        p.add_argument("--dir", required=True)
+        p.add_argument("--pg-bin", default="", help="the directory of pg_dump, pg_restore and psql")
+    commands = {"backup": backup, "backups": backups, "restore": restore, "cycle": cycle}
+    return dispatch(parser, commands, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

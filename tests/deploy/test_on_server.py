@@ -1,0 +1,47 @@
+"""The on-server helpers as the kit sends them: one self-contained script each, run by a bare python3."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from deploy.on_server import script
+
+HELPERS = ("app_helper", "root_helper")
+
+
+def run(name: str, *args: str, cwd=None) -> subprocess.CompletedProcess:
+    """The helper's script under `python3 -I -c` (no kit, no project on sys.path), as root_helper runs on servers."""
+    return subprocess.run(
+        [sys.executable, "-I", "-c", script(name), *args], capture_output=True, text=True, cwd=cwd, timeout=60
+    )
+
+
+@pytest.mark.parametrize("name", HELPERS)
+def test_each_helper_is_one_script_that_imports_nothing_of_the_kit(name, tmp_path):
+    text = script(name)
+    assert not [line for line in text.splitlines() if line.startswith(("from deploy", "import deploy"))]
+    result = run(name, "--help", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "--env-file" in result.stdout
+
+
+def test_the_root_helper_lists_the_backups_oldest_first_with_the_server_clock(tmp_path):
+    for name, created in (("b.dump", 200), ("a.dump", 100)):
+        (tmp_path / f"{name}.json").write_text(json.dumps({"name": name, "created": created}))
+    (tmp_path / "stray.json").write_text("{}")
+    result = run("root_helper", "backups", "--dir", str(tmp_path))
+    answer = json.loads(result.stdout.splitlines()[-1])
+    assert answer["ok"] and [r["name"] for r in answer["backups"]] == ["a.dump", "b.dump"]
+    assert isinstance(answer["now"], int)
+
+
+def test_the_root_helper_refuses_a_backup_without_a_postgres_url_and_writes_nothing(tmp_path):
+    env_file = tmp_path / "env"
+    env_file.write_text("DATABASE_URL=sqlite:///db.sqlite3\n")
+    backups = tmp_path / "backups"
+    result = run("root_helper", "--env-file", str(env_file), "backup", "--dir", str(backups))
+    assert result.returncode == 1
+    assert "not a postgres:// URL" in json.loads(result.stdout.splitlines()[-1])["error"]
+    assert list(backups.iterdir()) == []
