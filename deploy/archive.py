@@ -23,6 +23,11 @@ from deploy.render.archive import (
     render_archive_settings,
     render_backup_units,
     render_pgbackrest_conf,
+    render_verify_script,
+    render_verify_units,
+    verify_script,
+    verify_status_file,
+    verify_unit_name,
 )
 
 UNIT_DIR = PurePosixPath("/etc/systemd/system")
@@ -51,6 +56,11 @@ class Cluster:
     @property
     def dropin(self) -> PurePosixPath:
         return self.config_file.parent / "conf.d" / ARCHIVE_DROPIN
+
+    @property
+    def bin(self) -> PurePosixPath:
+        """Debian's directory of this cluster's server binaries (pg_ctl), from its version."""
+        return PurePosixPath("/usr/lib/postgresql") / self.config_file.parent.parent.name / "bin"
 
     @property
     def unit(self) -> str:
@@ -138,11 +148,12 @@ def install(server: Server, config: DeployConfig, secrets: ArchiveSecrets) -> bo
         server.root(sh("rm", "-f", candidate), what="removing the refused config")
         raise
     changed = server.read(PGBACKREST_CONF, what="reading pgBackRest's config") != conf
-    units = render_backup_units(config)
+    units = {**render_backup_units(config), **render_verify_units(config)}
+    script = render_verify_script(config, pg_bin=str(cluster.bin), live_port=cluster.port)
     dropin = render_archive_settings(config)
     changed |= server.read(cluster.dropin, what="reading the archive settings") != dropin
     server.upload(
-        [(dropin, cluster.dropin, "postgres:postgres", "0644")]
+        [(dropin, cluster.dropin, "postgres:postgres", "0644"), (script, verify_script(config), "root", "0755")]
         + [(text, UNIT_DIR / name, "root", "0644") for name, text in units.items()],
         then=sh("mv", candidate, PGBACKREST_CONF) + " && systemctl daemon-reload",
         what="installing the archive's config and units",
@@ -167,6 +178,19 @@ def backup(server: Server, config: DeployConfig, kind: str) -> None:
     """Take a `kind` (full or diff) backup now, through its unit (as the timer would)."""
     unit = backup_unit_name(config, kind) + ".service"
     server.root(sh("systemctl", "start", unit), what=f"taking a {kind} backup ({unit})")
+
+
+def verify(server: Server, config: DeployConfig) -> dict:
+    """Run the restore test now, through its unit (as the timer would): its result, or one line saying why not."""
+    unit = verify_unit_name(config) + ".service"
+    run = server.root(sh("systemctl", "start", unit), what=f"running the restore test ({unit})", warn=True)
+    text = server.read(verify_status_file(config), what="reading the restore test's result")
+    result = json.loads(text) if text else {"ok": False, "error": "it wrote no result"}
+    if run.exited != 0 or not result.get("ok"):
+        log = server.root(sh("journalctl", "-u", unit, "-n", "3", "--no-pager", "-o", "cat"), what="reading", warn=True)
+        last = " / ".join(log.stdout.strip().splitlines()[-3:])
+        raise DeployError(f"the restore test failed on {server.name}: {result.get('error')} ({last})")
+    return result
 
 
 def archive_current_wal(server: Server, timeout: int = 120) -> str:

@@ -66,6 +66,7 @@ class DeployConfig:
     backup_s3_ca_bundle: str = ""
     backup_full_schedule: str = "Sun *-*-* 01:30:00"
     backup_diff_schedule: str = "Mon..Sat *-*-* 01:30:00"
+    backup_verify_schedule: str = "*-*-* 04:30:00"
     backup_full_keep: int = 4
     backup_diff_keep: int = 7
     # role -> the hosts that have it: [environments.NAME.roles], or every role but balancer on the one host of
@@ -484,7 +485,7 @@ def validate_archive(config: DeployConfig, where: str) -> None:
             )
         if config.backup_s3_ca_bundle:
             _check_pem_bundle(Path(config.backup_s3_ca_bundle), "backup_s3_ca_bundle", where)
-    for key in ("backup_full_schedule", "backup_diff_schedule"):
+    for key in ("backup_full_schedule", "backup_diff_schedule", "backup_verify_schedule"):
         value = getattr(config, key)
         if not _CALENDAR.fullmatch(value):
             raise DeployError(

@@ -9,6 +9,7 @@ from pathlib import PurePosixPath
 
 from deploy.config import DeployConfig, archive_repository
 from deploy.errors import DeployError
+from deploy.render.env_file import DATABASE
 from deploy.render.jinja import render_template, shell_join
 
 PGBACKREST = "/usr/bin/pgbackrest"
@@ -19,6 +20,16 @@ CA_FILE = PGBACKREST_DIR / "s3-ca.pem"
 # Seconds after which PostgreSQL switches to a new WAL segment, so an idle-ish server archives its last writes.
 ARCHIVE_TIMEOUT = 60
 BACKUP_KINDS = ("full", "diff")
+POSTGRES_HOME = PurePosixPath("/var/lib/postgresql")
+# The restore test's scratch PostgreSQL listens on a socket in its own directory only; the port names the socket.
+VERIFY_PORT = 5499
+# Every table of the public schema with its exact row count, as one JSON object (ordered by name).
+ROW_COUNTS_SQL = (
+    "SELECT coalesce(json_object_agg(table_name, (xpath('/row/c/text()', query_to_xml(format("
+    "'SELECT count(*) AS c FROM %I.%I', table_schema, table_name), false, true, '')))[1]::text::bigint "
+    "ORDER BY table_name), '{}') FROM information_schema.tables "
+    "WHERE table_schema = 'public' AND table_type = 'BASE TABLE'"
+)
 # What reaches the server from the operator's environment (or the git-ignored secrets file) at provision.
 SECRET_NAMES = ("BACKUP_S3_KEY", "BACKUP_S3_KEY_SECRET", "BACKUP_CIPHER_PASS")
 _SECRET = re.compile(r"[\x21-\x7e]+")  # printable, no spaces: each is one line of pgbackrest.conf
@@ -84,6 +95,48 @@ def render_archive_settings(config: DeployConfig) -> str:
         archive_command=shell_join(pgbackrest_command(config, "archive-push")) + " %p",
         archive_timeout=ARCHIVE_TIMEOUT,
     )
+
+
+def verify_unit_name(config: DeployConfig) -> str:
+    """The name of the restore test's service (and, with .timer, its timer)."""
+    return f"{config.user}-archive-verify"
+
+
+def verify_script(config: DeployConfig) -> PurePosixPath:
+    """Where the restore test's script lives on the db host (root's; run by its unit as postgres)."""
+    return PurePosixPath("/usr/local/lib") / config.user / "archive-verify.sh"
+
+
+def verify_status_file(config: DeployConfig) -> PurePosixPath:
+    """The restore test's last result (JSON: ok, finished, seconds, the restored and live row counts, or error)."""
+    return POSTGRES_HOME / f"{config.user}-archive-verify.json"
+
+
+def render_verify_script(config: DeployConfig, *, pg_bin: str, live_port: int = 5432, database: str = DATABASE) -> str:
+    """The restore test: the newest backup and its WAL into a scratch PostgreSQL (socket only, archiving off), its
+    tables' row counts beside the live database's into the status file, the scratch copy removed; a failure
+    recorded there too. `pg_bin` is the live cluster's server binaries' directory."""
+    return render_template(
+        "archive-verify.sh.j2",
+        scratch=str(POSTGRES_HOME / f"{config.user}-archive-verify"),
+        status_file=str(verify_status_file(config)),
+        pg_bin=pg_bin,
+        port=VERIFY_PORT,
+        live_port=live_port,
+        database=database,
+        unit=verify_unit_name(config) + ".service",
+        restore=pgbackrest_command(config, "--archive-mode=off", "--type=default", "restore"),
+        counts_sql=ROW_COUNTS_SQL,
+    )
+
+
+def render_verify_units(config: DeployConfig) -> dict[str, str]:
+    """The restore test's oneshot service (as postgres) and its timer, by unit file name."""
+    name = verify_unit_name(config)
+    return {
+        f"{name}.service": render_template("archive-verify.service.j2", script=str(verify_script(config))),
+        f"{name}.timer": render_template("archive-verify.timer.j2", schedule=config.backup_verify_schedule),
+    }
 
 
 def backup_unit_name(config: DeployConfig, kind: str) -> str:

@@ -14,6 +14,8 @@ from deploy.render.archive import (
     render_archive_settings,
     render_backup_units,
     render_pgbackrest_conf,
+    render_verify_script,
+    render_verify_units,
 )
 
 PEM = "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n"
@@ -178,3 +180,19 @@ def test_a_restore_time_is_utc_unless_it_names_its_zone_and_must_lie_in_the_arch
     assert earliest == datetime.fromtimestamp(1796450789, UTC) and latest > earliest
     with pytest.raises(DeployError, match="the archive holds no backup yet"):
         restore_window({"backup": []})
+
+
+def test_the_daily_restore_test_restores_into_a_scratch_instance_and_records_the_row_counts(tmp_path):
+    config = config_from(tmp_path, "backup_repository = 's3://b-1/x'\nbackup_verify_schedule = '*-*-* 05:00:00'\n")
+    script = render_verify_script(config, pg_bin="/usr/lib/postgresql/15/bin", live_port=5433)
+    restore = '/usr/bin/pgbackrest --stanza=prayer-room --archive-mode=off --type=default restore --pg1-path="$scratch"'
+    assert restore in script.splitlines()
+    assert "scratch=/var/lib/postgresql/prayer-room-archive-verify" in script.splitlines()
+    assert "listen_addresses = ''" in script and "archive_mode = off" in script  # a socket only, archiving nothing
+    assert 'live=$(psql -p 5433 -AtX -d prayer_room -c "$counts")' in script
+    units = render_verify_units(config)
+    assert "ExecStart=/bin/sh /usr/local/lib/prayer-room/archive-verify.sh" in lines(
+        units["prayer-room-archive-verify.service"]
+    )
+    assert "User=postgres" in lines(units["prayer-room-archive-verify.service"])
+    assert "OnCalendar=*-*-* 05:00:00" in lines(units["prayer-room-archive-verify.timer"])
