@@ -5,11 +5,14 @@ The module's CELERY_TASK_TIME_LIMIT is 5 s, so the visibility timeout (2 limits 
 
 import collections
 import os
+import re
 import signal
 import subprocess
 import time
 
 from .conftest import RECEIVED, SUCCEEDED, report
+
+ACCEPTED = re.compile(r"Task accepted: prayer_room_api\.tasks\.ping\[([^\]]+)\] pid:(\d+)")
 
 
 def ids(pattern, *processes) -> collections.Counter:
@@ -42,14 +45,19 @@ def test_tasks_held_by_a_worker_killed_with_sigkill_run_again(start, celery_clie
 
 
 def test_the_task_of_a_pool_child_killed_with_sigkill_runs_again(start, celery_client):
-    worker = start("worker")
+    worker = start("worker", LOG_LEVEL="debug")  # debug: the worker logs which pool child accepted each task
     worker.wait_for_output("ready.", 60)
     task_ids = [celery_client.send_task("prayer_room_api.tasks.ping", args=[3]).id for _ in range(2)]
-    worker.wait_for(lambda: set(task_ids) <= set(ids(RECEIVED, worker)), 60, "both tasks received")
-    time.sleep(0.5)
+
+    def accepted_by() -> dict[str, int]:
+        """The pool child that took each task (it runs for 3 s), as the worker logged it."""
+        return {task: int(pid) for task, pid in ACCEPTED.findall(worker.output())}
+
+    worker.wait_for(lambda: set(task_ids) <= set(accepted_by()), 60, "both tasks accepted by pool children")
     children = subprocess.run(["pgrep", "-P", str(worker.popen.pid)], capture_output=True, text=True).stdout.split()
-    assert children, "no pool children"
-    os.kill(int(children[0]), signal.SIGKILL)
+    child = accepted_by()[task_ids[0]]
+    assert str(child) in children, f"pool child {child} of the first task is not running: {children}"
+    os.kill(child, signal.SIGKILL)
     killed_at = time.monotonic()
     worker.wait_for(lambda: max(ids(RECEIVED, worker).values()) >= 2, 60, "the killed child's task redelivered")
     redelivered = time.monotonic() - killed_at

@@ -31,15 +31,19 @@ def test_web_serves_the_project_on_port(start):
 
 def test_web_args_reach_gunicorn(start):
     port = stack.free_port()
-    web = start("web", PORT=str(port), WEB_WORKERS="3", WEB_TIMEOUT="17")
+    web = start("web", PORT=str(port), WEB_WORKERS="3", WEB_TIMEOUT="17", LOG_LEVEL="debug")
     web.wait_for_http(f"http://127.0.0.1:{port}/health/")
 
-    def workers():
-        return subprocess.run(["pgrep", "-P", str(web.popen.pid)], capture_output=True, text=True).stdout.split()
+    def workers() -> set[str]:
+        return set(subprocess.run(["pgrep", "-P", str(web.popen.pid)], capture_output=True, text=True).stdout.split())
 
-    web.wait_for(lambda: len(workers()) == 3, 30, "three gunicorn workers")
-    time.sleep(1)
-    assert len(workers()) == 3
+    def booted() -> set[str]:
+        return set(re.findall(r"Booting worker with pid: (\d+)", web.output()))
+
+    web.wait_for(lambda: len(booted()) >= 3 and workers() == booted(), 30, "three gunicorn workers booted")
+    assert len(booted()) == 3, "gunicorn booted more workers than WEB_WORKERS (one died and was replaced?)"
+    configuration = web.output().split("Current configuration:", 1)[1]
+    assert re.search(r"^ +workers: 3$", configuration, re.M) and re.search(r"^ +timeout: 17$", configuration, re.M)
     assert f"Listening at: http://127.0.0.1:{port}" in web.output()
 
 
@@ -90,17 +94,24 @@ def test_upstream_commands_still_start_each_process(env, start, tmp_path):
     assert "worker" in help_text and "beat" in help_text
 
 
-def test_beat_dispatches_a_due_task_the_worker_runs_and_stops_when_disabled(start, database):
-    database.query("INSERT INTO django_celery_beat_intervalschedule (every, period) VALUES (1, 'seconds') RETURNING id")
+def add_interval_task(database, name: str, task: str) -> None:
+    """A periodic task every second, saved the way beat notices (the PeriodicTasks stamp bumped)."""
+    database.query("INSERT INTO django_celery_beat_intervalschedule (every, period) VALUES (1, 'seconds')")
     (interval_id,) = database.query("SELECT max(id) FROM django_celery_beat_intervalschedule")[0]
     database.query(
         """INSERT INTO django_celery_beat_periodictask
            (name, task, args, kwargs, enabled, interval_id, total_run_count, date_changed, description,
             one_off, headers)
-           VALUES ('it-ping', 'prayer_room_api.tasks.ping', '[]', '{}', true, %s, 0, now(), '', false, '{}')""",
-        (interval_id,),
+           VALUES (%s, %s, '[]', '{}', true, %s, 0, now(), '', false, '{}')""",
+        (name, task, interval_id),
     )
     database.query("UPDATE django_celery_beat_periodictasks SET last_update = now() WHERE ident = 1")
+
+
+def test_beat_dispatches_a_due_task_the_worker_runs_and_stops_when_disabled(start, database):
+    add_interval_task(database, "it-ping", "prayer_room_api.tasks.ping")
+    # A control beside it: beat keeps sending this one, which shows it went on running after the change.
+    add_interval_task(database, "it-control", "prayer_room_api.tasks.send_outbox")
     worker = start("worker")
     beat = start("beat")
     worker.wait_for_output("ready.", timeout=60)
@@ -109,12 +120,21 @@ def test_beat_dispatches_a_due_task_the_worker_runs_and_stops_when_disabled(star
     assert "DatabaseScheduler" in beat.output()
     assert "maxinterval -> 5.00 seconds" in beat.output(), "the beat ARGS reached celery"
 
+    before_change = len(beat.output())
     database.query("UPDATE django_celery_beat_periodictask SET enabled = false WHERE name = 'it-ping'")
     database.query("UPDATE django_celery_beat_periodictasks SET last_update = now() WHERE ident = 1")
-    time.sleep(5 + 2)  # beat's maximum interval, plus one in-flight dispatch
-    settled = len(succeeded.findall(worker.output()))
-    time.sleep(4)
-    assert len(succeeded.findall(worker.output())) == settled, "beat kept sending a disabled task"
+
+    def since_reload() -> str:
+        """What beat logged once it noticed the change (and reloaded its schedule), or "" before that."""
+        after = beat.output()[before_change:]
+        return after.split("DatabaseScheduler: Schedule changed.", 1)[1] if "Schedule changed." in after else ""
+
+    # Four sends of a 1 s control span more than the disabled task's interval: had beat kept it, it would be sent.
+    beat.wait_for(lambda: since_reload().count("Sending due task it-control ") >= 4, 30, "the reload, then 4 controls")
+    assert "Sending due task it-ping " not in since_reload(), "beat kept sending a disabled task"
+    sent = beat.output().count("Sending due task it-ping ")
+    worker.wait_for(lambda: len(succeeded.findall(worker.output())) >= sent, 30, "every ping beat sent executed")
+    assert len(succeeded.findall(worker.output())) == sent
 
 
 def test_beat_loads_the_seeded_schedules_from_the_database(start, database):
