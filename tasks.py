@@ -95,15 +95,16 @@ def lint(c):
 
 @task
 def lock(c):
-    """Re-pin requirements.lock (hashed) from pyproject.toml; the deploy installs exactly this.
+    """Re-pin, hashed, from pyproject.toml: requirements.lock (what a deploy installs) and requirements-dev.lock
+    (the same pins plus the ops and dev extras: what scripts/bootstrap installs).
 
-    A universal lock keeps environment markers, so it also installs on Debian 12's Python 3.11.2,
-    which needs packages a newer Python does not (redis-py's async-timeout before 3.11.3).
+    Universal locks keep environment markers, so they also install on Debian 12's Python 3.11.2, which needs
+    packages a newer Python does not (redis-py's async-timeout before 3.11.3). The dev lock is constrained to the
+    runtime one, so the tests run the versions a deploy installs.
     """
-    c.run(
-        f"{sys.executable} -m uv pip compile pyproject.toml --universal --python-version 3.11 "
-        "--generate-hashes --quiet -o requirements.lock"
-    )
+    compile_lock = f"{sys.executable} -m uv pip compile pyproject.toml --universal --python-version 3.11"
+    c.run(f"{compile_lock} --generate-hashes --quiet -o requirements.lock")
+    c.run(f"{compile_lock} --generate-hashes --quiet --extra dev -c requirements.lock -o requirements-dev.lock")
 
 
 @task
