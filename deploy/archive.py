@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import re
+import secrets
 import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -266,3 +267,142 @@ def restore(server: Server, config: DeployConfig, target: datetime | None = None
         )
         raise DeployError(f"{exc} (the data from before the restore is back in place)") from exc
     return aside
+
+
+# --- What the operator's machine adds: the secrets, and the archive's lines in `fab backups` and `fab status`.
+SECRETS_FILE = "deploy.secrets"  # beside deploy.toml, git-ignored: KEY=value lines
+_CONF_SECRETS = {
+    "repo1-s3-key": "BACKUP_S3_KEY",
+    "repo1-s3-key-secret": "BACKUP_S3_KEY_SECRET",
+    "repo1-cipher-pass": "BACKUP_CIPHER_PASS",
+}
+# The timers run the newest backup daily and the restore test daily: older than this, one of them is late.
+LATE_AFTER = 26 * 3600
+
+
+def read_secrets_file(path: Path) -> dict[str, str]:
+    """The BACKUP_* values of the operator's secrets file (KEY=value lines, # comments); {} without one."""
+    if not path.is_file():
+        return {}
+    values = {}
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        key, sep, value = line.partition("=")
+        if not sep or not key.strip():
+            raise DeployError(f"{path}:{number}: expected KEY=value, got {line.strip()[:40]!r}.")
+        values[key.strip()] = value.strip()
+    return {key: value for key, value in values.items() if key in _CONF_SECRETS.values()}
+
+
+def secrets_from_conf(text: str) -> dict[str, str]:
+    """The BACKUP_* values a server's pgbackrest.conf already holds (what an earlier provision put there)."""
+    values = {}
+    for line in text.splitlines():
+        key, sep, value = line.partition("=")
+        if sep and key.strip() in _CONF_SECRETS:
+            values[_CONF_SECRETS[key.strip()]] = value.strip()
+    return values
+
+
+def choose_secrets(
+    environ: dict[str, str], secrets_file: Path, on_server: dict[str, str]
+) -> tuple[ArchiveSecrets, bool]:
+    """The archive's secrets: the operator's environment, else the secrets file, else what the server holds; with
+    no passphrase anywhere, a new one, saved to the secrets file (0600). (secrets, whether it was generated)."""
+    given = read_secrets_file(secrets_file)
+    values = {**on_server, **given, **{k: v for k, v in environ.items() if k in _CONF_SECRETS.values() and v}}
+    generated = not values.get("BACKUP_CIPHER_PASS")
+    if generated:
+        values["BACKUP_CIPHER_PASS"] = secrets.token_urlsafe(32)
+    chosen = ArchiveSecrets.from_environment(values)
+    if generated:
+        old = secrets_file.read_text() if secrets_file.is_file() else ""
+        secrets_file.touch(mode=0o600)
+        secrets_file.chmod(0o600)
+        secrets_file.write_text(old + ("" if old.endswith("\n") or not old else "\n")
+                                + f"BACKUP_CIPHER_PASS={chosen.cipher_pass}\n")  # fmt: skip
+    return chosen, generated
+
+
+def passphrase_notice(secrets_file: Path) -> str:
+    """What the operator is told, once, when provision made the archive's passphrase."""
+    return (
+        f"a new archive passphrase (BACKUP_CIPHER_PASS) was generated and saved in {secrets_file}: keep a copy off "
+        "this machine and off the server (a password manager); without it the archive cannot be read."
+    )
+
+
+def backup_lines(server: Server, config: DeployConfig) -> list[str]:
+    """`fab backups`'s archive part, read from the db host."""
+    return format_backups(archive_info(server, config))
+
+
+def status_lines(server: Server, config: DeployConfig) -> list[str]:
+    """`fab status`'s archive part, read from the db host: the archive, WAL archiving's state, the restore test."""
+    info = archive_info(server, config)
+    verified = server.read(verify_status_file(config), what="reading the restore test's result")
+    archiver = psql(
+        server,
+        "SELECT json_build_object('last_archived_wal', last_archived_wal, 'last_archived_time', "
+        "extract(epoch FROM last_archived_time), 'last_failed_wal', last_failed_wal, 'last_failed_time', "
+        "extract(epoch FROM last_failed_time)) FROM pg_stat_archiver",
+        what="reading WAL archiving's state",
+    )
+    return format_archive_status(info, json.loads(verified) if verified else None, json.loads(archiver), time.time())
+
+
+def _size(octets: int) -> str:
+    for unit in ("B", "kB", "MB", "GB"):
+        if octets < 1000 or unit == "GB":
+            return f"{octets:.0f} {unit}" if unit == "B" else f"{octets:.1f} {unit}"
+        octets /= 1000
+    return ""
+
+
+def _when(epoch: float) -> str:
+    return datetime.fromtimestamp(epoch, UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+
+
+def format_backups(info: dict) -> list[str]:
+    """The archive's backups for `fab backups`, oldest first: type, end time, size, WAL range; then the WAL kept."""
+    lines = []
+    for entry in info.get("backup", []):
+        archive = entry.get("archive", {})
+        lines.append(
+            f"{entry['type']:<4}  {_when(entry['timestamp']['stop'])}  {_size(entry['info']['size'])} "
+            f"({_size(entry['info']['repository']['delta'])} in the bucket)  "
+            f"WAL {archive.get('start', '?')}..{archive.get('stop', '?')}  {entry['label']}"
+        )
+    wal = [(item["min"], item["max"]) for item in info.get("archive", []) if item.get("min")]
+    if wal:
+        lines.append(f"WAL archived: {wal[0][0]}..{wal[-1][1]}")
+    return lines or ["the archive holds no backup yet"]
+
+
+def format_archive_status(info: dict, verified: dict | None, archiver: dict, now: float) -> list[str]:
+    """`fab status`'s archive lines: the newest backup's age, WAL archiving's state, the last restore test; each
+    late or failed one starts with ALERT."""
+    lines = []
+    ends = [entry["timestamp"]["stop"] for entry in info.get("backup", [])]
+    if not ends:
+        lines.append("ALERT archive: no backup yet")
+    else:
+        age = now - max(ends)
+        lines.append(("ALERT " if age > LATE_AFTER else "") + f"archive: newest backup {age / 3600:.1f} h old")
+    failed, archived = archiver.get("last_failed_time"), archiver.get("last_archived_time")
+    if failed and (not archived or failed > archived):
+        lines.append(f"ALERT archive: WAL archiving failing since {_when(failed)} ({archiver.get('last_failed_wal')})")
+    elif archived:
+        lines.append(f"archive: newest WAL {archiver.get('last_archived_wal')} archived {now - archived:.0f} s ago")
+    if not verified:
+        lines.append("ALERT archive: no restore test yet")
+    elif not verified.get("ok"):
+        lines.append(
+            f"ALERT archive: the last restore test failed ({_when(verified['finished'])}): {verified['error']}"
+        )
+    else:
+        age = now - verified["finished"]
+        late = "ALERT " if age > LATE_AFTER else ""
+        lines.append(f"{late}archive: last restore test passed {age / 3600:.1f} h ago in {verified['seconds']} s")
+    return lines

@@ -6,7 +6,14 @@ from pathlib import Path
 
 import pytest
 
-from deploy.archive import parse_target_time, restore_window
+from deploy.archive import (
+    choose_secrets,
+    format_archive_status,
+    format_backups,
+    parse_target_time,
+    restore_window,
+    secrets_from_conf,
+)
 from deploy.config import archive_repository, load_config
 from deploy.errors import DeployError
 from deploy.render.archive import (
@@ -196,3 +203,85 @@ def test_the_daily_restore_test_restores_into_a_scratch_instance_and_records_the
     )
     assert "User=postgres" in lines(units["prayer-room-archive-verify.service"])
     assert "OnCalendar=*-*-* 05:00:00" in lines(units["prayer-room-archive-verify.timer"])
+
+
+def test_secrets_come_from_the_environment_then_the_secrets_file_then_the_server(tmp_path):
+    secrets_file = tmp_path / "deploy.secrets"
+    secrets_file.write_text("# the archive\nBACKUP_S3_KEY = file-key\nBACKUP_CIPHER_PASS=file-pass\nOTHER=x\n")
+    on_server = secrets_from_conf(
+        "[global]\nrepo1-s3-key=old-key\nrepo1-s3-key-secret=old-secret\nrepo1-cipher-pass=old\n"
+    )
+    assert on_server == {"BACKUP_S3_KEY": "old-key", "BACKUP_S3_KEY_SECRET": "old-secret", "BACKUP_CIPHER_PASS": "old"}
+    chosen, generated = choose_secrets({"BACKUP_S3_KEY": "env-key", "PATH": "/bin"}, secrets_file, on_server)
+    assert chosen == ArchiveSecrets("env-key", "old-secret", "file-pass") and not generated
+    with pytest.raises(DeployError, match="needs BACKUP_S3_KEY_SECRET in the environment"):
+        choose_secrets({}, tmp_path / "absent", {"BACKUP_S3_KEY": "k"})
+    (tmp_path / "bad").write_text("no equals sign\n")
+    with pytest.raises(DeployError, match="bad:1: expected KEY=value"):
+        choose_secrets({}, tmp_path / "bad", {})
+
+
+def test_without_a_passphrase_anywhere_one_is_generated_and_saved_in_the_secrets_file_only(tmp_path):
+    secrets_file = tmp_path / "deploy.secrets"
+    secrets_file.write_text("BACKUP_S3_KEY=k")
+    environ = {"BACKUP_S3_KEY_SECRET": "s"}
+    chosen, generated = choose_secrets(environ, secrets_file, {})
+    assert generated and len(chosen.cipher_pass) >= 40
+    assert secrets_file.read_text() == f"BACKUP_S3_KEY=k\nBACKUP_CIPHER_PASS={chosen.cipher_pass}\n"
+    assert secrets_file.stat().st_mode & 0o777 == 0o600
+    assert choose_secrets(environ, secrets_file, {}) == (chosen, False)  # the next provision reuses it
+
+
+INFO = {
+    "backup": [
+        {
+            "type": "full",
+            "label": "20261205-060941F",
+            "timestamp": {"start": 1796450981, "stop": 1796450989},
+            "info": {"size": 23243356, "repository": {"delta": 4565792}},
+            "archive": {"start": "000000020000000000000006", "stop": "000000020000000000000007"},
+        },
+        {
+            "type": "diff",
+            "label": "20261205-060941F_20261205-061058D",
+            "timestamp": {"start": 1796451058, "stop": 1796451062},
+            "info": {"size": 23243356, "repository": {"delta": 81234}},
+            "archive": {"start": "000000020000000000000009", "stop": "000000020000000000000009"},
+        },
+    ],
+    "archive": [{"min": "000000020000000000000004", "max": "00000002000000000000000A"}],
+}
+
+
+def test_fab_backups_lists_the_archives_backups_with_type_time_size_and_wal_range():
+    assert format_backups(INFO) == [
+        "full  2026-12-05 06:09:49 UTC  23.2 MB (4.6 MB in the bucket)  "
+        "WAL 000000020000000000000006..000000020000000000000007  20261205-060941F",
+        "diff  2026-12-05 06:11:02 UTC  23.2 MB (81.2 kB in the bucket)  "
+        "WAL 000000020000000000000009..000000020000000000000009  20261205-060941F_20261205-061058D",
+        "WAL archived: 000000020000000000000004..00000002000000000000000A",
+    ]
+    assert format_backups({"backup": [], "archive": []}) == ["the archive holds no backup yet"]
+
+
+def test_status_alerts_on_a_late_backup_failing_wal_archiving_and_a_failed_or_missing_restore_test():
+    now = 1796451062 + 3600
+    archiver = {"last_archived_wal": "00000002000000000000000A", "last_archived_time": now - 40}
+    verified = {"ok": True, "finished": now - 7200, "seconds": 25}
+    assert format_archive_status(INFO, verified, archiver, now) == [
+        "archive: newest backup 1.0 h old",
+        "archive: newest WAL 00000002000000000000000A archived 40 s ago",
+        "archive: last restore test passed 2.0 h ago in 25 s",
+    ]
+    late = format_archive_status(INFO, verified, archiver, now + 2 * 86400)
+    assert late[0].startswith("ALERT archive: newest backup 49.0 h old") and late[2].startswith("ALERT")
+    failing = {**archiver, "last_failed_wal": "00000002000000000000000B", "last_failed_time": now - 10}
+    assert format_archive_status(INFO, verified, failing, now)[1].startswith("ALERT archive: WAL archiving failing")
+    failed = {"ok": False, "finished": now - 60, "seconds": 3, "error": "the restore test failed (exit 1)"}
+    assert format_archive_status(INFO, failed, archiver, now)[2].startswith(
+        "ALERT archive: the last restore test failed"
+    )
+    assert format_archive_status({"backup": []}, None, {}, now) == [
+        "ALERT archive: no backup yet",
+        "ALERT archive: no restore test yet",
+    ]

@@ -25,7 +25,7 @@ from deploy import archive
 from deploy.config import DeployConfig
 from deploy.errors import DeployError
 from deploy.remote import Server
-from deploy.render.archive import PGBACKREST_CONF, ArchiveSecrets
+from deploy.render.archive import PGBACKREST_CONF
 from tests.support import s3
 from tests.support.nspawn import Container, build_rootfs, missing_tools
 
@@ -35,7 +35,6 @@ pytestmark = [
     pytest.mark.deploy,
     pytest.mark.skipif(bool(missing_tools() or s3.missing_tools()), reason=str(missing_tools() or s3.missing_tools())),
 ]
-SECRETS = ArchiveSecrets(s3.S3Server.key, s3.S3Server.key_secret, secrets.token_urlsafe(24))
 PREFIX = f"archive-e2e-{secrets.token_hex(4)}"
 MARKER = f"prayer-room-in-clear-{secrets.token_hex(8)}"
 timings: dict[str, float] = {}
@@ -63,10 +62,10 @@ def vps(tmp_path_factory, s3_server):
         yield container
     finally:
         started = time.monotonic()
-        if container.process and container.process.poll() is None:
-            container.pull_the_plug()  # a clean halt takes 20 s and more here; nothing on it needs to survive
+        container.stop(timeout=20)  # nothing on it needs to survive: a halt that takes longer is cut short
+        timings["power off"] = round(time.monotonic() - started, 1)
         container.destroy()
-        timings["power cut and remove"] = round(time.monotonic() - started, 1)
+        timings["power off and remove"] = round(time.monotonic() - started, 1)
         if timings:
             ARTIFACTS.mkdir(exist_ok=True)
             (ARTIFACTS / "archive-e2e-timings.json").write_text(json.dumps(timings, indent=1) + "\n")
@@ -80,6 +79,15 @@ def config(s3_server):
         backup_s3_uri_style="path",
         backup_s3_ca_bundle=str(s3_server.ca),
     )
+
+
+@pytest.fixture(scope="module")
+def archive_secrets(tmp_path_factory):
+    """The bucket's key from the operator's environment; no passphrase anywhere, so one is generated and saved."""
+    environ = {"BACKUP_S3_KEY": s3.S3Server.key, "BACKUP_S3_KEY_SECRET": s3.S3Server.key_secret}
+    chosen, generated = archive.choose_secrets(environ, tmp_path_factory.mktemp("operator") / "deploy.secrets", {})
+    assert generated
+    return chosen
 
 
 @pytest.fixture(scope="module")
@@ -103,10 +111,12 @@ def timed(name: str, step, *args, **kwargs):
     return result
 
 
-def test_archiving_starts_with_a_full_backup_and_the_bucket_holds_nothing_in_clear(vps, server, config, s3_server):
+def test_archiving_starts_with_a_full_backup_and_the_bucket_holds_nothing_in_clear(
+    vps, server, config, s3_server, archive_secrets
+):
     sql(vps, "CREATE TABLE prayer (id int, note text)")
     sql(vps, f"INSERT INTO prayer SELECT i, '{MARKER}' FROM generate_series(1, 500) i")
-    assert timed("archiving set up, first full backup", archive.install, server, config, SECRETS) is True
+    assert timed("archiving set up, first full backup", archive.install, server, config, archive_secrets) is True
     assert sql(vps, "SHOW archive_mode") == "on" and sql(vps, "SHOW archive_timeout") == "1min"
     info = archive.archive_info(server, config)
     assert [backup["type"] for backup in info["backup"]] == ["full"]
@@ -120,7 +130,7 @@ def test_archiving_starts_with_a_full_backup_and_the_bucket_holds_nothing_in_cle
     assert [key for key, data in objects.items() if MARKER.encode() in data] == []
     # Positive control: the same bytes are the archive's, readable with the passphrase (and only with it).
     info_file = next(data for key, data in objects.items() if key.endswith("/backup.info"))
-    assert b"[backrest]" in decrypt(info_file, SECRETS.cipher_pass)
+    assert b"[backrest]" in decrypt(info_file, archive_secrets.cipher_pass)
     assert b"[backrest]" not in decrypt(info_file, "not-the-passphrase")
 
 
@@ -141,16 +151,18 @@ def test_wal_reaches_the_archive_within_archive_timeout_without_a_switch(vps):
     assert time.monotonic() - written < 75
 
 
-def test_a_wrong_passphrase_is_refused_in_one_line_with_nothing_changed(vps, server, config):
+def test_a_wrong_passphrase_is_refused_in_one_line_with_nothing_changed(vps, server, config, archive_secrets):
     before = vps.ssh(f"sha256sum {PGBACKREST_CONF}").stdout
     with pytest.raises(DeployError) as refused:
-        archive.install(server, config, replace(SECRETS, cipher_pass="not-the-passphrase"))
+        archive.install(server, config, replace(archive_secrets, cipher_pass="not-the-passphrase"))
     message = str(refused.value)
     assert "\n" not in message and "cannot be decrypted with this BACKUP_CIPHER_PASS" in message, message
     assert vps.ssh(f"sha256sum {PGBACKREST_CONF}").stdout == before
     assert vps.ssh("ls /etc/pgbackrest").stdout.split() == ["pgbackrest.conf", "s3-ca.pem"]
-    # Positive control: the right one is accepted, and changes nothing either.
-    assert archive.install(server, config, SECRETS) is False
+    # Positive control: the right one is accepted, and changes nothing either; so is what the server holds.
+    on_server = archive.secrets_from_conf(vps.ssh(f"cat {PGBACKREST_CONF}").stdout)
+    assert archive.choose_secrets({}, Path("/nonexistent"), on_server) == (archive_secrets, False)
+    assert archive.install(server, config, archive_secrets) is False
 
 
 def test_the_differential_backup_unit_adds_a_diff_backup(server, config):
@@ -163,6 +175,14 @@ def test_the_restore_test_restores_the_newest_backup_and_its_wal_into_a_scratch_
     assert result["ok"] and result["restored"] == result["live"] == {"prayer": 501}, result
     assert vps.ssh("ls /var/lib/postgresql").stdout.split() == ["15", "prayer-room-archive-verify.json"]
     assert vps.ssh("systemctl is-enabled prayer-room-archive-verify.timer").stdout.strip() == "enabled"
+
+
+def test_backups_and_status_read_the_archive(server, config):
+    backups = archive.backup_lines(server, config)
+    assert [line.split()[0] for line in backups] == ["full", "diff", "WAL"], backups
+    status = archive.status_lines(server, config)
+    assert len(status) == 3 and not [line for line in status if line.startswith("ALERT")], status
+    assert status[2].startswith("archive: last restore test passed 0.0 h ago"), status
 
 
 def test_a_time_outside_the_archive_is_refused_naming_the_window(vps, server, config):
