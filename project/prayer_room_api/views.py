@@ -26,7 +26,7 @@ def _broker() -> None:
     # NOTE: a pooled connection says nothing of the server until it is used: a round trip each time.
     with app.connection_for_write(connect_timeout=2) as conn:
         conn.ensure_connection(max_retries=1, timeout=2)
-        if conn.transport_cls in ("redis", "rediss"):
+        if conn.transport.driver_type == "redis":
             conn.default_channel.client.ping()
 
 
