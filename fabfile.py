@@ -15,9 +15,8 @@ from invoke import Exit
 
 from deploy import cluster, workflow
 from deploy import provision as provisioning
-from deploy.config import DeployConfig, address_of, load_config, single_host_site
+from deploy.config import DeployConfig, address_of, has_app, load_config, single_host_site
 from deploy.errors import DeployError
-from deploy.server_files import has_app
 
 REPO = Path(__file__).resolve().parent
 CONNECT_TIMEOUT = 15
@@ -243,13 +242,9 @@ def unlock(c, env=None, config=None):
 @task(help=COMMON_HELP)
 @_one_line_errors
 def provision(c, env=None, config=None):
-    """Prepare a fresh Debian 12 / Ubuntu 24.04 server for `fab deploy`; a re-run changes nothing and says so.
+    """Prepare fresh Debian 12 / Ubuntu 24.04 servers for `fab deploy`; a re-run changes nothing and says so.
 
-    A cluster's hosts each get their roles' share: the db host first, then the others in parallel.
+    Each host gets its roles' share: the db host first, then the others in parallel.
     """
     cfg, conns = _targets(c, env, config)
-    if cfg.multi_host:
-        print(provisioning.provision_cluster(conns, cfg))
-        return
-    for conn in conns:
-        print(provisioning.provision(conn, cfg))
+    print(provisioning.provision(conns, cfg))

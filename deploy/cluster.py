@@ -19,7 +19,7 @@ from typing import TypeVar
 from fabric import Connection
 
 from deploy import backup, release, schema, tls, workflow
-from deploy.config import APP_ROLES, DeployConfig, address_of
+from deploy.config import APP_ROLES, DeployConfig, address_of, has_app
 from deploy.errors import DeployError
 from deploy.lock import DeployLock
 from deploy.maintenance import window as maintenance_window
@@ -27,7 +27,6 @@ from deploy.processes import Programs, log_path
 from deploy.progress import PrefixedLines, Progress, in_parallel
 from deploy.remote import Server, connect, sh
 from deploy.schema import SchemaReport
-from deploy.server_files import has_app
 from deploy.state import ServerState, read_state
 
 R = TypeVar("R")

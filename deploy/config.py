@@ -188,6 +188,12 @@ def single_host_site(config: DeployConfig, host: str) -> DeployConfig:
     return replace(config, hosts=(host,), roles=roles, host_roles=SINGLE_HOST_ROLES)
 
 
+def has_app(config: DeployConfig) -> bool:
+    """Whether the host `config` is bound to runs the app (web, worker or beat): a db or balancer host alone has no
+    app user, layout, env file or supervisord, and deploy skips it."""
+    return bool(config.host_roles & set(APP_ROLES))
+
+
 def address_of(host: str) -> str:
     """The address part of user@host[:port] (an IPv6 address in brackets loses them)."""
     address = host.rpartition("@")[2]

@@ -5,10 +5,10 @@ from __future__ import annotations
 import secrets
 from dataclasses import dataclass
 
+from deploy.config import has_app
 from deploy.errors import DeployError
 from deploy.on_server.common import read_env_file
 from deploy.remote import Server, sh
-from deploy.server_files import has_app
 
 DEPLOYED_MARK = ".deployed"
 VENV_DONE_MARK = ".complete"

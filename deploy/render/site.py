@@ -6,6 +6,7 @@ from deploy.config import DeployConfig, address_of
 
 POSTGRES_PORT = 5432
 REDIS_PORT = 6379
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 
 def url_host(address: str) -> str:

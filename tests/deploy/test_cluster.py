@@ -10,10 +10,9 @@ from pathlib import Path
 import pytest
 
 from deploy.cluster import rollout_order
-from deploy.config import load_config
+from deploy.config import has_app, load_config
 from deploy.errors import DeployError
 from deploy.progress import in_parallel
-from deploy.server_files import has_app
 
 REPO = Path(__file__).resolve().parents[2]
 CLUSTER = """

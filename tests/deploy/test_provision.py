@@ -15,12 +15,22 @@ from pathlib import Path, PurePosixPath
 import pytest
 from supervisor.options import ClientOptions, ServerOptions
 
-from deploy.config import DeployConfig, load_config
+from deploy.config import DeployConfig, has_app, load_config
 from deploy.errors import DeployError
 from deploy.layout import WEB_PORTS
 from deploy.on_server.common import read_env_file
 from deploy.progress import PrefixedLines, Progress
-from deploy.provision import packages_for, services_for, summary
+from deploy.provision import summary
+from deploy.provision.db_host import redis_password, scram_matches
+from deploy.provision.env_file import (
+    SERVICE_ENV_KEYS,
+    SHARED_ENV_KEYS,
+    service_key_problems,
+    service_keys_refusal,
+    shared_env_values,
+)
+from deploy.provision.facts import FACTS_SCRIPT, check_facts, parse_facts
+from deploy.provision.host import directories, packages_for, services_for
 from deploy.render.db_host import (
     pg_hba_with_peers,
     redis_bind,
@@ -33,20 +43,6 @@ from deploy.render.env_file import env_defaults, merge_env_file, sync_env_file
 from deploy.render.nginx import ACME_WEBROOT, CERT_DIR, render_balancer_site, render_nginx_site
 from deploy.render.supervisord import SUPERVISORCTL_DEFAULT, render_supervisorctl_default, render_supervisord_main
 from deploy.render.systemd import UNIT, acme_ca_path, render_backup_units, render_certbot_dropin, render_unit
-from deploy.server_files import (
-    FACTS_SCRIPT,
-    SERVICE_ENV_KEYS,
-    SHARED_ENV_KEYS,
-    check_facts,
-    directories,
-    has_app,
-    parse_facts,
-    redis_password,
-    scram_matches,
-    service_key_problems,
-    service_keys_refusal,
-    shared_env_values,
-)
 from deploy.tls import certbot_command, certificate_fits, certificate_line, parse_certificate
 
 REPO = Path(__file__).resolve().parents[2]
@@ -440,16 +436,10 @@ def cluster_defaults(config: DeployConfig, host: str) -> dict[str, str]:
 def test_each_cluster_host_gets_only_its_roles_packages_and_services(tmp_path):
     config = cluster(tmp_path)
     db, web, balancer = config.at("10.0.0.4"), config.at("10.0.0.2"), config.at("10.0.0.5")
-    assert packages_for(db) == (
-        "python3-venv",
-        "supervisor",
-        "postgresql-client",
-        "postgresql",
-        "redis-server",
-        "nftables",
-    )
+    # The db host runs the app too: its PostgreSQL brings the client; the firewall needs nftables.
+    assert packages_for(db) == ("python3-venv", "postgresql", "redis-server", "supervisor", "nftables")
     assert services_for(db) == ("postgresql", "redis-server")  # no nginx: it serves no web
-    assert packages_for(web) == ("python3-venv", "supervisor", "postgresql-client", "nginx")
+    assert packages_for(web) == ("python3-venv", "nginx", "supervisor", "postgresql-client")
     assert services_for(web) == ("nginx",)
     assert packages_for(balancer) == ("nginx",) and not has_app(balancer)
     assert has_app(db) and has_app(web) and has_app(CONFIG)
@@ -703,3 +693,23 @@ def test_a_site_of_one_host_renders_byte_identical_files_to_a_single_server(conf
     site = single_host_site(config, f"root@{HOST}")
     assert not site.multi_host and site.site_hosts == (f"root@{HOST}",)
     assert rendered(site) == rendered(config) == rendered(site.at(HOST))
+
+
+def test_a_site_of_one_host_writes_the_env_file_a_single_server_got_and_leaves_other_servers_urls_alone():
+    from deploy.config import single_host_site
+    from deploy.render.env_file import OLD_BROKER_URL
+
+    site = single_host_site(CONFIG, f"root@{HOST}").at(HOST)
+    fresh = defaults(site)
+    # Its env file is its own shared values merged in: what the one-server path wrote, byte for byte.
+    for existing in (None, "# mine\nSECRET_KEY=x\nEMAIL_URL=smtp://mail:25", f"CELERY_BROKER_URL={OLD_BROKER_URL}\n"):
+        own = read_env_file(existing) if existing else {}
+        assert sync_env_file(existing, shared_env_values(own, fresh), fresh) == merge_env_file(existing, fresh)
+    managed = {"DATABASE_URL": "postgres://app:pw@db.internal:5432/app", "CELERY_BROKER_URL": OLD_BROKER_URL}
+    values = shared_env_values(managed, fresh)
+    assert values["DATABASE_URL"] == managed["DATABASE_URL"]  # kept: the database step leaves it alone
+    assert values["CELERY_BROKER_URL"] == fresh["CELERY_BROKER_URL"] and redis_password(values) == "rp-_2"
+    assert service_key_problems(site, values) == []  # nothing to share with another host
+    assert packages_for(replace(site, domain="prayer.example.org")) == (
+        "python3-venv", "postgresql", "redis-server", "nginx", "supervisor", "certbot", "openssl",
+    )  # fmt: skip
