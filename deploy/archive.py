@@ -16,6 +16,7 @@ from deploy.config import DeployConfig
 from deploy.errors import DeployError
 from deploy.remote import Server, sh
 from deploy.render.archive import (
+    BACKUP_KINDS,
     CA_FILE,
     PGBACKREST_CONF,
     ArchiveSecrets,
@@ -125,12 +126,22 @@ def archive_info(server: Server, config: DeployConfig, *, conf: PurePosixPath = 
     return stanza
 
 
-def install(server: Server, config: DeployConfig, secrets: ArchiveSecrets) -> bool:
-    """Archive the db host's PostgreSQL to the bucket: pgBackRest installed and configured, the stanza created,
-    WAL archived (checked), the backup timers on, and a first full backup if the archive has none.
+@dataclass(frozen=True)
+class Installed:
+    """What `install` did: whether anything changed, and whether the archive holds another cluster's data (this is a
+    new server replacing the one that made it) so that archiving waits for `restore` to bring that data here."""
+
+    changed: bool
+    awaiting_restore: bool = False
+
+
+def install(server: Server, config: DeployConfig, secrets: ArchiveSecrets) -> Installed:
+    """Archive the db host's PostgreSQL to the bucket: pgBackRest installed and configured, the restore test's script
+    and the units in place, then archiving started (`start_archiving`).
 
     The new config is tried against the bucket before anything is put in place: a wrong passphrase or an
-    unreachable bucket is one line, with nothing changed. True when something changed."""
+    unreachable bucket is one line, with nothing changed. When the archive already holds another cluster's data
+    (a new server replacing a lost one), PostgreSQL is left not archiving: `restore` brings that data here first."""
     server.root(
         "command -v pgbackrest >/dev/null || { export DEBIAN_FRONTEND=noninteractive; "
         "apt-get install -y -q pgbackrest || { apt-get update -q && apt-get install -y -q pgbackrest; }; }",
@@ -144,21 +155,39 @@ def install(server: Server, config: DeployConfig, secrets: ArchiveSecrets) -> bo
     candidate = PGBACKREST_CONF.with_name("pgbackrest.conf.new")
     server.upload([*files, (conf, candidate, "root:postgres", "0640")], what="uploading the archive's config")
     try:
-        archive_info(server, config, conf=candidate)
+        info = archive_info(server, config, conf=candidate)
     except DeployError:
         server.root(sh("rm", "-f", candidate), what="removing the refused config")
         raise
+    databases = info.get("db", [])
+    local = int(psql(server, "SELECT system_identifier FROM pg_control_system()", what="reading the cluster's id"))
+    foreign = bool(databases) and databases[-1]["system-id"] != local
     changed = server.read(PGBACKREST_CONF, what="reading pgBackRest's config") != conf
     units = {**render_backup_units(config), **render_verify_units(config)}
     script = render_verify_script(config, pg_bin=str(cluster.bin), live_port=cluster.port)
-    dropin = render_archive_settings(config)
-    changed |= server.read(cluster.dropin, what="reading the archive settings") != dropin
     server.upload(
-        [(dropin, cluster.dropin, "postgres:postgres", "0644"), (script, verify_script(config), "root", "0755")]
+        [(script, verify_script(config), "root", "0755")]
         + [(text, UNIT_DIR / name, "root", "0644") for name, text in units.items()],
         then=sh("mv", candidate, PGBACKREST_CONF) + " && systemctl daemon-reload",
         what="installing the archive's config and units",
     )
+    if foreign:
+        if server.read(cluster.dropin, what="reading the archive settings") is not None:
+            # This cluster must not push its WAL over the archive's: archiving stays off until `restore`.
+            server.root(sh("rm", cluster.dropin) + " && " + sh("systemctl", "restart", cluster.unit),
+                        what="turning this cluster's archiving off")  # fmt: skip
+            wait_until_writable(server)
+        return Installed(True, awaiting_restore=True)
+    return Installed(start_archiving(server, config, cluster) or changed)
+
+
+def start_archiving(server: Server, config: DeployConfig, cluster: Cluster) -> bool:
+    """PostgreSQL's archive drop-in in place (a restart when archive_mode was off), the stanza created, WAL
+    archiving checked, the timers on, and a first full backup if the archive has none. True when it changed."""
+    dropin = render_archive_settings(config)
+    changed = server.read(cluster.dropin, what="reading the archive settings") != dropin
+    if changed:
+        server.upload([(dropin, cluster.dropin, "postgres:postgres", "0644")], what="writing the archive settings")
     if psql(server, "SHOW archive_mode", what="reading archive_mode") != "on":
         server.root(sh("systemctl", "restart", cluster.unit), what="restarting PostgreSQL to archive its WAL")
         changed = True
@@ -167,7 +196,9 @@ def install(server: Server, config: DeployConfig, secrets: ArchiveSecrets) -> bo
     wait_until_writable(server)
     server.root(as_postgres(pgbackrest_command(config, "stanza-create")), what="creating the archive's stanza")
     server.root(as_postgres(pgbackrest_command(config, "check")), what="checking that WAL reaches the archive")
-    timers = [name for name in units if name.endswith(".timer")]
+    timers = [f"{backup_unit_name(config, kind)}.timer" for kind in BACKUP_KINDS] + [
+        f"{verify_unit_name(config)}.timer"
+    ]
     server.root(sh("systemctl", "enable", "--now", *timers), what="starting the backup timers")
     if not archive_info(server, config).get("backup"):
         backup(server, config, "full")
@@ -230,7 +261,8 @@ def parse_target_time(text: str) -> datetime:
 def restore(server: Server, config: DeployConfig, target: datetime | None = None) -> PurePosixPath:
     """Restore the db host's PostgreSQL from the archive: to `target` (a point in time), or to the newest archived
     transaction. The live WAL is archived first, and the data directory kept aside (its path is returned); on a
-    failure it is put back and PostgreSQL started on it again."""
+    failure it is put back and PostgreSQL started on it again. Archiving goes on from the restored data (on a new
+    server, it starts there)."""
     info = archive_info(server, config)
     earliest, latest = restore_window(info)
     if target is not None and not earliest <= target <= latest:
@@ -239,7 +271,8 @@ def restore(server: Server, config: DeployConfig, target: datetime | None = None
             f"({latest:%Y-%m-%d %H:%M:%S}+0000); nothing was changed."
         )
     cluster = live_cluster(server)
-    archive_current_wal(server)
+    if psql(server, "SHOW archive_mode", what="reading archive_mode") == "on":
+        archive_current_wal(server)
     aside = cluster.data_directory.with_name(
         f"{cluster.data_directory.name}.before-restore-{time.strftime('%Y%m%dT%H%M%S')}"
     )
@@ -266,6 +299,7 @@ def restore(server: Server, config: DeployConfig, target: datetime | None = None
             warn=True,
         )
         raise DeployError(f"{exc} (the data from before the restore is back in place)") from exc
+    start_archiving(server, config, cluster)
     return aside
 
 

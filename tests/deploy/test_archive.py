@@ -110,6 +110,7 @@ def test_pgbackrest_conf_encrypts_into_the_bucket_and_names_the_live_cluster(tmp
         "repo1-retention-full=3",
         "repo1-retention-diff=7",
         "compress-type=lz4",
+        "repo1-bundle=y",
         "process-max=2",
         "start-fast=y",
         "log-level-console=warn",

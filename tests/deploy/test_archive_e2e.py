@@ -5,7 +5,7 @@ an nginx TLS front with a throwaway CA, tests/support/s3.py).
 The tests share one container and run in file order: archiving set up (a first full backup, every object in the
 bucket encrypted), WAL archived within archive_timeout, a wrong passphrase refused, the differential backup's
 unit, the restore test into a scratch instance, a time outside the archive refused, a point-in-time restore
-undoing a delete, a restore to the latest.
+undoing a delete, a restore to the latest, and a new server (its disk thrown away) getting every archived write.
 """
 
 from __future__ import annotations
@@ -116,7 +116,9 @@ def test_archiving_starts_with_a_full_backup_and_the_bucket_holds_nothing_in_cle
 ):
     sql(vps, "CREATE TABLE prayer (id int, note text)")
     sql(vps, f"INSERT INTO prayer SELECT i, '{MARKER}' FROM generate_series(1, 500) i")
-    assert timed("archiving set up, first full backup", archive.install, server, config, archive_secrets) is True
+    assert timed(
+        "archiving set up, first full backup", archive.install, server, config, archive_secrets
+    ) == archive.Installed(True)
     assert sql(vps, "SHOW archive_mode") == "on" and sql(vps, "SHOW archive_timeout") == "1min"
     info = archive.archive_info(server, config)
     assert [backup["type"] for backup in info["backup"]] == ["full"]
@@ -162,7 +164,7 @@ def test_a_wrong_passphrase_is_refused_in_one_line_with_nothing_changed(vps, ser
     # Positive control: the right one is accepted, and changes nothing either; so is what the server holds.
     on_server = archive.secrets_from_conf(vps.ssh(f"cat {PGBACKREST_CONF}").stdout)
     assert archive.choose_secrets({}, Path("/nonexistent"), on_server) == (archive_secrets, False)
-    assert archive.install(server, config, archive_secrets) is False
+    assert archive.install(server, config, archive_secrets) == archive.Installed(False)
 
 
 def test_the_differential_backup_unit_adds_a_diff_backup(server, config):
@@ -209,4 +211,25 @@ def test_a_restore_to_the_latest_keeps_every_committed_write(vps, server, config
     timed("restore to the latest", archive.restore, server, config)
     assert sql(vps, "SELECT count(*) FROM prayer WHERE id = 1000") == "1"
     sql(vps, "INSERT INTO prayer VALUES (1001, 'the restored server archives again')")
+    archive.archive_current_wal(server)
+
+
+def test_a_new_server_with_the_old_disk_thrown_away_gets_every_archived_write_back(
+    vps, server, config, archive_secrets
+):
+    sql(vps, "INSERT INTO prayer VALUES (2000, 'the last write before the disk is lost')")
+    archive.archive_current_wal(server)  # archive_timeout would do it within 60 s (the lag test above)
+    # A brand-new server: a new PostgreSQL cluster (another system identifier, no data, no archive settings) and
+    # none of the archive's files; only pgBackRest's package stays installed.
+    vps.ssh(
+        "pg_dropcluster --stop 15 main && pg_createcluster 15 main --start >/dev/null && "
+        "rm -r /etc/pgbackrest /usr/local/lib/prayer-room /etc/systemd/system/prayer-room-archive-* && "
+        "systemctl daemon-reload && cd / && runuser -u postgres -- createdb prayer_room"
+    )
+    installed = timed("new server: archive set up", archive.install, server, config, archive_secrets)
+    assert installed.awaiting_restore and sql(vps, "SHOW archive_mode") == "off"  # it must not archive over the old
+    timed("new server: restore to the latest", archive.restore, server, config)
+    assert sql(vps, "SELECT count(*) FROM prayer WHERE id = 2000") == "1"
+    assert sql(vps, "SHOW archive_mode") == "on"
+    sql(vps, "INSERT INTO prayer VALUES (2001, 'the new server archives')")
     archive.archive_current_wal(server)
