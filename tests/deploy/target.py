@@ -136,6 +136,7 @@ class RequestLoop:
     request: Callable[..., tuple[int | None, str]] = http_request
     ok: int = 0
     posted: int = 0
+    rounds: int = 0
     failures: list[str] = field(default_factory=list)
     releases: set[str] = field(default_factory=set)
     _stop: threading.Event = field(default_factory=threading.Event)
@@ -161,7 +162,16 @@ class RequestLoop:
                     self.posted += 1
                 else:
                     self.failures.append(f"POST {url.split('/', 3)[-1]} {status}: {body[:200]}")
+            self.rounds += 1
             time.sleep(0.01)
+
+    def wait_for_more(self, rounds: int, timeout: float = 60) -> None:
+        """Until the loop has made `rounds` more rounds (a GET and its POSTs) than when called."""
+        until, deadline = self.rounds + rounds, time.monotonic() + timeout
+        while self.rounds < until:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"the request loop made {self.rounds} rounds, not {until}, in {timeout} s")
+            time.sleep(0.05)
 
     def __exit__(self, *exc) -> None:
         self._stop.set()

@@ -148,7 +148,7 @@ def test_code_change_redeploy_fails_no_get_or_post_through_the_provisioned_site(
     clone.commit_file(STATIC_CSS, static_css("second"), "a code-only change, and a stylesheet changed")
     with target.request_loop() as loop:
         out = ok(target.fab("deploy", repo=clone.path))
-        time.sleep(0.5)
+        loop.wait_for_more(3)  # requests after the deploy: they meet the new release
     after = target.live_release()
     assert after != before and after.endswith(clone.git("rev-parse", "HEAD")[:12])
     assert "reused (requirements.lock unchanged)" in out
@@ -483,3 +483,130 @@ def test_the_app_user_cannot_plant_static_files_while_collectstatic_runs(target,
     base = f"http://127.0.0.1:{target.nginx_port}/static/"
     assert http_get(base + "planted.js")[0] == 404
     assert urllib.request.urlopen(base + "e2e.css", timeout=5).read().decode() == static_css("third")
+
+
+# --- README promises checked through `fab` and the server's files and processes ----------------------------------
+
+
+def program_pids(target: DeployTarget) -> dict[str, str]:
+    """The pid of each running program, from `supervisorctl status` (`NAME RUNNING pid 123, uptime ...`)."""
+    lines = map(str.split, target.supervisorctl("status").stdout.splitlines())
+    return {words[0]: words[3].rstrip(",") for words in lines if words[1:3] == ["RUNNING", "pid"]}
+
+
+def test_a_layout_directory_not_roots_is_refused_says_why_and_changes_nothing(target, clone):
+    clone.commit_file("docs/layout-marker.txt", f"{time.time()}\n", "a deploy to a layout that is not root's")
+    app = pwd.getpwnam(APP_USER)
+    for directory, weaken, undo in (
+        (target.srv / "releases", lambda d: os.chown(d, app.pw_uid, app.pw_gid), lambda d: os.chown(d, 0, 0)),
+        (target.srv / "venvs", lambda d: d.chmod(0o775), lambda d: d.chmod(0o755)),
+    ):
+        before = (target.releases(), target.live_release(), program_pids(target), sorted(os.listdir(target.srv)))
+        weaken(directory)
+        try:
+            line = failed(target.fab("deploy", repo=clone.path))
+            assert str(directory) in line and "must be root's and writable by root alone" in line, line
+            assert "run `fab provision`" in line, line
+            after = (target.releases(), target.live_release(), program_pids(target), sorted(os.listdir(target.srv)))
+            assert after == before  # no release uploaded, nothing restarted, no lock left behind
+        finally:
+            undo(directory)
+    assert not target.live_release().endswith(clone.git("rev-parse", "HEAD")[:12])
+    ok(target.fab("deploy", repo=clone.path))  # the same deploy goes through once the layout is root's again
+    assert target.live_release().endswith(clone.git("rev-parse", "HEAD")[:12])
+
+
+def test_a_deploy_restarts_the_programs_but_never_supervisord(target, clone):
+    supervisord = target.supervisorctl("pid").stdout.strip()
+    programs = program_pids(target)
+    assert supervisord.isdigit() and len(programs) == 4, (supervisord, programs)
+    log = target.srv / "log" / "supervisord.log"
+    seen = log.stat().st_size
+    clone.commit_file("docs/pid-marker.txt", f"{time.time()}\n", "a code-only deploy")
+    ok(target.fab("deploy", repo=clone.path))
+    assert target.supervisorctl("pid").stdout.strip() == supervisord
+    with log.open() as lines:
+        lines.seek(seen)
+        logged = lines.read()
+    assert "spawned: 'web-1'" in logged, logged  # its log, read from where the deploy began
+    assert "restart request" not in logged and "supervisord started with pid" not in logged, logged  # no reload
+    after = program_pids(target)
+    assert after.keys() == programs.keys() and all(after[name] != programs[name] for name in programs), (
+        programs,
+        after,
+    )
+
+
+def test_rollback_to_a_named_release(target):
+    live = target.live_release()
+    releases = target.releases()
+    verified = [r for r in releases if (target.srv / "releases" / r / ".deployed").exists() and r < live]
+    assert len(verified) >= 2, releases
+    chosen = verified[-2]  # not the one a plain rollback picks
+    line = failed(target.fab("rollback", "--to", "20000101000000-000000000000"))
+    assert "no release 20000101000000-000000000000" in line and target.live_release() == live
+    out = ok(target.fab("rollback", "--to", chosen))
+    assert f"{chosen} is live" in out
+    assert target.live_release() == chosen and live_release_over_http(target) == chosen
+    assert run_ping(target)["release"] == chosen
+    assert set(target.states().values()) == {"RUNNING"}
+
+
+def test_a_virtualenv_holding_a_file_not_roots_is_rebuilt_not_reused(target, clone):
+    venv = (target.srv / "current" / ".venv").resolve()
+    [site_packages] = venv.glob("lib/python3*/site-packages")
+    planted = site_packages / "zz-planted.pth"
+    planted.write_text("import os\n")
+    app = pwd.getpwnam(APP_USER)
+    os.chown(planted, app.pw_uid, app.pw_gid)  # what the app user could leave in a virtualenv it could write
+    clone.commit_file("docs/venv-marker.txt", f"{time.time()}\n", "a deploy with requirements.lock unchanged")
+    out = ok(target.fab("deploy", repo=clone.path))
+    assert f"build virtualenv venvs/{venv.name}" in out and "reused" not in out, out
+    assert (target.srv / "current" / ".venv").resolve() == venv
+    assert not planted.exists() and all(path.lstat().st_uid == 0 for path in venv.rglob("*"))
+    assert live_release_over_http(target) == target.live_release()
+
+
+def test_the_lock_is_kept_alive_during_a_step_longer_than_its_expiry(target, clone):
+    """A step (seed_schedules made to take 75 s) outlasts lock_expiry_seconds (60): a second deploy is refused."""
+    config = target.config_file_with(lock_expiry_seconds=60)
+    seed = "project/prayer_room_api/management/commands/seed_schedules.py"
+    handle = "    def handle(self, *args, check=False, **options):\n"
+    text = (clone.path / seed).read_text()
+    assert handle in text
+    clone.commit_file(seed, text.replace(handle, handle + "        __import__('time').sleep(75)\n"), "a slow step")
+    try:
+        first = target.fab_background("deploy", repo=clone.path, config=config)
+        seen = output_until(first, "-> prepare: migrate, seed_schedules")
+        began = time.monotonic()
+        owner = target.srv / "deploy.lock" / "owner"
+        while time.monotonic() - began < 65:  # past the expiry since the step began (and the last step's refresh)
+            assert first.poll() is None, seen
+            time.sleep(1)
+        assert time.time() - owner.stat().st_mtime < 60  # refreshed during the step
+        line = failed(target.fab("deploy", repo=clone.path, config=config))
+        assert "is locked by" in line and "fab unlock" in line, line
+        rest, _ = first.communicate(timeout=300)
+        assert first.returncode == 0, seen + rest
+        assert "lost the deploy lock" not in rest and "breaking a stale deploy lock" not in seen + rest
+        assert target.live_release().endswith(clone.git("rev-parse", "HEAD")[:12])
+    finally:
+        clone.revert_head()
+
+
+def test_keep_releases_keeps_the_newest_releases_and_only_their_virtualenvs(target, clone):
+    config = target.config_file_with(keep_releases=2)
+    old_venvs = sorted(os.listdir(target.srv / "venvs"))
+    assert len(target.releases()) > 2, target.releases()
+    lock = clone.path / "requirements.lock"
+    clone.commit_file("requirements.lock", lock.read_text() + "# a new virtualenv\n", "requirements.lock changed")
+    ok(target.fab("deploy", repo=clone.path, config=config))
+    first = target.live_release()
+    clone.commit_file("docs/keep-marker.txt", f"{time.time()}\n", "a second deploy with the new virtualenv")
+    ok(target.fab("deploy", repo=clone.path, config=config))
+    second = target.live_release()
+    assert target.releases() == [first, second]
+    venvs = sorted(os.listdir(target.srv / "venvs"))
+    used = {os.readlink(target.srv / "releases" / r / ".venv").rstrip("/").rsplit("/", 1)[-1] for r in (first, second)}
+    assert venvs == sorted(used) and len(venvs) == 1 and venvs[0] not in old_venvs, (old_venvs, venvs)
+    assert live_release_over_http(target) == second
