@@ -148,16 +148,19 @@ def install(server: Server, config: DeployConfig, secrets: ArchiveSecrets) -> In
         what="installing pgBackRest",
     )
     cluster = live_cluster(server)
-    conf = render_pgbackrest_conf(config, secrets, pg_path=str(cluster.data_directory), pg_port=cluster.port)
-    files: list[tuple[bytes | str, object, str, str]] = []
+    facts = {"pg_path": str(cluster.data_directory), "pg_port": cluster.port}
+    conf = render_pgbackrest_conf(config, secrets, **facts)
+    # Tried first from files beside the live ones (the config and the CA bundle), put in place once accepted.
+    candidate, candidate_ca = PGBACKREST_CONF.with_name("pgbackrest.conf.new"), CA_FILE.with_name("s3-ca.pem.new")
+    trial = render_pgbackrest_conf(config, secrets, **facts, ca_file=candidate_ca)
+    files: list[tuple[bytes | str, object, str, str]] = [(trial, candidate, "root:postgres", "0640")]
     if config.backup_s3_ca_bundle:
-        files.append((Path(config.backup_s3_ca_bundle).read_text(), CA_FILE, "root", "0644"))
-    candidate = PGBACKREST_CONF.with_name("pgbackrest.conf.new")
-    server.upload([*files, (conf, candidate, "root:postgres", "0640")], what="uploading the archive's config")
+        files.append((Path(config.backup_s3_ca_bundle).read_text(), candidate_ca, "root", "0644"))
+    server.upload(files, what="uploading the archive's config")
     try:
         info = archive_info(server, config, conf=candidate)
     except DeployError:
-        server.root(sh("rm", "-f", candidate), what="removing the refused config")
+        server.root(sh("rm", "-f", candidate, candidate_ca), what="removing the refused config")
         raise
     databases = info.get("db", [])
     local = int(psql(server, "SELECT system_identifier FROM pg_control_system()", what="reading the cluster's id"))
@@ -165,10 +168,11 @@ def install(server: Server, config: DeployConfig, secrets: ArchiveSecrets) -> In
     changed = server.read(PGBACKREST_CONF, what="reading pgBackRest's config") != conf
     units = {**render_backup_units(config), **render_verify_units(config)}
     script = render_verify_script(config, pg_bin=str(cluster.bin), live_port=cluster.port)
+    ca = (sh("mv", candidate_ca, CA_FILE) + " && ") if config.backup_s3_ca_bundle else ""
     server.upload(
-        [(script, verify_script(config), "root", "0755")]
+        [(script, verify_script(config), "root", "0755"), (conf, PGBACKREST_CONF, "root:postgres", "0640")]
         + [(text, UNIT_DIR / name, "root", "0644") for name, text in units.items()],
-        then=sh("mv", candidate, PGBACKREST_CONF) + " && systemctl daemon-reload",
+        then=ca + sh("rm", candidate) + " && systemctl daemon-reload",
         what="installing the archive's config and units",
     )
     if foreign:

@@ -72,13 +72,20 @@ def _repository(config: DeployConfig):
     return repo
 
 
-def render_pgbackrest_conf(config: DeployConfig, secrets: ArchiveSecrets, *, pg_path: str, pg_port: int = 5432) -> str:
+def render_pgbackrest_conf(
+    config: DeployConfig,
+    secrets: ArchiveSecrets,
+    *,
+    pg_path: str,
+    pg_port: int = 5432,
+    ca_file: PurePosixPath = CA_FILE,
+) -> str:
     """/etc/pgbackrest/pgbackrest.conf: the S3 repository, encrypted (aes-256-cbc), its retention, and the cluster
-    at `pg_path` (the live data directory) on `pg_port`."""
+    at `pg_path` (the live data directory) on `pg_port`; `ca_file` is where backup_s3_ca_bundle's copy is."""
     return render_template(
         "pgbackrest.conf.j2",
         repo=_repository(config),
-        ca_file=str(CA_FILE) if config.backup_s3_ca_bundle else "",
+        ca_file=str(ca_file) if config.backup_s3_ca_bundle else "",
         secrets=secrets,
         full_keep=config.backup_full_keep,
         diff_keep=config.backup_diff_keep,

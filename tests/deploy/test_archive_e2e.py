@@ -154,12 +154,12 @@ def test_wal_reaches_the_archive_within_archive_timeout_without_a_switch(vps):
 
 
 def test_a_wrong_passphrase_is_refused_in_one_line_with_nothing_changed(vps, server, config, archive_secrets):
-    before = vps.ssh(f"sha256sum {PGBACKREST_CONF}").stdout
+    before = vps.ssh(f"sha256sum {PGBACKREST_CONF} /etc/pgbackrest/s3-ca.pem").stdout
     with pytest.raises(DeployError) as refused:
         archive.install(server, config, replace(archive_secrets, cipher_pass="not-the-passphrase"))
     message = str(refused.value)
     assert "\n" not in message and "cannot be decrypted with this BACKUP_CIPHER_PASS" in message, message
-    assert vps.ssh(f"sha256sum {PGBACKREST_CONF}").stdout == before
+    assert vps.ssh(f"sha256sum {PGBACKREST_CONF} /etc/pgbackrest/s3-ca.pem").stdout == before
     assert vps.ssh("ls /etc/pgbackrest").stdout.split() == ["pgbackrest.conf", "s3-ca.pem"]
     # Positive control: the right one is accepted, and changes nothing either; so is what the server holds.
     on_server = archive.secrets_from_conf(vps.ssh(f"cat {PGBACKREST_CONF}").stdout)
