@@ -30,8 +30,8 @@ def holder_name() -> str:
 
 @dataclass(frozen=True)
 class DeployLock:
-    """Held for one deploy, rollback, restart or provision; refreshed at each step, stale after
-    config.lock_expiry_seconds without one."""
+    """Held for one deploy, rollback, restore or restart; refreshed while it runs (deploy.site's heartbeat), stale
+    after config.lock_expiry_seconds without a refresh."""
 
     server: Server
     action: str
@@ -118,15 +118,6 @@ class DeployLock:
             f"{self.server.name}: this {self.action} lost the deploy lock (it went stale and is now held by {who}); "
             "stopping. Check `fab status` before deploying again."
         )
-
-    def kept_alive(self, command: str) -> str:
-        """`command` (a root shell command) with our lock refreshed every 20 s while it runs.
-
-        A long step (a virtualenv build, a long migration) cannot outlive the lock's expiry this way.
-        """
-        touch = self._guarded(f"{self._ours()} && touch {sh(self.path / 'owner')}")
-        keeper = f"( while sleep 20; do {touch}; done ) </dev/null >/dev/null 2>&1 & keeper=$!"
-        return f"{keeper}; {command}; code=$?; kill $keeper; exit $code"
 
     def release(self) -> None:
         """Remove the lock if it is still ours (a lock broken as stale and retaken belongs to someone else)."""

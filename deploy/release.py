@@ -136,11 +136,11 @@ def seal_static(server: Server, release_id: str) -> None:
     server.root(sh("chown", "-R", "-h", "root:root", static), what="making the static files root's")
 
 
-def build_venv(server: Server, release_id: str, lock_hash: str, wrap=lambda command: command) -> None:
+def build_venv(server: Server, release_id: str, lock_hash: str) -> None:
     """Build venvs/<lock hash> as root from the release's requirements.lock (hash-checked), then `pip check` it.
 
     Root's, read-only to the app user: the programs cannot plant code (a .pth file) that later deploys reuse.
-    A half-built venv (no completion mark) is rebuilt from scratch. `wrap` wraps the long root command.
+    A half-built venv (no completion mark) is rebuilt from scratch.
     """
     layout, config = server.config.layout, server.config
     venv = layout.venvs / lock_hash
@@ -160,7 +160,7 @@ def build_venv(server: Server, release_id: str, lock_hash: str, wrap=lambda comm
         ]
     )
     server.root(
-        wrap(f"cd / && {build}"),
+        f"cd / && {build}",
         what=f"building the virtualenv from requirements.lock with {config.python}",
         timeout=1800,
     )

@@ -18,8 +18,8 @@ class SchemaReport:
     unsafe: tuple[dict, ...]  # operations of `new` the running release cannot live with
 
     @classmethod
-    def read(cls, server: Server, release_dir, wrap=None) -> SchemaReport:
-        line = server.helper(release_dir, "migrations", what="reading the migrations", timeout=300, wrap=wrap)[-1]
+    def read(cls, server: Server, release_dir) -> SchemaReport:
+        line = server.helper(release_dir, "migrations", what="reading the migrations", timeout=300)[-1]
         return cls(tuple(line["applied"]), tuple(line["unknown"]), tuple(line["new"]), tuple(line.get("unsafe", ())))
 
 
@@ -53,13 +53,13 @@ def refuse_rollback(target: str, current: str | None, unknown: tuple[str, ...], 
     )
 
 
-def unapply(server: Server, release_dir, names: list[str], *, check: bool = False, wrap=None) -> list[str]:
+def unapply(server: Server, release_dir, names: list[str], *, check: bool = False) -> list[str]:
     """Unapply `names` (app.migration) with the code of `release_dir`; with `check`, only test they can be reversed.
 
     Returns the migrations (to be) unapplied, dependants included, newest first.
     """
     args = ["unapply", *(["--check"] if check else []), *names]
-    line = server.helper(release_dir, *args, what="unapplying migrations", timeout=1800, wrap=wrap)[-1]
+    line = server.helper(release_dir, *args, what="unapplying migrations", timeout=1800)[-1]
     return line.get("unapply") or line.get("unapplied") or []
 
 

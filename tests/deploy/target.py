@@ -400,9 +400,12 @@ class DeployTarget:
         self._procs.append(subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, start_new_session=True))
 
     # --- use ----------------------------------------------------------------------------
-    def fab_argv(self, task: str, *args: str, repo=None, key=None, hosts=None, env="e2e", config=None) -> list[str]:
-        """`fab -i KEY [-H HOSTS] TASK --env e2e --config ... ARGS [--repo REPO]` with this repository's fabfile."""
-        argv = [str(VENV_BIN / "fab"), "-r", str(REPO), "-i", str(key or self.key)]
+    def fab_argv(
+        self, task: str, *args: str, repo=None, key=None, hosts=None, env="e2e", config=None, kit=None
+    ) -> list[str]:
+        """`fab -i KEY [-H HOSTS] TASK --env e2e --config ... ARGS [--repo REPO]` with this repository's fabfile (or
+        the one in `kit`, a directory holding another commit's fabfile.py and deploy/)."""
+        argv = [str(VENV_BIN / "fab"), "-r", str(kit or REPO), "-i", str(key or self.key)]
         argv += ["-H", hosts] if hosts else []
         argv += [task, "--env", env, "--config", str(config or self.config_file), *args]
         return argv + (["--repo", str(repo)] if repo is not None else [])

@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from deploy.cluster import rollout_order
 from deploy.config import has_app, load_config
 from deploy.errors import DeployError
 from deploy.progress import in_parallel
+from deploy.site import rollout_order
 
 REPO = Path(__file__).resolve().parents[2]
 CLUSTER = """
@@ -65,7 +65,7 @@ def test_one_host_of_a_cluster_is_not_deployed_or_rolled_back_alone(config_file,
     )  # fmt: skip
     assert result.returncode == 1
     assert result.stderr.strip() == (
-        f"error: {task} acts on every host of the cluster cluster at once: leave -H out."
+        f"error: {task} acts on every host of the environment cluster at once: leave -H out."
     ), result.stderr
 
 
@@ -96,3 +96,23 @@ def test_an_unreachable_cluster_is_refused_naming_every_host_before_anything_cha
     assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
     for host in ("root@127.0.0.2:1", "root@127.0.0.3:1"):
         assert f"{host}: root@{host.split('@')[1].split(':')[0]}:1: cannot connect over SSH" in lines[0], lines[0]
+
+
+def fab(config_file: Path, *args: str) -> subprocess.CompletedProcess:
+    """`fab ARGS --env cluster --config CONFIG_FILE` with this repository's fabfile."""
+    argv = [str(Path(sys.executable).with_name("fab")), "-r", str(REPO), *args, "--env", "cluster"]
+    return subprocess.run([*argv, "--config", str(config_file)], capture_output=True, text=True, timeout=60)
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (("-H", "root@10.0.0.3", "backups"), "the backups of cluster are on its primary, root@10.0.0.2: use -H"),
+        (("-H", "root@10.0.0.3", "restore", "x.dump"), "restore acts on every host of the environment cluster at once"),
+        (("logs", "--follow", "--role", "web"), "--follow streams one host's logs: add -H user@host"),
+        (("status", "--role", "db"), "unknown role 'db' for programs; roles: web, worker, beat."),
+    ],
+)
+def test_commands_that_cannot_act_on_these_hosts_are_refused_before_connecting(config_file, args, message):
+    result = fab(config_file, *args)
+    assert result.returncode == 1 and result.stderr.startswith(f"error: {message}"), result.stderr

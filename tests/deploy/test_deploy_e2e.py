@@ -26,6 +26,7 @@ from deploy.config import load_config
 from deploy.errors import DeployError
 from deploy.lock import DeployLock
 from deploy.remote import connect
+from deploy.site import LockKeeper
 from tests.deploy.target import (
     APP_USER,
     NO_SUDO_USER,
@@ -332,6 +333,34 @@ def test_refresh_and_release_touch_only_their_own_lock(target):
     assert not owner.parent.exists()
 
 
+def test_the_heartbeat_keeps_the_lock_alive_during_a_long_step_on_the_same_connection(target):
+    owner = target.srv / "deploy.lock" / "owner"
+    lock = lock_on(target, "deploy long")
+    lock.acquire()
+    try:
+        os.utime(owner, (time.time() - 3600, time.time() - 3600))  # as if the lock had been idle an hour
+        with LockKeeper([lock], interval=0.5) as keeper:
+            # A long step holds the SSH connection meanwhile (as a virtualenv build does).
+            lock.server.root("sleep 3", what="a long step")
+            keeper.check()
+        assert time.time() - owner.stat().st_mtime < 5, "the lock was not refreshed during the step"
+        assert not keeper.thread.is_alive(), "the heartbeat went on after its block"
+        # A lock lost meanwhile (broken as stale, taken by another deploy) stops the command at its next step.
+        os.utime(owner, (time.time() - 3600, time.time() - 3600))
+        theirs = lock_on(target, "deploy theirs")
+        theirs.acquire()
+        with LockKeeper([lock], interval=0.2) as keeper:
+            deadline = time.monotonic() + 10
+            while keeper.failure is None and time.monotonic() < deadline:
+                time.sleep(0.1)
+            with pytest.raises(DeployError, match="lost the deploy lock .*deploy theirs"):
+                keeper.check()
+        theirs.release()
+    finally:
+        lock.release()
+        shutil.rmtree(owner.parent, ignore_errors=True)
+
+
 def test_two_deploys_breaking_one_stale_lock_one_wins(target):
     lock = target.srv / "deploy.lock"
     lock.mkdir()
@@ -390,7 +419,10 @@ def test_a_sudo_user_deploys_and_rolls_back(target, clone):
 def test_status_logs_restart_and_supervisorctl(target):
     live = target.live_release()
     out = ok(target.fab("status"))
-    assert f"live release {live}" in out and "prayer-room:worker" in out and "RUNNING" in out
+    # One table, as for a site of several hosts: the host, its roles, its release, each program's state.
+    for program in ("web-1", "web-2", "worker", "beat"):
+        assert re.search(rf"^127\.0\.0\.1:\d+\s+web,worker,beat,db\s+{live}\s+{program}\s+RUNNING", out, re.M), out
+    assert re.search(rf"^  {live}  \(live\)$", out, re.M), out
     assert "schedules (beat, DatabaseScheduler):" in out
     # One line per schedule, with its last run.
     assert re.search(

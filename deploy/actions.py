@@ -1,0 +1,531 @@
+"""The operator's commands, one function each over a site (fabfile.py builds the site and calls them): deploy,
+plan, rollback, restore, backup, backups, status, logs, restart, supervisorctl, unlock, provision.
+
+A site of one host and one of many go the same way: the schema is checked, backed up and migrated once, on the
+primary; every host is switched and verified in rollout order (web hosts one at a time, then worker hosts, then
+beat hosts); a failure anywhere puts every host back.
+"""
+
+from __future__ import annotations
+
+import shlex
+import time
+from contextlib import nullcontext
+from dataclasses import replace
+from pathlib import Path
+
+from deploy import backup, host, release, schema, tls
+from deploy import provision as provisioning
+from deploy.config import address_of
+from deploy.errors import DeployError
+from deploy.lock import DeployLock
+from deploy.processes import Programs, config_diff, log_path
+from deploy.progress import Progress, in_parallel
+from deploy.remote import connect, sh
+from deploy.schema import SchemaReport
+from deploy.site import Member, Site
+from deploy.state import read_state
+
+
+def checked_source(repo: Path, allow_dirty: bool) -> release.Source:
+    """HEAD of `repo`, refused when the work tree has uncommitted changes unless `allow_dirty`."""
+    source = release.local_source(repo)
+    if source.dirty and not allow_dirty:
+        listed = ", ".join(source.dirty[:5]) + (" ..." if len(source.dirty) > 5 else "")
+        raise DeployError(
+            f"the work tree has uncommitted changes ({listed}); commit them, or pass --allow-dirty to ship "
+            f"HEAD {source.short} without them."
+        )
+    return source
+
+
+def deploy(site: Site, repo: Path, *, allow_dirty: bool = False, maintenance: bool = False) -> str:
+    """Ship HEAD of `repo` to every host of the site, prepare it, make it live and verify it everywhere, or roll
+    every host back. Returns the release id.
+
+    New migrations the live release cannot run against are refused, unless `maintenance` (a 503 window).
+    """
+    site.require_whole("deploy")
+    source = checked_source(repo, allow_dirty)
+    progress = Progress(f"deploy {source.short} to {site.name}")
+    if source.dirty:
+        progress.say(f"WARNING: shipping HEAD {source.short}; {len(source.dirty)} uncommitted change(s) stay behind.")
+    site.connect_step(progress)
+    with site.locked(f"deploy {source.short}"):
+        with progress.step("read the state; render the supervisord programs"):
+            site.read_states()
+            for member in site.order:  # a bad context fails here, before anything is uploaded
+                member.programs_text = host.render(member.server, member.state)
+        release_id = _deploy_locked(site, source, maintenance=maintenance)
+    progress.say(progress.summary(f"{release_id} is live{site.hosts_phrase()}"))
+    return release_id
+
+
+def _deploy_locked(site: Site, source: release.Source, *, maintenance: bool) -> str:
+    progress, primary = site.progress, site.primary
+    release_id = source.release_id()
+    release_dir = site.config.layout.releases / release_id
+    previous = {m.host: m.state.current for m in site.order}
+    live = primary.state.current
+    serving = f"{live} keeps serving" if live else "nothing was live"
+
+    def remove_everywhere() -> None:
+        for member in site.order:
+            release.remove_release(member.server, release_id)
+
+    saved = None
+    try:
+        site.each_step(
+            f"upload {release_id} and build its virtualenv",
+            lambda m: host.upload_and_build(m, source, release_id),
+        )
+        with progress.step(f"check the new migrations against the live release{site.on_primary()}"):
+            report = SchemaReport.read(primary.server, release_dir)
+            progress.say(f"   new migrations: {', '.join(report.new) or 'none'}")
+            for item in report.unsafe:
+                progress.say(f"   UNSAFE {item['migration']}: {item['problem']}")
+            if report.unsafe and live and not maintenance:
+                raise DeployError(schema.refuse_unsafe(report.unsafe, live))
+        site.each_step("prepare", lambda m: host.prepare(m, release_id))
+        if report.new and live:
+            with progress.step(f"back up the database before migrating (named after {release_id}){site.on_primary()}"):
+                saved = backup.take(primary.server, "deploy", release_id)
+                progress.say(f"   {saved['name']}: {backup.size(saved['size'])} in {saved['seconds']:.1f} s")
+    except BaseException as exc:
+        remove_everywhere()
+        if isinstance(exc, DeployError):
+            raise DeployError(f"{exc} -- stopped before the switch and before any migration; {serving}.") from exc
+        raise
+    windowed = maintenance and bool(report.new) and live is not None
+    with site.maintenance("the schema changes") if windowed else nullcontext():
+        seen: list[dict] = []
+        try:
+            with progress.step(f"prepare: migrate, seed_schedules{site.on_primary()}"):
+                primary.server.helper(
+                    release_dir, "prepare", "--stage", "migrate", what="prepare",
+                    on_lines=host.report_steps(progress, seen),
+                )  # fmt: skip
+        except BaseException as exc:
+            where = host.undo_migrations(primary, release_id, host.applied_migrations(seen), saved)
+            if windowed:
+                site.start_all()
+            remove_everywhere()
+            if isinstance(exc, DeployError):
+                raise DeployError(f"{exc} -- failed at the schema step; {where}; {serving}.") from exc
+            raise
+        applied = host.applied_migrations(seen)
+        switched: list[Member] = []
+
+        def switch(member: Member) -> None:
+            switched.append(member)
+            host.activate(member, member.state, release_id, member.programs_text)
+
+        try:
+            site.in_turn(lambda m: f"switch {m.label} ({m.roles}) to {release_id}, restart, verify", switch)
+        except BaseException as exc:
+            _roll_back_deploy(site, release_id, exc, switched, previous, saved, applied)
+    site.each_step(
+        "mark the release verified; prune old releases and virtualenvs",
+        lambda m: _finish(m, release_id, source.lock_hash),
+    )
+    return release_id
+
+
+def _roll_back_deploy(
+    site: Site,
+    release_id: str,
+    exc: BaseException,
+    switched: list[Member],
+    previous: dict[str, str | None],
+    saved: dict | None,
+    applied: list[str],
+) -> None:
+    """After a failed switch: undo the deploy's migrations, put each switched host back on its previous release (in
+    rollout order), remove the release; raise what happened."""
+    reason = str(exc) or type(exc).__name__
+    if not any(previous.values()):
+        raise DeployError(f"{reason} -- and there is no earlier release to roll back to.") from exc
+    failed = switched[-1].label if switched else "?"
+    back = ", ".join(sorted({p for p in previous.values() if p}))
+    site.progress.say(f"!! {failed}: {reason}\n!! rolling back to {back}")
+    where = host.undo_migrations(site.primary, release_id, applied, saved)
+    problems = []
+    for member in switched:
+        target = previous[member.host]
+        try:
+            with site.progress.step(f"roll {member.label} back to {target}") if site.several else nullcontext():
+                if target is None:
+                    host.stop(member)
+                else:
+                    host.rollback_to(member, target)
+        except DeployError as again:
+            problems.append(f"{member.label}: {again}")
+    if problems:
+        raise DeployError(f"{reason} -- and rolling back failed on {'; '.join(problems)}; {where}") from exc
+    for member in site.order:
+        release.remove_release(member.server, release_id)
+    if not isinstance(exc, DeployError):
+        raise exc
+    every = "every host was" if site.several else "was"
+    raise DeployError(
+        f"deploy of {release_id} failed on {failed} and {every} rolled back to {back}: {reason}; {where}"
+    ) from exc
+
+
+def _finish(member: Member, release_id: str, venv: str) -> None:
+    with member.progress.step("mark the release verified; prune old releases and virtualenvs"):
+        removed = release.finish(member.server, member.state, release_id, venv)
+        if removed:
+            member.progress.say(f"   removed {', '.join(removed)}")
+
+
+def rollback(
+    site: Site,
+    *,
+    to: str | None = None,
+    unapply: bool = False,
+    restore: str | None = None,
+    keep_schema: bool = False,
+) -> str:
+    """Every host back to the previous verified release (the primary's; code, virtualenv, programs config), refused
+    when the database has migrations that release lacks, unless told what to do with them: `unapply`, `restore` a
+    backup, `keep_schema`."""
+    if sum((unapply, bool(restore), keep_schema)) > 1:
+        raise DeployError("choose one of --unapply, --restore BACKUP and --keep-schema.")
+    site.require_whole("rollback")
+    progress = Progress(f"rollback on {site.name}")
+    site.connect_step(progress)
+    layout = site.config.layout
+    with site.locked(f"rollback{' to ' + to if to else ''}"):
+        # NOTE: the target is chosen under the lock: a deploy that finished meanwhile changed what "previous" is.
+        site.read_states()
+        primary = site.primary
+        current = primary.state.current
+        target = to or primary.state.previous()
+        if target is None:
+            raise DeployError(f"{primary.server.name} has no verified release older than {current} to roll back to.")
+        lacking = [m for m in site.order if target not in m.state.releases]
+        if lacking:
+            missing = [f"{m.server.name} has no release {target} ({', '.join(m.state.releases)})" for m in lacking]
+            raise DeployError("; ".join(missing) + ".")
+        with progress.step(f"compare the database's migrations with {target}'s{site.on_primary()}"):
+            report = SchemaReport.read(primary.server, layout.releases / target)
+
+        def switch_all() -> None:
+            site.in_turn(
+                lambda m: f"switch {m.label} ({m.roles}) to {target}, restart, verify",
+                lambda m: host.rollback_to(m, target),
+            )
+
+        if restore:
+            record = backup.find(primary.server, restore)
+            progress.say(
+                f"   {current} -> {target}, the database back to {restore} (taken for {record['release']}): "
+                "every write made since that backup is LOST"
+            )
+            _restore_locked(site, record, then=switch_all)
+        elif report.unknown and unapply:
+            current_dir = layout.releases / (current or target)
+            with progress.step(f"check that {current}'s code can reverse {', '.join(report.unknown)}"):
+                names = schema.unapply(primary.server, current_dir, list(report.unknown), check=True)
+            with site.maintenance("migrations are unapplied"):
+                with progress.step(f"unapply {', '.join(names)} with {current}'s code{site.on_primary()}"):
+                    schema.unapply(primary.server, current_dir, list(report.unknown))
+                switch_all()
+        elif report.unknown and not keep_schema:
+            raise DeployError(schema.refuse_rollback(target, current, report.unknown, _backup_before(primary, target)))
+        else:
+            if report.unknown:
+                progress.say(f"   --keep-schema: {target} runs against {', '.join(report.unknown)}, which it lacks")
+            progress.say(f"   {current} -> {target} (the schema is left as it is)")
+            switch_all()
+    progress.say(progress.summary(f"{target} is live{site.hosts_phrase()}"))
+    return target
+
+
+def _backup_before(primary: Member, target: str) -> str | None:
+    """The backup the live release's deploy took before it migrated, else the first deploy's after `target`
+    (taken while `target` was live)."""
+    deploys = [r for r in backup.records(primary.server)[0] if r["kind"] == "deploy" and r["release"] > target]
+    ours = [r for r in deploys if r["release"] == primary.state.current]
+    chosen = ours[-1:] or deploys[:1]
+    return chosen[0]["name"] if chosen else None
+
+
+def _restore_locked(site: Site, record: dict, then) -> None:
+    """Back up the database, then (the maintenance page on every web host, every program stopped) put `record`
+    back; `then` restarts. The states were read under the lock."""
+    progress, primary, name = site.progress, site.primary, record["name"]
+    with progress.step(f"back up the database it replaces{site.on_primary()}"):
+        saved = backup.take(primary.server, "restore", primary.state.current)
+        progress.say(f"   {saved['name']} ({backup.size(saved['size'])}, {saved['seconds']:.1f} s)")
+    with site.maintenance(f"restoring {name}"):
+        with progress.step(f"restore {name} (one transaction)"):
+            done = backup.restore(primary.server, name)
+            progress.say(f"   restored in {done['seconds']:.1f} s")
+        try:
+            then()
+        except DeployError as exc:
+            raise DeployError(
+                f"{exc} -- the database holds {name} (taken for {record['release']}) now; the one it "
+                f"replaced is {saved['name']} (`fab restore {saved['name']} --yes` puts it back)."
+            ) from exc
+
+
+def restore(site: Site, name: str, *, yes: bool = False) -> str:
+    """Put backup `name` back (the current state backed up first; the maintenance page on every web host and every
+    program stopped meanwhile), then restart and verify each host's live release."""
+    site.require_whole("restore")
+    progress = Progress(f"restore {name} on {site.name}")
+    site.connect_step(progress)
+    record = backup.find(site.primary.server, name)
+    if not yes:
+        raise DeployError(
+            f"restoring {name} (taken for {record['release']}) replaces the whole database: every write made since "
+            "is lost (the current state is backed up first); run again with --yes."
+        )
+    with site.locked(f"restore {name}"):
+        site.read_states()
+        idle = [m.server.name for m in site.order if not m.state.current]
+        if idle:
+            raise DeployError(
+                f"{', '.join(idle)} {'have' if len(idle) > 1 else 'has'} no live release to restart after the "
+                "restore; `fab deploy` first."
+            )
+
+        def restart_all() -> None:
+            site.in_turn(lambda m: f"restart and verify {m.label} ({m.roles})", host.reactivate)
+
+        _restore_locked(site, record, then=restart_all)
+    return progress.summary(f"{name} restored; {site.primary.state.current} serves it")
+
+
+def backup_now(site: Site, *, download: Path | None = None) -> str:
+    """Take a backup on the primary (named after the live release); `download` copies it to this machine."""
+    server = site.connect_primary(Progress("backup")).server
+    record = backup.take(server, "manual", read_state(server).current)
+    line = f"{record['name']}: {backup.size(record['size'])} in {record['seconds']:.1f} s, sha256 {record['sha256']}"
+    if download:
+        line += f"\ndownloaded to {backup.download(server, record, download)} (sha256 checked)"
+    return line
+
+
+def list_backups(site: Site) -> str:
+    """The backups kept on the primary."""
+    found, now = backup.records(site.connect_primary(Progress("backups")).server)
+    return backup.format_list(found, now)
+
+
+def plan(site: Site, repo: Path) -> str:
+    """What `deploy` would do on each host, touching nothing: the release, the virtualenv, the programs config
+    diff."""
+    source = release.local_source(repo)
+    site.connect(Progress("plan"))
+
+    def one(member: Member) -> str:
+        server = member.server
+        state = read_state(server)
+        state.require_provisioned(server)
+        rendered = host.render(server, state)
+        venv = "reused" if source.lock_hash in state.ready_venvs else "built (requirements.lock changed)"
+        dirty = f" ({len(source.dirty)} uncommitted change(s) NOT shipped)" if source.dirty else ""
+        new_migrations = sorted(source.migrations() - release.live_migrations(server)) if state.current else []
+        lines = [
+            f"deploy plan for {server.name} (environment {site.config.name}; roles {member.roles})",
+            f"  ship:        HEAD {source.short}{dirty}",
+            f"  live now:    {state.current or 'nothing'}",
+            *(f"  commits:     {line}" for line in source.commits_since(state.current)[:20]),
+            f"  virtualenv:  venvs/{source.lock_hash} {venv}",
+            f"  migrations:  {', '.join(Path(m).name for m in new_migrations) or 'none new'}",
+            "  prepare:     check the new migrations, check --deploy, collectstatic, back up (with new migrations),"
+            " migrate, seed_schedules; then switch current",
+            f"  releases:    {len(state.releases)} on the server; the newest {site.config.keep_releases} are kept",
+        ]
+        if state.live_programs == rendered:
+            lines.append("  programs:    programs.conf unchanged; rolling restart (web one at a time), worker, beat")
+        else:
+            lines.append("  programs:    programs.conf changes; `supervisorctl update` restarts the whole group:")
+            lines.append(config_diff(state.live_programs, rendered).rstrip())
+        return "\n".join(lines)
+
+    return "\n\n".join(site.each(one))
+
+
+def status(site: Site) -> str:
+    """One table for the site: each host's roles, live release and programs (of the site's role); each held lock;
+    then what the hosts share, read on the primary: the certificate, the backups, the releases, the schedules."""
+    site.connect(Progress("status"))
+    role, config = site.role, site.config
+
+    def rows(member: Member) -> tuple[list[tuple[str, ...]], dict | None]:
+        server = member.server
+        member.state = read_state(server)
+        out = server.supervisorctl("status", what="supervisorctl status", warn=True).stdout
+        programs = [line.split(None, 2) for line in out.splitlines() if line.strip()]
+        wanted = set(member.programs.select(role).all) if role else None
+        found = [p for p in programs if wanted is None or p[0] in wanted] or [["-", "no programs", ""]]
+        current = member.state.current or "none"
+        table = [
+            (member.label, member.roles, current, p[0].split(":")[-1], p[1], p[2] if len(p) > 2 else "") for p in found
+        ]
+        return table, DeployLock(server, "status").holder()
+
+    table = [("HOST", "ROLES", "RELEASE", "PROGRAM", "STATE", "")]
+    held = []
+    for member, (member_rows, holder) in zip(site.order, site.each(rows), strict=True):
+        table += member_rows
+        if holder:
+            held.append((member, holder))
+    widths = [max(len(row[i]) for row in table) for i in range(5)]
+    lines = [
+        "  ".join(cell.ljust(widths[i]) if i < 5 else cell for i, cell in enumerate(row)).rstrip() for row in table
+    ]
+    for name in [h for h in site.hosts if h not in site.app_hosts]:
+        line = f"{address_of(name)}: {','.join(sorted(config.roles_of(name)))} (no programs)"
+        if config.domain and name in config.role_hosts("balancer"):
+            line += f"; {_certificate(site, name)}"
+        lines.append(line)
+    releases = {row[2] for row in table[1:]}
+    if len(releases) > 1:
+        lines.append(f"WARNING: the hosts run different releases ({', '.join(sorted(releases))}); `fab deploy` again.")
+    for member, holder in held:
+        where = f" on {member.label}" if site.several else ""
+        lines.append(
+            f"deploy lock{where}: {holder.get('holder', '?')} ({holder.get('action', '?')}), "
+            f"last step {holder['idle']} s ago"
+        )
+    first = site.members.get(config.primary) or site.order[0]
+    if site.several:
+        lines += ["", f"on the primary, {first.label}:"]
+    return "\n".join([*lines, *_shared_status(site, first)])
+
+
+def _shared_status(site: Site, first: Member) -> list[str]:
+    """`status`'s lines for what the hosts share, read on `first` (the primary): the certificate (without a
+    balancer), the backups, the releases and the schedules beat runs."""
+    config, server, state = site.config, first.server, first.state
+    lines = []
+    if config.domain and not config.role_hosts("balancer"):
+        lines.append(_certificate(site, first.host))
+    try:
+        lines.append(backup.freshness(*backup.records(server)))
+    except DeployError as exc:
+        lines.append(f"backups: unavailable ({exc})")
+    lines.append("releases:")
+    for r in state.releases:
+        live = "  (live)" if r == state.current else ""
+        lines.append(f"  {r}{live}{'' if r in state.deployed else '  (rolled back from)'}")
+    if state.current:
+        try:
+            answer = server.helper(config.layout.current, "schedules", what="reading schedules", timeout=60)
+            lines.append("schedules (beat, DatabaseScheduler):")
+            for row in answer[-1]["schedules"]:
+                flag = "on " if row["enabled"] else "off"
+                lines.append(f"  {flag} {row['name']}: {row['task']} {row['schedule']} (last run {row['last_run']})")
+        except DeployError as exc:
+            lines.append(f"schedules: unavailable ({exc})")
+    return lines
+
+
+def _certificate(site: Site, name: str) -> str:
+    """`status`'s certificate line, read on the host holding the certificate: the balancer (over a root session: it
+    has no app user), else the one host of the site."""
+    config = site.config
+    try:
+        member = site.members.get(name)
+        server = (
+            member.server
+            if member
+            else connect(site.by_address[address_of(name)], replace(config.for_host(name), user="root"))
+        )
+        return tls.certificate_line(config, tls.read_certificate(server), time.time())
+    except DeployError as exc:
+        return f"certificate: unavailable ({exc})"
+
+
+def logs(site: Site, program: str | None = None, lines: int = 100, follow: bool = False) -> str:
+    """The last lines of each program's log (or of `program`, or the site's role's) on each host, each line after
+    its host when there are several; `follow` keeps streaming one host's."""
+    if follow and len(site.acted_on()) > 1:
+        raise DeployError("--follow streams one host's logs: add -H user@host (one of the site's).")
+    site.connect(Progress("logs"))
+    chosen = _programs_on(site, program or site.role)
+    out = []
+    for member, subset in chosen:
+        paths = [log_path(member.server, name) for name in subset.all]
+        if follow:
+            member.server.root(
+                sh("tail", "-n", lines, "-F", *paths), what="following logs", hide=False, pty=True, warn=True
+            )
+            return ""
+        text = member.server.root(sh("tail", "-n", lines, *paths), what="reading logs", warn=True).stdout
+        out.append("".join(f"{member.label} | {line}\n" for line in text.splitlines()) if site.several else text)
+    return "".join(out)
+
+
+def _programs_on(site: Site, program: str | None) -> list[tuple[Member, Programs]]:
+    """Each connected member that runs `program` (all for None), with those programs; refused when none does."""
+    chosen, refusals = [], []
+    for member in site.order:
+        try:
+            chosen.append((member, member.programs.select(program)))
+        except DeployError as exc:
+            refusals.append(exc)
+    if not chosen:
+        raise refusals[0] if len(site.order) == 1 else DeployError(f"no host of {site.config.name} runs {program}.")
+    return chosen
+
+
+def restart(site: Site, program: str | None = None) -> str:
+    """Restart `program` (or the site's role's programs, or all) on each host that runs it, one host at a time (web:
+    one port at a time, each checked), on the live release."""
+    what = program or site.role
+    progress = Progress(f"restart {what or 'all programs'} on {site.name}")
+    site.connect(progress)
+    chosen = dict(_programs_on(site, what))
+    with site.locked(f"restart {what or 'all'}"):
+        site.read_states()  # under the lock: the release live now
+        site.in_turn(
+            lambda m: f"restart {what or 'all'} on {m.label}",
+            lambda m: host.restart(m, chosen[m]),
+            members=[m for m in site.order if m in chosen],
+        )
+    if site.several:
+        return progress.summary(f"restarted on {', '.join(m.label for m in chosen)}")
+    return progress.summary("restarted " + ", ".join(n.split(":")[-1] for s in chosen.values() for n in s.all))
+
+
+def supervisorctl(site: Site, command: str) -> int:
+    """Run `supervisorctl COMMAND` on each host against the app's supervisord; returns the last failing exit code."""
+    site.connect(Progress("supervisorctl"))
+    pty = command.split()[:1] == ["tail"] and "-f" in command.split()
+    code = 0
+    for member in site.order:
+        if site.several:
+            print(f"== {member.label}", flush=True)
+        result = member.server.supervisorctl(
+            *shlex.split(command or "status"), what="supervisorctl", warn=True, hide=False, pty=pty
+        )
+        code = result.exited or code
+    return code
+
+
+def unlock(site: Site) -> str:
+    """Break the deploy lock a command that died left on each host (Ctrl-C, lost connection); says whose it was."""
+    site.connect(Progress("unlock"))
+
+    def one(member: Member) -> str:
+        lock = DeployLock(member.server, "unlock")
+        held = lock.holder()
+        if held is None:
+            return f"{member.server.name} is not locked."
+        lock.break_lock()
+        whose = f"{held.get('holder', '?')} ({held.get('action', '?')})"
+        return f"{member.server.name}: removed the deploy lock of {whose}."
+
+    return "\n".join(in_parallel(one, site.order, name=lambda m: m.host))
+
+
+def provision(site: Site) -> str:
+    """Prepare the site's hosts for `fab deploy` (deploy/provision.py); a re-run changes nothing and says so."""
+    return provisioning.provision(site.conns, site.config)
