@@ -3,19 +3,25 @@
 First deploy, no-op redeploy, code-only redeploy and rollback (wall seconds of `fab`), and failed
 requests through nginx during redeploys, against a naive `supervisorctl restart` of both web programs.
 Run alone with `python -m bench.deploy [--quick]`, or as the suite's `deploy` item.
+
+`python -m bench.deploy --against REV [--quick]` measures the kit (fabfile.py and deploy/) of commit REV against
+this one in the same run: each one's first deploy on a fresh target, then the redeploys and rollbacks back to
+back on one target, the order of the two flipped every repeat; the ratio is this kit's over REV's.
 """
 
 from __future__ import annotations
 
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 
-from bench.report import Result, Row, table, write
-from bench.stats import median
-from tests.deploy.target import Clone, DeployTarget, RequestLoop, unavailable
+from bench.report import Result, Row, paired, table, write
+from bench.stats import interleaved, median
+from tests.deploy.target import REPO, Clone, DeployTarget, RequestLoop, unavailable
 
 REDIS_DB = 15  # the tests use 11-14, the other benchmarks 9-10
 NOOP_TARGET_S = 10.0
@@ -23,6 +29,7 @@ CODE_TARGET_S = 15.0
 
 
 def _timed_fab(target: DeployTarget, *args: str, log: list, **options) -> float:
+    """Wall seconds of one `fab` command (options: fab_argv's), which must succeed; its summary goes to `log`."""
     started = time.monotonic()
     result = target.fab(*args, **options)
     seconds = time.monotonic() - started
@@ -105,14 +112,79 @@ def measure(workdir: Path, repeats: int) -> Result:
     return Result("deploy", rows=rows, params=params, raw={**raw, "first": first})
 
 
+def checkout_kit(rev: str, into: Path) -> Path:
+    """fabfile.py and deploy/ of commit `rev` in directory `into` (what `fab -r` loads)."""
+    into.mkdir(parents=True)
+    archive = subprocess.run(
+        ["git", "-C", str(REPO), "archive", rev, "fabfile.py", "deploy"], check=True, capture_output=True
+    ).stdout
+    subprocess.run(["tar", "-x", "-C", str(into)], input=archive, check=True)
+    return into
+
+
+def measure_against(workdir: Path, repeats: int, rev: str) -> Result:
+    """The kit of `rev` ("before") and this one ("after") in one run; see the module's docstring."""
+    kits = {"before": checkout_kit(rev, workdir / "kit-before"), "after": REPO}
+    raw: dict[str, dict[str, list]] = {side: {k: [] for k in ("first", "noop", "code", "rollback")} for side in kits}
+    failed = {side: 0 for side in kits}
+    requests = {side: 0 for side in kits}
+    summaries: list = []
+    target = None
+    try:
+        for side in ("before", "after"):  # the first deploy: on a fresh target each
+            if target is not None:
+                target.stop()
+            target = DeployTarget(workdir / f"target-{side}", redis_db=REDIS_DB).start()
+            clone = Clone(workdir / f"repo-{side}")
+            raw[side]["first"].append(_timed_fab(target, "deploy", repo=clone.path, kit=kits[side], log=summaries))
+        posts = target.api_posts()
+        for n, side in interleaved(("before", "after"), repeats):
+            for metric in ("noop", "code", "rollback"):
+                if metric == "code":
+                    clone.commit_file("docs/bench-marker.txt", f"{n} {side}\n", "bench: a code-only change")
+                if metric == "rollback":
+                    command = partial(_timed_fab, target, "rollback", kit=kits[side], log=summaries)
+                else:
+                    command = partial(_timed_fab, target, "deploy", repo=clone.path, kit=kits[side], log=summaries)
+                seconds, failures, total = _under_load(target, command, posts)
+                raw[side][metric].append(seconds)
+                failed[side] += failures
+                requests[side] += total
+    finally:
+        if target is not None:
+            target.stop()
+    after, before = raw["after"], raw["before"]
+    rows = [
+        paired(f"{label} (this kit vs {rev})", "s", after[key], before[key])
+        for label, key in (
+            ("first deploy (venv built)", "first"),
+            ("no-op redeploy", "noop"),
+            ("code-only redeploy", "code"),
+            ("rollback", "rollback"),
+        )
+    ]
+    code = rows[2]
+    code.target, code.met = "<= 1.0x of before", code.ratio <= 1.0
+    rows.append(
+        Row("failed requests during redeploys and rollbacks", failed["after"], "req", baseline=failed["before"],
+            target="0", met=failed["after"] == 0)
+    )  # fmt: skip
+    rows.append(Row("requests served during them", requests["after"], "req", baseline=requests["before"]))
+    params = {"repeats": repeats, "target": "loopback sshd + supervisord + nginx", "baseline": f"the kit of {rev}"}
+    return Result("deploy-against", rows=rows, params=params, raw={"sides": raw, "summaries": summaries})
+
+
 def run(ctx) -> Result:
     """The suite's entry point."""
     reason = unavailable()
     if reason:
         return Result("deploy", skipped=reason)
     workdir = Path(tempfile.mkdtemp(prefix="prayer-room-bench-deploy-"))
+    repeats = 1 if ctx.quick else 3
     try:
-        return measure(workdir, repeats=1 if ctx.quick else 3)
+        if getattr(ctx, "against", None):
+            return measure_against(workdir, repeats, ctx.against)
+        return measure(workdir, repeats)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
 
@@ -120,7 +192,9 @@ def run(ctx) -> Result:
 if __name__ == "__main__":
     from types import SimpleNamespace
 
-    result = run(SimpleNamespace(quick="--quick" in sys.argv[1:]))
+    argv = sys.argv[1:]
+    against = argv[argv.index("--against") + 1] if "--against" in argv[:-1] else None
+    result = run(SimpleNamespace(quick="--quick" in argv, against=against))
     print(table([result]))
     print(f"wrote {write(result)}")
     sys.exit(1 if result.error else 0)
