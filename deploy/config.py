@@ -43,6 +43,7 @@ class DeployConfig:
     backup_keep: int = 14
     postgres_bin: str = ""
     run: str = "/run/prayer-room"
+    sbin: str = "/usr/local/sbin"  # root's commands on the server (prayer-room-manage)
     python: str = "python3"
     supervisorctl: str = "supervisorctl"
     settings_module: str = "prayer_room_api.settings.production"
@@ -149,6 +150,7 @@ class DeployConfig:
             etc=PurePosixPath(self.etc),
             backups=PurePosixPath(self.backup_dir),
             run=PurePosixPath(self.run),
+            sbin=PurePosixPath(self.sbin),
         )
 
     def environment_defaults(self) -> list[tuple[str, str]]:
@@ -339,7 +341,7 @@ def validate(config: DeployConfig, where: str = "deploy config") -> None:
         raise DeployError(f"{where}: user {config.user!r} is not a valid Unix user name.")
     if not _USER.fullmatch(config.build_user):
         raise DeployError(f"{where}: user {config.user!r} is too long for its build user {config.build_user!r}.")
-    for key in ("root", "etc", "backup_dir", "run"):
+    for key in ("root", "etc", "backup_dir", "run", "sbin"):
         value = getattr(config, key)
         if not value.startswith("/") or value.rstrip("/") in ("", "/tmp") or ".." in value.split("/"):
             raise DeployError(f"{where}: {key} must be an absolute directory other than / and /tmp, got {value!r}.")

@@ -26,6 +26,14 @@ class ServerLayout:
     backups: PurePosixPath = PurePosixPath("/var/backups/prayer-room")
     # supervisord's socket and pid file: the unit's RuntimeDirectory, root-only (0700).
     run: PurePosixPath = PurePosixPath("/run/prayer-room")
+    # Root's commands: prayer-room-manage (manage.py as the programs run it).
+    sbin: PurePosixPath = PurePosixPath("/usr/local/sbin")
+
+    @property
+    def manage_command(self) -> PurePosixPath:
+        """Root's `prayer-room-manage ARGS`: manage.py ARGS in the live release, as the app user, with the programs'
+        environment; installed by each deploy (root's, 0755)."""
+        return self.sbin / "prayer-room-manage"
 
     @property
     def releases(self) -> PurePosixPath:
@@ -50,9 +58,15 @@ class ServerLayout:
         """KEY=value lines (SECRET_KEY, DATABASE_URL, ...), root:<app user> 0640, written by provision, never printed.
 
         One KEY=value per line; blank lines and `#` lines ignored; the value is the rest of the line
-        (one pair of surrounding quotes is stripped). deploy copies these into the programs' environment.
+        (one pair of surrounding quotes is stripped). deploy merges these into `effective_env`.
         """
         return self.root / "shared" / "env"
+
+    @property
+    def effective_env(self) -> PurePosixPath:
+        """The programs' whole environment (env file, deploy.toml's env, derived values), root:<app user> 0640,
+        written by each deploy and env change; the settings of every program and of prayer-room-manage read it."""
+        return self.root / "shared" / "env.effective"
 
     @property
     def previous(self) -> PurePosixPath:
@@ -86,7 +100,7 @@ class ServerLayout:
     def programs_conf(self) -> PurePosixPath:
         """The rendered supervisord.conf.j2 programs, included by supervisor_conf; replaced each deploy.
 
-        Root-owned, mode 0600: it carries the env file's values in each program's `environment=`.
+        Root-owned, mode 0600; the programs' values come from `effective_env` (releases before it had them here).
         """
         return self.etc / "programs.conf"
 

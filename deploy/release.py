@@ -10,6 +10,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from deploy import environment
 from deploy.errors import DeployError
 from deploy.remote import Server, sh
 from deploy.state import DEPLOYED_MARK, VENV_DONE_MARK, ServerState
@@ -107,7 +108,7 @@ def history_path(server: Server, release_id: str):
 
 def upload_release(server: Server, source: Source, release_id: str, programs_text: str) -> None:
     """Unpack the commit into releases/<id> (root's, read-only to the app user), link its venv, keep its programs
-    config."""
+    config; write the programs' effective environment and prayer-room-manage (deploy.environment)."""
     layout, build = server.config.layout, server.config.build_user
     target = layout.releases / release_id
     tarball = layout.releases / f".{release_id}.tar"
@@ -120,12 +121,14 @@ def upload_release(server: Server, source: Source, release_id: str, programs_tex
         # collectstatic (as the build user: the app user cannot write it) fills it; seal_static makes it root's.
         sh("install", "-d", "-o", build, "-g", build, "-m", "755", layout.static(release_id)),
     ]
+    env_files, place_env = environment.program_files(server)
     server.upload(
         [
             (source.archive(release_id), tarball, "root", "0600"),
             (programs_text, history_path(server, release_id), "root", "0600"),
+            *env_files,
         ],
-        then=" && ".join(unpack),
+        then=" && ".join([*unpack, place_env]),
         what="uploading the release",
     )
 

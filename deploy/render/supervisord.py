@@ -13,6 +13,7 @@ from deploy.config import DeployConfig
 from deploy.errors import DeployError
 from deploy.layout import SUPERVISOR_GROUP, WEB_PORTS
 from deploy.render.jinja import REPO_DIR, render_template, supervisor_environment, template_environment
+from deploy.render.programs_env import effective_environment, program_environment
 
 TEMPLATE_DIR = REPO_DIR
 TEMPLATE_NAME = "supervisord.conf.j2"
@@ -168,11 +169,11 @@ def local_context(
 def server_context(
     config: DeployConfig, env_values: Mapping[str, str], *, home: str = "", web_ports: tuple[int, ...] = WEB_PORTS
 ) -> dict[str, Any]:
-    """The programs of one server (a DeployConfig: on a cluster, its roles'), running `current`'s code with the
-    env file's values."""
+    """The programs of one server (a DeployConfig: on a cluster, its roles'), running `current`'s code; their
+    environment is the effective env file's (deploy.render.programs_env), so an env change leaves this text alone."""
     layout = config.layout
     web_ports = tuple(web_ports) if config.runs("web") else ()
-    environment = {**dict(config.environment_defaults()), **env_values, **dict(config.environment_overrides())}
+    environment = program_environment(config, effective_environment(config, env_values))
     return {
         "group": SUPERVISOR_GROUP,
         "directory": str(layout.current / "project"),

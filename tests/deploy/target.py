@@ -364,6 +364,7 @@ class DeployTarget:
             "root": str(self.srv),
             "etc": str(self.etc),
             "run": str(self.run),
+            "sbin": str(self.workdir / "sbin"),
             "python": "/usr/bin/python3",
             "supervisorctl": str(VENV_BIN / "supervisorctl"),
             "require_systemd": False,

@@ -132,6 +132,24 @@ def test_first_deploy_runs_web_worker_and_beat_behind_the_front_server(target, c
         assert Path(f"/proc/{pid}").stat().st_uid == pwd.getpwnam(APP_USER).pw_uid
     assert (target.srv / "current" / "REVISION").read_text().strip() == release
     assert oct((target.etc / "programs.conf").stat().st_mode & 0o777) == "0o600"
+    # The env file's values reach the programs through the effective env file only (root's, the app group reads it).
+    assert "SECRET_KEY" not in (target.etc / "programs.conf").read_text()
+    effective = (target.srv / "shared" / "env.effective").stat()
+    assert (effective.st_uid, effective.st_gid, effective.st_mode & 0o777) == (0, pwd.getpwnam(APP_USER).pw_gid, 0o640)
+
+
+def test_root_runs_manage_in_the_live_release_with_the_programs_environment(target):
+    """prayer-room-manage: the settings the web programs run with, as the app user; the command's exit code."""
+    manage = str(target.workdir / "sbin" / "prayer-room-manage")
+    show = "from django.conf import settings as s; import os; print(os.getuid(), s.RELEASE, s.STATIC_ROOT, s.DEBUG)"
+    result = subprocess.run([manage, "shell", "-c", show], capture_output=True, text=True, timeout=120, env={})
+    assert result.returncode == 0, result.stdout + result.stderr
+    release = target.live_release()
+    static = target.srv / "releases" / release / "static"
+    shown = result.stdout.splitlines()[-1].split()  # after Django's own line on the shell's automatic imports
+    assert shown == [str(pwd.getpwnam(APP_USER).pw_uid), release, str(static), "False"], result.stdout
+    failing = subprocess.run([manage, "migrate", "no_such_app"], capture_output=True, text=True, timeout=120)
+    assert failing.returncode == 1 and "no_such_app" in failing.stderr, failing.stdout + failing.stderr
 
 
 def static_css(release: str) -> str:

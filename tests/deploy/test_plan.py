@@ -6,6 +6,7 @@ from deploy.config import DeployConfig
 from deploy.errors import DeployError
 from deploy.on_server.common import read_env_file
 from deploy.processes import Programs, config_diff, redact
+from deploy.render.programs_env import effective_environment, render_effective_env
 from deploy.render.supervisord import render_supervisord_conf, server_context
 from deploy.verify import health_host
 
@@ -26,7 +27,7 @@ def test_the_diff_names_changed_settings_and_never_shows_a_value():
     new = rendered(DeployConfig(web_graceful_timeout=25), {**ENV, "SECRET_KEY": "other-secret"})
     diff = config_diff(live, new)
     assert "-stopwaitsecs=30" in diff and "+stopwaitsecs=35" in diff
-    assert "SECRET_KEY=<" in diff
+    assert "WEB_GRACEFUL_TIMEOUT=<" in diff and "SECRET_KEY" not in diff
     for secret in ("s3cr%t-value", "s3cr%%t-value", "other-secret", "pw@127.0.0.1"):
         assert secret not in diff
 
@@ -38,7 +39,7 @@ def test_a_first_deploy_diffs_against_nothing():
 
 def test_redact_keeps_every_key():
     text = redact(rendered(DeployConfig()))
-    for key in ("SECRET_KEY", "DATABASE_URL", "HOME", "PORT", "WEB_WORKERS", "DJANGO_SETTINGS_MODULE"):
+    for key in ("PRAYER_ROOM_ENV_FILE", "HOME", "PORT", "WEB_WORKERS", "DJANGO_SETTINGS_MODULE"):
         assert f"    {key}=<" in text
 
 
@@ -50,7 +51,34 @@ def test_server_programs_run_current_as_the_app_user_with_the_config_values():
     assert 'WEB_WORKERS="3"' in text and 'WORKER_CONCURRENCY="4"' in text
     assert 'STATIC_ROOT="release"' in text  # each release collects its own (releases/<id>/static)
     assert 'DJANGO_SETTINGS_MODULE="prayer_room_api.settings.production"' in text
-    assert 'SECRET_KEY="s3cr%%t-value"' in text  # escaped for supervisord's % expansion
+    assert 'PRAYER_ROOM_ENV_FILE="/opt/app/shared/env.effective"' in text
+    # The env file's values are the effective env file's only: an env change leaves this text alone.
+    assert "SECRET_KEY" not in text and "DATABASE_URL" not in text
+    assert text == rendered(DeployConfig(user="app", root="/opt/app", web_workers=3, worker_concurrency=4), {})
+
+
+def test_the_effective_env_file_holds_every_value_and_the_settings_read_it_back_exactly(tmp_path, monkeypatch):
+    import environ
+
+    config = DeployConfig(domain="p.example.org", acme_email="a@b.org", extra_env=(("FEATURE", "on"),))
+    odd = {"ODD": "it's a $HOME #1 'x' \\n %(x)s", "SECURE_COOKIES": "false"}
+    values = effective_environment(config, {**ENV, **odd})
+    assert values["SECURE_COOKIES"] == "true" and values["WEB_WORKERS"] == str(config.web_workers)
+    assert values["DJANGO_SETTINGS_MODULE"] == config.settings_module and values["FEATURE"] == "on"
+    read: dict[str, str] = {"PORT": "8002"}  # a program's own value is kept
+    monkeypatch.setattr(environ.Env, "ENVIRON", read)
+    with open(tmp_path / "env", "w+") as file:
+        file.write(render_effective_env({**values, "PORT": "1"}))
+        file.seek(0)
+        environ.Env.read_env(file)
+    assert read == {**values, "PORT": "8002"}
+
+
+@pytest.mark.parametrize("value, message", [("a\nb", "spans several lines"), ('"q"', "double quote")])
+def test_a_value_the_file_cannot_hold_is_refused_by_name(value, message):
+    with pytest.raises(DeployError, match=message) as info:
+        render_effective_env({"SECRET_KEY": value})
+    assert "SECRET_KEY" in str(info.value) and value not in str(info.value)
 
 
 @pytest.mark.parametrize(

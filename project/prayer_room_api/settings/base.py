@@ -1,5 +1,6 @@
 """Settings shared by every environment; each value comes from the environment through `env`."""
 
+import os
 from pathlib import Path
 
 import environ
@@ -10,6 +11,24 @@ REPO_DIR = PROJECT_DIR.parent
 
 
 env = environ.Env()
+
+
+def _read_effective_env() -> None:
+    """On a server, the programs and prayer-room-manage take every value the process was not given from the file
+    PRAYER_ROOM_ENV_FILE names (the deploy kit renders it); a missing file stops the start, never a silent default."""
+    path = os.environ.get("PRAYER_ROOM_ENV_FILE")
+    if not path:
+        return
+    try:
+        with open(path, encoding="utf-8") as file:
+            environ.Env.read_env(file)
+    except OSError as exc:
+        raise ImproperlyConfigured(
+            f"PRAYER_ROOM_ENV_FILE: cannot read {path} ({exc.strerror}); run `fab deploy`."
+        ) from None
+
+
+_read_effective_env()
 
 
 def env_int(name: str, default: int, minimum: int = 0) -> int:
