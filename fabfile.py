@@ -172,7 +172,7 @@ def unlock(c, env=None, config=None):
 @task(help=COMMON_HELP)
 @_one_line_errors
 def provision(c, env=None, config=None):
-    """Prepare fresh Debian 12 / Ubuntu 24.04 servers for `fab deploy`; a re-run changes nothing and says so.
+    """Prepare fresh Debian 13 or 12 servers for `fab deploy`; a re-run changes nothing and says so.
 
     Each host gets its roles' share: the db host first, then the others in parallel.
     """

@@ -192,7 +192,7 @@ def connect(conn: Connection, config: DeployConfig) -> Server:
     if config.require_systemd and "systemd" not in facts:
         raise DeployError(
             f"{where}: the server does not run systemd, which keeps supervisord (and the site) up across "
-            "reboots; use a systemd host (Debian 12, Ubuntu 24.04)."
+            "reboots; use a systemd host (Debian 13 or 12)."
         )
     passwd = [line[len("passwd:") :] for line in facts if line.startswith("passwd:")]
     if not passwd:
