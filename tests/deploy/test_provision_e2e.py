@@ -7,7 +7,6 @@ provision (as a sudo user), provision again (as root: nothing changed), deploy, 
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import time
@@ -17,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.nspawn import Container, build_rootfs, missing_tools
+from tests.support.nspawn import Container, build_rootfs, missing_tools, operator_env
 
 REPO = Path(__file__).resolve().parents[2]
 FAB = Path(sys.executable).with_name("fab")
@@ -46,7 +45,7 @@ def vps(tmp_path_factory):
 def fab(vps: Container, *args: str, user: str = "root", key: Path | None = None, host: str | None = None, timeout=900):
     """Run the real `fab` command line against the container, as an operator would."""
     command = [str(FAB), "-H", f"{user}@{host or vps.address}", "-i", str(key or vps.key), *args]
-    env = {k: v for k, v in os.environ.items() if k != "SSH_AUTH_SOCK"}  # only the key given with -i
+    env = operator_env(vps.workdir / "operator", vps)  # its known_hosts trusts the container; no SSH agent
     return subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=timeout, env=env)
 
 

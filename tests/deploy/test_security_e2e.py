@@ -29,7 +29,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.nspawn import Container, build_rootfs, missing_tools
+from tests.support.nspawn import Container, build_rootfs, missing_tools, operator_env
 
 REPO = Path(__file__).resolve().parents[2]
 FAB = Path(sys.executable).with_name("fab")
@@ -154,7 +154,7 @@ def server(tmp_path_factory):
 
 def fab(vps: Container, *args: str, timeout: float = 900) -> subprocess.CompletedProcess:
     command = [str(FAB), "-H", f"root@{vps.address}", "-i", str(vps.key), *args]
-    env = {k: v for k, v in os.environ.items() if k != "SSH_AUTH_SOCK"}
+    env = operator_env(vps.workdir / "operator", vps)
     return subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=timeout, env=env)
 
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import http.client
 import json
-import os
 import re
 import shlex
 import socket
@@ -25,7 +24,7 @@ import pytest
 
 from tests.deploy.target import RequestLoop
 from tests.support import acme
-from tests.support.nspawn import Container, build_rootfs, missing_tools
+from tests.support.nspawn import Container, build_rootfs, missing_tools, operator_env
 
 REPO = Path(__file__).resolve().parents[2]
 FAB = Path(sys.executable).with_name("fab")
@@ -49,7 +48,7 @@ class Site:
     def fab(self, *args: str, timeout: float = 1200) -> subprocess.CompletedProcess:
         command = [str(FAB), "-H", f"root@{self.vps.address}", "-i", str(self.vps.key), args[0]]
         command += ["--env", "tls", "--config", str(self.config), *args[1:]]
-        env = {k: v for k, v in os.environ.items() if k != "SSH_AUTH_SOCK"}
+        env = operator_env(self.vps.workdir / "operator", self.vps)
         return subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=timeout, env=env)
 
     def trust_the_issuer(self) -> None:

@@ -13,7 +13,6 @@ none of them (to the containers it is each link's gateway, 10.231.N.1).
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import threading
@@ -22,7 +21,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tests.support.nspawn import Container, build_rootfs
+from tests.support.nspawn import Container, build_rootfs, operator_env
 
 REPO = Path(__file__).resolve().parents[2]
 FAB = Path(sys.executable).with_name("fab")
@@ -121,7 +120,7 @@ class Cluster:
         command = [str(FAB), "-i", str(self.key), *args]
         if "--env" not in args:
             command += ["--env", ENVIRONMENT, "--config", str(self.config_path)]
-        env = {k: v for k, v in os.environ.items() if k != "SSH_AUTH_SOCK"}  # only the key given with -i
+        env = operator_env(self.workdir / "operator", *self.containers.values())  # trusts their keys; no agent
         return subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=timeout, env=env)
 
     def provisioned(self) -> subprocess.CompletedProcess:

@@ -133,6 +133,9 @@ class Container:
             f"[Match]\nName=host0\n\n[Network]\nAddress={self.address}/24\nGateway={self.gateway}\nLinkLocalAddressing=no\n"
         )
         _run("ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "prayer-room-tests", "-f", str(self.key))
+        host_key = self.rootfs / "etc/ssh/ssh_host_ed25519_key"  # its own SSH host key, as each VPS has
+        host_key.unlink(missing_ok=True)
+        _run("ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(host_key))
         self._trust_what_the_host_trusts()
         ssh_dir = self.rootfs / "root/.ssh"
         ssh_dir.mkdir(mode=0o700, exist_ok=True)
@@ -155,6 +158,11 @@ class Container:
         for cert in Path("/usr/local/share/ca-certificates").glob("*.crt"):
             shutil.copy(cert, local / cert.name)
         (self.rootfs / "etc/pip.conf").write_text(f"[global]\ncert = {bundle}\n")
+
+    def known_hosts_line(self) -> str:
+        """The operator's known_hosts line trusting this container's SSH host key (what `fab trust` records)."""
+        kind, key = (self.rootfs / "etc/ssh/ssh_host_ed25519_key.pub").read_text().split()[:2]
+        return f"{self.address} {kind} {key}\n"
 
     def add_user(self, name: str, *, sudo: bool) -> None:
         """A login user with the same key, with passwordless sudo or none (before boot or while running)."""
@@ -320,3 +328,11 @@ if __name__ == "__main__":
         sys.exit("usage: python3 tests/support/nspawn.py build")
     started = time.monotonic()
     print(f"rootfs: {build_rootfs()} ({time.monotonic() - started:.0f}s)")
+
+
+def operator_env(home: Path, *containers: Container) -> dict[str, str]:
+    """The environment `fab` runs in against the containers: HOME's known_hosts trusts their host keys, and no SSH
+    agent (only the key given with -i)."""
+    (home / ".ssh").mkdir(mode=0o700, parents=True, exist_ok=True)
+    (home / ".ssh/known_hosts").write_text("".join(container.known_hosts_line() for container in containers))
+    return {**{key: value for key, value in os.environ.items() if key != "SSH_AUTH_SOCK"}, "HOME": str(home)}
