@@ -1,7 +1,8 @@
-"""`fab provision` then `fab deploy` on a fresh Debian 12 booted with systemd-nspawn, over real SSH, then a reboot.
+"""`fab provision` then `fab deploy` on a fresh Debian 13 and a fresh Debian 12 booted with systemd-nspawn, over real
+SSH, then a reboot.
 
-The tests share one container and run in file order: refusals on the fresh server (nothing changed),
-provision (as a sudo user), provision again (as root: nothing changed), deploy, reboot.
+The tests share one container per release and run in file order on each: refusals on the fresh server (nothing
+changed), provision (as a sudo user), provision again (as root: nothing changed), deploy, reboot.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.nspawn import Container, build_rootfs, missing_tools, operator_env
+from tests.support.nspawn import RELEASES, Container, build_rootfs, missing_tools, operator_env
 
 REPO = Path(__file__).resolve().parents[2]
 FAB = Path(sys.executable).with_name("fab")
@@ -29,9 +30,10 @@ pytestmark = [pytest.mark.deploy, pytest.mark.skipif(bool(missing_tools()), reas
 timings: dict[str, float] = {}
 
 
-@pytest.fixture(scope="module")
-def vps(tmp_path_factory):
-    container = Container(tmp_path_factory.mktemp("vps")).create(build_rootfs())
+@pytest.fixture(scope="module", params=list(RELEASES))
+def vps(request, tmp_path_factory):
+    """A fresh server of each release in turn (every test of the module on one, then on the next)."""
+    container = Container(tmp_path_factory.mktemp(f"vps-{request.param}")).create(build_rootfs(request.param))
     container.add_user("admin", sudo=True)
     container.add_user("nosudo", sudo=False)
     container.boot()
@@ -39,7 +41,8 @@ def vps(tmp_path_factory):
     container.destroy()
     if timings:
         ARTIFACTS.mkdir(exist_ok=True)
-        (ARTIFACTS / "provision-e2e-timings.json").write_text(json.dumps(timings, indent=1) + "\n")
+        (ARTIFACTS / f"provision-e2e-timings-{request.param}.json").write_text(json.dumps(timings, indent=1) + "\n")
+        timings.clear()
 
 
 def fab(vps: Container, *args: str, user: str = "root", key: Path | None = None, host: str | None = None, timeout=900):

@@ -1,4 +1,4 @@
-"""A four-host cluster of throwaway Debian 12 containers (tests/support/nspawn.py), booted in parallel, with the
+"""A four-host cluster of throwaway Debian 13 containers (tests/support/nspawn.py), booted in parallel, with the
 deploy.toml that names them by role, and the real `fab` command line to act on it.
 
     lb    balancer
@@ -21,7 +21,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tests.support.nspawn import Container, build_rootfs, operator_env
+from tests.support.nspawn import DEFAULT_RELEASE, Container, build_rootfs, operator_env
 
 REPO = Path(__file__).resolve().parents[2]
 FAB = Path(sys.executable).with_name("fab")
@@ -49,10 +49,10 @@ class Cluster:
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     @classmethod
-    def boot(cls, workdir: Path, roles: dict[str, tuple[str, ...]] = ROLES) -> Cluster:
+    def boot(cls, workdir: Path, roles: dict[str, tuple[str, ...]] = ROLES, release: str = DEFAULT_RELEASE) -> Cluster:
         """Create and boot the containers in parallel (one SSH key for all), and write their deploy.toml (`roles`:
         another cluster's container names and roles; the first one's key reaches all)."""
-        base = build_rootfs()
+        base = build_rootfs(release)
         containers: dict[str, Container] = {}
         for name in roles:  # one after the other: each picks a subnet no other container of the cluster has
             while True:
