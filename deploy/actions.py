@@ -9,12 +9,13 @@ beat hosts); a failure anywhere puts every host back.
 from __future__ import annotations
 
 import shlex
+import sys
 import time
 from contextlib import nullcontext
 from dataclasses import replace
 from pathlib import Path
 
-from deploy import backup, host, release, schema, tls
+from deploy import backup, environment, host, release, schema, tls
 from deploy import provision as provisioning
 from deploy.config import address_of
 from deploy.errors import DeployError
@@ -508,6 +509,14 @@ def supervisorctl(site: Site, command: str) -> int:
         )
         code = result.exited or code
     return code
+
+
+def manage(site: Site, args: str) -> int:
+    """`manage.py ARGS` on the primary through root's prayer-room-manage (as the app user, in the live release,
+    with the programs' environment): interactive at a terminal; returns the command's exit code."""
+    argv = environment.manage_argv(site.config.layout, args)
+    primary = site.connect_primary(Progress("manage", out=sys.stderr))
+    return environment.run_manage(primary.server, argv)
 
 
 def unlock(site: Site) -> str:

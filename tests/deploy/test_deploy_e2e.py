@@ -152,6 +152,18 @@ def test_root_runs_manage_in_the_live_release_with_the_programs_environment(targ
     assert failing.returncode == 1 and "no_such_app" in failing.stderr, failing.stdout + failing.stderr
 
 
+def test_fab_manage_passes_stdin_stdout_and_the_exit_code_through(target):
+    """Without a terminal, `fab manage` reads stdin and writes stdout; its exit code is manage.py's."""
+    env = {**os.environ, "HOME": str(target.home)}
+    piped = subprocess.run(
+        target.fab_argv("manage", "shell"), env=env, capture_output=True, text=True, timeout=300,
+        input="from django.contrib.auth.models import User; print(User.objects.count(), 6 * 7)\n",
+    )  # fmt: skip
+    assert piped.returncode == 0 and re.search(r"\b\d+ 42\b", piped.stdout), piped.stdout + piped.stderr
+    failing = target.fab("manage", "migrate no_such_app")
+    assert failing.returncode == 1 and "no_such_app" in failing.stderr + failing.stdout
+
+
 def static_css(release: str) -> str:
     return f"/* {release} */\nbody {{ margin: 0; }}\n"
 
@@ -332,7 +344,6 @@ def test_a_stale_lock_is_broken_and_unlock_removes_a_lock(target, clone):
 def lock_on(target, action: str) -> DeployLock:
     """A DeployLock of our own on the target, over a connection of its own."""
     conn = Connection("127.0.0.1", user="root", port=target.ssh_port, connect_kwargs={"key_filename": str(target.key)})
-    conn.client.load_host_keys(str(target.home / ".ssh/known_hosts"))  # the keys the operator trusts
     return DeployLock(connect(conn, load_config(target.config_file, "e2e")), action)
 
 
