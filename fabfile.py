@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import functools
 import logging
+import sys
 from pathlib import Path
 
 from fabric import Connection, task
 from invoke import Exit
 
-from deploy import actions
+from deploy import actions, hostkeys
 from deploy.config import load_config, single_host_site
 from deploy.errors import DeployError
 from deploy.site import Site
@@ -190,8 +191,28 @@ def unlock(c, env=None, config=None):
 @task(help=COMMON_HELP)
 @_one_line_errors
 def provision(c, env=None, config=None):
-    """Prepare fresh Debian 12 / Ubuntu 24.04 servers for `fab deploy`; a re-run changes nothing and says so.
+    """Prepare fresh Debian 13 or 12 servers for `fab deploy`; a re-run changes nothing and says so.
 
     Each host gets its roles' share: the db host first, then the others in parallel.
     """
     print(actions.provision(_site(c, env, config)))
+
+
+def _ask(question: str) -> bool:
+    """The operator's yes to `question` on a terminal; no terminal is a no."""
+    if not sys.stdin.isatty():
+        raise DeployError("no terminal to confirm the host key on: pass --fingerprint SHA256:... (from the console).")
+    return input(f"{question} [yes/no] ").strip().lower() in ("y", "yes")
+
+
+@task(help={**COMMON_HELP, "fingerprint": "record a host's key without a prompt when it is this SHA256:... (from the "
+            "server's console; several: comma-separated), refuse it otherwise"})  # fmt: skip
+@_one_line_errors
+def trust(c, env=None, config=None, fingerprint=None):
+    """Show each host's SSH key and record it in ~/.ssh/known_hosts once you confirm it (every other task refuses a
+    host whose key is not there)."""
+    conns = _site(c, env, config).conns
+    fingerprints = [part.strip() for part in (fingerprint or "").split(",") if part.strip()]
+    for conn in conns:
+        print(hostkeys.trust(conn.host, conn.port, conn.user, fingerprints=fingerprints, confirm=_ask,
+                             timeout=conn.connect_timeout))  # fmt: skip

@@ -12,6 +12,7 @@ import paramiko
 from fabric import Connection
 from invoke.exceptions import Failure, UnexpectedExit
 
+from deploy import hostkeys
 from deploy.config import DeployConfig
 from deploy.errors import DeployError
 from deploy.on_server import script
@@ -156,16 +157,13 @@ class Server:
 def connect(conn: Connection, config: DeployConfig) -> Server:
     """Open `conn` and check the host can be deployed to; every problem is one DeployError line."""
     where = f"{conn.user}@{conn.host}:{conn.port}"
-    try:
-        conn.client.load_system_host_keys()  # NOTE: Fabric loads no known_hosts by default: a changed key must fail
-    except (OSError, paramiko.SSHException):
-        pass
+    hostkeys.pin(conn.client)  # NOTE: Fabric adds any unknown key (AutoAddPolicy): only known_hosts' keys pass
     try:
         conn.open()
+    except hostkeys.UnknownHostKey as exc:
+        raise hostkeys.unknown_key_error(conn.user, conn.host, conn.port, exc.key) from exc
     except paramiko.BadHostKeyException as exc:
-        raise DeployError(
-            f"{where}: the host key changed ({exc}); check the server, then fix ~/.ssh/known_hosts."
-        ) from exc
+        raise hostkeys.changed_key_error(conn.user, conn.host, conn.port, exc.key, exc.expected_key) from exc
     except paramiko.AuthenticationException as exc:
         raise DeployError(f"{where}: SSH refused the login ({exc}); pass the right key with -i KEY.") from exc
     except socket.gaierror as exc:
@@ -192,7 +190,7 @@ def connect(conn: Connection, config: DeployConfig) -> Server:
     if config.require_systemd and "systemd" not in facts:
         raise DeployError(
             f"{where}: the server does not run systemd, which keeps supervisord (and the site) up across "
-            "reboots; use a systemd host (Debian 12, Ubuntu 24.04)."
+            "reboots; use a systemd host (Debian 13 or 12)."
         )
     passwd = [line[len("passwd:") :] for line in facts if line.startswith("passwd:")]
     if not passwd:

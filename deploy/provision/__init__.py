@@ -1,4 +1,4 @@
-"""`fab provision`: take fresh Debian 12 / Ubuntu 24.04 servers to a site `fab deploy` can fill; a re-run changes
+"""`fab provision`: take fresh Debian 13 or 12 servers to a site `fab deploy` can fill; a re-run changes
 nothing.
 
 One path for every site: each host gets what its roles need, the db host first (the others need it), then the
@@ -34,6 +34,7 @@ from deploy.provision.host import (
     ensure_supervisord,
     holds_certificate,
     install_packages,
+    read_nginx_facts,
 )
 from deploy.remote import Server
 from deploy.render.nginx import ACME_WEBROOT, render_balancer_site, render_nginx_site
@@ -132,9 +133,10 @@ def _front_steps(member: Member) -> None:
     balancer = config.runs("balancer")
 
     def site(secure: bool) -> str:
+        nginx = read_nginx_facts(server)  # installed by the packages step: its version decides how HTTP/2 is on
         if balancer:
-            return render_balancer_site(config, tls=secure)
-        return render_nginx_site(config, member.conn.host, tls=secure)
+            return render_balancer_site(config, nginx=nginx, tls=secure)
+        return render_nginx_site(config, member.conn.host, nginx=nginx, tls=secure)
 
     if balancer and config.domain:
         member.step("acme webroot", lambda: ensure_directories(server, [(ACME_WEBROOT, "root", "755")]))

@@ -27,15 +27,16 @@ def check_facts(facts: Mapping[str, str], where: str) -> None:
     if facts.get("systemd") != "yes":
         raise DeployError(
             f"{where}: the server does not run systemd (PID 1 is {facts.get('init') or 'unknown'}), which provision "
-            "needs to bring the site back after a reboot; use a Debian 12 or Ubuntu 24.04 server with systemd."
+            "needs to bring the site back after a reboot; use a Debian 13 or 12 server with systemd."
         )
     if facts.get("apt") != "yes":
         raise DeployError(
-            f"{where}: no apt-get on {facts.get('os') or 'this system'}; provision supports Debian 12 and Ubuntu 24.04."
+            f"{where}: no apt-get on {facts.get('os') or 'this system'}; provision supports Debian 13 and 12."
         )
     python = facts.get("python", "")
     if not re.fullmatch(r"\d+\.\d+", python) or tuple(map(int, python.split("."))) < MIN_PYTHON:
         found = f"python3 {python}" if python else "no python3"
         raise DeployError(
-            f"{where}: {found}; the app needs python3 >= {'.'.join(map(str, MIN_PYTHON))} (Debian 12, Ubuntu 24.04)."
+            f"{where}: {found}; the app needs python3 >= {'.'.join(map(str, MIN_PYTHON))} (Debian 13 has 3.13, "
+            "Debian 12 3.11)."
         )

@@ -14,7 +14,7 @@ from deploy.errors import DeployError
 from deploy.on_server import script
 from deploy.provision.facts import FACTS_SCRIPT, check_facts, parse_facts
 from deploy.remote import Server, connect, sh
-from deploy.render.nginx import ACME_WEBROOT
+from deploy.render.nginx import ACME_WEBROOT, NGINX_FACTS_SCRIPT, NginxFacts, parse_nginx_facts
 from deploy.render.supervisord import SUPERVISORCTL_DEFAULT, render_supervisorctl_default, render_supervisord_main
 from deploy.render.systemd import (
     BACKUP_SERVICE,
@@ -269,6 +269,11 @@ def ensure_backup_timer(server: Server) -> bool:
     elif units_changed:
         server.root(sh("systemctl", "restart", BACKUP_TIMER), what=f"restarting {BACKUP_TIMER}")
     return changed or units_changed
+
+
+def read_nginx_facts(server: Server) -> NginxFacts:
+    """The installed nginx's version."""
+    return parse_nginx_facts(server.root(NGINX_FACTS_SCRIPT, what="reading nginx's version").stdout)
 
 
 def ensure_nginx(server: Server, site: str) -> bool:

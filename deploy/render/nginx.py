@@ -3,6 +3,8 @@ balancer's (the web hosts' nginx as upstreams)."""
 
 from __future__ import annotations
 
+import re
+from dataclasses import dataclass
 from pathlib import PurePosixPath
 
 from deploy.config import DeployConfig, address_of
@@ -26,10 +28,33 @@ BALANCER_MAX_FAILS = 2
 BALANCER_FAIL_TIMEOUT = 10
 
 
+@dataclass(frozen=True)
+class NginxFacts:
+    """What the server's nginx decides about our site: its version (empty when unknown)."""
+
+    version: tuple[int, ...] = ()
+
+    @property
+    def http2_directive(self) -> bool:
+        """nginx 1.25.1+ (Debian 13 has 1.26) turns HTTP/2 on with `http2 on;` and warns about listen's old http2
+        parameter, which Debian 12's 1.22 needs."""
+        return self.version >= (1, 25, 1)
+
+
+NGINX_FACTS_SCRIPT = "nginx -v 2>&1"  # it prints its version on stderr
+
+
+def parse_nginx_facts(text: str) -> NginxFacts:
+    """NGINX_FACTS_SCRIPT's output."""
+    version = re.search(r"nginx/(\d+(?:\.\d+)*)", text)
+    return NginxFacts(version=tuple(int(part) for part in version.group(1).split(".")) if version else ())
+
+
 def render_nginx_site(
     config: DeployConfig,
     host: str,
     *,
+    nginx: NginxFacts = NginxFacts(),
     tls: bool = False,
     ipv6: bool = True,
     address: str = "",
@@ -39,7 +64,8 @@ def render_nginx_site(
     """The nginx site: config.web_ports behind one upstream, each release's static files, a 444 default server.
 
     With `tls` (a certificate for config.domain exists) port 80 only answers the ACME challenge and redirects;
-    the site is on 443. `address`, the ports and `ipv6` are for tests, which listen on a loopback port.
+    the site is on 443. `nginx`: the server's nginx (its version). `address`, the ports and `ipv6` are for tests,
+    which listen on a loopback port.
     """
     return render_template(
         "nginx-site.conf.j2",
@@ -49,15 +75,17 @@ def render_nginx_site(
         server_names=[config.domain] if tls else site_names(config, host),
         root=str(config.layout.root),
         **maintenance_context(config),
-        **_front_context(config, tls, ipv6, address, http_port, https_port),
+        **_front_context(config, nginx, tls, ipv6, address, http_port, https_port),
     )
 
 
 def _front_context(
-    config: DeployConfig, tls: bool, ipv6: bool, address: str, http_port: int, https_port: int
+    config: DeployConfig, nginx: NginxFacts, tls: bool, ipv6: bool, address: str, http_port: int, https_port: int
 ) -> dict[str, object]:
-    """What a web host's site and the balancer's share: where they listen, the client limits, TLS."""
+    """What a web host's site and the balancer's share: the server's nginx, where they listen, the client limits,
+    TLS."""
     return {
+        "http2_directive": nginx.http2_directive,
         "ipv6": ipv6,
         "address": address,
         "http_port": http_port,
@@ -76,6 +104,7 @@ def _front_context(
 def render_balancer_site(
     config: DeployConfig,
     *,
+    nginx: NginxFacts = NginxFacts(),
     tls: bool = False,
     ipv6: bool = True,
     address: str = "",
@@ -93,7 +122,7 @@ def render_balancer_site(
         max_fails=BALANCER_MAX_FAILS,
         fail_timeout=BALANCER_FAIL_TIMEOUT,
         server_names=cluster_site_names(config),
-        **_front_context(config, tls, ipv6, address, http_port, https_port),
+        **_front_context(config, nginx, tls, ipv6, address, http_port, https_port),
     )
 
 

@@ -7,7 +7,7 @@ from pathlib import PurePosixPath
 from deploy.config import DeployConfig
 from deploy.render.jinja import render_template
 
-# Debian's and Ubuntu's supervisor package: root-owned and patched by apt. Its own system-wide
+# Debian's supervisor package: root-owned and patched by apt. Its own system-wide
 # supervisor.service is turned off; the app runs its own supervisord from UNIT with our config.
 SUPERVISORD = "/usr/bin/supervisord"
 UNIT = "prayer-room.service"

@@ -211,7 +211,7 @@ class DeployTarget:
         self._claimed_redis_db = redis_db is None
         self.srv = workdir / "srv"
         self.etc = workdir / "etc"
-        self.home = workdir / "home"  # the operator's HOME: an empty known_hosts and ssh config
+        self.home = workdir / "home"  # the operator's HOME: a known_hosts trusting this target, no ssh config
         self.ssh_port = free_port()
         self.nginx_port = free_port()
         self.web_ports = (free_port(), free_port())
@@ -244,6 +244,8 @@ class DeployTarget:
         subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(ssh / "host_key")], check=True)
         subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(self.key)], check=True)
         shutil.copy(f"{self.key}.pub", ssh / "authorized_keys")
+        kind, key = (ssh / "host_key.pub").read_text().split()[:2]  # the operator trusts it, as `fab trust` records
+        (self.home / ".ssh/known_hosts").write_text(f"[127.0.0.1]:{self.ssh_port} {kind} {key}\n")
         config = ssh / "sshd_config"
         config.write_text(
             textwrap.dedent(f"""\
@@ -412,7 +414,7 @@ class DeployTarget:
         return argv + (["--repo", str(repo)] if repo is not None else [])
 
     def fab(self, task: str, *args: str, timeout: float = 900, **options) -> subprocess.CompletedProcess:
-        """Run a fab task against this target; output captured. HOME is an empty one (no known_hosts)."""
+        """Run a fab task against this target; output captured. HOME is the operator's (its known_hosts trusts it)."""
         env = {**os.environ, "HOME": str(self.home)}
         argv = self.fab_argv(task, *args, **options)
         return subprocess.run(argv, capture_output=True, text=True, timeout=timeout, env=env)

@@ -1,4 +1,4 @@
-"""Continuous archiving end to end: the kit's archive steps (deploy/archive.py) on a fresh Debian 12 booted with
+"""Continuous archiving end to end: the kit's archive steps (deploy/archive.py) on a fresh Debian 13 booted with
 systemd-nspawn, with PostgreSQL from Debian's package, archiving through pgBackRest to a real S3 API (moto behind
 an nginx TLS front with a throwaway CA, tests/support/s3.py).
 
@@ -42,7 +42,7 @@ timings: dict[str, float] = {}
 
 @pytest.fixture(scope="module")
 def vps(tmp_path_factory, s3_server):
-    """A fresh Debian 12 that resolves the S3 endpoint to this machine, with Debian's PostgreSQL installed."""
+    """A fresh Debian 13 that resolves the S3 endpoint to this machine, with Debian's PostgreSQL installed."""
     container = Container(tmp_path_factory.mktemp("archive-vps")).create(build_rootfs())
     (container.rootfs / "etc/hosts").write_text(
         "127.0.0.1\tlocalhost\n127.0.1.1\tvps\n::1\tlocalhost ip6-localhost ip6-loopback\n"
@@ -175,7 +175,8 @@ def test_the_differential_backup_unit_adds_a_diff_backup(server, config):
 def test_the_restore_test_restores_the_newest_backup_and_its_wal_into_a_scratch_instance(vps, server, config):
     result = timed("restore test (scratch instance)", archive.verify, server, config)
     assert result["ok"] and result["restored"] == result["live"] == {"prayer": 501}, result
-    assert vps.ssh("ls /var/lib/postgresql").stdout.split() == ["15", "prayer-room-archive-verify.json"]
+    versions = vps.ssh("ls /etc/postgresql").stdout.split()  # the cluster's: 17 on Debian 13, 15 on Debian 12
+    assert vps.ssh("ls /var/lib/postgresql").stdout.split() == [*versions, "prayer-room-archive-verify.json"]
     assert vps.ssh("systemctl is-enabled prayer-room-archive-verify.timer").stdout.strip() == "enabled"
 
 
@@ -222,7 +223,7 @@ def test_a_new_server_with_the_old_disk_thrown_away_gets_every_archived_write_ba
     # A brand-new server: a new PostgreSQL cluster (another system identifier, no data, no archive settings) and
     # none of the archive's files; only pgBackRest's package stays installed.
     vps.ssh(
-        "pg_dropcluster --stop 15 main && pg_createcluster 15 main --start >/dev/null && "
+        "v=$(ls /etc/postgresql) && pg_dropcluster --stop $v main && pg_createcluster $v main --start >/dev/null && "
         "rm -r /etc/pgbackrest /usr/local/lib/prayer-room /etc/systemd/system/prayer-room-archive-* && "
         "systemctl daemon-reload && cd / && runuser -u postgres -- createdb prayer_room"
     )

@@ -33,7 +33,9 @@ pytestmark = [pytest.mark.deploy, pytest.mark.skipif(bool(missing_tools()), reas
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
-    booted = Cluster.boot(tmp_path_factory.mktemp("cluster"))
+    # NOTE: still Debian 12: on Debian 13 one POST of test_22's request loop timed out (5 s) on a loaded machine, every
+    # other test passed; Debian 13 here once that is understood.
+    booted = Cluster.boot(tmp_path_factory.mktemp("cluster"), release="bookworm")
     yield booted
     booted.destroy()
     ARTIFACTS.mkdir(exist_ok=True)

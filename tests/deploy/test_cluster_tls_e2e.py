@@ -1,4 +1,4 @@
-"""HTTPS through a cluster's balancer: `fab provision --env cluster` with a domain on two fresh Debian 12 containers
+"""HTTPS through a cluster's balancer: `fab provision --env cluster` with a domain on two fresh Debian 13 containers
 (lb: balancer; app: web, worker, beat, db); the balancer gets the certificate from a real ACME server (Debian's
 pebble, validating HTTP-01 against the balancer's nginx) and sends the requests on to the web host over HTTP.
 """

@@ -344,6 +344,7 @@ def test_a_stale_lock_is_broken_and_unlock_removes_a_lock(target, clone):
 def lock_on(target, action: str) -> DeployLock:
     """A DeployLock of our own on the target, over a connection of its own."""
     conn = Connection("127.0.0.1", user="root", port=target.ssh_port, connect_kwargs={"key_filename": str(target.key)})
+    conn.client.load_host_keys(str(target.home / ".ssh/known_hosts"))  # the keys the operator trusts
     return DeployLock(connect(conn, load_config(target.config_file, "e2e")), action)
 
 

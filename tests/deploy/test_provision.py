@@ -40,7 +40,14 @@ from deploy.render.db_host import (
     render_postgres_listen,
 )
 from deploy.render.env_file import env_defaults, merge_env_file, sync_env_file
-from deploy.render.nginx import ACME_WEBROOT, CERT_DIR, render_balancer_site, render_nginx_site
+from deploy.render.nginx import (
+    ACME_WEBROOT,
+    CERT_DIR,
+    NginxFacts,
+    parse_nginx_facts,
+    render_balancer_site,
+    render_nginx_site,
+)
 from deploy.render.supervisord import SUPERVISORCTL_DEFAULT, render_supervisorctl_default, render_supervisord_main
 from deploy.render.systemd import UNIT, acme_ca_path, render_backup_units, render_certbot_dropin, render_unit
 from deploy.tls import certbot_command, certificate_fits, certificate_line, parse_certificate
@@ -174,6 +181,29 @@ def test_nginx_site_hides_its_version_refuses_unknown_hosts_and_drops_slow_clien
     assert "acme-challenge" not in site and "listen 443" not in site  # no domain: plain HTTP only
 
 
+def test_nginx_facts_read_the_version_and_new_nginx_gets_http2_on_instead_of_listens_http2(tmp_path):
+    debian_12, debian_13 = parse_nginx_facts("nginx version: nginx/1.22.1\n"), parse_nginx_facts("nginx/1.26.3\n")
+    assert (debian_12, debian_13) == (NginxFacts((1, 22, 1)), NginxFacts((1, 26, 3)))
+    balancer = replace(cluster(tmp_path), domain="p.example.org")
+    for render in (
+        lambda nginx: render_nginx_site(DeployConfig(domain="p.example.org"), HOST, nginx=nginx, tls=True),
+        lambda nginx: render_balancer_site(balancer, nginx=nginx, tls=True),
+    ):
+        old, new = render(debian_12), render(debian_13)
+        assert old == render(NginxFacts())  # an unknown version gets what every nginx accepts
+        assert "listen 443 ssl http2;" in old and "http2 on;" not in old
+        assert "listen 443 ssl;" in new and new.count("http2 on;") == 2 and " http2;" not in new
+
+
+def test_every_server_block_hides_the_version_itself_not_the_http_block_nginx_conf_may_already_set_it(tmp_path):
+    sites = [render_nginx_site(DeployConfig(domain="p.example.org"), HOST, tls=tls) for tls in (False, True)]
+    sites.append(render_balancer_site(replace(cluster(tmp_path), domain="p.example.org"), tls=True))
+    for site in sites:
+        blocks = site.split("\nserver {")
+        assert "\nserver_tokens" not in blocks[0]  # the http block: Debian 13's nginx.conf sets it there
+        assert all("\n    server_tokens off;\n" in block for block in blocks[1:]), site
+
+
 def test_nginx_site_static_locations_repeat_the_security_headers():
     for site in (
         render_nginx_site(CONFIG, HOST),
@@ -194,7 +224,8 @@ def test_nginx_accepts_the_site(tmp_path):
     site.write_text(render_nginx_site(DeployConfig(domain="prayer.example.org"), HOST, ipv6=False))
     (tmp_path / "nginx.conf").write_text(
         f"pid {tmp_path}/nginx.pid; error_log {tmp_path}/error.log;\n"
-        f"events {{}}\nhttp {{ access_log off; include {site}; }}\n"
+        # server_tokens off in the http block, as Debian 13's nginx.conf has it: the site must not repeat it there.
+        f"events {{}}\nhttp {{ access_log off; server_tokens off; include {site}; }}\n"
     )
     result = subprocess.run(
         ["nginx", "-t", "-p", str(tmp_path), "-c", str(tmp_path / "nginx.conf")], capture_output=True, text=True
@@ -592,7 +623,8 @@ def test_nginx_accepts_the_cluster_sites(tmp_path, which):
     site.write_text(text)
     (tmp_path / "nginx.conf").write_text(
         f"pid {tmp_path}/nginx.pid; error_log {tmp_path}/error.log;\n"
-        f"events {{}}\nhttp {{ access_log off; include {site}; }}\n"
+        # server_tokens off in the http block, as Debian 13's nginx.conf has it: the site must not repeat it there.
+        f"events {{}}\nhttp {{ access_log off; server_tokens off; include {site}; }}\n"
     )
     result = subprocess.run(
         ["nginx", "-t", "-p", str(tmp_path), "-c", str(tmp_path / "nginx.conf")], capture_output=True, text=True

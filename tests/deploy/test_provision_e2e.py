@@ -1,13 +1,13 @@
-"""`fab provision` then `fab deploy` on a fresh Debian 12 booted with systemd-nspawn, over real SSH, then a reboot.
+"""`fab provision` then `fab deploy` on a fresh Debian 13 and a fresh Debian 12 booted with systemd-nspawn, over real
+SSH, then a reboot.
 
-The tests share one container and run in file order: refusals on the fresh server (nothing changed),
-provision (as a sudo user), provision again (as root: nothing changed), deploy, reboot.
+The tests share one container per release and run in file order on each: refusals on the fresh server (nothing
+changed), provision (as a sudo user), provision again (as root: nothing changed), deploy, reboot.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import time
@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.nspawn import Container, build_rootfs, missing_tools
+from tests.support.nspawn import RELEASES, Container, build_rootfs, missing_tools, operator_env
 
 REPO = Path(__file__).resolve().parents[2]
 FAB = Path(sys.executable).with_name("fab")
@@ -30,9 +30,10 @@ pytestmark = [pytest.mark.deploy, pytest.mark.skipif(bool(missing_tools()), reas
 timings: dict[str, float] = {}
 
 
-@pytest.fixture(scope="module")
-def vps(tmp_path_factory):
-    container = Container(tmp_path_factory.mktemp("vps")).create(build_rootfs())
+@pytest.fixture(scope="module", params=list(RELEASES))
+def vps(request, tmp_path_factory):
+    """A fresh server of each release in turn (every test of the module on one, then on the next)."""
+    container = Container(tmp_path_factory.mktemp(f"vps-{request.param}")).create(build_rootfs(request.param))
     container.add_user("admin", sudo=True)
     container.add_user("nosudo", sudo=False)
     container.boot()
@@ -40,13 +41,14 @@ def vps(tmp_path_factory):
     container.destroy()
     if timings:
         ARTIFACTS.mkdir(exist_ok=True)
-        (ARTIFACTS / "provision-e2e-timings.json").write_text(json.dumps(timings, indent=1) + "\n")
+        (ARTIFACTS / f"provision-e2e-timings-{request.param}.json").write_text(json.dumps(timings, indent=1) + "\n")
+        timings.clear()
 
 
 def fab(vps: Container, *args: str, user: str = "root", key: Path | None = None, host: str | None = None, timeout=900):
     """Run the real `fab` command line against the container, as an operator would."""
     command = [str(FAB), "-H", f"{user}@{host or vps.address}", "-i", str(key or vps.key), *args]
-    env = {k: v for k, v in os.environ.items() if k != "SSH_AUTH_SOCK"}  # only the key given with -i
+    env = operator_env(vps.workdir / "operator", vps)  # its known_hosts trusts the container; no SSH agent
     return subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=timeout, env=env)
 
 
@@ -96,7 +98,7 @@ def test_a_server_without_systemd_is_refused_and_nothing_changes(tmp_path):
     bare = Container(tmp_path).create(build_rootfs())
     try:
         bare.boot(init=False)  # sshd is PID 1
-        assert_one_line_error(fab(bare, "provision"), "does not run systemd", "Debian 12")
+        assert_one_line_error(fab(bare, "provision"), "does not run systemd", "Debian 13 or 12")
         untouched(bare)
     finally:
         bare.destroy()

@@ -1,8 +1,8 @@
-"""The server's security boundary, end to end: on a fresh Debian 12 that `fab provision` and `fab deploy` built
-(one nspawn container for the module, over real SSH), an attacker with code execution as the app user tries
-each step of issue 9's list, after a deploy and again after a rollback; every one must fail for its reason (EACCES,
-EPERM, the service's refusal) and change nothing, and the same step done as root in a throwaway copy of the
-server's directories (its positive control) must work.
+"""The server's security boundary, end to end: on a fresh Debian 13 and a fresh Debian 12 that `fab provision` and
+`fab deploy` built (one nspawn container per release, over real SSH), an attacker with code execution as the app
+user tries each step of issue 9's list, after a deploy and again after a rollback; every one must fail for its
+reason (EACCES, EPERM, the service's refusal) and change nothing, and the same step done as root in a throwaway copy
+of the server's directories (its positive control) must work.
 
 The attacker here is a shell as the app user outside the unit's sandbox: stronger than code running inside
 web, worker or beat, which also meet the read-only file system and an empty capability set.
@@ -29,7 +29,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.nspawn import Container, build_rootfs, missing_tools
+from tests.support.nspawn import RELEASES, Container, build_rootfs, missing_tools, operator_env
 
 REPO = Path(__file__).resolve().parents[2]
 FAB = Path(sys.executable).with_name("fab")
@@ -125,9 +125,9 @@ print(json.dumps(results))
 """
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    vps = Container(tmp_path_factory.mktemp("vps")).create(build_rootfs())
+@pytest.fixture(scope="module", params=list(RELEASES))
+def server(request, tmp_path_factory):
+    vps = Container(tmp_path_factory.mktemp(f"vps-{request.param}")).create(build_rootfs(request.param))
     vps.boot()
     try:
         if os.environ.get("PRAYER_ROOM_LYNIS"):
@@ -149,12 +149,13 @@ def server(tmp_path_factory):
         vps.destroy()
         ARTIFACTS.mkdir(exist_ok=True)
         public = {key: value for key, value in report.items() if key != "outputs"}
-        (ARTIFACTS / "security-e2e.json").write_text(json.dumps(public, indent=1) + "\n")
+        (ARTIFACTS / f"security-e2e-{request.param}.json").write_text(json.dumps(public, indent=1) + "\n")
+        report.clear()
 
 
 def fab(vps: Container, *args: str, timeout: float = 900) -> subprocess.CompletedProcess:
     command = [str(FAB), "-H", f"root@{vps.address}", "-i", str(vps.key), *args]
-    env = {k: v for k, v in os.environ.items() if k != "SSH_AUTH_SOCK"}
+    env = operator_env(vps.workdir / "operator", vps)
     return subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=timeout, env=env)
 
 

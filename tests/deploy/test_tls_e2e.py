@@ -1,16 +1,15 @@
-"""HTTPS by default for a domain: `fab provision` + `fab deploy` on a fresh Debian 12 (systemd-nspawn) get a
-certificate from a real ACME server (Debian's pebble, validating HTTP-01 against the container's nginx).
+"""HTTPS by default for a domain: `fab provision` + `fab deploy` on a fresh Debian 13 and 12 (systemd-nspawn) get
+a certificate from a real ACME server (Debian's pebble, validating HTTP-01 against the container's nginx).
 
-One container, provisioned once; the tests run in file order: issuance and the first HTTPS answer, what the
-site sends (redirect, HSTS, Secure cookies, a CSRF-checked POST, 444s), a second provision, a forced renewal
-and a redeploy under a loop of GETs and POSTs over HTTPS.
+One container per release, provisioned once; on each the tests run in file order: issuance and the first HTTPS
+answer, what the site sends (redirect, HSTS, Secure cookies, a CSRF-checked POST, 444s), a second provision, a
+forced renewal and a redeploy under a loop of GETs and POSTs over HTTPS.
 """
 
 from __future__ import annotations
 
 import http.client
 import json
-import os
 import re
 import shlex
 import socket
@@ -25,7 +24,7 @@ import pytest
 
 from tests.deploy.target import RequestLoop
 from tests.support import acme
-from tests.support.nspawn import Container, build_rootfs, missing_tools
+from tests.support.nspawn import RELEASES, Container, build_rootfs, missing_tools, operator_env
 
 REPO = Path(__file__).resolve().parents[2]
 FAB = Path(sys.executable).with_name("fab")
@@ -49,7 +48,7 @@ class Site:
     def fab(self, *args: str, timeout: float = 1200) -> subprocess.CompletedProcess:
         command = [str(FAB), "-H", f"root@{self.vps.address}", "-i", str(self.vps.key), args[0]]
         command += ["--env", "tls", "--config", str(self.config), *args[1:]]
-        env = {k: v for k, v in os.environ.items() if k != "SSH_AUTH_SOCK"}
+        env = operator_env(self.vps.workdir / "operator", self.vps)
         return subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=timeout, env=env)
 
     def trust_the_issuer(self) -> None:
@@ -116,11 +115,11 @@ class Site:
         return RequestLoop(f"https://{DOMAIN}/health/", posts=self.api_posts(), request=self.loop_request)
 
 
-@pytest.fixture(scope="module")
-def site(tmp_path_factory):
-    workdir = tmp_path_factory.mktemp("tls")
+@pytest.fixture(scope="module", params=list(RELEASES))
+def site(request, tmp_path_factory):
+    workdir = tmp_path_factory.mktemp(f"tls-{request.param}")
     (workdir / "vps").mkdir()
-    vps = Container(workdir / "vps").create(build_rootfs())
+    vps = Container(workdir / "vps").create(build_rootfs(request.param))
     pebble = None
     try:
         vps.boot()
@@ -142,7 +141,8 @@ def site(tmp_path_factory):
         vps.destroy()
         if figures:
             ARTIFACTS.mkdir(exist_ok=True)
-            (ARTIFACTS / "tls-e2e-figures.json").write_text(json.dumps(figures, indent=1) + "\n")
+            (ARTIFACTS / f"tls-e2e-figures-{request.param}.json").write_text(json.dumps(figures, indent=1) + "\n")
+            figures.clear()
 
 
 def ok(result: subprocess.CompletedProcess, site: Site | None = None) -> str:

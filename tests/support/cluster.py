@@ -1,4 +1,4 @@
-"""A four-host cluster of throwaway Debian 12 containers (tests/support/nspawn.py), booted in parallel, with the
+"""A four-host cluster of throwaway Debian 13 containers (tests/support/nspawn.py), booted in parallel, with the
 deploy.toml that names them by role, and the real `fab` command line to act on it.
 
     lb    balancer
@@ -13,7 +13,6 @@ none of them (to the containers it is each link's gateway, 10.231.N.1).
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import threading
@@ -22,7 +21,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tests.support.nspawn import Container, build_rootfs
+from tests.support.nspawn import DEFAULT_RELEASE, Container, build_rootfs, operator_env
 
 REPO = Path(__file__).resolve().parents[2]
 FAB = Path(sys.executable).with_name("fab")
@@ -50,10 +49,10 @@ class Cluster:
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     @classmethod
-    def boot(cls, workdir: Path, roles: dict[str, tuple[str, ...]] = ROLES) -> Cluster:
+    def boot(cls, workdir: Path, roles: dict[str, tuple[str, ...]] = ROLES, release: str = DEFAULT_RELEASE) -> Cluster:
         """Create and boot the containers in parallel (one SSH key for all), and write their deploy.toml (`roles`:
         another cluster's container names and roles; the first one's key reaches all)."""
-        base = build_rootfs()
+        base = build_rootfs(release)
         containers: dict[str, Container] = {}
         for name in roles:  # one after the other: each picks a subnet no other container of the cluster has
             while True:
@@ -121,7 +120,7 @@ class Cluster:
         command = [str(FAB), "-i", str(self.key), *args]
         if "--env" not in args:
             command += ["--env", ENVIRONMENT, "--config", str(self.config_path)]
-        env = {k: v for k, v in os.environ.items() if k != "SSH_AUTH_SOCK"}  # only the key given with -i
+        env = operator_env(self.workdir / "operator", *self.containers.values())  # trusts their keys; no agent
         return subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=timeout, env=env)
 
     def provisioned(self) -> subprocess.CompletedProcess:

@@ -1,16 +1,18 @@
-"""A throwaway Debian 12 "fresh VPS" for end-to-end tests: a cached debootstrap rootfs booted with systemd-nspawn.
+"""A throwaway Debian "fresh VPS" for end-to-end tests: a cached debootstrap rootfs booted with systemd-nspawn.
 
-The cached rootfs has only what the deploy contract promises on a fresh server (systemd, sshd, python3,
-sudo) plus systemd-networkd for a static address. Each container boots a copy of it in its own network
-namespace (`--network-veth`); the host routes and masquerades its traffic, so `apt-get` inside reaches
-the host's Debian mirror as on a real VPS. Traffic between two containers is routed, not masqueraded:
-each sees the other's own address (tests/support/cluster.py).
+One cached rootfs per release in RELEASES: Debian 13 (trixie, the default) and Debian 12 (bookworm). Each has only
+what the deploy contract promises on a fresh server (systemd, sshd, python3, sudo) plus systemd-networkd for a
+static address. Each container boots a copy of one in its own network namespace (`--network-veth`); the host routes
+and masquerades its traffic, so `apt-get` inside reaches the host's Debian mirror (its apt sources name that mirror
+and the release's suites, as a real VPS's do). Traffic between two containers is routed, not masqueraded: each sees
+the other's own address (tests/support/cluster.py).
 
 Stdlib only: `.ci/setup.d/25-provision.sh` runs `python3 tests/support/nspawn.py build` before any venv exists.
 """
 
 from __future__ import annotations
 
+import fcntl
 import os
 import random
 import shutil
@@ -22,9 +24,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 CACHE_DIR = Path(os.environ.get("PRAYER_ROOM_TEST_CACHE", "/var/cache/prayer-room-tests"))
-SUITE = "bookworm"
+# The releases the end-to-end layers boot, the default (every container layer) first: suite -> Debian version.
+RELEASES = {"trixie": "13", "bookworm": "12"}
+DEFAULT_RELEASE = "trixie"
 # Bump when the package set or the build steps change: a new name means a fresh build.
-ROOTFS = CACHE_DIR / f"rootfs-{SUITE}-v1"
+ROOTFS_VERSION = "v2"
 PACKAGES = ("systemd", "systemd-sysv", "dbus", "openssh-server", "python3", "sudo", "iproute2")
 HOST_TOOLS = ("debootstrap", "systemd-nspawn", "nft", "ip", "ssh", "ssh-keygen")
 SUBNET_PREFIX = "10.231"
@@ -40,8 +44,13 @@ def missing_tools() -> str | None:
     return None
 
 
+def rootfs_path(suite: str = DEFAULT_RELEASE) -> Path:
+    """Where the cached rootfs of `suite` lives."""
+    return CACHE_DIR / f"rootfs-{suite}-{ROOTFS_VERSION}"
+
+
 def host_sources() -> list[Path]:
-    """The host's enabled apt source files, copied into the rootfs so it uses the same mirror."""
+    """The host's enabled apt source files (where its Debian mirror is named)."""
     files = [Path("/etc/apt/sources.list")] + sorted(Path("/etc/apt/sources.list.d").glob("*"))
     return [f for f in files if f.is_file() and f.suffix in (".list", ".sources") and f.stat().st_size]
 
@@ -58,27 +67,61 @@ def debian_mirror() -> str:
     return "http://deb.debian.org/debian"
 
 
-def build_rootfs(target: Path = ROOTFS) -> Path:
-    """Build the cached rootfs once (about a minute); later calls return it at once."""
+def debian_security_mirror() -> str:
+    """The host's Debian security mirror URI, else Debian's own."""
+    for source in host_sources():
+        for line in source.read_text().splitlines():
+            uris = [word for word in line.split() if "://" in word and "security" in word]
+            if uris and (line.startswith("URIs:") or line.split()[:1] == ["deb"]):
+                return uris[0]
+    return "http://deb.debian.org/debian-security"
+
+
+def render_debian_sources(suite: str) -> str:
+    """The rootfs's /etc/apt/sources.list.d/debian.sources, as a fresh VPS of that release has it (deb822): the
+    host's mirror, the release with its updates and security suites."""
+    keyring = "/usr/share/keyrings/debian-archive-keyring.gpg"
+    return "\n".join(
+        f"Types: deb\nURIs: {uri}\nSuites: {suites}\nComponents: main\nSigned-By: {keyring}\n"
+        for uri, suites in (
+            (debian_mirror(), f"{suite} {suite}-updates"),
+            (debian_security_mirror(), f"{suite}-security"),
+        )
+    )
+
+
+def build_rootfs(suite: str = DEFAULT_RELEASE) -> Path:
+    """Build the cached rootfs of `suite` once (one to three minutes); later calls return it at once.
+
+    A lock file keeps two test sessions from building the same one at once (the second waits, then uses it).
+    """
+    target = rootfs_path(suite)
     if (target / ".complete").exists():
         return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with open(target.with_name(target.name + ".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (target / ".complete").exists():
+            _build(suite, target)
+    return target
+
+
+def _build(suite: str, target: Path) -> None:
     partial = target.with_name(target.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
-    partial.parent.mkdir(parents=True, exist_ok=True)
     subprocess.run(
-        ["debootstrap", "--variant=minbase", f"--include={','.join(PACKAGES)}", SUITE, str(partial), debian_mirror()],
+        ["debootstrap", "--variant=minbase", f"--include={','.join(PACKAGES)}", suite, str(partial), debian_mirror()],
         check=True,
         stdout=subprocess.DEVNULL,
     )
     (partial / "etc/apt/sources.list").unlink(missing_ok=True)
-    for source in host_sources():
-        shutil.copy(source, partial / "etc/apt" / source.relative_to("/etc/apt"))
+    (partial / "etc/apt/sources.list.d/debian.sources").write_text(render_debian_sources(suite))
     subprocess.run(["chroot", str(partial), "systemctl", "enable", "systemd-networkd", "ssh"], check=True)
     subprocess.run(["chroot", str(partial), "apt-get", "clean"], check=True)
     (partial / "etc/hostname").write_text("vps\n")
     (partial / ".complete").write_text(time.strftime("%F %T\n"))
+    shutil.rmtree(target, ignore_errors=True)
     partial.rename(target)
-    return target
 
 
 def _run(*args: str, check: bool = True) -> subprocess.CompletedProcess:
@@ -125,14 +168,19 @@ class Container:
     def console_log(self) -> Path:
         return self.workdir / "console.log"
 
-    def create(self, base: Path = ROOTFS) -> Container:
-        """Copy the rootfs, give it a static address on host0 and authorize a fresh root key."""
+    def create(self, base: Path | None = None) -> Container:
+        """Copy the rootfs (`base`: the default release's), give it a static address on host0 and authorize a fresh
+        root key."""
+        base = base or build_rootfs()
         subprocess.run(["cp", "-a", "--reflink=auto", str(base), str(self.rootfs)], check=True)
         network = self.rootfs / "etc/systemd/network/10-host0.network"
         network.write_text(
             f"[Match]\nName=host0\n\n[Network]\nAddress={self.address}/24\nGateway={self.gateway}\nLinkLocalAddressing=no\n"
         )
         _run("ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "prayer-room-tests", "-f", str(self.key))
+        host_key = self.rootfs / "etc/ssh/ssh_host_ed25519_key"  # its own SSH host key, as each VPS has
+        host_key.unlink(missing_ok=True)
+        _run("ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(host_key))
         self._trust_what_the_host_trusts()
         ssh_dir = self.rootfs / "root/.ssh"
         ssh_dir.mkdir(mode=0o700, exist_ok=True)
@@ -155,6 +203,11 @@ class Container:
         for cert in Path("/usr/local/share/ca-certificates").glob("*.crt"):
             shutil.copy(cert, local / cert.name)
         (self.rootfs / "etc/pip.conf").write_text(f"[global]\ncert = {bundle}\n")
+
+    def known_hosts_line(self) -> str:
+        """The operator's known_hosts line trusting this container's SSH host key (what `fab trust` records)."""
+        kind, key = (self.rootfs / "etc/ssh/ssh_host_ed25519_key.pub").read_text().split()[:2]
+        return f"{self.address} {kind} {key}\n"
 
     def add_user(self, name: str, *, sudo: bool) -> None:
         """A login user with the same key, with passwordless sudo or none (before boot or while running)."""
@@ -315,8 +368,18 @@ class Container:
         shutil.rmtree(self.rootfs, ignore_errors=True)
 
 
+def operator_env(home: Path, *containers: Container) -> dict[str, str]:
+    """The environment `fab` runs in against the containers: HOME's known_hosts trusts their host keys, and no SSH
+    agent (only the key given with -i)."""
+    (home / ".ssh").mkdir(mode=0o700, parents=True, exist_ok=True)
+    (home / ".ssh/known_hosts").write_text("".join(container.known_hosts_line() for container in containers))
+    return {**{key: value for key, value in os.environ.items() if key != "SSH_AUTH_SOCK"}, "HOME": str(home)}
+
+
 if __name__ == "__main__":
-    if sys.argv[1:] != ["build"]:
-        sys.exit("usage: python3 tests/support/nspawn.py build")
-    started = time.monotonic()
-    print(f"rootfs: {build_rootfs()} ({time.monotonic() - started:.0f}s)")
+    suites = sys.argv[2:] or list(RELEASES)
+    if sys.argv[1:2] != ["build"] or not set(suites) <= set(RELEASES):
+        sys.exit(f"usage: python3 tests/support/nspawn.py build [{' '.join(RELEASES)}]")
+    for suite in suites:  # one after the other: debootstrap is mostly the mirror's bandwidth
+        started = time.monotonic()
+        print(f"rootfs: {build_rootfs(suite)} ({time.monotonic() - started:.0f}s)", flush=True)
