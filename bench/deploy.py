@@ -113,17 +113,17 @@ def measure(workdir: Path, repeats: int) -> Result:
 
 
 def checkout_kit(rev: str, into: Path) -> Path:
-    """fabfile.py and deploy/ of commit `rev` in directory `into` (what `fab -r` loads)."""
+    """fabfile.py, deploy/ and the supervisord template of commit `rev` in directory `into` (what `fab -r` loads)."""
     into.mkdir(parents=True)
-    archive = subprocess.run(
-        ["git", "-C", str(REPO), "archive", rev, "fabfile.py", "deploy"], check=True, capture_output=True
-    ).stdout
+    kit = ["fabfile.py", "deploy", "supervisord.conf.j2"]
+    archive = subprocess.run(["git", "-C", str(REPO), "archive", rev, *kit], check=True, capture_output=True).stdout
     subprocess.run(["tar", "-x", "-C", str(into)], input=archive, check=True)
     return into
 
 
 def measure_against(workdir: Path, repeats: int, rev: str) -> Result:
     """The kit of `rev` ("before") and this one ("after") in one run; see the module's docstring."""
+    workdir.chmod(0o755)  # the targets' server roots below it: the app user must reach them
     kits = {"before": checkout_kit(rev, workdir / "kit-before"), "after": REPO}
     raw: dict[str, dict[str, list]] = {side: {k: [] for k in ("first", "noop", "code", "rollback")} for side in kits}
     failed = {side: 0 for side in kits}
