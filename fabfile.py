@@ -15,7 +15,7 @@ from pathlib import Path
 from fabric import Connection, task
 from invoke import Exit
 
-from deploy import actions, hostkeys
+from deploy import actions, hostkeys, terminal
 from deploy.config import load_config, single_host_site
 from deploy.errors import DeployError
 from deploy.site import Site
@@ -77,6 +77,11 @@ def _one_line_errors(body):
 def deploy(c, env=None, config=None, dry_run=False, allow_dirty=False, maintenance=False, repo=None):
     """Ship HEAD, check and back up, migrate, switch, restart (web one port at a time), verify; roll back on failure."""
     site = _site(c, env, config)
+    if not site.config.domain:
+        print(
+            "WARNING: no domain in the deploy config: the site is plain HTTP, so admin logins and session cookies "
+            "travel in clear unless TLS ends in front of it (set domain for HTTPS)."
+        )
     if dry_run:
         print(actions.plan(site, Path(repo or REPO)))
         return
@@ -130,7 +135,8 @@ def restore(c, name, env=None, config=None, yes=False):
 @_one_line_errors
 def status(c, env=None, config=None, role=None):
     """One table of each host's programs and live release; the lock, certificate, backups, releases and schedules."""
-    print(actions.status(_site(c, env, config, role)))
+    with terminal.inert_stdout():  # database text (schedule names) printed inert
+        print(actions.status(_site(c, env, config, role)))
 
 
 # NOTE: invoke's positional arguments are required, so PROGRAM is a flag: `fab logs` shows all of them.
@@ -140,7 +146,8 @@ def status(c, env=None, config=None, role=None):
 @_one_line_errors
 def logs(c, program=None, lines=100, follow=False, env=None, config=None, role=None):
     """The last lines of each program's log, or of one (--program NAME); on several hosts, each line after its host."""
-    print(actions.logs(_site(c, env, config, role), program, int(lines), follow), end="")
+    with terminal.inert_stdout():  # log lines (streamed too) printed without their escape sequences
+        print(actions.logs(_site(c, env, config, role), program, int(lines), follow), end="")
 
 
 @task(help={**COMMON_HELP, "program": "web, web-1, web-2, worker or beat (default: all)",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from deploy.errors import DeployError
@@ -55,21 +56,38 @@ def restore(server: Server, name: str, wrap=None) -> dict:
 
 
 def download(server: Server, record: dict, to: Path) -> Path:
-    """Copy a backup to the operator's machine (through a private temporary copy) and check its sha256."""
+    """Copy a backup to the operator's machine (through a private temporary copy) into a new file of mode 0600 (never
+    over an existing file or link), and check its sha256."""
     import hashlib
 
     to = to / record["name"] if to.is_dir() else to
-    source = server.config.layout.backups / record["name"]
-    tmp = server.conn.run("mktemp", hide=True, in_stream=False).stdout.strip()
     try:
-        server.root(f"cp {sh(source)} {sh(tmp)} && chown {sh(server.conn.user)} {sh(tmp)}", what="staging the download")
-        server.conn.get(tmp, str(to))
+        local = os.open(to, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    except FileExistsError:
+        raise DeployError(
+            f"{to} exists: a download never replaces a file; give --download a new name or a directory (the backup "
+            f"{record['name']} is on the server)."
+        ) from None
+    except OSError as exc:
+        raise DeployError(f"cannot create {to} ({exc.strerror}); give --download a writable path.") from None
+    source = server.config.layout.backups / record["name"]
+    complete = False
+    try:
+        with os.fdopen(local, "wb") as file:
+            tmp = server.conn.run("mktemp", hide=True, in_stream=False).stdout.strip()
+            try:
+                server.root(
+                    f"cp {sh(source)} {sh(tmp)} && chown {sh(server.conn.user)} {sh(tmp)}", what="staging the download"
+                )
+                server.conn.get(tmp, file)
+            finally:
+                server.conn.run(sh("rm", "-f", tmp), hide=True, in_stream=False, warn=True)
+        if hashlib.sha256(to.read_bytes()).hexdigest() != record["sha256"]:
+            raise DeployError(f"the download of {record['name']} does not match its sha256; try again.")
+        complete = True
     finally:
-        server.conn.run(sh("rm", "-f", tmp), hide=True, in_stream=False, warn=True)
-    digest = hashlib.sha256(to.read_bytes()).hexdigest()
-    if digest != record["sha256"]:
-        raise DeployError(f"the download of {record['name']} does not match its sha256; try again.")
-    to.chmod(0o600)
+        if not complete:
+            to.unlink(missing_ok=True)
     return to
 
 

@@ -345,6 +345,14 @@ def validate(config: DeployConfig, where: str = "deploy config") -> None:
         value = getattr(config, key)
         if not value.startswith("/") or value.rstrip("/") in ("", "/tmp") or ".." in value.split("/"):
             raise DeployError(f"{where}: {key} must be an absolute directory other than / and /tmp, got {value!r}.")
+    # The paths and commands go unquoted into files root runs (supervisord programs, units, nginx): a newline in
+    # `root` would add a program running as root. Only a safe set of characters passes.
+    for key in ("root", "etc", "backup_dir", "run", "postgres_bin", "python", "supervisorctl"):
+        value = getattr(config, key)
+        if value and not re.fullmatch(r"[A-Za-z0-9._+/-]+", value):
+            raise DeployError(
+                f"{where}: {key} {value!r} has a character other than letters, digits and . _ - + /; use a plain path."
+            )
     for host in config.hosts:
         if not _HOST.fullmatch(host):
             raise DeployError(f"{where}: host {host!r} is not user@host[:port].")

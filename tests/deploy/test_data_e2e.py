@@ -244,6 +244,24 @@ def test_first_deploy_then_a_backup_and_restore_round_trip(target, clone, tmp_pa
     assert post_request(target)[0] == 201
 
 
+def test_a_download_is_private_and_never_replaces_a_file(target, tmp_path):
+    mine, link, victim = tmp_path / "mine.dump", tmp_path / "link.dump", tmp_path / "victim"
+    mine.write_text("the operator's own file\n")
+    victim.write_text("a file the link points at\n")
+    link.symlink_to(victim)
+    for path in (mine, link):
+        assert "a download never replaces a file" in refused(target.fab("backup", "--download", str(path)))
+    assert mine.read_text() == "the operator's own file\n" and victim.read_text() == "a file the link points at\n"
+    # Positive control: a new name gets the backup, readable by its owner only whatever the umask.
+    fresh = tmp_path / "fresh.dump"
+    old = os.umask(0o022)  # a common umask: files default to 0644
+    try:
+        ok(target.fab("backup", "--download", str(fresh)))
+    finally:
+        os.umask(old)
+    assert fresh.stat().st_size > 0 and oct(fresh.stat().st_mode & 0o777) == "0o600"
+
+
 def test_an_incompatible_migration_is_refused_then_deployed_in_a_maintenance_window(target, clone):
     live, releases = target.live_release(), target.releases()
     migration = commit_model_change(
