@@ -154,6 +154,17 @@ def test_provision_again_changes_nothing(vps):
     assert vps.ssh("systemctl show -p MainPID --value prayer-room").stdout == pid  # supervisord not restarted
 
 
+def test_debians_own_supervisor_service_is_masked(vps):
+    """Masked, not only disabled: its stop command (`supervisorctl shutdown`) would reach the app's supervisord."""
+    assert vps.ssh("dpkg-query -W -f '${Status}' supervisor").stdout == "install ok installed"
+    assert vps.ssh("test -f /lib/systemd/system/supervisor.service", check=False).returncode == 0  # Debian's unit
+    state = vps.ssh("systemctl is-enabled supervisor.service; systemctl is-active supervisor.service", check=False)
+    assert state.stdout.split() == ["masked", "inactive"], state.stdout
+    refused = vps.ssh("systemctl start supervisor.service", check=False)
+    assert refused.returncode != 0 and "masked" in refused.stderr, refused.stderr
+    assert vps.ssh("systemctl is-active prayer-room").stdout.strip() == "active"
+
+
 def running_programs(vps: Container) -> set[str]:
     status = vps.ssh(f"{SUPERVISORCTL} status", check=False).stdout
     return {words[0] for words in map(str.split, status.splitlines()) if words[1:2] == ["RUNNING"]}
@@ -171,10 +182,12 @@ def wait_until_serving(vps: Container, timeout: float = 180) -> float:
 
 
 def test_deploy_then_the_site_answers_and_survives_a_reboot(vps):
+    supervisord = vps.ssh("systemctl show -p MainPID --value prayer-room").stdout
     started = time.monotonic()
     result = fab(vps, "deploy", "--allow-dirty")
     timings["deploy"] = time.monotonic() - started
     assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
+    assert vps.ssh("systemctl show -p MainPID --value prayer-room").stdout == supervisord  # programs, not supervisord
     wait_until_serving(vps, timeout=30)
     status, body = http_get(f"http://{vps.address}/health/")
     assert status == 200, body
