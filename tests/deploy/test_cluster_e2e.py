@@ -11,6 +11,7 @@ import json
 import re
 import shlex
 import socket
+import subprocess
 import time
 from pathlib import Path
 
@@ -366,7 +367,7 @@ def test_21_a_rolling_deploy_through_the_balancer_loses_no_request(cluster, clon
         started = time.monotonic()
         result = cluster.fab("deploy", "--repo", str(clone.path))
         cluster.timings["deploy, code change (3 app hosts)"] = time.monotonic() - started
-        time.sleep(0.5)
+        loop.wait_for_more(3)  # requests after the deploy: they meet the new release
     out = ok(result)
     after = live_release(cluster, "web1")
     assert after != before and {live_release(cluster, n) for n in APP_HOSTS} == {after}
@@ -438,6 +439,79 @@ def test_24_rollback_moves_every_host_back(cluster):
     assert {live_release(cluster, n) for n in APP_HOSTS} == {previous}
     cluster.timings["rollback: failed requests"] = len(loop.failures)
     assert loop.failures == [], loop.failures[:10]
+
+
+SUPERVISORD_LOG = "/srv/prayer-room/log/supervisord.log"
+
+
+def web_events(cluster: Cluster, name: str, skip: int) -> list[tuple[str, str]]:
+    """(timestamp, "stopped"/"spawned") of the web programs in `name`'s supervisord log after its first `skip`
+    lines. The containers share this machine's clock, so the hosts' timestamps compare."""
+    lines = cluster[name].ssh(f"tail -n +{skip + 1} {SUPERVISORD_LOG}").stdout.splitlines()
+    found = [re.match(r"(\S+ \S+) INFO (stopped|spawned): '?(?:prayer-room:)?web-\d", line) for line in lines]
+    return [(match[1], match[2]) for match in found if match]
+
+
+def test_24a_restart_of_the_web_role_goes_one_host_at_a_time(cluster):
+    """Each web host's web programs are all back up before the next host's first one stops."""
+    skip = {n: int(cluster[n].ssh(f"wc -l < {SUPERVISORD_LOG}").stdout) for n in ("web1", "web2")}
+    with request_loop(cluster) as loop:
+        out = ok(cluster.fab("restart", "--role", "web"))
+        loop.wait_for_more(3)
+    assert f"restarted on {cluster.web1.address}, {cluster.web2.address}" in out, out
+    spans = {}
+    for name in ("web1", "web2"):
+        events = web_events(cluster, name, skip[name])
+        assert [kind for _, kind in events].count("spawned") == 2, (name, events)
+        spans[name] = (events[0][0], events[-1][0])  # its first web program stopped .. its last one started
+    first, second = sorted(spans.values())
+    assert first[1] < second[0], spans  # no overlap: one host at a time
+    assert loop.failures == [], loop.failures[:10]
+
+
+def test_24b_a_restore_shows_the_maintenance_page_on_every_web_host(cluster):
+    name = ok(cluster.fab("backup")).split(":")[0].strip()
+    count = "SELECT count(*) FROM prayer_room_api_prayerrequest"
+    before = sql(cluster, count).strip()
+    sql(cluster, "INSERT INTO prayer_room_api_prayerrequest (content, name, type, location_id, created_at, updated_at,"
+        " prayer_count, response) SELECT 'after the backup', 'e2e', 'prayer', id, now(), now(), 0, ''"
+        " FROM prayer_room_api_location LIMIT 1")  # fmt: skip
+    assert sql(cluster, count).strip() != before
+    web_hosts = [cluster[n].address for n in ("web1", "web2")]
+    output = cluster.workdir / "restore.out"
+    with output.open("w") as out:
+        restore = subprocess.Popen(
+            cluster.fab_argv("restore", name, "--yes"), cwd=REPO, stdout=out, stderr=subprocess.STDOUT,
+            env=cluster.fab_env(),
+        )  # fmt: skip
+        seen_together, seen = 0, dict.fromkeys(web_hosts, 0)
+        while restore.poll() is None:  # every web host, over and over, until the restore ends
+            answers = {address: maintenance_page(address, cluster.lb.address) for address in web_hosts}
+            for address, shown in answers.items():
+                seen[address] += shown
+            seen_together += all(answers.values())
+            time.sleep(0.05)
+    assert restore.returncode == 0, output.read_text()[-4000:]
+    assert seen_together > 0 and all(seen.values()), (seen_together, seen)  # the page on both at once
+    assert sql(cluster, count).strip() == before  # the backup is back
+    for address in web_hosts:
+        assert http_get(f"http://{address}/health/", headers={"Host": cluster.lb.address})[0] == 200
+    status, body = http_get(f"{front(cluster)}/health/")
+    assert status == 200, body
+
+
+def maintenance_page(address: str, host: str) -> bool:
+    """Whether the web host at `address` answers GET /health/ (for the site's name `host`) with the maintenance page."""
+    try:
+        with socket.create_connection((address, 80), timeout=5) as sock:
+            sock.sendall(f"GET /health/ HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n".encode())
+            answer = b""
+            while chunk := sock.recv(65536):
+                answer += chunk
+    except OSError:
+        return False
+    text = answer.decode(errors="replace")
+    return text.startswith("HTTP/1.1 503") and "Retry-After: 30" in text and "Back in a moment" in text
 
 
 def test_25_killing_the_beat_leaders_host_lets_the_standby_lead(cluster):

@@ -115,13 +115,22 @@ class Cluster:
         lines += [f"{role} = {json.dumps(hosts)}" for role, hosts in by_role.items()]
         return "\n".join(lines) + "\n"
 
-    def fab(self, *args: str, timeout: float = 1200) -> subprocess.CompletedProcess:
-        """Run the real `fab -i KEY ARGS --env cluster --config PATH` (the environment added unless ARGS has one)."""
+    def fab_argv(self, *args: str) -> list[str]:
+        """The real `fab -i KEY ARGS --env cluster --config PATH` (the environment added unless ARGS has one)."""
         command = [str(FAB), "-i", str(self.key), *args]
         if "--env" not in args:
             command += ["--env", ENVIRONMENT, "--config", str(self.config_path)]
-        env = operator_env(self.workdir / "operator", *self.containers.values())  # trusts their keys; no agent
-        return subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=timeout, env=env)
+        return command
+
+    def fab_env(self) -> dict[str, str]:
+        """The operator's environment for `fab`: trusts the containers' host keys; no SSH agent."""
+        return operator_env(self.workdir / "operator", *self.containers.values())
+
+    def fab(self, *args: str, timeout: float = 1200) -> subprocess.CompletedProcess:
+        """Run `fab_argv(ARGS)` and wait for it."""
+        return subprocess.run(
+            self.fab_argv(*args), cwd=REPO, capture_output=True, text=True, timeout=timeout, env=self.fab_env()
+        )
 
     def provisioned(self) -> subprocess.CompletedProcess:
         """`fab provision` of the whole cluster, run once (the first caller times it); later calls return that run."""
