@@ -261,9 +261,13 @@ def _restore_locked(site: Site, record: dict, then) -> None:
         saved = backup.take(primary.server, "restore", primary.state.current)
         progress.say(f"   {saved['name']} ({backup.size(saved['size'])}, {saved['seconds']:.1f} s)")
     with site.maintenance(f"restoring {name}"):
-        with progress.step(f"restore {name} (one transaction)"):
-            done = backup.restore(primary.server, name)
-            progress.say(f"   restored in {done['seconds']:.1f} s")
+        try:
+            with progress.step(f"restore {name} (one transaction)"):
+                done = backup.restore(primary.server, name)
+                progress.say(f"   restored in {done['seconds']:.1f} s")
+        except DeployError:
+            site.start_all()  # nothing was restored: the live release serves the database it had again
+            raise
         try:
             then()
         except DeployError as exc:

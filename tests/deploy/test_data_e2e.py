@@ -538,11 +538,6 @@ def test_a_failed_restore_leaves_the_database_unchanged(target):
     assert f"restoring {name} failed, the database is unchanged (one transaction)" in line, line
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the backup's checksum is checked after the programs were stopped, and nothing starts them again on "
-    "a refusal: a refused restore leaves the site down (502) until `fab restart`",
-)
 def test_a_refused_restore_leaves_the_programs_running(target):
     name = ok(target.fab("backup")).split(":")[0].strip()
     damage(target, name, recorded=False)
