@@ -17,12 +17,13 @@ from pathlib import Path
 
 from deploy import backup, environment, host, release, schema, tls
 from deploy import provision as provisioning
+from deploy.commands.logs import tail
 from deploy.config import address_of
 from deploy.errors import DeployError
 from deploy.lock import DeployLock
 from deploy.processes import Programs, config_diff, log_path
 from deploy.progress import Progress, in_parallel
-from deploy.remote import connect, sh
+from deploy.remote import connect
 from deploy.schema import SchemaReport
 from deploy.site import Member, Site
 from deploy.state import read_state
@@ -459,11 +460,9 @@ def logs(site: Site, program: str | None = None, lines: int = 100, follow: bool 
     for member, subset in chosen:
         paths = [log_path(member.server, name) for name in subset.all]
         if follow:
-            member.server.root(
-                sh("tail", "-n", lines, "-F", *paths), what="following logs", hide=False, pty=True, warn=True
-            )
+            member.server.root(tail(paths, lines, follow=True), what="following logs", hide=False, pty=True, warn=True)
             return ""
-        text = member.server.root(sh("tail", "-n", lines, *paths), what="reading logs", warn=True).stdout
+        text = member.server.root(tail(paths, lines), what="reading logs", warn=True).stdout
         out.append("".join(f"{member.label} | {line}\n" for line in text.splitlines()) if site.several else text)
     return "".join(out)
 

@@ -5,37 +5,28 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from deploy.commands import backup as backup_commands
+from deploy.commands import sh
 from deploy.errors import DeployError
-from deploy.on_server import script
-from deploy.remote import Server, sh
+from deploy.remote import Server
 
 DAY = 24 * 3600
 
 
-def root_helper_command(server: Server, *args: str) -> str:
-    """The root helper (deploy/on_server/root_helper.py) with ARGS, as root with the server's python3: the backups are
-    root's."""
-    config = server.config
-    pg_bin = ("--pg-bin", config.postgres_bin) if config.postgres_bin else ()
-    return sh(config.python, "-c", script("root_helper"), "--env-file", config.layout.env_file, *args, *pg_bin)
-
-
-def _run(server: Server, *args: str, what: str, wrap=None) -> dict:
-    command = root_helper_command(server, *args)
+def _run(server: Server, command: str, *, what: str, wrap=None) -> dict:
     result = server.root(wrap(command) if wrap else command, what=what, warn=True, timeout=3600)
     return server.helper_lines(result, what=what)[-1]
 
 
 def take(server: Server, kind: str, release: str | None, wrap=None) -> dict:
     """A new backup of `kind` (manual, deploy, restore, daily) named after `release`; returns its record."""
-    layout, keep = server.config.layout, server.config.backup_keep
-    args = ["backup", "--dir", str(layout.backups), "--kind", kind, "--release", release or "", "--keep", str(keep)]
-    return _run(server, *args, what="backing up the database (pg_dump)", wrap=wrap)["backup"]
+    command = backup_commands.take(server.config, kind, release)
+    return _run(server, command, what="backing up the database (pg_dump)", wrap=wrap)["backup"]
 
 
 def records(server: Server) -> tuple[list[dict], int]:
     """The backups on the server, oldest first, and the server's clock."""
-    answer = _run(server, "backups", "--dir", str(server.config.layout.backups), what="listing the backups")
+    answer = _run(server, backup_commands.listing(server.config), what="listing the backups")
     return answer["backups"], answer["now"]
 
 
@@ -50,9 +41,7 @@ def find(server: Server, name: str) -> dict:
 
 def restore(server: Server, name: str, wrap=None) -> dict:
     """Replace the database with backup `name` in one transaction (the programs must be stopped)."""
-    return _run(
-        server, "restore", "--dir", str(server.config.layout.backups), name, what=f"restoring {name}", wrap=wrap
-    )
+    return _run(server, backup_commands.restore(server.config, name), what=f"restoring {name}", wrap=wrap)
 
 
 def download(server: Server, record: dict, to: Path) -> Path:
@@ -70,15 +59,13 @@ def download(server: Server, record: dict, to: Path) -> Path:
         ) from None
     except OSError as exc:
         raise DeployError(f"cannot create {to} ({exc.strerror}); give --download a writable path.") from None
-    source = server.config.layout.backups / record["name"]
     complete = False
     try:
         with os.fdopen(local, "wb") as file:
             tmp = server.conn.run("mktemp", hide=True, in_stream=False).stdout.strip()
             try:
-                server.root(
-                    f"cp {sh(source)} {sh(tmp)} && chown {sh(server.conn.user)} {sh(tmp)}", what="staging the download"
-                )
+                staging = backup_commands.stage_download(server.config, record["name"], tmp, server.conn.user)
+                server.root(staging, what="staging the download")
                 server.conn.get(tmp, file)
             finally:
                 server.conn.run(sh("rm", "-f", tmp), hide=True, in_stream=False, warn=True)

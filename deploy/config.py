@@ -8,6 +8,7 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path, PurePosixPath
 from typing import Any
 
+from deploy.app import SETTINGS_MODULE
 from deploy.errors import DeployError
 from deploy.layout import WEB_PORTS, ServerLayout
 
@@ -46,7 +47,7 @@ class DeployConfig:
     sbin: str = "/usr/local/sbin"  # root's commands on the server (prayer-room-manage)
     python: str = "python3"
     supervisorctl: str = "supervisorctl"
-    settings_module: str = "prayer_room_api.settings.production"
+    settings_module: str = SETTINGS_MODULE
     web_workers: int = 2
     worker_concurrency: int = 2
     workers: int = 1

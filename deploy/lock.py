@@ -17,10 +17,10 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
+from deploy.commands import lock as lock_commands
+from deploy.commands import sh
 from deploy.errors import DeployError
-from deploy.remote import Server, sh
-
-GUARD_WAIT = 30  # seconds flock waits for another lock operation
+from deploy.remote import Server
 
 
 def holder_name() -> str:
@@ -41,18 +41,6 @@ class DeployLock:
     def path(self):
         return self.server.config.layout.lock
 
-    @property
-    def guard(self):
-        return self.path.parent / f".{self.path.name}.guard"
-
-    def _guarded(self, script: str) -> str:
-        """A root shell command running `script` while holding the guard's flock."""
-        return sh("flock", "-w", str(GUARD_WAIT), self.guard, "sh", "-c", script)
-
-    def _ours(self) -> str:
-        """Shell test: the lock's owner record carries our token."""
-        return f"grep -qF {sh(self.token)} {sh(self.path / 'owner')} 2>/dev/null"
-
     def acquire(self) -> None:
         """Take the lock, breaking it only when stale; otherwise say who holds it and since when."""
         owner = json.dumps(
@@ -64,16 +52,8 @@ class DeployLock:
                 "token": self.token,
             }
         )
-        lock, record = sh(self.path), sh(self.path / "owner")
-        take = f"mkdir {lock} && printf %s {sh(owner)} > {record}"
-        script = (
-            f"if mkdir {lock} 2>/dev/null; then printf %s {sh(owner)} > {record}; exit 0; fi; "
-            f"idle=$(( $(date +%s) - $(stat -c %Y {record} 2>/dev/null || echo 0) )); "
-            f'printf "%s " "$idle"; cat {record} 2>/dev/null; echo; '
-            f'if [ "$idle" -gt {int(self.server.config.lock_expiry_seconds)} ]; then '
-            f"rm -rf {lock} && {take} && exit 10; exit 2; fi; exit 1"
-        )
-        result = self.server.root(self._guarded(script), what="taking the deploy lock", warn=True)
+        script = lock_commands.acquire(self.path, owner, self.server.config.lock_expiry_seconds)
+        result = self.server.root(script, what="taking the deploy lock", warn=True)
         if result.exited == 0:
             return
         idle, held = _parse_held(result.stdout)
@@ -93,9 +73,7 @@ class DeployLock:
 
     def holder(self) -> dict | None:
         """The lock's owner record plus `idle` seconds since its last refresh, or None when unlocked."""
-        owner = self.path / "owner"
-        probe = f"cat {sh(owner)} && echo && stat -c %Y {sh(owner)} && date +%s"
-        result = self.server.root(probe, what="reading the deploy lock", warn=True)
+        result = self.server.root(lock_commands.holder(self.path), what="reading the deploy lock", warn=True)
         if result.exited != 0:
             exists = self.server.root(sh("test", "-d", self.path), what="reading the deploy lock", warn=True)
             return {"holder": "unknown", "since": 0, "idle": 10**9} if exists.exited == 0 else None
@@ -109,8 +87,8 @@ class DeployLock:
 
     def refresh(self) -> None:
         """Mark a step: only our own lock; one broken as stale and taken by another deploy stops this one."""
-        touch = f"{self._ours()} && touch {sh(self.path / 'owner')}"
-        if self.server.root(self._guarded(touch), what="refreshing the deploy lock", warn=True).exited == 0:
+        touch = lock_commands.refresh(self.path, self.token)
+        if self.server.root(touch, what="refreshing the deploy lock", warn=True).exited == 0:
             return
         held = self.holder()
         who = f"{held.get('holder', '?')} ({held.get('action', '?')})" if held else "nobody"
@@ -121,12 +99,11 @@ class DeployLock:
 
     def release(self) -> None:
         """Remove the lock if it is still ours (a lock broken as stale and retaken belongs to someone else)."""
-        remove = f"if {self._ours()}; then rm -rf {sh(self.path)}; fi"
-        self.server.root(self._guarded(remove), what="releasing the deploy lock", warn=True)
+        self.server.root(lock_commands.release(self.path, self.token), what="releasing the deploy lock", warn=True)
 
     def break_lock(self) -> None:
         """Remove the lock whoever holds it (`fab unlock`)."""
-        self.server.root(self._guarded(f"rm -rf {sh(self.path)}"), what="breaking the deploy lock", warn=True)
+        self.server.root(lock_commands.break_lock(self.path), what="breaking the deploy lock", warn=True)
 
     @contextmanager
     def held(self) -> Iterator[DeployLock]:

@@ -8,11 +8,11 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from deploy.commands import logs, supervisor
 from deploy.config import DeployConfig
 from deploy.errors import DeployError
 from deploy.layout import SUPERVISOR_GROUP
-from deploy.on_server import script
-from deploy.remote import Server, sh
+from deploy.remote import Server
 
 _ENV_PAIR = re.compile(r"""([A-Za-z_][A-Za-z0-9_]*)=("[^"]*"|'[^']*')""")
 
@@ -87,29 +87,17 @@ def log_path(server: Server, name: str):
 
 def wait_running(server: Server, names: tuple[str, ...], timeout: float = 30) -> None:
     """Wait until every name is RUNNING; otherwise fail with their states and the tail of a failing log."""
-    status = server.supervisorctl_command("status", *names)
-    script = (
-        f"end=$(( $(date +%s) + {int(timeout)} )); while :; do out=$({status}); "
-        f'n=$(printf "%s\\n" "$out" | grep -c " RUNNING "); [ "$n" -ge {len(names)} ] && exit 0; '
-        '[ $(date +%s) -ge $end ] && { printf "%s\\n" "$out"; exit 1; }; sleep 0.3; done'
-    )
+    script = supervisor.wait_running(server.config, names, timeout)
     result = server.root(script, what="waiting for the programs", warn=True)
     if result.exited != 0:
         bad = [line.split()[0] for line in result.stdout.splitlines() if line.strip() and " RUNNING " not in line]
-        tail = server.root(sh("tail", "-n", "8", log_path(server, bad[0])), what="log", warn=True).stdout if bad else ""
+        tail = server.root(logs.tail([log_path(server, bad[0])], 8), what="log", warn=True).stdout if bad else ""
         states = " | ".join(result.stdout.strip().splitlines())
         raise DeployError(f"not RUNNING after {timeout:.0f} s: {states} -- last log lines: {tail[-600:]}")
 
 
-def cycle_command(server: Server, *names: str) -> str:
-    """A root shell command: stop each program (graceful, waited for), then start it without waiting for
-    startsecs; the caller's check (health, ping, beat's log) is the readiness test."""
-    layout, config = server.config.layout, server.config
-    return sh(config.python, "-c", script("root_helper"), "cycle", "--socket", layout.supervisor_socket, *names)
-
-
 def cycle(server: Server, name: str) -> None:
-    result = server.root(cycle_command(server, name), what=f"restarting {name}", warn=True)
+    result = server.root(supervisor.cycle(server.config, name), what=f"restarting {name}", warn=True)
     server.helper_lines(result, what=f"restarting {name}")
 
 
@@ -133,12 +121,12 @@ def rolling_restart(
         workers = [n for n in programs.others if not n.endswith(":beat")]
         beat = [n for n in programs.others if n.endswith(":beat")]
         if workers:
-            chain = cycle_command(server, *workers)
+            chain = supervisor.cycle(server.config, *workers)
             if after_workers:
                 chain = f"{chain}; echo {marker}; {after_workers}"
             background.append((", ".join(workers), server.root(chain, what="restarting", asynchronous=True)))
         for name in beat:
-            command = cycle_command(server, name)
+            command = supervisor.cycle(server.config, name)
             background.append((name, server.root(command, what=f"restarting {name}", asynchronous=True)))
 
     try:

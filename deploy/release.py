@@ -11,8 +11,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from deploy import environment
+from deploy.commands import release as release_commands
+from deploy.commands import sh
 from deploy.errors import DeployError
-from deploy.remote import Server, sh
+from deploy.remote import Server
 from deploy.state import DEPLOYED_MARK, VENV_DONE_MARK, ServerState
 
 
@@ -109,18 +111,11 @@ def history_path(server: Server, release_id: str):
 def upload_release(server: Server, source: Source, release_id: str, programs_text: str) -> None:
     """Unpack the commit into releases/<id> (root's, read-only to the app user), link its venv, keep its programs
     config; write the programs' effective environment and prayer-room-manage (deploy.environment)."""
-    layout, build = server.config.layout, server.config.build_user
-    target = layout.releases / release_id
+    layout = server.config.layout
     tarball = layout.releases / f".{release_id}.tar"
-    unpack = [
-        "umask 022",
-        sh("install", "-d", "-o", "root", "-g", "root", "-m", "755", layout.releases, layout.venvs, target),
-        sh("tar", "-xf", tarball, "-C", target, "--no-same-owner", "--no-same-permissions"),
-        sh("rm", "-f", tarball),
-        sh("ln", "-sfn", layout.venvs / source.lock_hash, target / ".venv"),
-        # collectstatic (as the build user: the app user cannot write it) fills it; seal_static makes it root's.
-        sh("install", "-d", "-o", build, "-g", build, "-m", "755", layout.static(release_id)),
-    ]
+    venv = layout.venvs / source.lock_hash
+    # collectstatic (as the build user: the app user cannot write it) fills static/; seal_static makes it root's.
+    unpack = release_commands.unpack(layout, release_id, tarball, venv, server.config.build_user)
     env_files, place_env = environment.program_files(server)
     server.upload(
         [
@@ -128,7 +123,7 @@ def upload_release(server: Server, source: Source, release_id: str, programs_tex
             (programs_text, history_path(server, release_id), "root", "0600"),
             *env_files,
         ],
-        then=" && ".join([*unpack, place_env]),
+        then=f"{unpack} && {place_env}",
         what="uploading the release",
     )
 
@@ -148,22 +143,8 @@ def build_venv(server: Server, release_id: str, lock_hash: str) -> None:
     layout, config = server.config.layout, server.config
     venv = layout.venvs / lock_hash
     lock = layout.releases / release_id / "requirements.lock"
-    pip = sh(
-        venv / "bin" / "pip", "install", "--quiet", "--disable-pip-version-check", "--root-user-action=ignore",
-        "--require-hashes",
-    )  # fmt: skip
-    build = " && ".join(
-        [
-            "umask 022",
-            sh("rm", "-rf", venv),
-            sh(config.python, "-m", "venv", venv),
-            # NOTE: --no-deps: the lock is complete; pip must not re-resolve markers for another
-            # Python than the one it was compiled with (pip's "secure installs" advice).
-            f"{pip} {sh('--no-deps', '-r', lock)}",
-        ]
-    )
     server.root(
-        f"cd / && {build}",
+        release_commands.build_venv(config, venv, lock),
         what=f"building the virtualenv from requirements.lock with {config.python}",
         timeout=1800,
     )
@@ -177,17 +158,8 @@ def build_venv(server: Server, release_id: str, lock_hash: str) -> None:
 
 
 def switch_command(server: Server, release_id: str) -> str:
-    """Point `current` at releases/<id> atomically (a new symlink renamed over the old one), and `previous`
-    at the release it replaces, whose static files nginx keeps serving to the programs not yet restarted."""
-    layout = server.config.layout
-    target = layout.releases / release_id
-    tmp, tmp_previous = layout.root / f".current-{release_id}", layout.root / f".previous-{release_id}"
-    keep_previous = (
-        f'old="$(readlink {sh(layout.current)})"; '
-        f'if [ -n "$old" ] && [ "$old" != {sh(target)} ]; then '
-        f'ln -sfn "$old" {sh(tmp_previous)} && mv -T {sh(tmp_previous)} {sh(layout.previous)}; fi'
-    )
-    return f"{{ {keep_previous}; }} && {sh('ln', '-sfn', target, tmp)} && {sh('mv', '-T', tmp, layout.current)}"
+    """deploy.commands.release.switch for this server's layout."""
+    return release_commands.switch(server.config.layout, release_id)
 
 
 def unmark(server: Server, release_id: str) -> None:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import io
 import json
-import shlex
 import socket
 from dataclasses import dataclass
 
@@ -13,14 +12,12 @@ from fabric import Connection
 from invoke.exceptions import Failure, UnexpectedExit
 
 from deploy import hostkeys
+from deploy.commands import sh, supervisor, users
+from deploy.commands.helpers import app_helper
 from deploy.config import DeployConfig
 from deploy.errors import DeployError
-from deploy.on_server import script
 
-
-def sh(*words: object) -> str:
-    """One shell command from words, each quoted."""
-    return shlex.join(str(word) for word in words)
+__all__ = ["Server", "connect", "sh"]
 
 
 @dataclass(frozen=True)
@@ -39,27 +36,18 @@ class Server:
 
     def root(self, command: str, *, what: str, warn: bool = False, timeout: float | None = None, **kwargs):
         """Run a shell command as root; a failure raises DeployError naming `what` (unless warn)."""
-        if self.is_root:
-            return self._run(self.conn.run, command, what=what, warn=warn, timeout=timeout, **kwargs)
-        if self.sudo_password:
-            return self._run(self.conn.sudo, sh("sh", "-c", command), what=what, warn=warn, timeout=timeout, **kwargs)
-        return self._run(
-            self.conn.run, sh("sudo", "-n", "sh", "-c", command), what=what, warn=warn, timeout=timeout, **kwargs
-        )
+        runner = self.conn.sudo if self.sudo_password and not self.is_root else self.conn.run
+        command = users.as_root(command, is_root=self.is_root, sudo_password=self.sudo_password)
+        return self._run(runner, command, what=what, warn=warn, timeout=timeout, **kwargs)
 
     def as_app(self, command: str) -> str:
         """A root shell command that runs `command` as the app user, with its HOME and USER."""
-        user = self.config.user
-        return sh("runuser", "-u", user, "--", "env", f"HOME={self.app_home}", f"USER={user}", "sh", "-c", command)
+        return users.as_app(command, self.config.user, self.app_home)
 
     def as_build(self, command: str) -> str:
         """A root shell command that runs `command` (umask 022) as the build user, with the app user's group
         added so that it reads the env file."""
-        user = self.config.build_user
-        return sh(
-            "runuser", "-u", user, "-g", user, "-G", self.config.user, "--",
-            "env", "HOME=/nonexistent", f"USER={user}", "sh", "-c", f"umask 022 && {command}",
-        )  # fmt: skip
+        return users.as_build(command, self.config.build_user, self.config.user)
 
     def app(self, command: str, *, what: str, warn: bool = False, timeout: float | None = None, **kwargs):
         """Run a shell command as the app user."""
@@ -109,11 +97,7 @@ class Server:
     def helper_command(self, release_dir: object, *args: str, build: bool = False) -> str:
         """A root shell command running the app helper (deploy/on_server/app_helper.py) with ARGS and the release's
         Python, as the app user (or, with `build`, as the build user)."""
-        overlay = [f"--default={key}={value}" for key, value in self.config.environment_defaults()]
-        overlay += [f"--set={key}={value}" for key, value in self.config.environment_overrides()]
-        python = sh(".venv/bin/python", "-c", script("app_helper"), "--env-file", self.config.layout.env_file)
-        command = f"cd {sh(release_dir)} && {python} {sh(*overlay, *args)}"
-        return self.as_build(command) if build else self.as_app(command)
+        return app_helper(self.config, release_dir, *args, app_home=self.app_home, build=build)
 
     def helper(
         self,
@@ -148,7 +132,7 @@ class Server:
         return lines
 
     def supervisorctl_command(self, *args: str) -> str:
-        return sh(self.config.supervisorctl, "-c", self.config.layout.supervisor_conf, *args)
+        return supervisor.supervisorctl(self.config, *args)
 
     def supervisorctl(self, *args: str, what: str, warn: bool = False, **kwargs):
         return self.root(self.supervisorctl_command(*args), what=what, warn=warn, **kwargs)

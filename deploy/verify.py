@@ -8,8 +8,10 @@ import time
 import paramiko
 
 from deploy.app import LEADER_SCHEDULER
+from deploy.commands import logs
+from deploy.commands.verify import ping
 from deploy.errors import DeployError
-from deploy.remote import Server, sh
+from deploy.remote import Server
 
 BEAT_SCHEDULER = "django_celery_beat.schedulers.DatabaseScheduler"
 
@@ -80,16 +82,8 @@ def check_web(server: Server, release_dir, release_id: str, port: int, host: str
 
 
 def ping_command(server: Server, release_dir, release_id: str, programs_text: str = "") -> str:
-    """A root shell command: the ping task through the broker must come back from a worker of `release_id`.
-
-    On a cluster it goes to this host's own queue, so another host's worker cannot answer for it; but only
-    when `programs_text` (the programs config being made live) has the workers consume it: a release deployed
-    before the host had its queue is pinged through the shared one.
-    """
-    timeout = str(server.config.health_timeout)
-    queue = server.config.host_queue
-    own = ("--queue", queue) if queue and f"celery,{queue}" in programs_text else ()
-    return server.helper_command(release_dir, "ping", "--expect", release_id, "--timeout", timeout, *own)
+    """deploy.commands.verify.ping for this server (its config, the app user's home)."""
+    return ping(server.config, release_dir, release_id, server.app_home, programs_text)
 
 
 def check_worker(server: Server, release_dir, release_id: str, programs_text: str = "") -> str:
@@ -113,7 +107,7 @@ def check_beat(server: Server, log_offset: int, release_dir=None, timeout: float
     """
     path = server.config.layout.logs / "beat.log"
     # A log rotated since the restart is read from its start.
-    since = f'f={sh(path)}; o={log_offset + 1}; [ $(stat -c %s "$f") -lt {log_offset} ] && o=1; tail -c +$o "$f"'
+    since = logs.since(path, log_offset)
     deadline = time.monotonic() + timeout
     while True:
         log = server.root(since, what="reading beat's log", warn=True).stdout
@@ -121,7 +115,7 @@ def check_beat(server: Server, log_offset: int, release_dir=None, timeout: float
         if started and (LEADER_SCHEDULER not in log or any(line in log for line in LOCK_DECIDED)):
             break
         if time.monotonic() > deadline:
-            tail = server.root(sh("tail", "-n", "15", path), what="reading beat's log", warn=True).stdout
+            tail = server.root(logs.tail([path], 15), what="reading beat's log", warn=True).stdout
             what = "took or waited for the leader lock" if started else f"started with {BEAT_SCHEDULER}"
             raise DeployError(f"beat never {what} in {timeout:.0f} s; its log: {tail[-800:]}")
         time.sleep(0.5)

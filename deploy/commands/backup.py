@@ -1,0 +1,33 @@
+"""The backups' command lines: the root helper's backup, backups and restore, and staging a download."""
+
+from __future__ import annotations
+
+from deploy.commands import sh
+from deploy.commands.helpers import root_helper
+from deploy.config import DeployConfig
+
+
+def _backups_helper(config: DeployConfig, command: str, *args: object) -> str:
+    pg_bin = ("--pg-bin", config.postgres_bin) if config.postgres_bin else ()
+    return root_helper(config, command, "--dir", config.layout.backups, *args, *pg_bin)
+
+
+def take(config: DeployConfig, kind: str, release: str | None) -> str:
+    """pg_dump into a new backup of `kind` named after `release`, keeping the newest backup_keep of that kind."""
+    keep = ("--keep", config.backup_keep)
+    return _backups_helper(config, "backup", "--kind", kind, "--release", release or "", *keep)
+
+
+def listing(config: DeployConfig) -> str:
+    """The backups' records and the server's clock."""
+    return _backups_helper(config, "backups")
+
+
+def restore(config: DeployConfig, name: str) -> str:
+    """Replace the database with backup `name` in one transaction."""
+    return _backups_helper(config, "restore", name)
+
+
+def stage_download(config: DeployConfig, name: str, tmp: str, login: str) -> str:
+    """Copy backup `name` to `tmp` (made by the login user), owned by the login user so SFTP can read it."""
+    return f"cp {sh(config.layout.backups / name)} {sh(tmp)} && chown {sh(login)} {sh(tmp)}"
