@@ -23,9 +23,9 @@ from deploy.errors import DeployError
 from deploy.lock import DeployLock
 from deploy.processes import Programs, config_diff, log_path
 from deploy.progress import Progress, in_parallel
-from deploy.remote import connect
 from deploy.schema import SchemaReport
 from deploy.site import Member, Site
+from deploy.ssh import connect
 from deploy.state import read_state
 
 

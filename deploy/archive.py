@@ -1,5 +1,5 @@
 """Continuous archiving's steps on the db host (pgBackRest, Debian's package): install and configure it, read the
-archive, restore a point in time. Each step runs through a `remote.Server` (root, upload, read); the files come
+archive, restore a point in time. Each step runs through a `ssh.Server` (root, upload, read); the files come
 from deploy/render/archive.py."""
 
 from __future__ import annotations
@@ -14,7 +14,6 @@ from pathlib import Path, PurePosixPath
 
 from deploy.config import DeployConfig
 from deploy.errors import DeployError
-from deploy.remote import Server, sh
 from deploy.render.archive import (
     BACKUP_KINDS,
     CA_FILE,
@@ -31,6 +30,7 @@ from deploy.render.archive import (
     verify_status_file,
     verify_unit_name,
 )
+from deploy.ssh import Server, sh
 
 UNIT_DIR = PurePosixPath("/etc/systemd/system")
 ARCHIVE_DROPIN = "prayer-room-archive.conf"

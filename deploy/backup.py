@@ -8,7 +8,7 @@ from pathlib import Path
 from deploy.commands import backup as backup_commands
 from deploy.commands import sh
 from deploy.errors import DeployError
-from deploy.remote import Server
+from deploy.ssh import Server
 
 DAY = 24 * 3600
 

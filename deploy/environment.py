@@ -13,7 +13,7 @@ from deploy.render.programs_env import effective_environment, render_effective_e
 
 if TYPE_CHECKING:
     from deploy.layout import ServerLayout
-    from deploy.remote import Server
+    from deploy.ssh import Server
 
 
 def program_files(server: Server) -> tuple[list[tuple[str, object, str, str]], str]:

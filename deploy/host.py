@@ -9,8 +9,8 @@ from deploy import release, schema, verify
 from deploy.errors import DeployError
 from deploy.processes import Programs, rolling_restart, wait_running
 from deploy.progress import Progress
-from deploy.remote import Server
 from deploy.render.supervisord import render_supervisord_conf, server_context
+from deploy.ssh import Server
 from deploy.state import ServerState, read_state
 
 if TYPE_CHECKING:

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from deploy.commands import lock as lock_commands
 from deploy.commands import sh
 from deploy.errors import DeployError
-from deploy.remote import Server
+from deploy.ssh import Server
 
 
 def holder_name() -> str:

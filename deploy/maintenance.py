@@ -7,7 +7,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 from deploy.progress import Progress
-from deploy.remote import Server, sh
+from deploy.ssh import Server, sh
 
 
 def turn_on(server: Server) -> None:

@@ -12,7 +12,7 @@ from deploy.commands import logs, supervisor
 from deploy.config import DeployConfig
 from deploy.errors import DeployError
 from deploy.layout import SUPERVISOR_GROUP
-from deploy.remote import Server
+from deploy.ssh import Server
 
 _ENV_PAIR = re.compile(r"""([A-Za-z_][A-Za-z0-9_]*)=("[^"]*"|'[^']*')""")
 

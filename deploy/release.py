@@ -14,7 +14,7 @@ from deploy import environment
 from deploy.commands import release as release_commands
 from deploy.commands import sh
 from deploy.errors import DeployError
-from deploy.remote import Server
+from deploy.ssh import Server
 from deploy.state import DEPLOYED_MARK, VENV_DONE_MARK, ServerState
 
 

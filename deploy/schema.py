@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from deploy.errors import DeployError
-from deploy.remote import Server
+from deploy.ssh import Server
 
 
 @dataclass(frozen=True)

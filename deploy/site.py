@@ -19,7 +19,7 @@ from deploy.lock import DeployLock
 from deploy.maintenance import window as maintenance_window
 from deploy.processes import Programs
 from deploy.progress import PrefixedLines, Progress, in_parallel
-from deploy.remote import Server, connect
+from deploy.ssh import Server, connect
 from deploy.state import ServerState, read_state
 
 R = TypeVar("R")

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from deploy.config import has_app
 from deploy.errors import DeployError
 from deploy.on_server.common import read_env_file
-from deploy.remote import Server, sh
+from deploy.ssh import Server, sh
 
 DEPLOYED_MARK = ".deployed"
 VENV_DONE_MARK = ".complete"

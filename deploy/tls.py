@@ -15,10 +15,10 @@ from pathlib import PurePosixPath
 
 from deploy.config import DeployConfig
 from deploy.errors import DeployError
-from deploy.remote import Server, sh
 from deploy.render.jinja import shell_join
 from deploy.render.nginx import ACME_WEBROOT, CERT_DIR, CERT_NAME
 from deploy.render.systemd import acme_ca_path
+from deploy.ssh import Server, sh
 
 RENEWAL_CONF = PurePosixPath("/etc/letsencrypt/renewal") / f"{CERT_NAME}.conf"
 # `fab status` warns when the certificate expires sooner (certbot renews 30 days before).

@@ -11,7 +11,7 @@ from deploy.app import LEADER_SCHEDULER
 from deploy.commands import logs
 from deploy.commands.verify import ping
 from deploy.errors import DeployError
-from deploy.remote import Server
+from deploy.ssh import Server
 
 BEAT_SCHEDULER = "django_celery_beat.schedulers.DatabaseScheduler"
 

@@ -36,8 +36,8 @@ from deploy.provision.host import (
     install_packages,
     read_nginx_facts,
 )
-from deploy.remote import Server
 from deploy.render.nginx import ACME_WEBROOT, render_balancer_site, render_nginx_site
+from deploy.ssh import Server
 
 
 class Member:

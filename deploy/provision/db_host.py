@@ -14,7 +14,6 @@ from urllib.parse import unquote, urlsplit
 
 from deploy.errors import DeployError
 from deploy.provision.host import SYSTEMD_UNITS, sync_file, sync_read_file
-from deploy.remote import Server, sh
 from deploy.render.db_host import (
     FIREWALL_TABLE,
     FIREWALL_UNIT,
@@ -30,6 +29,7 @@ from deploy.render.db_host import (
 from deploy.render.env_file import DATABASE
 from deploy.render.site import LOOPBACK, REDIS_PORT, url_host
 from deploy.render.systemd import render_after_network_dropin
+from deploy.ssh import Server, sh
 
 # PostgreSQL and Redis listen on the db address: they start once the network is up.
 NETWORK_DROPINS = tuple(

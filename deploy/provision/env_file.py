@@ -11,9 +11,9 @@ from deploy.config import DeployConfig
 from deploy.errors import DeployError
 from deploy.on_server.common import read_env_file
 from deploy.provision.host import sync_read_file
-from deploy.remote import Server
 from deploy.render.env_file import OLD_BROKER_URL, env_defaults, sync_env_file
 from deploy.render.site import LOOPBACK
+from deploy.ssh import Server
 
 # What every app host of a site has alike, copied from the primary's env file to the others.
 SHARED_ENV_KEYS = ("SECRET_KEY", "ALLOWED_HOSTS", "DATABASE_URL", "CELERY_BROKER_URL", "CACHE_URL")

@@ -13,7 +13,6 @@ from deploy.config import DeployConfig, has_app
 from deploy.errors import DeployError
 from deploy.on_server import script
 from deploy.provision.facts import FACTS_SCRIPT, check_facts, parse_facts
-from deploy.remote import Server, connect, sh
 from deploy.render.nginx import ACME_WEBROOT, NGINX_FACTS_SCRIPT, NginxFacts, parse_nginx_facts
 from deploy.render.supervisord import SUPERVISORCTL_DEFAULT, render_supervisorctl_default, render_supervisord_main
 from deploy.render.systemd import (
@@ -27,6 +26,7 @@ from deploy.render.systemd import (
     render_certbot_dropin,
     render_unit,
 )
+from deploy.ssh import Server, connect, sh
 
 TLS_PACKAGES = ("certbot", "openssl")  # webroot-mode ACME client, and the certificate's reader
 SYSTEMD_UNITS = PurePosixPath("/etc/systemd/system")
@@ -41,7 +41,7 @@ def connect_for_provision(conn: Connection, config: DeployConfig) -> Server:
 
     Only reads: a refused server is left exactly as it was.
     """
-    # NOTE: deploy.remote.connect also insists the app user exists, which provision is about to create:
+    # NOTE: deploy.ssh.connect also insists the app user exists, which provision is about to create:
     # check against root (always there) and hand back a Server for the configured user.
     checked = connect(conn, replace(config, user="root", require_systemd=True))
     server = Server(conn, config, checked.is_root, checked.sudo_password, app_home=str(config.layout.root))

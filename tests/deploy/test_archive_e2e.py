@@ -24,8 +24,8 @@ from fabric import Connection
 from deploy import archive
 from deploy.config import DeployConfig
 from deploy.errors import DeployError
-from deploy.remote import Server
 from deploy.render.archive import PGBACKREST_CONF
+from deploy.ssh import Server
 from tests.support import s3
 from tests.support.nspawn import Container, build_rootfs, missing_tools
 

@@ -25,8 +25,8 @@ from fabric import Connection
 from deploy.config import load_config
 from deploy.errors import DeployError
 from deploy.lock import DeployLock
-from deploy.remote import connect
 from deploy.site import LockKeeper
+from deploy.ssh import connect
 from tests.deploy.target import (
     APP_USER,
     NO_SUDO_USER,
