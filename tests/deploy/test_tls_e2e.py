@@ -250,13 +250,18 @@ def test_renewal_is_scheduled_and_a_forced_one_drops_no_request(site):
     assert "REQUESTS_CA_BUNDLE=/etc/prayer-room/acme-ca.pem" in environment  # what the timer's renewals trust
     before = site.served_certificate()["serialNumber"]
     with site.request_loop() as loop:
-        time.sleep(1)
+        loop.wait_for_more(3)  # the loop runs before the renewal starts
         renew = site.vps.ssh(
             "REQUESTS_CA_BUNDLE=/etc/prayer-room/acme-ca.pem certbot renew --force-renewal --no-random-sleep-on-renew",
             check=False,
         )
-        time.sleep(2)  # the deploy hook's graceful reload
-    assert renew.returncode == 0, renew.stdout + renew.stderr
+        assert renew.returncode == 0, renew.stdout + renew.stderr
+        started = time.monotonic()
+        while site.served_certificate()["serialNumber"] == before:  # the deploy hook's graceful reload
+            assert time.monotonic() - started < 30, "nginx still serves the old certificate 30 s after the renewal"
+            time.sleep(0.2)
+        figures["forced renewal: seconds until the new certificate was served"] = round(time.monotonic() - started, 1)
+        loop.wait_for_more(3)  # requests over the new certificate too
     figures["forced renewal: failed requests / requests (GET, POST)"] = (
         f"{len(loop.failures)} / {loop.ok + loop.posted + len(loop.failures)}"
     )
@@ -269,9 +274,9 @@ def test_renewal_is_scheduled_and_a_forced_one_drops_no_request(site):
 
 def test_a_redeploy_fails_no_get_or_post_over_https(site):
     with site.request_loop() as loop:
-        time.sleep(1)
+        loop.wait_for_more(3)  # the loop runs before the deploy starts
         out = ok(site.fab("deploy", "--allow-dirty"), site)
-        time.sleep(1)
+        loop.wait_for_more(3)  # and after it
     assert "restart web-1" in out and "restart web-2" in out
     figures["redeploy: failed requests / requests (GET, POST)"] = (
         f"{len(loop.failures)} / {loop.ok + loop.posted + len(loop.failures)}"
