@@ -15,7 +15,7 @@ import subprocess
 import urllib.request
 from pathlib import Path
 
-from tests.support.ca import make_listener_certificate, wait_port
+from tests.support.ca import make_listener_certificate, stop_processes, wait_port
 from tests.support.stack import free_port
 
 TOOLS = ("pebble", "pebble-challtestsrv", "openssl")
@@ -90,11 +90,4 @@ class Pebble:
         return (self.workdir / "pebble.log").read_text(errors="replace")[-3000:]
 
     def stop(self) -> None:
-        for proc in reversed(self._procs):
-            if proc.poll() is None:
-                proc.terminate()
-                try:
-                    proc.wait(10)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait()
+        stop_processes(self._procs)

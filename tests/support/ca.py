@@ -45,3 +45,15 @@ def wait_port(host: str, port: int, timeout: float = 20) -> None:
                 return
         time.sleep(0.1)
     raise RuntimeError(f"nothing listens on {host}:{port} after {timeout} s")
+
+
+def stop_processes(procs: list[subprocess.Popen]) -> None:
+    """Stop the test servers started for a fixture, newest first: TERM, then KILL after 10 s."""
+    for proc in reversed(procs):
+        if proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.ca import make_listener_certificate, wait_port
+from tests.support.ca import make_listener_certificate, stop_processes, wait_port
 from tests.support.services import free_port
 
 NAME = "s3.prayer-room.test"
@@ -148,14 +148,7 @@ class S3Server:
         return "".join((self.workdir / name).read_text(errors="replace")[-2000:] for name in ("moto.log", "nginx.out"))
 
     def stop(self) -> None:
-        for proc in reversed(self._procs):
-            if proc.poll() is None:
-                proc.terminate()
-                try:
-                    proc.wait(10)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait()
+        stop_processes(self._procs)
 
 
 @pytest.fixture(scope="session")
