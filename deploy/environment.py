@@ -7,6 +7,7 @@ import shlex
 import sys
 from typing import TYPE_CHECKING
 
+from deploy import terminal
 from deploy.errors import DeployError
 from deploy.on_server.common import read_env_file
 from deploy.render.programs_env import effective_environment, render_effective_env, render_manage_script
@@ -49,17 +50,16 @@ def manage_argv(layout: ServerLayout, args: str) -> list[str]:
 
 
 def run_manage(server: Server, argv: list[str]) -> int:
-    """Run prayer-room-manage on `server`: with a terminal interactively (a pty: Ctrl-C reaches the command),
-    without one with stdin and stdout passed through; returns its exit code."""
-    terminal = sys.stdin.isatty() and sys.stdout.isatty()
-    command = shlex.join(argv)
-    result = server.root(
+    """Run prayer-room-manage on `server`: with a terminal interactively (a remote pty, the local terminal raw:
+    what is typed and Ctrl-C reach the command), without one with stdin and stdout passed through; returns its exit
+    code."""
+    command = (
         f"test -x {shlex.quote(argv[0])} || {{ echo 'no {argv[0]} on this host yet: run `fab deploy`.' >&2; exit 3; }}"
-        f" && exec {command}",
-        what="manage.py",
-        warn=True,
-        hide=False,
-        pty=terminal,
-        in_stream=sys.stdin,
+        f" && exec {shlex.join(argv)}"
     )
+    if not (sys.stdin.isatty() and sys.stdout.isatty()):
+        result = server.root(command, what="manage.py", warn=True, hide=False, in_stream=sys.stdin)
+        return result.exited
+    with terminal.remote_terminal() as typed:
+        result = server.root(command, what="manage.py", warn=True, hide=False, pty=True, in_stream=typed)
     return result.exited

@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import codecs
 import contextlib
+import os
 import re
 import sys
+import termios
+import tty
+from collections.abc import Iterator
 
 # CSI (ESC [ ... final), OSC (ESC ] ... BEL or ST), DCS/SOS/PM/APC strings, two-character escapes; then any control
 # code left (a sequence cut between two chunks of a stream loses its ESC here), but newline and tab.
@@ -42,3 +47,44 @@ def inert_stdout():
         yield
     finally:
         sys.stdout = stream
+
+
+class _TerminalInput:
+    """The operator's terminal as invoke's in_stream: what is there, read at once and decoded as UTF-8 without
+    waiting for more (a character cut between two reads waits for its other bytes; `None`: nothing yet)."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self._decoder = codecs.getincrementaldecoder("utf-8")("replace")
+
+    def fileno(self) -> int:
+        return self.fd
+
+    def isatty(self) -> bool:
+        return os.isatty(self.fd)
+
+    def read(self, size: int) -> str | None:
+        data = os.read(self.fd, max(size, 1))
+        if not data:
+            return ""
+        return self._decoder.decode(data) or None
+
+
+@contextlib.contextmanager
+def remote_terminal() -> Iterator[_TerminalInput]:
+    """The local terminal in raw mode for a command on a remote pty, as `ssh -t` leaves it: what is typed goes
+    to the remote terminal unchanged (Ctrl-C, Ctrl-Z and Ctrl-D included: they reach the command, not fab), and
+    its output is shown as the remote terminal wrote it. Restored on the way out.
+
+    NOTE: invoke reads `sys.stdin` (a text stream) with read(n) where n counts bytes, and only sets cbreak: a
+    character of several bytes blocks that read until more is typed, and the local terminal keeps translating
+    newlines and turning Ctrl-C into a signal to fab itself.
+    """
+    fd = sys.stdin.fileno()
+    saved = termios.tcgetattr(fd)
+    sys.stdout.flush()
+    tty.setraw(fd, termios.TCSANOW)
+    try:
+        yield _TerminalInput(fd)
+    finally:
+        termios.tcsetattr(fd, termios.TCSADRAIN, saved)

@@ -5,6 +5,7 @@ The tests share one target and run in file order: each starts from the release t
 
 from __future__ import annotations
 
+import http.cookiejar
 import json
 import os
 import pwd
@@ -15,6 +16,7 @@ import subprocess
 import tempfile
 import threading
 import time
+import urllib.parse
 import urllib.request
 from pathlib import Path
 
@@ -38,6 +40,7 @@ from tests.deploy.target import (
     http_get,
     unavailable,
 )
+from tests.support.pty_session import PtySession
 from tests.support.stack import redis_url
 
 pytestmark = [pytest.mark.deploy, pytest.mark.timeout(900)]
@@ -162,6 +165,69 @@ def test_fab_manage_passes_stdin_stdout_and_the_exit_code_through(target):
     assert piped.returncode == 0 and re.search(r"\b\d+ 42\b", piped.stdout), piped.stdout + piped.stderr
     failing = target.fab("manage", "migrate no_such_app")
     assert failing.returncode == 1 and "no_such_app" in failing.stderr + failing.stdout
+
+
+def terminal_fab(target: DeployTarget, task: str, *args: str) -> PtySession:
+    """`fab TASK ARGS` on a pseudo-terminal of its own, as an operator runs it."""
+    env = {**os.environ, "HOME": str(target.home), "TERM": "xterm"}
+    return PtySession(target.fab_argv(task, *args), env=env)
+
+
+def sign_in_to_admin(base: str, username: str, password: str) -> tuple[int, str]:
+    """Sign in through the admin's login form (its CSRF token and cookie), then open /admin/: (status, page)."""
+    jar = http.cookiejar.CookieJar()
+    browser = urllib.request.build_opener(urllib.request.HTTPCookieProcessor(jar))
+    login = f"{base}/admin/login/?next=/admin/"
+    with browser.open(login, timeout=10) as response:
+        token = re.search(r'name="csrfmiddlewaretoken" value="([^"]+)"', response.read().decode())[1]
+    form = urllib.parse.urlencode({"csrfmiddlewaretoken": token, "username": username, "password": password})
+    with browser.open(urllib.request.Request(login, data=form.encode(), headers={"Referer": login}), timeout=10):
+        pass
+    with browser.open(f"{base}/admin/", timeout=10) as response:
+        return response.status, response.read().decode()
+
+
+def test_createsuperuser_and_shell_on_a_terminal_then_the_account_signs_into_the_admin(target):
+    """`fab manage createsuperuser` prompts on the operator's terminal (a name typed with a non-ASCII letter, as
+    people type theirs), `fab shell` is interactive and Ctrl-C reaches the command; the account signs in through
+    the provisioned nginx site."""
+    started = time.monotonic()
+    username, password = "josé-admin", "a long pass phrase 7"
+    prompts = terminal_fab(target, "manage", "createsuperuser")
+    prompts.expect("Username (leave blank to use")
+    prompts.line(username)
+    prompts.expect("Email address:")
+    prompts.line("jose@example.com")
+    prompts.expect("Password:")
+    prompts.line(password)
+    prompts.expect("Password (again):")
+    prompts.line(password)
+    prompts.expect("Superuser created successfully.")
+    assert prompts.wait() == 0
+    assert password.encode() not in prompts.seen  # the password prompt does not echo
+    assert b"\r\r\n" not in prompts.seen  # the remote terminal's lines, not translated twice
+
+    shell = terminal_fab(target, "shell")
+    shell.expect(">>> ")
+    shell.line("from django.contrib.auth.models import User; import os")
+    shell.expect(">>> ")
+    shell.line(f"print(os.isatty(0), User.objects.get(username={username!r}).is_superuser)")
+    shell.expect("True True")
+    shell.line("while True: pass")
+    shell.expect("... ")
+    shell.line("")
+    shell.send("\x03")  # Ctrl-C interrupts the loop in the shell, not fab
+    shell.expect("KeyboardInterrupt")
+    shell.expect(">>> ")
+    shell.send("\x04")  # Ctrl-D ends the shell
+    assert shell.wait() == 0, shell.seen[-500:]
+
+    status, page = sign_in_to_admin(f"http://127.0.0.1:{target.nginx_port}", username, password)
+    assert status == 200 and "Site administration" in page and "Periodic tasks" in page, page[:2000]
+    assert "josé-admin".upper() in page.upper()  # the admin greets the account
+    refused = sign_in_to_admin(f"http://127.0.0.1:{target.nginx_port}", username, "not the password")
+    assert "Site administration" not in refused[1]  # positive control: a wrong password does not get in
+    print(f"createsuperuser and shell on a terminal, admin sign-in: {time.monotonic() - started:.1f} s")
 
 
 def static_css(release: str) -> str:
