@@ -177,6 +177,24 @@ def shell(c, env=None, config=None):
 
 
 @task(
+    name="env",
+    iterable=["set", "unset"],
+    help={**COMMON_HELP, "set": "KEY=VALUE to put in the env file (repeatable)",
+          "unset": "KEY to remove from the env file (repeatable)"},
+)  # fmt: skip
+@_one_line_errors
+def env_(c, env=None, config=None, set=None, unset=None):  # noqa: A002 - the option is --set
+    """List the programs' variables and where each comes from (secrets masked); --set/--unset change the env file
+    on every app host and restart the programs as a deploy does (web one at a time), then verify."""
+    site = _site(c, env, config)
+    if set or unset:
+        actions.env_change(site, list(set or []), list(unset or []))
+        return
+    with terminal.inert_stdout():  # values from the server printed inert
+        print(actions.env_list(site))
+
+
+@task(
     positional=["command"],
     help={**COMMON_HELP, "command": 'the supervisorctl command line, e.g. "tail -f prayer-room:worker"'},
 )

@@ -1,5 +1,5 @@
 """The operator's commands, one function each over a site (fabfile.py builds the site and calls them): deploy,
-plan, rollback, restore, backup, backups, status, logs, restart, supervisorctl, unlock, provision.
+plan, rollback, restore, backup, backups, status, logs, restart, supervisorctl, manage, env, unlock, provision.
 
 A site of one host and one of many go the same way: the schema is checked, backed up and migrated once, on the
 primary; every host is switched and verified in rollout order (web hosts one at a time, then worker hosts, then
@@ -15,14 +15,16 @@ from contextlib import nullcontext
 from dataclasses import replace
 from pathlib import Path
 
-from deploy import backup, environment, host, release, schema, tls
+from deploy import backup, env_sources, environment, host, release, schema, tls
 from deploy import provision as provisioning
 from deploy.commands.logs import tail
 from deploy.config import address_of
 from deploy.errors import DeployError
 from deploy.lock import DeployLock
+from deploy.on_server.common import read_env_file
 from deploy.processes import Programs, config_diff, log_path
 from deploy.progress import Progress, in_parallel
+from deploy.render.env_file import edit_env_file
 from deploy.schema import SchemaReport
 from deploy.site import Member, Site
 from deploy.ssh import connect
@@ -520,6 +522,118 @@ def manage(site: Site, args: str) -> int:
     argv = environment.manage_argv(site.config.layout, args)
     primary = site.connect_primary(Progress("manage", out=sys.stderr))
     return environment.run_manage(primary.server, argv)
+
+
+def env_list(site: Site) -> str:
+    """Each variable the programs get on each app host, where it comes from (the env file, deploy.toml's env, derived
+    from deploy.toml, a default), secrets masked; and the env file's changes not applied yet."""
+    site.connect(Progress("env"))
+
+    def one(member: Member) -> str:
+        server = member.server
+        state = read_state(server)
+        state.require_provisioned(server)
+        values = state.env_values(server)
+        lines = [env_sources.format_table(env_sources.variables(server.config, values))]
+        installed = server.read(server.config.layout.effective_env, what="reading the effective env file")
+        if installed is None:
+            lines.append("not applied yet: no effective env file (the first `fab deploy` writes it).")
+        elif installed != (wanted := environment.effective_text(server, state.env_text or "")):
+            pending = _pending_keys(read_env_file(installed), read_env_file(wanted))
+            lines.append(
+                f"not applied yet (the env file or deploy.toml changed since): {', '.join(pending) or 'comments'}; "
+                "`fab deploy` or an env change applies them."
+            )
+        if site.several:
+            lines.insert(0, f"== {member.label} ({member.roles})")
+        return "\n".join(lines)
+
+    return "\n\n".join(site.each(one))
+
+
+def _pending_keys(installed: dict[str, str], wanted: dict[str, str]) -> list[str]:
+    return sorted(key for key in {*installed, *wanted} if installed.get(key) != wanted.get(key))
+
+
+def env_change(site: Site, sets: list[str], unsets: list[str]) -> str:
+    """Set (KEY=VALUE) and unset (KEY) variables in the env file of every app host, atomically (the previous file
+    kept as env.previous), then restart each host's programs the way a deploy does and verify them, in rollout order.
+    Keys the kit derives are refused; a failure puts the previous env file back and restarts with it."""
+    if not sets and not unsets:
+        raise DeployError("name a change: fab env --set KEY=VALUE (repeatable) or --unset KEY; `fab env` lists them.")
+    site.require_whole("an env change")
+    for name in site.app_hosts or [None]:
+        env_sources.parse_changes(site.config.for_host(name) if name else site.config, sets, unsets)
+    values, keys = env_sources.parse_changes(site.config, sets, unsets)
+    named = " ".join([*(f"--set {key}" for key in values), *(f"--unset {key}" for key in keys)])
+    progress = Progress(f"env {named} on {site.name}")
+    site.connect_step(progress)
+    with site.locked(f"env {named}"):
+        with progress.step("read the env files; render the new ones"):
+            site.read_states()
+            texts = {}
+            for member in site.order:
+                old = member.state.env_text or ""
+                new = edit_env_file(old, values, keys)
+                if new != old:
+                    environment.effective_text(member.server, new)  # a value it cannot hold is refused here
+                    texts[member.host] = (old, new)
+        if not texts:
+            progress.say(progress.summary("nothing to change: the env file already says so; nothing restarted"))
+            return "unchanged"
+        changed = [m for m in site.order if m.host in texts]
+
+        def replace_file(member: Member) -> None:
+            with member.progress.step("replace the env file (the one it replaces kept as env.previous)"):
+                environment.install_env(member.server, *texts[member.host], effective=bool(member.state.current))
+
+        site.each_step("replace the env file", replace_file)
+        live = [m for m in changed if m.state.current]
+        restarted: list[Member] = []
+
+        def apply(member: Member) -> None:
+            restarted.append(member)
+            host.reload_environment(member, read_env_file(texts[member.host][1]))
+
+        try:
+            site.in_turn(lambda m: f"restart {m.label} ({m.roles}) with the new environment, verify", apply, live)
+        except BaseException as exc:
+            _undo_env_change(site, changed, restarted, texts, exc)
+    applied = (
+        f"the programs restarted with it on {', '.join(m.label for m in live)}"
+        if live
+        else "no live release yet: the first deploy applies it"
+    )
+    progress.say(progress.summary(f"env file changed; {applied}"))
+    return "changed"
+
+
+def _undo_env_change(site: Site, changed: list[Member], restarted: list[Member], texts: dict, exc: BaseException):
+    """After a failed env change: every changed host's previous env file back, the restarted hosts restarted with it;
+    raise what happened."""
+    reason = str(exc) or type(exc).__name__
+    failed = restarted[-1].label if restarted else "?"
+    site.progress.say(f"!! {failed}: {reason}\n!! putting the previous env file back")
+    problems = []
+    for member in changed:
+        old, new = texts[member.host]
+        try:
+            environment.install_env(member.server, new, old, effective=bool(member.state.current))
+            if member in restarted:
+                member.state = read_state(member.server)
+                with site.progress.step(f"restart {member.label} with the previous environment"):
+                    host.reload_environment(member, read_env_file(old))
+        except DeployError as again:
+            problems.append(f"{member.label}: {again}")
+    if problems:
+        raise DeployError(
+            f"{reason} -- and putting the previous env file back failed on {'; '.join(problems)}"
+        ) from exc
+    if not isinstance(exc, DeployError):
+        raise exc
+    raise DeployError(
+        f"env change failed on {failed}: {reason} -- the previous env file is back and the programs run with it."
+    ) from exc
 
 
 def unlock(site: Site) -> str:

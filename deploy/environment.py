@@ -3,11 +3,13 @@ and by `prayer-room-manage` (root's manage.py), the one command `fab manage` and
 
 from __future__ import annotations
 
+import hashlib
 import shlex
 import sys
 from typing import TYPE_CHECKING
 
 from deploy import terminal
+from deploy.commands import env as env_commands
 from deploy.errors import DeployError
 from deploy.on_server.common import read_env_file
 from deploy.render.programs_env import effective_environment, render_effective_env, render_manage_script
@@ -63,3 +65,25 @@ def run_manage(server: Server, argv: list[str]) -> int:
     with terminal.remote_terminal() as typed:
         result = server.root(command, what="manage.py", warn=True, hide=False, pty=True, in_stream=typed)
     return result.exited
+
+
+def effective_text(server: Server, env_text: str) -> str:
+    """The effective env file for an env file's text; refused (a bad line or value) before anything changes."""
+    try:
+        values = read_env_file(env_text)
+    except ValueError as exc:
+        raise DeployError(f"{server.config.layout.env_file} on {server.name}: {exc}.") from exc
+    return render_effective_env(effective_environment(server.config, values))
+
+
+def install_env(server: Server, expected: str, new_text: str, *, effective: bool) -> None:
+    """Replace the env file with `new_text` atomically (staged beside it, renamed over it), the one it replaces kept
+    as env.previous; with `effective`, the effective env file too. Refused, nothing changed, when the env file is no
+    longer `expected` (edited meanwhile)."""
+    layout, group = server.config.layout, f"root:{server.config.user}"
+    files = [(new_text, env_commands.staged(layout.env_file), group, "0640")]
+    if effective:
+        files.append((effective_text(server, new_text), env_commands.staged(layout.effective_env), group, "0640"))
+    digest = hashlib.sha256(expected.encode()).hexdigest()
+    then = env_commands.replace_env_file(layout, server.config.user, digest, effective=effective)
+    server.upload(files, then=then, what="replacing the env file")

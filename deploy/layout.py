@@ -63,6 +63,11 @@ class ServerLayout:
         return self.root / "shared" / "env"
 
     @property
+    def previous_env_file(self) -> PurePosixPath:
+        """The env file an env change replaced (`fab env --set/--unset`), root:<app user> 0640, kept beside it."""
+        return self.root / "shared" / "env.previous"
+
+    @property
     def effective_env(self) -> PurePosixPath:
         """The programs' whole environment (env file, deploy.toml's env, derived values), root:<app user> 0640,
         written by each deploy and env change; the settings of every program and of prayer-room-manage read it."""

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from urllib.parse import quote
 
 from deploy.config import DeployConfig
+from deploy.errors import DeployError
 from deploy.on_server.common import read_env_file
 from deploy.render.jinja import render_template
 from deploy.render.site import POSTGRES_PORT, REDIS_PORT, site_names, url_host
@@ -93,3 +94,35 @@ def merge_env_file(existing: str | None, defaults: Mapping[str, str]) -> str:
     if not missing:
         return existing
     return existing + ("" if existing.endswith("\n") or not existing else "\n") + "".join(missing)
+
+
+def _line_key(line: str) -> str | None:
+    """The key a KEY=value line of the env file sets (None for a blank or # line)."""
+    stripped = line.strip()
+    if not stripped or stripped.startswith("#"):
+        return None
+    stripped = stripped[len("export ") :].lstrip() if stripped.startswith("export ") else stripped
+    return stripped.partition("=")[0].strip()
+
+
+def edit_env_file(existing: str, sets: Mapping[str, str], unsets: Sequence[str]) -> str:
+    """The env file with each of `sets` set (its line replaced in place, or added at the end) and each of `unsets`
+    removed; every other line (comments included) kept as it is. Refuses a value it could not read back as given."""
+    lines, done = [], set()
+    for line in existing.splitlines(keepends=True):
+        key = _line_key(line)
+        if key in unsets or key in done:
+            continue  # removed; or a later line for a key set above (the last line would win)
+        if key in sets:
+            line = _env_line(key, sets[key])
+            done.add(key)
+        lines.append(line)
+    text = "".join(lines)
+    added = [_env_line(key, value) for key, value in sets.items() if key not in done]
+    if added:
+        text += ("" if text.endswith("\n") or not text else "\n") + "".join(added)
+    values = read_env_file(text)
+    for key, value in sets.items():
+        if values.get(key) != value:
+            raise DeployError(f"the value of {key} cannot be written to the env file as given; remove its quotes.")
+    return text

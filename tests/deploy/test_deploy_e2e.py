@@ -230,6 +230,94 @@ def test_createsuperuser_and_shell_on_a_terminal_then_the_account_signs_into_the
     print(f"createsuperuser and shell on a terminal, admin sign-in: {time.monotonic() - started:.1f} s")
 
 
+def seen_by_manage(target: DeployTarget, key: str) -> str:
+    """`key` as manage.py sees it through root's prayer-room-manage (the programs' environment)."""
+    manage = str(target.workdir / "sbin" / "prayer-room-manage")
+    code = f"import os; print('value:', os.environ.get({key!r}))"
+    result = subprocess.run([manage, "shell", "-c", code], capture_output=True, text=True, timeout=120, env={})
+    assert result.returncode == 0, result.stdout + result.stderr
+    return result.stdout.split("value: ")[-1].strip()
+
+
+def test_fab_env_lists_each_variable_and_where_it_comes_from_without_a_secret(target):
+    env_text = (target.srv / "shared" / "env").read_text()
+    secret = re.search(r"^SECRET_KEY=(.*)$", env_text, re.M)[1]
+    database_password = urllib.parse.urlsplit(re.search(r"^DATABASE_URL=(.*)$", env_text, re.M)[1]).password
+    out = ok(target.fab("env"))
+    print(out)
+    assert secret not in out and (not database_password or database_password not in out)
+    rows = {line.split()[0]: line for line in out.splitlines()[1:] if line.strip()}
+    assert re.fullmatch(r"SECRET_KEY +\*{8} +env file", rows["SECRET_KEY"]), rows["SECRET_KEY"]
+    assert re.fullmatch(r"WEB_WORKERS +2 +derived from deploy.toml web_workers", rows["WEB_WORKERS"])
+    assert re.fullmatch(r"THROTTLE_SUBMIT +1000000/hour +env file", rows["THROTTLE_SUBMIT"])
+    assert rows["DJANGO_SETTINGS_MODULE"].split()[-3:] == ["default", "(deploy.toml", "settings_module)"]
+    assert "not applied yet" not in out
+
+
+def test_an_env_change_restarts_like_a_deploy_and_no_get_or_post_fails(target):
+    """--set on the env file: the previous kept (root:<app group> 0640), web one at a time under a GET+POST loop
+    through nginx, every program restarted, the value where the programs read it."""
+    shared = target.srv / "shared"
+    before, pids = (shared / "env").read_bytes(), program_pids(target)
+    with target.request_loop() as loop:
+        loop.wait_for_more(5)
+        started = time.monotonic()
+        out = ok(target.fab("env", "--set", "PRAYER_ROOM_E2E_FLAG=on", "--set", "PRAYER_ROOM_E2E_NOTE=a b=c"))
+        took = time.monotonic() - started
+        loop.wait_for_more(5)
+    print(f"env change applied in {took:.1f} s; {loop.ok} GETs and {loop.posted} POSTs answered during it")
+    assert loop.failures == [], loop.failures[:5]
+    assert loop.ok > 10 and loop.posted > 20
+    assert out.index("restart web-1") < out.index("restart web-2") < out.index("warm shutdown")
+    assert "a worker of this release ran the ping task" in out and "one beat leads" in out
+    previous = (shared / "env.previous").stat()
+    assert (shared / "env.previous").read_bytes() == before
+    assert (previous.st_uid, previous.st_gid, previous.st_mode & 0o777) == (0, pwd.getpwnam(APP_USER).pw_gid, 0o640)
+    env = (shared / "env").read_text()
+    assert env.startswith(before.decode()) and env.endswith("PRAYER_ROOM_E2E_FLAG=on\nPRAYER_ROOM_E2E_NOTE=a b=c\n")
+    assert "PRAYER_ROOM_E2E_FLAG='on'" in (shared / "env.effective").read_text()
+    now = program_pids(target)
+    assert set(now) == set(pids) and all(now[name] != pids[name] for name in pids), (pids, now)
+    assert seen_by_manage(target, "PRAYER_ROOM_E2E_NOTE") == "a b=c"
+    assert re.search(r"PRAYER_ROOM_E2E_FLAG +on +env file", ok(target.fab("env")))
+
+
+def test_refused_env_changes_leave_the_env_file_as_it_was(target):
+    """A derived value names the deploy.toml setting; a malformed pair or key gets the expected form; nothing changes
+    and nothing restarts."""
+    env_file = target.srv / "shared" / "env"
+    before, pids = env_file.read_bytes(), program_pids(target)
+    derived = failed(target.fab("env", "--set", "WEB_WORKERS=8"))
+    assert "deploy.toml's `web_workers`" in derived, derived
+    assert "STATIC_ROOT is the kit's own" in failed(target.fab("env", "--unset", "STATIC_ROOT"))
+    for bad in ("PRAYER_ROOM_E2E_FLAG", "BAD-KEY=1", "1ST=x", "=x"):
+        assert "expected KEY=VALUE" in failed(target.fab("env", "--set", bad)), bad
+    assert "expected KEY" in failed(target.fab("env", "--unset", "A=B"))
+    # One bad pair among good ones: none of them is applied.
+    assert "expected KEY=VALUE" in failed(target.fab("env", "--set", "PRAYER_ROOM_E2E_FLAG=off", "--set", "X"))
+    assert env_file.read_bytes() == before and program_pids(target) == pids
+    assert not (target.srv / "shared" / "env.new").exists()
+    assert "deploy lock" not in ok(target.fab("status"))
+
+
+def test_an_env_change_that_breaks_the_web_puts_the_previous_env_file_back(target):
+    """RELEASE names another release: web-1's health check fails before web-2 restarts; the env file comes back as
+    it was and the programs run with it."""
+    env_file = target.srv / "shared" / "env"
+    before, pids = env_file.read_bytes(), program_pids(target)
+    quick = target.config_file_with(health_timeout=8)
+    result = target.fab("env", "--set", "RELEASE=not-this-one", "--unset", "PRAYER_ROOM_E2E_NOTE", config=quick)
+    line = failed(result)
+    assert "env change failed on 127.0.0.1" in line and "the previous env file is back" in line, line
+    assert env_file.read_bytes() == before
+    assert "RELEASE=" not in (target.srv / "shared" / "env.effective").read_text()
+    assert set(program_pids(target)) == set(pids)  # every program RUNNING, with the previous environment
+    assert live_release_over_http(target) == target.live_release()
+    # --unset, applied: the keys the tests added are gone again.
+    ok(target.fab("env", "--unset", "PRAYER_ROOM_E2E_FLAG", "--unset", "PRAYER_ROOM_E2E_NOTE"))
+    assert "PRAYER_ROOM_E2E" not in env_file.read_text() and seen_by_manage(target, "PRAYER_ROOM_E2E_FLAG") == "None"
+
+
 def static_css(release: str) -> str:
     return f"/* {release} */\nbody {{ margin: 0; }}\n"
 
