@@ -119,7 +119,8 @@ def parse_assignment(text: str) -> tuple[str, str]:
     """KEY=VALUE as given to --set; refused with the expected form when malformed."""
     key, sep, value = text.partition("=")
     if not sep or not KEY.fullmatch(key):
-        raise DeployError(f"cannot set {text!r}: {EXPECTED}.")
+        given = f"{key!r}=..." if sep else repr(key)  # NOTE: the value may be a secret: never shown
+        raise DeployError(f"cannot set {given}: {EXPECTED}.")
     if "\n" in value or "\r" in value or "\0" in value:
         raise DeployError(f"the value of {key} has a line break or a NUL byte; {EXPECTED}, on one line.")
     if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":

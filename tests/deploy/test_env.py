@@ -65,6 +65,12 @@ def test_a_malformed_pair_is_refused_with_the_expected_form(given):
         parse_assignment(given)
 
 
+def test_a_refused_pair_never_shows_its_value():
+    with pytest.raises(DeployError) as refused:
+        parse_assignment(f"DB-PASSWORD={SECRET}")
+    assert SECRET not in str(refused.value) and "'DB-PASSWORD'=..." in str(refused.value)
+
+
 @pytest.mark.parametrize("given", ["", "A=B", "9LIVES", "with-dash"])
 def test_a_malformed_key_to_unset_is_refused(given):
     with pytest.raises(DeployError, match="expected KEY"):
