@@ -32,6 +32,8 @@ class DeployConfig:
     name: str = "default"
     hosts: tuple[str, ...] = ()
     domain: str = ""
+    # Other names of the site (e.g. www.DOMAIN): in the one certificate, each redirecting (301) to `domain`.
+    aliases: tuple[str, ...] = ()
     # TLS for `domain` (certbot, webroot mode): the ACME account's email, the ACME directory, and a local PEM
     # file trusted only for talking to that ACME server (a staging or test CA).
     acme_email: str = ""
@@ -266,6 +268,10 @@ def _checked(table: Any, where: str) -> dict[str, Any]:
             if not isinstance(value, list) or not value or not all(type(p) is int and 0 < p < 65536 for p in value):
                 raise DeployError(f"{where}: web_ports must be a list of TCP ports, e.g. [8001, 8002].")
             values[key] = tuple(value)
+        elif key == "aliases":
+            if not isinstance(value, list) or not all(isinstance(name, str) for name in value):
+                raise DeployError(f'{where}: aliases must be a list of host names, e.g. ["www.example.org"].')
+            values[key] = tuple(value)
         elif key == "hosts":
             if not isinstance(value, list) or not all(isinstance(h, str) for h in value):
                 raise DeployError(f'{where}: hosts must be a list of strings, e.g. ["root@203.0.113.7"].')
@@ -388,21 +394,28 @@ def validate_tls(config: DeployConfig, where: str) -> None:
     """`domain` is a DNS name a public CA can certify; the acme_* settings come with it and make sense."""
     domain = config.domain
     if not domain:
-        stray = [key for key in ("acme_email", "acme_ca_bundle") if getattr(config, key)]
+        stray = [key for key in ("aliases", "acme_email", "acme_ca_bundle") if getattr(config, key)]
         if stray or config.acme_directory != LETSENCRYPT:
             stray = stray or ["acme_directory"]
             raise DeployError(f"{where}: {', '.join(stray)} set without domain; set domain (the site's name) too.")
         return
-    labels = domain.split(".")
-    if (
-        len(labels) < 2
-        or not all(re.fullmatch(r"[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?", label) for label in labels)
-        or labels[-1].isdigit()
-    ):
+    if not is_dns_name(domain):
         raise DeployError(
             f"{where}: domain {domain!r} is not a DNS name such as prayer.example.org (certificates need a name, "
             "not an address)."
         )
+    seen = {domain.lower()}
+    for alias in config.aliases:
+        if not is_dns_name(alias):
+            raise DeployError(
+                f"{where}: alias {alias!r} is not a host name such as www.{domain} (a DNS name, no scheme, port, "
+                "path or wildcard)."
+            )
+        if alias.lower() == domain.lower():
+            raise DeployError(f"{where}: alias {alias!r} is the domain itself; list only the other names.")
+        if alias.lower() in seen:
+            raise DeployError(f"{where}: alias {alias!r} is listed twice; list each name once.")
+        seen.add(alias.lower())
     if not re.fullmatch(r"[^@\s]+@[^@\s]+\.[^@\s]+", config.acme_email):
         raise DeployError(
             f"{where}: domain needs acme_email (where the CA sends expiry warnings), e.g. acme_email = "
@@ -412,6 +425,16 @@ def validate_tls(config: DeployConfig, where: str) -> None:
         raise DeployError(f"{where}: acme_directory must be an https:// URL, got {config.acme_directory!r}.")
     if config.acme_ca_bundle:
         _check_pem_bundle(Path(config.acme_ca_bundle), "acme_ca_bundle", where)
+
+
+def is_dns_name(name: str) -> bool:
+    """A name a public CA can certify: two labels or more of letters, digits and inner hyphens, not all-numeric."""
+    labels = name.split(".")
+    return (
+        len(labels) >= 2
+        and all(re.fullmatch(r"[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?", label) for label in labels)
+        and not labels[-1].isdigit()
+    )
 
 
 def _check_pem_bundle(bundle: Path, key: str, where: str) -> None:

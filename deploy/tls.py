@@ -25,13 +25,20 @@ RENEWAL_CONF = PurePosixPath("/etc/letsencrypt/renewal") / f"{CERT_NAME}.conf"
 EXPIRY_WARNING_DAYS = 14
 
 
+def wanted_names(config: DeployConfig) -> list[str]:
+    """The names the one certificate must hold: `domain` first, then its aliases."""
+    return [config.domain, *config.aliases]
+
+
 def certbot_command(config: DeployConfig, *, replace: bool) -> str:
-    """certbot certonly in webroot mode (nginx keeps running) for config.domain, saved for certbot.timer's
-    renewals with the same server and the deploy hook that reloads nginx; `replace` re-issues at once."""
+    """certbot certonly in webroot mode (nginx keeps running) for config.domain and its aliases (one certificate),
+    saved for certbot.timer's renewals with the same server and the deploy hook that reloads nginx; `replace`
+    re-issues at once (with other names, certbot replaces the names of the certificate `prayer-room`)."""
     words = [
         "certbot", "certonly", "--non-interactive", "--agree-tos", "--email", config.acme_email,
         "--server", config.acme_directory, "--webroot", "--webroot-path", ACME_WEBROOT,
-        "--cert-name", CERT_NAME, "--domains", config.domain, "--deploy-hook", "systemctl reload nginx",
+        "--cert-name", CERT_NAME, "--domains", ",".join(wanted_names(config)),
+        "--deploy-hook", "systemctl reload nginx",
     ]  # fmt: skip
     words += ["--force-renewal"] if replace else ["--keep-until-expiring"]
     command = shell_join(words)
@@ -61,11 +68,17 @@ def parse_certificate(text: str) -> dict[str, object] | None:
     }
 
 
+def names_match(config: DeployConfig, certificate: Mapping[str, object]) -> bool:
+    """The certificate holds exactly the wanted names (domain and aliases), whatever their order and case."""
+    return {name.lower() for name in certificate["names"]} == {name.lower() for name in wanted_names(config)}
+
+
 def certificate_fits(config: DeployConfig, certificate: Mapping[str, object] | None, now: float) -> bool:
-    """A certificate nginx can serve for config.domain: it names the domain, is unexpired, and from acme_directory."""
+    """A certificate nginx can serve for the site: it names exactly the domain and its aliases (a name changed in
+    deploy.toml re-issues it), is unexpired, and comes from acme_directory."""
     return bool(
         certificate
-        and config.domain in certificate["names"]
+        and names_match(config, certificate)
         and certificate["expires"] > now
         and certificate["server"] == config.acme_directory
     )
@@ -84,6 +97,8 @@ def certificate_line(config: DeployConfig, certificate: Mapping[str, object] | N
             f"  WARNING: under {EXPIRY_WARNING_DAYS} days; certbot.timer should have renewed it 30 days before: "
             "see `journalctl -u certbot` on the server"
         )
+    if not names_match(config, certificate):
+        line += f"  WARNING: deploy.toml wants {', '.join(wanted_names(config))}: `fab provision` re-issues it"
     return line
 
 
@@ -101,9 +116,10 @@ def obtain_certificate(server: Server) -> str:
     """Ask the ACME server for a certificate for the domain (HTTP-01 answered by nginx from the webroot).
 
     Returns a note for the step. The certificate present is replaced at once when it does not fit (another
-    domain or ACME server, or expired); certbot.timer renews a fitting one itself.
+    set of names, ACME server, or expired); certbot.timer renews a fitting one itself.
     """
     config = server.config
+    names = ", ".join(wanted_names(config))
     current = read_certificate(server)
     result = server.root(
         certbot_command(config, replace=current is not None), what="obtaining the certificate", warn=True, timeout=300
@@ -111,10 +127,11 @@ def obtain_certificate(server: Server) -> str:
     if result.exited != 0:
         detail = (result.stderr.strip() or result.stdout.strip())[-1200:]
         raise DeployError(
-            f"certbot could not get a certificate for {config.domain} from {config.acme_directory}: {detail} -- "
-            f"check that {config.domain} resolves to this server and that port 80 is open."
+            f"certbot could not get a certificate for {names} from {config.acme_directory}: {detail} -- "
+            f"check that {'each of them resolves' if config.aliases else 'it resolves'} to this server and that "
+            "port 80 is open."
         )
-    return f"certificate for {config.domain} issued by {config.acme_directory}"
+    return f"certificate for {names} issued by {config.acme_directory}"
 
 
 def ensure_renewal_timer(server: Server) -> bool:

@@ -64,8 +64,8 @@ def render_nginx_site(
     """The nginx site: config.web_ports behind one upstream, each release's static files, a 444 default server.
 
     With `tls` (a certificate for config.domain exists) port 80 only answers the ACME challenge and redirects;
-    the site is on 443. `nginx`: the server's nginx (its version). `address`, the ports and `ipv6` are for tests,
-    which listen on a loopback port.
+    the site is on 443. Each alias answers the ACME challenge and redirects (301) to the domain. `nginx`: the
+    server's nginx (its version). `address`, the ports and `ipv6` are for tests, which listen on a loopback port.
     """
     return render_template(
         "nginx-site.conf.j2",
@@ -95,6 +95,8 @@ def _front_context(
         "read_timeout": PROXY_READ_TIMEOUT,
         "tls": tls,
         "acme_webroot": str(ACME_WEBROOT) if config.domain else "",
+        "domain": config.domain,
+        "aliases": list(config.aliases),
         "certificate": str(CERT_DIR / "fullchain.pem"),
         "certificate_key": str(CERT_DIR / "privkey.pem"),
         "hsts_seconds": HSTS_SECONDS,
@@ -114,7 +116,8 @@ def render_balancer_site(
 ) -> str:
     """The balancer's nginx site: the web hosts' own nginx (port 80) as upstreams with passive health checks and a
     new connection per request, a 444 default server. With `domain` it answers the ACME challenge, and with `tls` (its
-    certificate exists) it serves HTTPS and redirects HTTP. `address`, the ports and `ipv6` are for tests."""
+    certificate exists) it serves HTTPS and redirects HTTP; each alias redirects to the domain. `address`, the ports
+    and `ipv6` are for tests."""
     return render_template(
         "nginx-balancer.conf.j2",
         upstream="prayer_room_web_hosts",

@@ -55,6 +55,9 @@ def test_environment_values_override_defaults_and_config_is_frozen(tmp_path):
         config.user = "root"
 
 
+_ALIASES = "[defaults]\ndomain = 'p.example.org'\nacme_email = 'a@b.org'\n"
+
+
 @pytest.mark.parametrize(
     "text, environment, message",
     [
@@ -81,6 +84,13 @@ def test_environment_values_override_defaults_and_config_is_frozen(tmp_path):
         ("[defaults]\ndomain = 'p.example.org'\n", None, "domain needs acme_email .*admin@p.example.org"),
         ("[defaults]\nacme_email = 'a@b.org'\n", None, "acme_email set without domain"),
         ("[defaults]\nacme_directory = 'https://x/d'\n", None, "acme_directory set without domain"),
+        ("[defaults]\naliases = ['www.p.example.org']\n", None, "aliases set without domain"),
+        (_ALIASES + "aliases = 'www.p.example.org'\n", None, "aliases must be a list of host names"),
+        (_ALIASES + "aliases = ['https://www.p.example.org/']\n", None, "alias 'https://.*' is not a host name"),
+        (_ALIASES + "aliases = ['*.p.example.org']\n", None, "alias .* is not a host name"),
+        (_ALIASES + "aliases = ['www.p.example.org:8443']\n", None, "alias .* is not a host name"),
+        (_ALIASES + "aliases = ['P.example.org']\n", None, "alias 'P.example.org' is the domain itself"),
+        (_ALIASES + "aliases = ['www.p.example.org', 'WWW.p.example.org']\n", None, "alias .* is listed twice"),
         (
             "[defaults]\ndomain = 'p.example.org'\nacme_email = 'a@b.org'\nacme_directory = 'http://x/dir'\n",
             None,
@@ -96,6 +106,13 @@ def test_environment_values_override_defaults_and_config_is_frozen(tmp_path):
 def test_bad_config_is_refused_naming_the_setting(tmp_path, text, environment, message):
     with pytest.raises(DeployError, match=message):
         load_config(write(tmp_path, text), environment)
+
+
+def test_aliases_are_kept_in_order_beside_the_domain_and_leave_allowed_hosts_alone(tmp_path):
+    config = load_config(write(tmp_path, _ALIASES + "aliases = ['www.p.example.org', 'old.example.net']\n"))
+    assert config.aliases == ("www.p.example.org", "old.example.net")
+    # nginx redirects the aliases: Django only ever sees the domain.
+    assert dict(config.environment_overrides())["ALLOWED_HOSTS"] == "p.example.org,127.0.0.1,localhost"
 
 
 def test_acme_ca_bundle_is_relative_to_the_config_file_and_must_hold_a_certificate(tmp_path):

@@ -221,7 +221,8 @@ def test_nginx_site_static_locations_repeat_the_security_headers():
 def test_nginx_accepts_the_site(tmp_path):
     (tmp_path / "logs").mkdir()
     site = tmp_path / "site.conf"
-    site.write_text(render_nginx_site(DeployConfig(domain="prayer.example.org"), HOST, ipv6=False))
+    aliases = ("www.prayer.example.org",)
+    site.write_text(render_nginx_site(DeployConfig(domain="prayer.example.org", aliases=aliases), HOST, ipv6=False))
     (tmp_path / "nginx.conf").write_text(
         f"pid {tmp_path}/nginx.pid; error_log {tmp_path}/error.log;\n"
         # server_tokens off in the http block, as Debian 13's nginx.conf has it: the site must not repeat it there.
@@ -416,6 +417,32 @@ def test_the_tls_site_redirects_http_except_the_challenge_and_refuses_unknown_na
     assert HOST not in site  # only the domain: the address alone gets 444
 
 
+def test_each_alias_answers_the_challenge_and_redirects_301_to_the_domain_with_path_and_query(tmp_path):
+    config = replace(TLS, aliases=("www.prayer.example.org", "old.example.net"))
+    names = "www.prayer.example.org,old.example.net"
+    assert f"--domains prayer.example.org,{names}" in certbot_command(config, replace=False)  # one certificate
+    for scheme, site in (
+        ("http", render_nginx_site(config, HOST)),  # before the certificate: the challenge for every name
+        ("https", render_nginx_site(config, HOST, tls=True)),
+        (
+            "https",
+            render_balancer_site(replace(cluster(tmp_path), domain=TLS.domain, aliases=config.aliases), tls=True),
+        ),
+    ):
+        blocks = [
+            block for block in site.split("server {") if "server_name www.prayer.example.org old.example.net;" in block
+        ]
+        assert len(blocks) == (2 if scheme == "https" else 1), site
+        assert "acme-challenge" in blocks[0] and "listen 80;" in blocks[0]
+        for block in blocks:
+            assert f"return 301 {scheme}://prayer.example.org$request_uri;" in block and "proxy_pass" not in block
+        if scheme == "https":
+            assert "listen 443 ssl" in blocks[1] and f"ssl_certificate {CERT_DIR}/fullchain.pem;" in blocks[1]
+        main = [block for block in site.split("server {") if "server_name prayer.example.org" in block]
+        assert main and all("www." not in block for block in main)  # the domain's own blocks name only it
+    assert "www.prayer" not in render_nginx_site(TLS, HOST, tls=True)  # no aliases: no alias block
+
+
 CERTIFICATE_OUTPUT = """\
 notAfter=Mar  2 12:00:00 2027 GMT
 X509v3 Subject Alternative Name: \n    DNS:prayer.example.org
@@ -440,6 +467,21 @@ def test_the_certificate_is_read_and_status_warns_when_it_is_close_to_expiry():
     assert "WARNING" not in certificate_line(TLS, certificate, expires - 14 * day)
     assert "WARNING: under 14 days" in certificate_line(TLS, certificate, expires - 13.5 * day)
     assert "run `fab provision`" in certificate_line(TLS, None, expires)
+
+
+def test_a_changed_domain_or_alias_list_no_longer_fits_the_live_certificate_and_status_says_so():
+    both = parse_certificate(
+        CERTIFICATE_OUTPUT.replace("DNS:prayer.example.org", "DNS:prayer.example.org, DNS:www.prayer.example.org")
+    )
+    expires = both["expires"] - 40 * 86400
+    with_www = replace(TLS, aliases=("WWW.prayer.example.org",))
+    assert certificate_fits(with_www, both, expires)  # the same names, whatever the case
+    assert not certificate_fits(TLS, both, expires)  # an alias removed: re-issued without it
+    assert not certificate_fits(replace(with_www, aliases=("old.example.net",)), both, expires)
+    assert not certificate_fits(replace(with_www, domain="new.example.org"), both, expires)
+    assert "WARNING" not in certificate_line(with_www, both, expires)
+    line = certificate_line(replace(with_www, aliases=()), both, expires)
+    assert "WARNING: deploy.toml wants prayer.example.org: `fab provision` re-issues it" in line
 
 
 # --- a cluster: each host provisioned for its roles --------------------------------------------

@@ -30,6 +30,7 @@ REPO = Path(__file__).resolve().parents[2]
 FAB = Path(sys.executable).with_name("fab")
 ARTIFACTS = REPO / "test-artifacts"
 DOMAIN = "vps.prayer-room.test"
+ALIAS = f"www.{DOMAIN}"
 CERT = "/etc/letsencrypt/live/prayer-room/fullchain.pem"
 SUPERVISORCTL = "supervisorctl -c /etc/prayer-room/supervisord.conf"
 
@@ -243,6 +244,27 @@ def test_a_second_provision_keeps_tls_and_changes_nothing(site):
     assert site.served_certificate()["serialNumber"] == before
 
 
+def test_an_added_alias_reissues_the_certificate_for_both_names_and_redirects_to_the_domain(site):
+    before = site.served_certificate()["serialNumber"]
+    text = site.config.read_text()
+    site.config.write_text(text.replace(f'domain = "{DOMAIN}"\n', f'domain = "{DOMAIN}"\naliases = ["{ALIAS}"]\n'))
+    started = time.monotonic()
+    out = ok(site.fab("provision"), site)
+    figures["provision re-issuing the certificate for an added alias s"] = round(time.monotonic() - started, 1)
+    assert "changed  certificate" in out and f"certificate for {DOMAIN}, {ALIAS} issued by" in out, out
+    certificate = site.served_certificate()
+    assert certificate["serialNumber"] != before
+    assert {("DNS", DOMAIN), ("DNS", ALIAS)} == set(certificate["subjectAltName"])
+    # The alias: a TLS handshake checked against its own name, then 301 to the domain with the path and query.
+    for scheme in ("https", "http"):
+        status, headers, _ = site.request("GET", f"{scheme}://{ALIAS}/api/requests/?type=prayer&x=1", name=ALIAS)
+        assert status == 301 and headers["Location"] == f"https://{DOMAIN}/api/requests/?type=prayer&x=1"
+    assert site.request("GET", f"https://{DOMAIN}/health/")[0] == 200  # the domain itself still serves
+    line = re.search(r"^certificate: (.+), expires in \d+ days.*$", ok(site.fab("status")), re.M)
+    assert set(line.group(1).split(", ")) == {DOMAIN, ALIAS} and "WARNING" not in line.group(0), line.group(0)
+    assert "nothing changed" in ok(site.fab("provision"), site)  # the certificate fits the names now
+
+
 def test_renewal_is_scheduled_and_a_forced_one_drops_no_request(site):
     timer = site.vps.ssh("systemctl is-enabled certbot.timer; systemctl is-active certbot.timer").stdout.split()
     assert timer == ["enabled", "active"]
@@ -268,8 +290,10 @@ def test_renewal_is_scheduled_and_a_forced_one_drops_no_request(site):
     assert loop.failures == [] and loop.ok > 5 and loop.posted > 10, loop.failures[:5]
     assert site.served_certificate()["serialNumber"] != before  # nginx reloaded with the new one
     status = ok(site.fab("status"))
-    line = re.search(rf"^certificate: {re.escape(DOMAIN)}, expires in (\d+) days.*$", status, re.M)
-    assert int(line.group(1)) > 14 and "WARNING" not in line.group(0)
+    line = re.search(
+        rf"^certificate: {re.escape(DOMAIN)}(, {re.escape(ALIAS)})?, expires in (\d+) days.*$", status, re.M
+    )
+    assert int(line.group(2)) > 14 and "WARNING" not in line.group(0)
 
 
 def test_a_redeploy_fails_no_get_or_post_over_https(site):
