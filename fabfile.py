@@ -223,6 +223,26 @@ def provision(c, env=None, config=None):
     print(actions.provision(_site(c, env, config)))
 
 
+@task(positional=["state"], help={**COMMON_HELP, "state": "on or off",
+            "message": "with on: one line of text the page shows (e.g. when the site is back)"})  # fmt: skip
+@_one_line_errors
+def maintenance(c, state=None, message=None, env=None, config=None):
+    """The maintenance page (503, Retry-After) on every web host, kept across deploys until `fab maintenance off`."""
+    print(actions.maintenance(_site(c, env, config), state or "", message))
+
+
+@task(help={**COMMON_HELP, "lines": "how many records, the newest last (default 50)"})
+@_one_line_errors
+def history(c, lines=50, env=None, config=None):
+    """Every provision, deploy, rollback, restore, env change and maintenance switch: when, who, what, result, time."""
+    try:
+        count = int(lines)
+    except ValueError:
+        raise DeployError(f"--lines takes a number, not {lines!r}.") from None
+    with terminal.inert_stdout():  # operator and error text from the server printed inert
+        print(actions.show_history(_site(c, env, config), count))
+
+
 def _ask(question: str) -> bool:
     """The operator's yes to `question` on a terminal; no terminal is a no."""
     if not sys.stdin.isatty():

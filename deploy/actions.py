@@ -1,5 +1,6 @@
 """The operator's commands, one function each over a site (fabfile.py builds the site and calls them): deploy,
-plan, rollback, restore, backup, backups, status, logs, restart, supervisorctl, manage, env, unlock, provision.
+plan, rollback, restore, backup, backups, status, logs, restart, supervisorctl, manage, env, unlock, provision,
+maintenance, history.
 
 A site of one host and one of many go the same way: the schema is checked, backed up and migrated once, on the
 primary; every host is switched and verified in rollout order (web hosts one at a time, then worker hosts, then
@@ -15,7 +16,8 @@ from contextlib import nullcontext
 from dataclasses import replace
 from pathlib import Path
 
-from deploy import backup, env_sources, environment, host, release, schema, tls
+from deploy import backup, env_sources, environment, history, host, release, schema, tls
+from deploy import maintenance as maintenance_page
 from deploy import provision as provisioning
 from deploy.commands.logs import tail
 from deploy.config import address_of
@@ -55,19 +57,21 @@ def deploy(site: Site, repo: Path, *, allow_dirty: bool = False, maintenance: bo
     if source.dirty:
         progress.say(f"WARNING: shipping HEAD {source.short}; {len(source.dirty)} uncommitted change(s) stay behind.")
     site.connect_step(progress)
-    with site.locked(f"deploy {source.short}"):
+    with history.recorded(site, "deploy", commit=source.short) as record, site.locked(f"deploy {source.short}"):
         with progress.step("read the state; render the supervisord programs"):
             site.read_states()
             for member in site.order:  # a bad context fails here, before anything is uploaded
                 member.programs_text = host.render(member.server, member.state)
-        release_id = _deploy_locked(site, source, maintenance=maintenance)
+        release_id = _deploy_locked(site, source, record, maintenance=maintenance)
     progress.say(progress.summary(f"{release_id} is live{site.hosts_phrase()}"))
     return release_id
 
 
-def _deploy_locked(site: Site, source: release.Source, *, maintenance: bool) -> str:
+def _deploy_locked(site: Site, source: release.Source, record: dict, *, maintenance: bool) -> str:
+    """The deploy under the lock; `record` (its history) gets the release, the migrations applied, the backup."""
     progress, primary = site.progress, site.primary
     release_id = source.release_id()
+    record.update(release=release_id, migrations=[], backup=None)
     release_dir = site.config.layout.releases / release_id
     previous = {m.host: m.state.current for m in site.order}
     live = primary.state.current
@@ -94,6 +98,7 @@ def _deploy_locked(site: Site, source: release.Source, *, maintenance: bool) -> 
         if report.new and live:
             with progress.step(f"back up the database before migrating (named after {release_id}){site.on_primary()}"):
                 saved = backup.take(primary.server, "deploy", release_id)
+                record["backup"] = saved["name"]
                 progress.say(f"   {saved['name']}: {backup.size(saved['size'])} in {saved['seconds']:.1f} s")
     except BaseException as exc:
         remove_everywhere()
@@ -118,6 +123,7 @@ def _deploy_locked(site: Site, source: release.Source, *, maintenance: bool) -> 
                 raise DeployError(f"{exc} -- failed at the schema step; {where}; {serving}.") from exc
             raise
         applied = host.applied_migrations(seen)
+        record["migrations"] = applied
         switched: list[Member] = []
 
         def switch(member: Member) -> None:
@@ -200,12 +206,21 @@ def rollback(
     progress = Progress(f"rollback on {site.name}")
     site.connect_step(progress)
     layout = site.config.layout
-    with site.locked(f"rollback{' to ' + to if to else ''}"):
+    flags = (
+        ("--unapply" if unapply else "")
+        or (f"--restore {restore}" if restore else "")
+        or ("--keep-schema" if keep_schema else "")
+    )
+    with (
+        history.recorded(site, "rollback") as record,
+        site.locked(f"rollback{' to ' + to if to else ''}"),
+    ):
         # NOTE: the target is chosen under the lock: a deploy that finished meanwhile changed what "previous" is.
         site.read_states()
         primary = site.primary
         current = primary.state.current
         target = to or primary.state.previous()
+        record.update(release=target, detail=" ".join(filter(None, [f"from {current}", flags])))
         if target is None:
             raise DeployError(f"{primary.server.name} has no verified release older than {current} to roll back to.")
         lacking = [m for m in site.order if target not in m.state.releases]
@@ -222,12 +237,12 @@ def rollback(
             )
 
         if restore:
-            record = backup.find(primary.server, restore)
+            found = backup.find(primary.server, restore)
             progress.say(
-                f"   {current} -> {target}, the database back to {restore} (taken for {record['release']}): "
+                f"   {current} -> {target}, the database back to {restore} (taken for {found['release']}): "
                 "every write made since that backup is LOST"
             )
-            _restore_locked(site, record, then=switch_all)
+            record["backup"] = _restore_locked(site, found, then=switch_all)
         elif report.unknown and unapply:
             current_dir = layout.releases / (current or target)
             with progress.step(f"check that {current}'s code can reverse {', '.join(report.unknown)}"):
@@ -235,6 +250,7 @@ def rollback(
             with site.maintenance("migrations are unapplied"):
                 with progress.step(f"unapply {', '.join(names)} with {current}'s code{site.on_primary()}"):
                     schema.unapply(primary.server, current_dir, list(report.unknown))
+                record["detail"] += f" (unapplied {', '.join(names)})"
                 switch_all()
         elif report.unknown and not keep_schema:
             raise DeployError(schema.refuse_rollback(target, current, report.unknown, _backup_before(primary, target)))
@@ -256,9 +272,9 @@ def _backup_before(primary: Member, target: str) -> str | None:
     return chosen[0]["name"] if chosen else None
 
 
-def _restore_locked(site: Site, record: dict, then) -> None:
+def _restore_locked(site: Site, record: dict, then) -> str:
     """Back up the database, then (the maintenance page on every web host, every program stopped) put `record`
-    back; `then` restarts. The states were read under the lock."""
+    back; `then` restarts. The states were read under the lock. Returns the name of the backup taken first."""
     progress, primary, name = site.progress, site.primary, record["name"]
     with progress.step(f"back up the database it replaces{site.on_primary()}"):
         saved = backup.take(primary.server, "restore", primary.state.current)
@@ -278,6 +294,7 @@ def _restore_locked(site: Site, record: dict, then) -> None:
                 f"{exc} -- the database holds {name} (taken for {record['release']}) now; the one it "
                 f"replaced is {saved['name']} (`fab restore {saved['name']} --yes` puts it back)."
             ) from exc
+    return saved["name"]
 
 
 def restore(site: Site, name: str, *, yes: bool = False) -> str:
@@ -292,8 +309,9 @@ def restore(site: Site, name: str, *, yes: bool = False) -> str:
             f"restoring {name} (taken for {record['release']}) replaces the whole database: every write made since "
             "is lost (the current state is backed up first); run again with --yes."
         )
-    with site.locked(f"restore {name}"):
+    with history.recorded(site, "restore", detail=f"restored {name}") as entry, site.locked(f"restore {name}"):
         site.read_states()
+        entry["release"] = site.primary.state.current
         idle = [m.server.name for m in site.order if not m.state.current]
         if idle:
             raise DeployError(
@@ -304,7 +322,7 @@ def restore(site: Site, name: str, *, yes: bool = False) -> str:
         def restart_all() -> None:
             site.in_turn(lambda m: f"restart and verify {m.label} ({m.roles})", host.reactivate)
 
-        _restore_locked(site, record, then=restart_all)
+        entry["backup"] = _restore_locked(site, record, then=restart_all)
     return progress.summary(f"{name} restored; {site.primary.state.current} serves it")
 
 
@@ -376,14 +394,17 @@ def status(site: Site) -> str:
         table = [
             (member.label, member.roles, current, p[0].split(":")[-1], p[1], p[2] if len(p) > 2 else "") for p in found
         ]
-        return table, DeployLock(server, "status").holder()
+        page = maintenance_page.read_state(server) if server.config.runs("web") else None
+        return table, DeployLock(server, "status").holder(), page
 
     table = [("HOST", "ROLES", "RELEASE", "PROGRAM", "STATE", "")]
-    held = []
-    for member, (member_rows, holder) in zip(site.order, site.each(rows), strict=True):
+    held, pages = [], []
+    for member, (member_rows, holder, page) in zip(site.order, site.each(rows), strict=True):
         table += member_rows
         if holder:
             held.append((member, holder))
+        if page is not None:
+            pages.append((member, page))
     widths = [max(len(row[i]) for row in table) for i in range(5)]
     lines = [
         "  ".join(cell.ljust(widths[i]) if i < 5 else cell for i, cell in enumerate(row)).rstrip() for row in table
@@ -402,6 +423,10 @@ def status(site: Site) -> str:
             f"deploy lock{where}: {holder.get('holder', '?')} ({holder.get('action', '?')}), "
             f"last step {holder['idle']} s ago"
         )
+    if len({page.line() for _, page in pages}) == 1:
+        lines.append(f"maintenance: {pages[0][1].line()}")
+    else:
+        lines += [f"maintenance on {member.label}: {page.line()}" for member, page in pages]
     first = site.members.get(config.primary) or site.order[0]
     if site.several:
         lines += ["", f"on the primary, {first.label}:"]
@@ -568,9 +593,11 @@ def env_change(site: Site, sets: list[str], unsets: list[str]) -> str:
     named = " ".join([*(f"--set {key}" for key in values), *(f"--unset {key}" for key in keys)])
     progress = Progress(f"env {named} on {site.name}")
     site.connect_step(progress)
-    with site.locked(f"env {named}"):
+    # NOTE: the record names the keys, never a value (it may be a secret).
+    with history.recorded(site, "env", detail=named) as record, site.locked(f"env {named}"):
         with progress.step("read the env files; render the new ones"):
             site.read_states()
+            record["release"] = site.primary.state.current
             texts = {}
             for member in site.order:
                 old = member.state.env_text or ""
@@ -579,6 +606,7 @@ def env_change(site: Site, sets: list[str], unsets: list[str]) -> str:
                     environment.effective_text(member.server, new)  # a value it cannot hold is refused here
                     texts[member.host] = (old, new)
         if not texts:
+            record["detail"] += " (nothing to change)"
             progress.say(progress.summary("nothing to change: the env file already says so; nothing restarted"))
             return "unchanged"
         changed = [m for m in site.order if m.host in texts]
@@ -654,4 +682,60 @@ def unlock(site: Site) -> str:
 
 def provision(site: Site) -> str:
     """Prepare the site's hosts for `fab deploy` (deploy/provision.py); a re-run changes nothing and says so."""
-    return provisioning.provision(site.conns, site.config)
+    with history.recorded(site, "provision") as record:
+
+        def checked(server) -> None:
+            site.provisioned_primary = server
+
+        summary = provisioning.provision(site.conns, site.config, on_primary=checked)
+        record["detail"] = summary.splitlines()[-1]
+    return summary
+
+
+def maintenance(site: Site, state: str, message: str | None = None) -> str:
+    """The operator's maintenance page `on` (with `message`) or `off` on every web host of the site: 503 with
+    Retry-After for every request, kept across deploys (whose own windows leave it alone) until turned off."""
+    if state not in ("on", "off"):
+        raise DeployError("say `fab maintenance on [--message TEXT]` or `fab maintenance off`.")
+    if state == "off" and message is not None:
+        raise DeployError("--message goes with `fab maintenance on`.")
+    text = maintenance_page.checked_message(message or "")
+    site.require_whole(f"maintenance {state}")
+    progress = Progress(f"maintenance {state} on {site.name}")
+    site.connect_step(progress)
+    webs = [member for member in site.order if member.server.config.runs("web")]
+    if not webs:
+        raise DeployError(f"{site.config.name} has no web host to show a maintenance page on.")
+    with history.recorded(site, f"maintenance {state}", detail=text) as record:
+        record["release"] = read_state(site.primary.server).current
+        with progress.step(f"read the maintenance state{'' if len(webs) == 1 else f' of the {len(webs)} web hosts'}"):
+            before = in_parallel(lambda m: maintenance_page.read_state(m.server), webs, name=lambda m: m.host)
+        if state == "on":
+            since = next((s.operator.get("since") for s in before if s.operator and s.operator.get("since")), None)
+            page = {"since": since or record["time"], "by": record["who"], "message": text}
+            with progress.step(f"put the maintenance page up on {_web_hosts(webs)}"):
+                in_parallel(lambda m: maintenance_page.switch_on(m.server, page), webs, name=lambda m: m.host)
+            was = " (it was on: the message is replaced)" if any(s.operator is not None for s in before) else ""
+            outcome = f"maintenance is on{was}: every request gets 503 until `fab maintenance off`"
+        else:
+            with progress.step(f"take the maintenance page down on {_web_hosts(webs)}"):
+                in_parallel(lambda m: maintenance_page.switch_off(m.server), webs, name=lambda m: m.host)
+            was = "" if any(s.operator is not None for s in before) else " (it was not on)"
+            still = [m.label for m, s in zip(webs, before, strict=True) if s.window]
+            outcome = f"maintenance is off{was}" + (
+                f"; a deploy's own window keeps {', '.join(still)} answering 503 until it ends" if still else ""
+            )
+    return progress.summary(outcome)
+
+
+def _web_hosts(webs: list[Member]) -> str:
+    return webs[0].label if len(webs) == 1 else f"the {len(webs)} web hosts"
+
+
+def show_history(site: Site, lines: int = 50) -> str:
+    """The site's last `lines` provisions, deploys, rollbacks, restores, env changes and maintenance switches, kept
+    on the primary: when, what, result, duration, who."""
+    if lines < 1:
+        raise DeployError("--lines takes a positive number of records.")
+    server = site.connect_primary(Progress("history", out=sys.stderr)).server
+    return history.format_table(history.read(server, lines))

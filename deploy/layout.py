@@ -116,8 +116,26 @@ class ServerLayout:
 
     @property
     def maintenance_flag(self) -> PurePosixPath:
-        """While this file exists nginx answers 503 with a small page (deploy.maintenance creates and removes it)."""
+        """The kit's own maintenance window (deploy --maintenance, restore): while this file exists nginx answers 503
+        with a small page (deploy.maintenance.window creates and removes it)."""
         return self.root / "maintenance-on"
+
+    @property
+    def maintenance_page(self) -> PurePosixPath:
+        """The operator's maintenance page (`fab maintenance on`, with its message; root's, 0644): while it exists
+        nginx answers 503 with it. Only `fab maintenance off` removes it, so it outlasts deploys and their windows."""
+        return self.root / "maintenance.html"
+
+    @property
+    def maintenance_record(self) -> PurePosixPath:
+        """Who turned the operator's maintenance page on, when, with which message (JSON, root's, 0600)."""
+        return self.root / "maintenance.json"
+
+    @property
+    def history(self) -> PurePosixPath:
+        """What was done to the site (provision, deploy, rollback, restore, env, maintenance), one JSON line each,
+        appended by root on the primary (root:root 0600, in the root-only log directory)."""
+        return self.logs / "history.jsonl"
 
     @property
     def lock(self) -> PurePosixPath:

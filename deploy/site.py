@@ -104,6 +104,8 @@ class Site:
         self.members: dict[str, Member] = {}
         self.order: list[Member] = []
         self.progress = Progress(config.name)
+        # The primary as `fab provision` checked it (provision connects on its own): where its history goes.
+        self.provisioned_primary: Server | None = None
 
     @property
     def name(self) -> str:
@@ -126,12 +128,17 @@ class Site:
         """The connected primary (the first web host: it migrates and keeps the backups)."""
         return self.members[self.config.primary]
 
+    def history_server(self) -> Server | None:
+        """Where the site's history is kept: the primary, when this command reached it."""
+        member = self.members.get(self.config.primary)
+        return member.server if member else self.provisioned_primary
+
     def connect_primary(self, progress: Progress) -> Member:
         """Open and check the primary alone (it keeps the backups); refused when -H names another host."""
         if self.config.primary not in self.hosts:
             raise DeployError(
-                f"the backups of {self.config.name} are on its primary, {self.config.primary}: use -H with it, or "
-                "leave -H out."
+                f"the backups and the history of {self.config.name} are on its primary, {self.config.primary}: use -H "
+                "with it, or leave -H out."
             )
         return self.connect(progress, [self.config.primary]).primary
 

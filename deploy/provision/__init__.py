@@ -184,10 +184,17 @@ def site_summary(config: DeployConfig, members: list[Member], elapsed: float) ->
     return "\n".join([*lines, f"provision cluster {config.name}: {total}"])
 
 
-def provision(conns: list[Connection], config: DeployConfig, *, out: TextIO | None = None) -> str:
+def provision(
+    conns: list[Connection],
+    config: DeployConfig,
+    *,
+    out: TextIO | None = None,
+    on_primary: Callable[[Server], None] | None = None,
+) -> str:
     """Provision each host of the site for its roles: the db host first (the others need it), then the others in
     parallel. Returns the summary. On a site of several hosts a failure raises DeployError naming the host and the
-    step, after the other hosts have finished (a re-run goes on from where each stopped)."""
+    step, after the other hosts have finished (a re-run goes on from where each stopped). `on_primary` gets the
+    primary once it is connected and checked."""
     started = time.monotonic()
     out = out or sys.stdout
     lock = threading.Lock()
@@ -199,6 +206,8 @@ def provision(conns: list[Connection], config: DeployConfig, *, out: TextIO | No
         primary = Member(conn, config.for_host(config.primary), out, lock)
     everyone = list(dict.fromkeys([*members, primary]))
     in_parallel(lambda member: member.run(_connect), everyone, name=lambda member: member.name)
+    if on_primary and primary.server:
+        on_primary(primary.server)
     _raise_failures(config, everyone, started, out)
 
     try:

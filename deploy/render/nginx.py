@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import PurePosixPath
 
 from deploy.config import DeployConfig, address_of
-from deploy.render.jinja import PROVISION_TEMPLATES, render_template
+from deploy.render.jinja import render_template
 from deploy.render.site import balancer_address, cluster_site_names, site_names, url_host
 
 # gunicorn's own timeout (WEB_TIMEOUT) is 30 s; nginx must wait at least that long for an answer.
@@ -129,8 +129,26 @@ def render_balancer_site(
     )
 
 
+# The internal URI nginx's 503 goes to: the operator's page when it exists, else the kit's own.
+MAINTENANCE_URI = "/.prayer-room-maintenance"
+
+
+def render_maintenance_page(message: str = "") -> str:
+    """The maintenance page: the kit's own text, or the operator's `message` (HTML-escaped: it is operator text)."""
+    return render_template("maintenance.html", message=message)
+
+
 def maintenance_context(config: DeployConfig) -> dict[str, object]:
-    """The maintenance flag nginx checks, the Retry-After it sends, and the page (one line: it goes in a string)."""
-    page = " ".join((PROVISION_TEMPLATES / "maintenance.html").read_text().split())
-    flag = str(config.layout.maintenance_flag)
-    return {"maintenance_flag": flag, "retry_after": MAINTENANCE_RETRY_AFTER, "page": page}
+    """The maintenance flags nginx checks (the kit's flag file, the operator's page), the Retry-After it sends, and
+    the kit's page (one line: it goes in a string)."""
+    page = " ".join(render_maintenance_page().split())
+    layout = config.layout
+    return {
+        "maintenance_flag": str(layout.maintenance_flag),
+        "maintenance_page": str(layout.maintenance_page),
+        "maintenance_dir": str(layout.maintenance_page.parent),
+        "maintenance_page_name": layout.maintenance_page.name,
+        "maintenance_uri": MAINTENANCE_URI,
+        "retry_after": MAINTENANCE_RETRY_AFTER,
+        "page": page,
+    }

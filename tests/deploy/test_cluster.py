@@ -107,7 +107,10 @@ def fab(config_file: Path, *args: str) -> subprocess.CompletedProcess:
 @pytest.mark.parametrize(
     "args, message",
     [
-        (("-H", "root@10.0.0.3", "backups"), "the backups of cluster are on its primary, root@10.0.0.2: use -H"),
+        (
+            ("-H", "root@10.0.0.3", "backups"),
+            "the backups and the history of cluster are on its primary, root@10.0.0.2: use -H",
+        ),
         (("-H", "root@10.0.0.3", "restore", "x.dump"), "restore acts on every host of the environment cluster at once"),
         (("logs", "--follow", "--role", "web"), "--follow streams one host's logs: add -H user@host"),
         (("status", "--role", "db"), "unknown role 'db' for programs; roles: web, worker, beat."),

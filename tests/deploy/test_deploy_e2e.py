@@ -6,6 +6,7 @@ The tests share one target and run in file order: each starts from the release t
 from __future__ import annotations
 
 import http.cookiejar
+import io
 import json
 import os
 import pwd
@@ -16,6 +17,7 @@ import subprocess
 import tempfile
 import threading
 import time
+import urllib.error
 import urllib.parse
 import urllib.request
 from pathlib import Path
@@ -27,6 +29,8 @@ from fabric import Connection
 from deploy.config import load_config
 from deploy.errors import DeployError
 from deploy.lock import DeployLock
+from deploy.maintenance import window
+from deploy.progress import Progress
 from deploy.site import LockKeeper
 from deploy.ssh import connect
 from tests.deploy.target import (
@@ -48,6 +52,7 @@ pytestmark = [pytest.mark.deploy, pytest.mark.timeout(900)]
 MIGRATIONS = Path("project/prayer_room_api/migrations")
 STATIC_CSS = "project/prayer_room_api/static/e2e.css"
 STATIC_ATTACKER = Path(__file__).with_name("static_attacker.py")
+ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts"
 
 
 @pytest.fixture(scope="module")
@@ -828,3 +833,94 @@ def test_keep_releases_keeps_the_newest_releases_and_only_their_virtualenvs(targ
     used = {os.readlink(target.srv / "releases" / r / ".venv").rstrip("/").rsplit("/", 1)[-1] for r in (first, second)}
     assert venvs == sorted(used) and len(venvs) == 1 and venvs[0] not in old_venvs, (old_venvs, venvs)
     assert live_release_over_http(target) == second
+
+
+def answer(target: DeployTarget, method: str = "GET") -> tuple[int | None, str | None, str]:
+    """Status, Retry-After and body of a GET (or a JSON POST) of /health/ through the provisioned nginx site."""
+    data = b"{}" if method == "POST" else None
+    request = urllib.request.Request(target.front_url, data=data, method=method)
+    try:
+        with urllib.request.urlopen(request, timeout=5) as response:
+            return response.status, response.headers["Retry-After"], response.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.headers["Retry-After"], exc.read().decode()
+
+
+MESSAGE = 'Back at 10:00 <b>"soon"</b> & $HOME'
+
+
+def shows_the_page(target: DeployTarget, method: str = "GET") -> bool:
+    """Whether nginx answers 503, Retry-After 30 and the operator's page with MESSAGE escaped."""
+    status, retry, body = answer(target, method)
+    return (status, retry) == (
+        503,
+        "30",
+    ) and "<p>Back at 10:00 &lt;b&gt;&#34;soon&#34;&lt;/b&gt; &amp; $HOME</p>" in body
+
+
+def test_maintenance_is_503_with_the_message_through_deploys_and_windows_until_off(target, clone):
+    """The operator's page: every method gets 503 with Retry-After and the (escaped) message; a deploy and the kit's
+    own maintenance window leave it up; `fab maintenance off` serves again; `fab status` shows it."""
+    assert "say `fab maintenance on" in failed(target.fab("maintenance", "sideways"))
+    assert "--message goes with `fab maintenance on`" in failed(target.fab("maintenance", "off", "--message", "x"))
+    assert "one line of plain text" in failed(target.fab("maintenance", "on", "--message", "two\nlines"))
+    assert answer(target)[0] == 200
+    started = time.monotonic()
+    out = ok(target.fab("maintenance", "on", "--message", MESSAGE))
+    on_seconds = time.monotonic() - started
+    assert "maintenance is on: every request gets 503 until `fab maintenance off`" in out
+    assert shows_the_page(target, "GET") and shows_the_page(target, "POST")
+    status = ok(target.fab("status"))
+    assert re.search(r"^maintenance: on since \S+Z \(by root@\S+\): Back at 10:00 <b>", status, re.M), status
+
+    out = ok(target.fab("deploy", repo=clone.path))  # verified on the web ports, behind the page
+    assert target.live_release() in out and shows_the_page(target)
+
+    conn = Connection("127.0.0.1", user="root", port=target.ssh_port, connect_kwargs={"key_filename": str(target.key)})
+    conn.client.load_host_keys(str(target.home / ".ssh/known_hosts"))
+    with window(connect(conn, load_config(target.config_file, "e2e")), Progress("w", out=io.StringIO()), "a test"):
+        assert (target.srv / "maintenance-on").exists() and shows_the_page(target)
+    conn.close()
+    assert not (target.srv / "maintenance-on").exists() and shows_the_page(target)  # the window left it up
+
+    started = time.monotonic()
+    out = ok(target.fab("maintenance", "off"))
+    off_seconds = time.monotonic() - started
+    assert "maintenance is off" in out and "(it was not on)" not in out
+    status, retry, body = answer(target)
+    assert (status, retry) == (200, None) and json.loads(body)["release"] == target.live_release()
+    assert re.search(r"^maintenance: off$", ok(target.fab("status")), re.M)
+    ARTIFACTS.mkdir(exist_ok=True)
+    timings = {"fab maintenance on": round(on_seconds, 2), "fab maintenance off": round(off_seconds, 2)}
+    (ARTIFACTS / "maintenance-e2e-timings.json").write_text(json.dumps(timings, indent=1) + "\n")
+
+
+def history_rows(out: str) -> list[list[str]]:
+    """`fab history`'s rows as cells (WHEN, EVENT, RESULT, TIME, WHO, WHAT): columns are 2+ spaces apart."""
+    return [re.split(r" {2,}", line) for line in out.splitlines()[1:] if re.match(r"\d{4}-\d\d-\d\d ", line)]
+
+
+def test_history_lists_the_deploys_rollbacks_and_maintenance_and_only_root_appends_to_it(target):
+    out = ok(target.fab("history", "--lines", "500"))
+    assert out.splitlines()[0].split() == ["WHEN", "(UTC)", "EVENT", "RESULT", "TIME", "WHO", "WHAT"], out
+    rows = history_rows(out)
+    assert [row[1] for row in rows[-3:]] == ["maintenance on", "deploy", "maintenance off"], out
+    assert all(row[2] == "ok" and re.fullmatch(r"[\d.]+ s", row[3]) for row in rows[-3:]), out
+    assert rows[-3][5].endswith(MESSAGE)  # the operator's text as typed
+    assert rows[-2][5].startswith(f"{target.live_release()}; commit ") and rows[-2][4].startswith("root@")
+    rollbacks = [row for row in rows if row[1] == "rollback" and row[2] == "ok"]
+    assert rollbacks and all(re.search(r"; from \d{14}-", row[5]) for row in rollbacks), out
+    assert [row[1] for row in history_rows(ok(target.fab("history", "--lines", "2")))] == ["deploy", "maintenance off"]
+    env_changes = [row[5] for row in rows if row[1] == "env" and row[2] == "ok"]
+    assert any(what.endswith("--set PRAYER_ROOM_E2E_FLAG --set PRAYER_ROOM_E2E_NOTE") for what in env_changes), out
+
+    log = target.srv / "log" / "history.jsonl"
+    info = log.stat()
+    assert (info.st_uid, info.st_gid, info.st_mode & 0o777) == (0, 0, 0o600)
+    records = [json.loads(line) for line in log.read_text().splitlines()]
+    assert "a b=c" not in log.read_text()  # an env change records its keys, never a value
+    assert all({"event", "host", "result", "message", "release", "time", "who", "seconds"} <= set(r) for r in records)
+    append = f": >> {log}"  # opens the log for appending, writes nothing
+    app = subprocess.run(["runuser", "-u", APP_USER, "--", "sh", "-c", append], capture_output=True, text=True)
+    assert app.returncode != 0 and "Permission denied" in app.stderr, app
+    assert subprocess.run(["sh", "-c", append]).returncode == 0  # positive control: root can

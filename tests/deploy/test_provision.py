@@ -236,7 +236,8 @@ def test_nginx_accepts_the_site(tmp_path):
 
 def test_nginx_site_answers_503_with_retry_after_while_the_maintenance_flag_exists():
     site = render_nginx_site(CONFIG, HOST)
-    assert f"if (-f {CONFIG.layout.maintenance_flag}) {{\n        return 503;" in site
+    assert f"if (-f {CONFIG.layout.maintenance_flag}) {{\n        set $prayer_room_maintenance on;" in site
+    assert "if ($prayer_room_maintenance) {\n        return 503;" in site
     assert "add_header Retry-After 30 always;" in site and "<h1>Back in a moment</h1>" in site
     assert 'return 503 "<!doctype html> <html lang=\\"en\\">' in site  # quotes escaped for nginx
 
