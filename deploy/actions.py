@@ -16,7 +16,7 @@ from contextlib import nullcontext
 from dataclasses import replace
 from pathlib import Path
 
-from deploy import backup, env_sources, environment, history, host, release, schema, tls
+from deploy import backup, env_sources, environment, history, host, notify, release, schema, tls
 from deploy import maintenance as maintenance_page
 from deploy import provision as provisioning
 from deploy.commands.logs import tail
@@ -383,9 +383,12 @@ def status(site: Site) -> str:
     site.connect(Progress("status"))
     role, config = site.role, site.config
 
+    alerts: dict[str, list[str]] = {}
+
     def rows(member: Member) -> tuple[list[tuple[str, ...]], dict | None]:
         server = member.server
         member.state = read_state(server)
+        alerts[member.host] = notify.open_alerts(server)
         out = server.supervisorctl("status", what="supervisorctl status", warn=True).stdout
         programs = [line.split(None, 2) for line in out.splitlines() if line.strip()]
         wanted = set(member.programs.select(role).all) if role else None
@@ -414,6 +417,13 @@ def status(site: Site) -> str:
         if config.domain and name in config.role_hosts("balancer"):
             line += f"; {_certificate(site, name)}"
         lines.append(line)
+        if role is None:
+            alerts[name] = _other_host_alerts(site, name)
+    for name in [*(m.host for m in site.order), *(h for h in site.hosts if h not in site.app_hosts)]:
+        found = alerts.get(name)
+        if not found:
+            continue
+        lines += [f"{address_of(name)} {found[0]}" if site.several else found[0], *found[1:]]
     releases = {row[2] for row in table[1:]}
     if len(releases) > 1:
         lines.append(f"WARNING: the hosts run different releases ({', '.join(sorted(releases))}); `fab deploy` again.")
@@ -458,6 +468,15 @@ def _shared_status(site: Site, first: Member) -> list[str]:
         except DeployError as exc:
             lines.append(f"schedules: unavailable ({exc})")
     return lines
+
+
+def _other_host_alerts(site: Site, name: str) -> list[str]:
+    """The open watchdog alerts of a host without programs (the db host, the balancer), over a root session."""
+    try:
+        conn = site.by_address[address_of(name)]
+        return notify.open_alerts(connect(conn, replace(site.config.for_host(name), user="root")))
+    except DeployError as exc:
+        return [f"alerts: unavailable ({exc})"]
 
 
 def _certificate(site: Site, name: str) -> str:

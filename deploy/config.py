@@ -73,6 +73,9 @@ class DeployConfig:
     backup_verify_schedule: str = "*-*-* 04:30:00"
     backup_full_keep: int = 4
     backup_diff_keep: int = 7
+    # Where fab's announcements and the watchdog's alerts go: webhook URLs (a JSON POST) and email addresses (sent
+    # through the app's EMAIL_URL). Checked by validate_notify.
+    notify: tuple[str, ...] = ()
     # role -> the hosts that have it: [environments.NAME.roles], or every role but balancer on the one host of
     # `hosts` (`single_host_site`); empty only while no host is known (the defaults, before -H).
     roles: tuple[tuple[str, tuple[str, ...]], ...] = ()
@@ -276,6 +279,13 @@ def _checked(table: Any, where: str) -> dict[str, Any]:
             if not isinstance(value, list) or not all(isinstance(h, str) for h in value):
                 raise DeployError(f'{where}: hosts must be a list of strings, e.g. ["root@203.0.113.7"].')
             values[key] = tuple(value)
+        elif key == "notify":
+            if not isinstance(value, list) or not all(isinstance(t, str) for t in value):
+                raise DeployError(
+                    f"{where}: notify must be a list of webhook URLs and email addresses, e.g. notify = "
+                    '["https://hooks.example.org/T0/B0/XXXX", "ops@example.org"].'
+                )
+            values[key] = tuple(value)
         elif key == "roles":
             values[key] = _checked_roles(value, f"{where[:-1]}.roles]" if where.endswith("]") else where)
         else:
@@ -388,6 +398,35 @@ def validate(config: DeployConfig, where: str = "deploy config") -> None:
     validate_tls(config, where)
     validate_roles(config, where)
     validate_archive(config, where)
+    validate_notify(config, where)
+
+
+_WEBHOOK = re.compile(r"https?://[A-Za-z0-9.-]+(?::\d{1,5})?(?:/[^\s]*)?")
+_EMAIL = re.compile(r"[A-Za-z0-9.!#$%&'*+/=?^_`{|}~-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)+")
+
+
+def validate_notify(config: DeployConfig, where: str) -> None:
+    """Each notify target is an http(s):// URL with a host name or address, or an email address; none twice."""
+    for target in config.notify:
+        if target.startswith(("http://", "https://")):
+            if not _WEBHOOK.fullmatch(target):
+                raise DeployError(
+                    f"{where}: notify has a webhook URL that is not http(s)://HOST[:PORT]/PATH (no spaces): "
+                    f"{_shown(target)}."
+                )
+        elif not _EMAIL.fullmatch(target):
+            raise DeployError(
+                f"{where}: notify target {target!r} is neither a webhook URL (https://...) nor an email address "
+                "(name@example.org)."
+            )
+    if len(set(config.notify)) != len(config.notify):
+        raise DeployError(f"{where}: notify names a target twice.")
+
+
+def _shown(url: str) -> str:
+    """A URL without its path and query (where webhook services keep the token)."""
+    head, _, rest = url.partition("://")
+    return repr(f"{head}://{rest.split('/', 1)[0]}/...")
 
 
 def validate_tls(config: DeployConfig, where: str) -> None:

@@ -1,6 +1,7 @@
-"""Code that runs ON the servers: app_helper.py (the release's Django) and root_helper.py (root's standard library).
+"""Code that runs ON the servers: app_helper.py (the release's Django), root_helper.py and watchdog.py (root's
+standard library).
 
-Neither can import the kit there: `script` makes each one self-contained text for `python -c`.
+None of them can import the kit there: `script` makes each one self-contained text for `python -c`.
 """
 
 from __future__ import annotations
@@ -10,7 +11,11 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 # The kit modules a helper may import: each such import line is replaced by the module's text.
-INLINED = {"deploy.on_server.common": HERE / "common.py", "deploy.app": HERE.parent / "app.py"}
+INLINED = {
+    "deploy.on_server.common": HERE / "common.py",
+    "deploy.on_server.senders": HERE / "senders.py",
+    "deploy.app": HERE.parent / "app.py",
+}
 
 
 @cache

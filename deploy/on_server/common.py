@@ -42,6 +42,24 @@ def load_environment(env_file: str, defaults: list[str], overrides: list[str]) -
         sys.path.insert(0, project)
 
 
+def database_environment(env=None) -> dict[str, str]:
+    """libpq's variables for the env file's DATABASE_URL (from `env`, else os.environ): the password travels in the
+    environment, not argv."""
+    from urllib.parse import unquote, urlsplit
+
+    url = urlsplit((os.environ if env is None else env).get("DATABASE_URL", ""))
+    if url.scheme not in ("postgres", "postgresql", "pgsql") or not url.path.strip("/"):
+        raise ValueError("the env file's DATABASE_URL is not a postgres:// URL with a database name")
+    values = {
+        "PGHOST": url.hostname or "127.0.0.1",
+        "PGPORT": str(url.port or 5432),
+        "PGUSER": unquote(url.username or ""),
+        "PGPASSWORD": unquote(url.password or ""),
+        "PGDATABASE": unquote(url.path.lstrip("/")),
+    }
+    return {**os.environ, **{key: value for key, value in values.items() if value}}
+
+
 def emit(**fields) -> None:
     """One JSON line for the caller, on a line of its own even after a command's unfinished line."""
     sys.stdout.flush()

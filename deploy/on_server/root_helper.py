@@ -13,26 +13,9 @@ import os
 import sys
 import time
 
-from deploy.on_server.common import dispatch, emit
+from deploy.on_server.common import database_environment, dispatch, emit
 
 BACKUP_SUFFIX = ".dump"
-
-
-def database_environment() -> dict[str, str]:
-    """libpq's variables for the env file's DATABASE_URL: the password travels in the environment, not argv."""
-    from urllib.parse import unquote, urlsplit
-
-    url = urlsplit(os.environ.get("DATABASE_URL", ""))
-    if url.scheme not in ("postgres", "postgresql", "pgsql") or not url.path.strip("/"):
-        raise ValueError("the env file's DATABASE_URL is not a postgres:// URL with a database name")
-    values = {
-        "PGHOST": url.hostname or "127.0.0.1",
-        "PGPORT": str(url.port or 5432),
-        "PGUSER": unquote(url.username or ""),
-        "PGPASSWORD": unquote(url.password or ""),
-        "PGDATABASE": unquote(url.path.lstrip("/")),
-    }
-    return {**os.environ, **{key: value for key, value in values.items() if value}}
 
 
 def pg_tool(args, name: str) -> str:

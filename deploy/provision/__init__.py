@@ -32,6 +32,7 @@ from deploy.provision.host import (
     ensure_directories,
     ensure_nginx,
     ensure_supervisord,
+    ensure_watchdog,
     holds_certificate,
     install_packages,
     read_nginx_facts,
@@ -102,6 +103,7 @@ def _host_steps(values: dict[str, str]) -> Callable[[Member], None]:
             member.step("postgresql", lambda: ensure_postgres_network(server, values["DATABASE_URL"]))
         if not has_app(config):
             _services(member, values)
+            member.step("watchdog", lambda: ensure_watchdog(server))
             return
         member.step("app user", lambda: ensure_app_user(server))
         member.step("directories", lambda: ensure_directories(server))
@@ -110,6 +112,7 @@ def _host_steps(values: dict[str, str]) -> Callable[[Member], None]:
             _services(member, values)
             if member.is_primary:
                 member.step("backup timer", lambda: ensure_backup_timer(server))
+        member.step("watchdog", lambda: ensure_watchdog(server))
 
     return phase
 

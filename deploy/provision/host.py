@@ -13,18 +13,25 @@ from deploy.config import DeployConfig, has_app
 from deploy.errors import DeployError
 from deploy.on_server import script
 from deploy.provision.facts import FACTS_SCRIPT, check_facts, parse_facts
-from deploy.render.nginx import ACME_WEBROOT, NGINX_FACTS_SCRIPT, NginxFacts, parse_nginx_facts
+from deploy.render.nginx import ACME_WEBROOT, CERT_DIR, NGINX_FACTS_SCRIPT, NginxFacts, parse_nginx_facts
 from deploy.render.supervisord import SUPERVISORCTL_DEFAULT, render_supervisorctl_default, render_supervisord_main
 from deploy.render.systemd import (
     BACKUP_SERVICE,
     BACKUP_TIMER,
     CERTBOT_DROPIN,
     UNIT,
+    WATCHDOG_ETC,
+    WATCHDOG_SERVICE,
+    WATCHDOG_TIMER,
     acme_ca_path,
     backup_helper,
     render_backup_units,
     render_certbot_dropin,
     render_unit,
+    render_watchdog_config,
+    render_watchdog_units,
+    watchdog_config_path,
+    watchdog_script,
 )
 from deploy.ssh import Server, connect, sh
 
@@ -329,3 +336,31 @@ def ensure_certificate(server: Server, site: str) -> tuple[bool, str]:
     changed |= ensure_nginx(server, site)
     changed |= tls.ensure_renewal_timer(server)
     return changed, note
+
+
+def ensure_watchdog(server: Server) -> bool:
+    """The watchdog: its script and config (root's), its sandboxed service and the every-minute timer, enabled and
+    waiting. A changed config (deploy.toml's notify) is in place for the next run."""
+    config = server.config
+    certificate = str(CERT_DIR / "cert.pem") if holds_certificate(config) else ""
+    service, timer = render_watchdog_units(config)
+    changed = ensure_directories(server, [(WATCHDOG_ETC, "root", "700")])
+    changed |= sync_file(server, watchdog_script(config), script("watchdog"), owner="root", mode="0644")
+    changed |= sync_file(
+        server, watchdog_config_path(config), render_watchdog_config(config, certificate), owner="root", mode="0600"
+    )
+    units_changed = sync_file(server, SYSTEMD_UNITS / WATCHDOG_SERVICE, service, owner="root", mode="0644")
+    units_changed |= sync_file(server, SYSTEMD_UNITS / WATCHDOG_TIMER, timer, owner="root", mode="0644")
+    if units_changed:
+        server.root("systemctl daemon-reload", what="reloading systemd")
+    state = server.root(
+        f"systemctl is-enabled {WATCHDOG_TIMER}; systemctl is-active {WATCHDOG_TIMER}",
+        what="checking the watchdog timer",
+        warn=True,
+    ).stdout.split()
+    if state[:2] != ["enabled", "active"]:
+        server.root(sh("systemctl", "enable", "--now", WATCHDOG_TIMER), what=f"starting {WATCHDOG_TIMER}")
+        changed = True
+    elif units_changed:
+        server.root(sh("systemctl", "restart", WATCHDOG_TIMER), what=f"restarting {WATCHDOG_TIMER}")
+    return changed or units_changed

@@ -1,10 +1,12 @@
-"""The systemd units provision installs: the app's supervisord, the daily backup, and drop-ins for Debian's units."""
+"""The systemd units provision installs: the app's supervisord, the daily backup, the watchdog, and drop-ins for
+Debian's units."""
 
 from __future__ import annotations
 
+import json
 from pathlib import PurePosixPath
 
-from deploy.config import DeployConfig
+from deploy.config import DeployConfig, has_app
 from deploy.render.jinja import render_template
 
 # Debian's supervisor package: root-owned and patched by apt. Its own system-wide
@@ -71,3 +73,60 @@ def acme_ca_path(config: DeployConfig) -> PurePosixPath:
 def render_certbot_dropin(config: DeployConfig) -> str:
     """CERTBOT_DROPIN: certbot.timer's renewals trust acme_ca_bundle for the ACME server, nothing else does."""
     return render_template("certbot-ca.conf.j2", directory=config.acme_directory, bundle=str(acme_ca_path(config)))
+
+
+WATCHDOG_SERVICE = "prayer-room-watchdog.service"
+WATCHDOG_TIMER = "prayer-room-watchdog.timer"
+# The watchdog's script and config, on every host (a balancer or db host has no app layout): root-only.
+WATCHDOG_ETC = PurePosixPath("/etc/prayer-room-watchdog")
+# Its open alerts and unsent notices: the service's StateDirectory, root-only.
+WATCHDOG_STATE = PurePosixPath("/var/lib/prayer-room-watchdog")
+
+
+def watchdog_script(config: DeployConfig) -> PurePosixPath:
+    """The copy of deploy/on_server/watchdog.py the timer runs (root-owned; only provision writes it)."""
+    return WATCHDOG_ETC / "watchdog.py"
+
+
+def watchdog_config_path(config: DeployConfig) -> PurePosixPath:
+    """What the watchdog checks on this host and where it sends alerts: root-only (webhook URLs hold tokens)."""
+    return WATCHDOG_ETC / "watchdog.json"
+
+
+def render_watchdog_config(config: DeployConfig, certificate: str = "") -> str:
+    """The watchdog's JSON config for the host `config` is bound to: its roles (what it checks), whether it is the
+    primary (beat, periodic tasks, backups), the certificate it holds (`certificate`: its cert.pem), the targets."""
+    layout = config.layout
+    host = config.hosts[0] if config.hosts else ""
+    values = {
+        "site": config.name,
+        "host": host.rpartition("@")[2],
+        "roles": sorted(config.host_roles),
+        "primary": bool(host) and host == config.primary and has_app(config),
+        "notify": list(config.notify),
+        "env_files": [str(layout.env_file), str(layout.effective_env)] if has_app(config) else [],
+        "current": str(layout.current),
+        "lock": str(layout.lock) if has_app(config) else "",
+        "lock_expiry_seconds": config.lock_expiry_seconds,
+        "supervisorctl": config.supervisorctl,
+        "web_ports": list(config.web_ports),
+        "backup_dir": str(layout.backups),
+        "backup_unit": BACKUP_SERVICE,
+        "domain": config.domain,
+        "certificate": certificate,
+    }
+    return json.dumps(values, indent=1, sort_keys=True) + "\n"
+
+
+def watchdog_argv(config: DeployConfig, command: str, *args: str) -> list[str]:
+    """The installed watchdog's command line: `run` (the timer's), `status`, `announce --notice JSON`."""
+    return [config.python, "-I", str(watchdog_script(config)), "--config", str(watchdog_config_path(config)),
+            "--state", str(WATCHDOG_STATE), command, *args]  # fmt: skip
+
+
+def render_watchdog_units(config: DeployConfig) -> tuple[str, str]:
+    """The watchdog's sandboxed oneshot service and its every-minute timer."""
+    service = render_template(
+        "watchdog.service.j2", command=watchdog_argv(config, "run"), state_directory=WATCHDOG_STATE.name
+    )
+    return service, render_template("watchdog.timer.j2")

@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from tests.support.nspawn import RELEASES, Container, build_rootfs, missing_tools, operator_env
+from tests.support.webhook import Receiver
 
 REPO = Path(__file__).resolve().parents[2]
 FAB = Path(sys.executable).with_name("fab")
@@ -109,7 +110,7 @@ def test_provision_takes_a_fresh_server_to_a_ready_one(vps):
     result = fab(vps, "provision", user="admin")  # a sudo user; the re-run below is as root
     timings["provision, first run"] = time.monotonic() - started
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "9 of 9 steps changed the server" in result.stdout, result.stdout
+    assert "10 of 10 steps changed the server" in result.stdout, result.stdout
 
     env = vps.ssh("stat -c '%U:%G %a' /srv/prayer-room/shared/env; cat /srv/prayer-room/shared/env").stdout
     assert env.startswith(f"root:{APP_USER} 640\n")
@@ -220,3 +221,123 @@ def test_the_daily_backup_timer_waits_and_its_first_run_writes_a_backup(vps):
     result = fab(vps, "status")
     assert result.returncode == 0, result.stdout + result.stderr
     assert f"backups: last {dumps[0]} (daily)" in result.stdout and "WARNING" not in result.stdout
+
+
+# --- The watchdog (on the deployed server above, Debian 13 only: the same unit and checks on both releases) -----
+
+WATCHDOG = "prayer-room-watchdog.service"
+
+
+@pytest.fixture(scope="module")
+def receiver(vps):
+    """A webhook receiver on the host's end of the container's link, made the server's notify target by provision."""
+    with Receiver(host=vps.gateway) as found:
+        text = (REPO / "deploy.toml").read_text().replace("[defaults]\n", f'[defaults]\nnotify = ["{found.url}"]\n', 1)
+        config = vps.workdir / "notify.toml"
+        config.write_text(text)
+        result = fab(vps, "provision", "--config", str(config))
+        assert result.returncode == 0, result.stdout + result.stderr
+        assert "1 of 10 steps changed the server (watchdog)" in result.stdout, result.stdout
+        found.config = config
+        watch(vps)  # what is open before any fault (on a busy CI disk, maybe /): those alerts are not ours
+        yield found
+
+
+def watch(vps: Container) -> None:
+    """One watchdog run now, as the timer starts it (a oneshot: returns when it has sent what it had)."""
+    vps.ssh(f"systemctl start {WATCHDOG}")
+
+
+def watch_until(vps: Container, receiver: Receiver, alert: str, event: str, timeout: float = 90) -> dict:
+    """Runs of the watchdog until `receiver` got `event` about `alert`; that notice."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        watch(vps)
+        found = [body for body in receiver.about(alert) if body["event"] == event]
+        if found:
+            return found[0]
+        time.sleep(1)
+    raise AssertionError(f"no {event} about {alert} in {timeout} s: {[b['text'] for b in receiver.received]}")
+
+
+@pytest.mark.parametrize("vps", ["trixie"], indirect=True)
+def test_the_watchdog_timer_starts_the_sandboxed_service_every_minute(vps, receiver):
+    state = vps.ssh("systemctl is-enabled prayer-room-watchdog.timer; systemctl is-active prayer-room-watchdog.timer")
+    assert state.stdout.split() == ["enabled", "active"]
+    calendar = vps.ssh("systemctl show -p TimersCalendar --value prayer-room-watchdog.timer").stdout
+    assert "OnCalendar=*-*-* *:*:00" in calendar, calendar
+    result = vps.ssh(f"systemctl show -p Result -p User -p CapabilityBoundingSet {WATCHDOG}").stdout
+    assert "Result=success" in result and "CapabilityBoundingSet=\n" in result + "\n", result
+    assert vps.ssh("stat -c '%U %a' /etc/prayer-room-watchdog /var/lib/prayer-room-watchdog").stdout.split() == [
+        "root", "700", "root", "700"
+    ]  # fmt: skip
+
+
+FAULTS = {
+    # name: (the alert it opens, inject, fix)
+    "beat stopped": ("beat", "supervisorctl stop prayer-room:beat", "supervisorctl start prayer-room:beat"),
+    "PostgreSQL stopped": ("health", "systemctl stop postgresql", "systemctl start postgresql"),
+    "a program crashing at start": (
+        "program:prayer-room:worker",
+        "cp -p {env} /root/env.saved && echo AXES_FAILURE_LIMIT=broken >> {env}"
+        " && (timeout 5 supervisorctl restart prayer-room:worker || true)",
+        "cp -p /root/env.saved {env} && supervisorctl start prayer-room:worker",
+    ),
+    "a filled disk": (
+        "disk:/mnt/filled",
+        "mkdir -p /mnt/filled && mount -t tmpfs -o size=1m tmpfs /mnt/filled"
+        " && (dd if=/dev/zero of=/mnt/filled/fill bs=64k count=20 2>/dev/null || true)",
+        "umount /mnt/filled",
+    ),
+    "a failing backup": (
+        "backup",
+        "mv /var/backups/prayer-room /var/backups/prayer-room.aside && touch /var/backups/prayer-room"
+        " && ! systemctl start prayer-room-backup.service",
+        "rm /var/backups/prayer-room && mv /var/backups/prayer-room.aside /var/backups/prayer-room"
+        " && systemctl start prayer-room-backup.service",
+    ),
+}
+
+
+@pytest.mark.parametrize("vps", ["trixie"], indirect=True)
+def test_each_fault_gives_one_alert_and_one_resolved_notice(vps, receiver):
+    before = {body.get("alert") for body in receiver.received}
+    figures = {}
+    for name, (alert, inject, fix) in FAULTS.items():
+        started = time.time()
+        vps.ssh(inject.format(env="/srv/prayer-room/shared/env.effective"))
+        opened = watch_until(vps, receiver, alert, "alert")
+        latency = opened["_arrived"] - started
+        assert opened["severity"] in ("critical", "warning") and opened["host"] == vps.address, opened
+        if name == "a filled disk":
+            status = fab(vps, "status")
+            assert "disk:/mnt/filled: /mnt/filled: space 100 % used" in status.stdout, status.stdout
+        vps.ssh(fix.format(env="/srv/prayer-room/shared/env.effective"))
+        watch_until(vps, receiver, alert, "resolved")
+        watch(vps)  # and a run after it: nothing more
+        events = [body["event"] for body in receiver.about(alert)]
+        assert events == ["alert", "resolved"], (name, events)
+        figures[name] = (latency, len(events))
+    opened = [b.get("alert") for b in receiver.received if b["event"] == "alert" and b.get("alert") not in before]
+    assert sorted(opened) == sorted(alert for alert, _, _ in FAULTS.values()), opened  # no other alert, none twice
+    for name, (latency, count) in figures.items():
+        timings[f"watchdog: {name}, fault to alert (s)"] = round(latency, 1)
+        timings[f"watchdog: {name}, notifications"] = count
+    assert all(latency < 120 for latency, _ in figures.values()), figures
+
+
+@pytest.mark.parametrize("vps", ["trixie"], indirect=True)
+def test_an_unreachable_webhook_loses_no_alert(vps, receiver):
+    receiver.down = True
+    vps.ssh("mkdir -p /mnt/filled && mount -t tmpfs -o size=1m tmpfs /mnt/filled && "
+            "(dd if=/dev/zero of=/mnt/filled/fill bs=64k count=20 2>/dev/null || true)")  # fmt: skip
+    try:
+        watch(vps)
+        status = fab(vps, "status")
+        assert "1 notice(s) not sent yet" in status.stdout, status.stdout
+    finally:
+        vps.ssh("umount /mnt/filled")
+        receiver.down = False
+    watch(vps)  # the alert, then its resolution, in order, once each
+    events = [body["event"] for body in receiver.about("disk:/mnt/filled")]
+    assert events == ["alert", "resolved", "alert", "resolved"], events
