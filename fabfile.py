@@ -13,9 +13,10 @@ import sys
 from pathlib import Path
 
 from fabric import Connection, task
-from invoke import Exit
+from fabric.tasks import Task as FabricTask
+from invoke import Argument, Exit
 
-from deploy import actions, hostkeys, terminal
+from deploy import actions, archive, hostkeys, terminal
 from deploy.config import load_config, single_host_site
 from deploy.errors import DeployError
 from deploy.site import Site
@@ -109,26 +110,76 @@ def rollback(c, env=None, config=None, to=None, unapply=False, restore=None, kee
     actions.rollback(site, to=to, unapply=unapply, restore=restore, keep_schema=keep_schema)
 
 
-@task(help={**COMMON_HELP, "download": "also copy it to this file or directory (sha256 checked)"})
+@task(help={**COMMON_HELP, "download": "also copy it to this file or directory (sha256 checked)",
+            "verify": "instead, test the archive: its newest backup and WAL restored into a scratch PostgreSQL, "
+            "checked against the live release and the live row counts, removed"})  # fmt: skip
 @_one_line_errors
-def backup(c, env=None, config=None, download=None):
-    """Back up the database now (pg_dump custom format, root-only on the server, checksummed)."""
+def backup(c, env=None, config=None, download=None, verify=False):
+    """Back up the database now (pg_dump custom format, root-only on the server, checksummed); --verify tests the
+    archive's restore instead."""
+    if verify:
+        if download:
+            raise DeployError("--verify takes no --download: it tests the archive and keeps nothing.")
+        print(actions.verify_archive(_site(c, env, config)))
+        return
     print(actions.backup_now(_site(c, env, config), download=Path(download) if download else None))
 
 
 @task(help=COMMON_HELP)
 @_one_line_errors
 def backups(c, env=None, config=None):
-    """The backups on the server: name, kind, release, size, age."""
+    """The backups on the server: name, kind, release, size, age; and the archive's (type, time, size, WAL range)."""
     print(actions.list_backups(_site(c, env, config)))
 
 
-@task(positional=["name"], help={**COMMON_HELP, "name": "the backup (`fab backups`)",
-            "yes": "yes, replace the database (every write since the backup is lost)"})  # fmt: skip
+class _NameUnlessArchive(Argument):
+    """`fab restore`'s NAME: positional, and required unless --to-time or --latest chooses the archive instead."""
+
+    def __init__(self, others: list[Argument], **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.others = others
+
+    @property
+    def value(self):
+        # NOTE: invoke requires (and eats a word for) every positional argument whose value is None.
+        if self._value is None and any(other.raw_value for other in self.others):
+            return ""
+        return super().value
+
+    @value.setter
+    def value(self, arg) -> None:
+        self.set_value(arg, cast=True)
+
+
+class _RestoreTask(FabricTask):
+    def get_arguments(self, ignore_unknown_help=None):
+        arguments = super().get_arguments(ignore_unknown_help)
+        others = [a for a in arguments if a.name in ("to_time", "latest")]
+        return [
+            _NameUnlessArchive(others, names=a.names, kind=a.kind, default=a.default, help=a.help, positional=True)
+            if a.name == "name"
+            else a
+            for a in arguments
+        ]
+
+
+@task(klass=_RestoreTask, positional=["name"], help={**COMMON_HELP, "name": "the backup (`fab backups`)",
+            "to_time": 'the archive as it was then: "YYYY-MM-DD HH:MM:SS[+TZ]" (UTC without +TZ)',
+            "latest": "the archive's newest data (every archived transaction)",
+            "yes": "yes, replace the database (every write since the backup or that time is lost)"})  # fmt: skip
 @_one_line_errors
-def restore(c, name, env=None, config=None, yes=False):
-    """Put a backup back: the current state is backed up first; maintenance page, programs stopped, restart, verify."""
-    print(actions.restore(_site(c, env, config), name, yes=yes))
+def restore(c, name=None, to_time=None, latest=False, yes=False, env=None, config=None):
+    """Put a backup back, or the archive's data (--to-time / --latest): the current state is backed up first;
+    maintenance page, programs stopped, restart, verify."""
+    if sum((bool(name), bool(to_time), bool(latest))) != 1:
+        raise DeployError(
+            'restore takes one of: a backup NAME (`fab backups`), --to-time "YYYY-MM-DD HH:MM:SS[+TZ]" or --latest.'
+        )
+    site = _site(c, env, config)
+    if name:
+        print(actions.restore(site, name, yes=yes))
+    else:
+        print(actions.restore_archive(site, archive.parse_target_time(to_time) if to_time else None, yes=yes))
 
 
 @task(help={**COMMON_HELP, "role": ROLE_HELP})

@@ -12,11 +12,13 @@ from __future__ import annotations
 import shlex
 import sys
 import time
+from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import replace
+from datetime import datetime
 from pathlib import Path
 
-from deploy import backup, env_sources, environment, history, host, notify, release, schema, tls
+from deploy import archive, backup, env_sources, environment, history, host, notify, release, schema, tls
 from deploy import maintenance as maintenance_page
 from deploy import provision as provisioning
 from deploy.commands.logs import tail
@@ -242,7 +244,21 @@ def rollback(
                 f"   {current} -> {target}, the database back to {restore} (taken for {found['release']}): "
                 "every write made since that backup is LOST"
             )
-            record["backup"] = _restore_locked(site, found, then=switch_all)
+            what = f"{restore} (taken for {found['release']})"
+
+            def put_back() -> str:
+                return f"restored in {backup.restore(primary.server, restore)['seconds']:.1f} s (one transaction)"
+
+            def switch_after(saved: dict) -> None:
+                try:
+                    switch_all()
+                except DeployError as exc:
+                    raise DeployError(
+                        f"{exc} -- the database holds {what} now; the one it replaced is {saved['name']} "
+                        f"(`fab restore {saved['name']} --yes` puts it back)."
+                    ) from exc
+
+            record["backup"] = _restore_locked(site, what, put_back, then=switch_after)
         elif report.unknown and unapply:
             current_dir = layout.releases / (current or target)
             with progress.step(f"check that {current}'s code can reverse {', '.join(report.unknown)}"):
@@ -272,29 +288,46 @@ def _backup_before(primary: Member, target: str) -> str | None:
     return chosen[0]["name"] if chosen else None
 
 
-def _restore_locked(site: Site, record: dict, then) -> str:
-    """Back up the database, then (the maintenance page on every web host, every program stopped) put `record`
-    back; `then` restarts. The states were read under the lock. Returns the name of the backup taken first."""
-    progress, primary, name = site.progress, site.primary, record["name"]
+def _restore_locked(site: Site, what: str, put_back: Callable[[], str], then: Callable[[dict], None]) -> str:
+    """Back up the database, then (the maintenance page on every web host, every program stopped) `put_back` the
+    data `what` names (it returns a line on what it did, or raises having changed nothing); `then(saved)` (the backup
+    just taken) brings the site back on it. The states were read under the lock. Returns the name of the backup
+    taken first."""
+    progress, primary = site.progress, site.primary
     with progress.step(f"back up the database it replaces{site.on_primary()}"):
         saved = backup.take(primary.server, "restore", primary.state.current)
         progress.say(f"   {saved['name']} ({backup.size(saved['size'])}, {saved['seconds']:.1f} s)")
-    with site.maintenance(f"restoring {name}"):
+    with site.maintenance(f"restoring {what}"):
         try:
-            with progress.step(f"restore {name} (one transaction)"):
-                done = backup.restore(primary.server, name)
-                progress.say(f"   restored in {done['seconds']:.1f} s")
+            with progress.step(f"restore {what}"):
+                progress.say(f"   {put_back()}")
         except DeployError:
             site.start_all()  # nothing was restored: the live release serves the database it had again
             raise
-        try:
-            then()
-        except DeployError as exc:
-            raise DeployError(
-                f"{exc} -- the database holds {name} (taken for {record['release']}) now; the one it "
-                f"replaced is {saved['name']} (`fab restore {saved['name']} --yes` puts it back)."
-            ) from exc
+        then(saved)
     return saved["name"]
+
+
+def _after_restore(site: Site, what: str, saved: dict) -> None:
+    """The one step after any restore (a dump, or the archive): each host's live release restarted and verified, in
+    rollout order; a failure says what the database holds and the way back (`saved`, the backup taken before)."""
+    try:
+        site.in_turn(lambda m: f"restart and verify {m.label} ({m.roles})", host.reactivate)
+    except DeployError as exc:
+        raise DeployError(
+            f"{exc} -- the database holds {what} now; the one it replaced is {saved['name']} "
+            f"(`fab restore {saved['name']} --yes` puts it back)."
+        ) from exc
+
+
+def _require_live(site: Site) -> None:
+    """Refuse a restore while a host has no live release to bring back on the restored data."""
+    idle = [m.server.name for m in site.order if not m.state.current]
+    if idle:
+        raise DeployError(
+            f"{', '.join(idle)} {'have' if len(idle) > 1 else 'has'} no live release to restart after the "
+            "restore; `fab deploy` first."
+        )
 
 
 def restore(site: Site, name: str, *, yes: bool = False) -> str:
@@ -312,18 +345,56 @@ def restore(site: Site, name: str, *, yes: bool = False) -> str:
     with history.recorded(site, "restore", detail=f"restored {name}") as entry, site.locked(f"restore {name}"):
         site.read_states()
         entry["release"] = site.primary.state.current
-        idle = [m.server.name for m in site.order if not m.state.current]
-        if idle:
-            raise DeployError(
-                f"{', '.join(idle)} {'have' if len(idle) > 1 else 'has'} no live release to restart after the "
-                "restore; `fab deploy` first."
+        _require_live(site)
+
+        def put_back() -> str:
+            return f"restored in {backup.restore(site.primary.server, name)['seconds']:.1f} s (one transaction)"
+
+        what = f"{name} (taken for {record['release']})"
+        entry["backup"] = _restore_locked(site, what, put_back, then=lambda saved: _after_restore(site, what, saved))
+    return progress.summary(f"{name} restored; {site.primary.state.current} serves it")
+
+
+def restore_archive(site: Site, target: datetime | None, *, yes: bool = False) -> str:
+    """Put the archive's data back as it was at `target` (or at its newest archived transaction) on the db host, with
+    the dump restore's safety: the time checked against the archive's window and the archive read before anything
+    changes, the current state backed up, the maintenance page up and the programs stopped meanwhile, then the same
+    after-restore step (restart and verify each host's live release)."""
+    config = site.config
+    if not config.backup_repository:
+        raise DeployError(
+            "backup_repository is not set in the deploy config: there is no archive to restore from (`fab backups` "
+            "lists the dumps; `fab restore NAME --yes` puts one back)."
+        )
+    site.require_whole("restore")
+    what = f"the archive at {target:%Y-%m-%d %H:%M:%S%z}" if target else "the archive's latest data"
+    progress = Progress(f"restore {what} on {site.name}")
+    site.connect_step(progress)
+    db = site.db_server()
+    with progress.step(f"read the archive {config.backup_repository}"):
+        earliest, _ = archive.check_target(archive.archive_info(db, config), target)
+        progress.say(f"   it can restore from {earliest:%Y-%m-%d %H:%M:%S}+0000 to now")
+    if not yes:
+        lost = "every write after that time" if target else "every write not yet archived"
+        raise DeployError(
+            f"restoring {what} replaces the whole database: {lost} is lost (the current state is backed up first); "
+            "run again with --yes."
+        )
+    with history.recorded(site, "restore", detail=f"restored {what}") as entry, site.locked(f"restore {what}"):
+        site.read_states()
+        entry["release"] = site.primary.state.current
+        _require_live(site)
+
+        def put_back() -> str:
+            started = time.monotonic()
+            aside = archive.restore(db, config, target)
+            return (
+                f"restored in {time.monotonic() - started:.1f} s; the data directory it replaced is kept at {aside} "
+                f"on {db.name} (remove it once the site is right)"
             )
 
-        def restart_all() -> None:
-            site.in_turn(lambda m: f"restart and verify {m.label} ({m.roles})", host.reactivate)
-
-        entry["backup"] = _restore_locked(site, record, then=restart_all)
-    return progress.summary(f"{name} restored; {site.primary.state.current} serves it")
+        entry["backup"] = _restore_locked(site, what, put_back, then=lambda saved: _after_restore(site, what, saved))
+    return progress.summary(f"{what} restored; {site.primary.state.current} serves it")
 
 
 def backup_now(site: Site, *, download: Path | None = None) -> str:
@@ -337,9 +408,57 @@ def backup_now(site: Site, *, download: Path | None = None) -> str:
 
 
 def list_backups(site: Site) -> str:
-    """The backups kept on the primary."""
+    """The backups kept on the primary; with an archive, the archive's too (read on the db host)."""
     found, now = backup.records(site.connect_primary(Progress("backups")).server)
-    return backup.format_list(found, now)
+    text = backup.format_list(found, now)
+    if site.config.backup_repository:
+        lines = archive.backup_lines(site.db_server(), site.config)
+        text += f"\n\narchive {site.config.backup_repository} (`fab restore --to-time/--latest`):\n" + "\n".join(
+            f"  {line}" for line in lines
+        )
+    return text
+
+
+def verify_archive(site: Site) -> str:
+    """The restore test now: the live WAL archived, then the newest backup and its WAL restored into a scratch
+    PostgreSQL on the db host (removed afterwards); its migrations checked against the live release's code (what
+    `migrate --check` would find) and its main tables' row counts against the live ones."""
+    config = site.config
+    if not config.backup_repository:
+        raise DeployError("backup_repository is not set in the deploy config: there is no archive to verify.")
+    progress = Progress(f"verify the archive of {site.name}")
+    primary = site.connect_primary(progress)
+    db = site.db_server()
+    with progress.step("archive the WAL written so far"):
+        progress.say(f"   {archive.archive_current_wal(db)} is in the archive")
+    with progress.step("restore the newest backup and its WAL into a scratch PostgreSQL, count, remove it"):
+        result = archive.verify(db, config)
+        progress.say(f"   restored and counted in {result['seconds']} s")
+    state = read_state(primary.server)
+    if state.current:
+        with progress.step(f"migrate --check: the restored migrations against {state.current}'s"):
+            report = SchemaReport.read(primary.server, config.layout.releases / state.current)
+            known = (set(report.applied) - set(report.unknown)) | set(report.new)
+            restored = set(result.get("migrations", []))
+            unapplied, lacking = sorted(known - restored), sorted(restored - known)
+            if unapplied or lacking:
+                raise DeployError(
+                    f"the restored copy does not fit {state.current}: "
+                    + "; ".join(
+                        part
+                        for part in (
+                            unapplied and f"unapplied migrations {', '.join(unapplied)}",
+                            lacking and f"migrations the release lacks {', '.join(lacking)}",
+                        )
+                        if part
+                    )
+                )
+            progress.say(f"   no unapplied migration ({len(known)} applied)")
+    differ = archive.count_differences(result)
+    for line in differ:
+        progress.say(f"   {line}")
+    counts = f"{len(result['live'])} tables' row counts match" if not differ else f"{len(differ)} table(s) differ"
+    return progress.summary(f"the restore test passed: {counts}")
 
 
 def plan(site: Site, repo: Path) -> str:
@@ -454,6 +573,11 @@ def _shared_status(site: Site, first: Member) -> list[str]:
         lines.append(backup.freshness(*backup.records(server)))
     except DeployError as exc:
         lines.append(f"backups: unavailable ({exc})")
+    if config.backup_repository:
+        try:
+            lines += archive.status_lines(site.db_server(), config)
+        except DeployError as exc:
+            lines.append(f"ALERT archive: unavailable ({exc})")
     lines.append("releases:")
     for r in state.releases:
         live = "  (live)" if r == state.current else ""

@@ -5,6 +5,7 @@ from deploy/render/archive.py."""
 from __future__ import annotations
 
 import json
+import os
 import re
 import secrets
 import time
@@ -34,6 +35,7 @@ from deploy.ssh import Server, sh
 
 UNIT_DIR = PurePosixPath("/etc/systemd/system")
 ARCHIVE_DROPIN = "prayer-room-archive.conf"
+INFO_IO_TIMEOUT = 5
 _TIME = re.compile(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d(\.\d+)?([+-]\d\d(:?\d\d)?|Z)?")
 
 
@@ -96,7 +98,11 @@ def archive_info(server: Server, config: DeployConfig, *, conf: PurePosixPath = 
     """pgBackRest's view of the site's stanza (`info --output=json`); an unreadable archive raises one line: a
     wrong BACKUP_CIPHER_PASS, or a bucket that cannot be reached."""
     result = server.root(
-        as_postgres(pgbackrest_command(config, f"--config={conf}", "--output=json", "info")),
+        # NOTE: pgBackRest retries an endpoint that refuses connections until its io-timeout has passed several
+        # times: 4 min at the default 60 s, 20 s at 5 s. Reading the archive's info is small.
+        as_postgres(
+            pgbackrest_command(config, f"--config={conf}", f"--io-timeout={INFO_IO_TIMEOUT}", "--output=json", "info")
+        ),
         what="reading the archive",
         warn=True,
     )
@@ -113,7 +119,8 @@ def archive_info(server: Server, config: DeployConfig, *, conf: PurePosixPath = 
     )
     if problem:
         message = problem["message"]
-        if "unable to load info file" in message and "FormatError" in message:
+        # A wrong passphrase: [FormatError] (pgBackRest 2.45, Debian 12) or [CryptoError] (Debian 13's).
+        if "unable to load info file" in message and ("FormatError" in message or "CryptoError" in message):
             raise DeployError(
                 f"the archive {config.backup_repository} cannot be decrypted with this BACKUP_CIPHER_PASS: give the "
                 "passphrase it was made with (nothing was changed)."
@@ -136,17 +143,12 @@ class Installed:
 
 
 def install(server: Server, config: DeployConfig, secrets: ArchiveSecrets) -> Installed:
-    """Archive the db host's PostgreSQL to the bucket: pgBackRest installed and configured, the restore test's script
-    and the units in place, then archiving started (`start_archiving`).
+    """Archive the db host's PostgreSQL to the bucket: pgBackRest (provision's packages step installs it) configured,
+    the restore test's script and the units in place, then archiving started (`start_archiving`).
 
     The new config is tried against the bucket before anything is put in place: a wrong passphrase or an
     unreachable bucket is one line, with nothing changed. When the archive already holds another cluster's data
     (a new server replacing a lost one), PostgreSQL is left not archiving: `restore` brings that data here first."""
-    server.root(
-        "command -v pgbackrest >/dev/null || { export DEBIAN_FRONTEND=noninteractive; "
-        "apt-get install -y -q pgbackrest || { apt-get update -q && apt-get install -y -q pgbackrest; }; }",
-        what="installing pgBackRest",
-    )
     cluster = live_cluster(server)
     facts = {"pg_path": str(cluster.data_directory), "pg_port": cluster.port}
     conf = render_pgbackrest_conf(config, secrets, **facts)
@@ -229,6 +231,17 @@ def verify(server: Server, config: DeployConfig) -> dict:
     return result
 
 
+def count_differences(result: dict) -> list[str]:
+    """The restore test's tables whose row count differs from the live one's (writes after the newest archived WAL)
+    or that the restored copy lacks, one line each."""
+    restored, live = result.get("restored", {}), result.get("live", {})
+    return [
+        f"{table}: {live[table]} rows live, " + (f"{restored[table]} restored" if table in restored else "not restored")
+        for table in sorted(live)
+        if restored.get(table) != live[table]
+    ]
+
+
 def archive_current_wal(server: Server, timeout: int = 120) -> str:
     """Close the WAL segment being written and wait until the archive has it: the archive then holds every
     transaction committed so far. The segment's name."""
@@ -250,8 +263,22 @@ def restore_window(info: dict) -> tuple[datetime, datetime]:
     """The earliest and latest points the archive can restore to: the oldest backup's end, and now."""
     ends = [entry["timestamp"]["stop"] for entry in info.get("backup", [])]
     if not ends:
-        raise DeployError("the archive holds no backup yet: run `fab backup` (or wait for the timer) first.")
+        raise DeployError(
+            "the archive holds no backup yet: `fab provision` takes the first (or wait for the backup timers); "
+            "nothing was changed."
+        )
     return datetime.fromtimestamp(min(ends), UTC), datetime.now(UTC)
+
+
+def check_target(info: dict, target: datetime | None) -> tuple[datetime, datetime]:
+    """The archive's window (`restore_window`); a `target` outside it is refused, naming the window."""
+    earliest, latest = restore_window(info)
+    if target is not None and not earliest <= target <= latest:
+        raise DeployError(
+            f"{target:%Y-%m-%d %H:%M:%S%z} is outside the archive's window, {earliest:%Y-%m-%d %H:%M:%S}+0000 to now "
+            f"({latest:%Y-%m-%d %H:%M:%S}+0000); nothing was changed."
+        )
+    return earliest, latest
 
 
 def parse_target_time(text: str) -> datetime:
@@ -267,13 +294,7 @@ def restore(server: Server, config: DeployConfig, target: datetime | None = None
     transaction. The live WAL is archived first, and the data directory kept aside (its path is returned); on a
     failure it is put back and PostgreSQL started on it again. Archiving goes on from the restored data (on a new
     server, it starts there)."""
-    info = archive_info(server, config)
-    earliest, latest = restore_window(info)
-    if target is not None and not earliest <= target <= latest:
-        raise DeployError(
-            f"{target:%Y-%m-%d %H:%M:%S%z} is outside the archive's window, {earliest:%Y-%m-%d %H:%M:%S}+0000 to now "
-            f"({latest:%Y-%m-%d %H:%M:%S}+0000); nothing was changed."
-        )
+    check_target(archive_info(server, config), target)
     cluster = live_cluster(server)
     if psql(server, "SHOW archive_mode", what="reading archive_mode") == "on":
         archive_current_wal(server)
@@ -308,7 +329,6 @@ def restore(server: Server, config: DeployConfig, target: datetime | None = None
 
 
 # --- What the operator's machine adds: the secrets, and the archive's lines in `fab backups` and `fab status`.
-SECRETS_FILE = "deploy.secrets"  # beside deploy.toml, git-ignored: KEY=value lines
 _CONF_SECRETS = {
     "repo1-s3-key": "BACKUP_S3_KEY",
     "repo1-s3-key-secret": "BACKUP_S3_KEY_SECRET",
@@ -356,11 +376,43 @@ def choose_secrets(
     chosen = ArchiveSecrets.from_environment(values)
     if generated:
         old = secrets_file.read_text() if secrets_file.is_file() else ""
-        secrets_file.touch(mode=0o600)
-        secrets_file.chmod(0o600)
-        secrets_file.write_text(old + ("" if old.endswith("\n") or not old else "\n")
-                                + f"BACKUP_CIPHER_PASS={chosen.cipher_pass}\n")  # fmt: skip
+        _write_private(secrets_file, old + ("" if old.endswith("\n") or not old else "\n")
+                       + f"BACKUP_CIPHER_PASS={chosen.cipher_pass}\n")  # fmt: skip
     return chosen, generated
+
+
+def _write_private(path: Path, text: str) -> None:
+    path.touch(mode=0o600)
+    path.chmod(0o600)
+    path.write_text(text)
+
+
+def ensure_archive(server: Server, say) -> tuple[bool, str]:
+    """Provision's archive step on the db host: the secrets chosen (`choose_secrets`), then `install`. A generated
+    passphrase is announced through `say`, once (the next provision finds it in the secrets file); a refused one is
+    taken out of the secrets file again, so that the operator's real passphrase is not shadowed by it."""
+    config = server.config
+    secrets_file = config.secrets_file
+    before = secrets_file.read_text() if secrets_file.is_file() else None
+    on_server = secrets_from_conf(server.read(PGBACKREST_CONF, what="reading pgBackRest's config") or "")
+    chosen, generated = choose_secrets(dict(os.environ), secrets_file, on_server)
+    try:
+        installed = install(server, config, chosen)
+    except DeployError:
+        if generated:
+            if before is None:
+                secrets_file.unlink(missing_ok=True)
+            else:
+                _write_private(secrets_file, before)
+        raise
+    if generated:
+        say(f"   NOTE: {passphrase_notice(secrets_file)}")
+    if installed.awaiting_restore:
+        return True, (
+            "the archive holds another server's data: this PostgreSQL does not archive until `fab restore --latest "
+            "--yes` brings that data here"
+        )
+    return installed.changed, f"archiving to {config.backup_repository}"
 
 
 def passphrase_notice(secrets_file: Path) -> str:

@@ -14,6 +14,7 @@ from deploy.layout import WEB_PORTS, ServerLayout
 
 REPO_DIR = Path(__file__).resolve().parent.parent
 DEFAULT_CONFIG_FILE = REPO_DIR / "deploy.toml"
+SECRETS_FILE = "deploy.secrets"
 
 LETSENCRYPT = "https://acme-v02.api.letsencrypt.org/directory"
 # What a host of a site can be: the programs it runs (web, worker, beat), the shared PostgreSQL and Redis (db)
@@ -76,6 +77,10 @@ class DeployConfig:
     # Where fab's announcements and the watchdog's alerts go: webhook URLs (a JSON POST) and email addresses (sent
     # through the app's EMAIL_URL). Checked by validate_notify.
     notify: tuple[str, ...] = ()
+    # The deploy.toml this config was read from (or would be): the operator's git-ignored secrets file
+    # (`secrets_file`) lives beside it. Set by load_config, never by the file itself; not part of what the config
+    # says (equality).
+    config_file: str = field(default=str(DEFAULT_CONFIG_FILE), compare=False)
     # role -> the hosts that have it: [environments.NAME.roles], or every role but balancer on the one host of
     # `hosts` (`single_host_site`); empty only while no host is known (the defaults, before -H).
     roles: tuple[tuple[str, tuple[str, ...]], ...] = ()
@@ -87,6 +92,11 @@ class DeployConfig:
         """The unprivileged user collectstatic runs as: a uid of its own, so the app user cannot write what it
         collects (nginx serves it) nor touch the process while it runs."""
         return f"{self.user}-build"
+
+    @property
+    def secrets_file(self) -> Path:
+        """The operator's secrets file beside deploy.toml (git-ignored, KEY=value lines): the archive's BACKUP_*."""
+        return Path(self.config_file).parent / SECRETS_FILE
 
     @property
     def site_hosts(self) -> tuple[str, ...]:
@@ -213,7 +223,7 @@ def address_of(host: str) -> str:
 
 
 _FIELD_TYPES = {f.name: f.type for f in fields(DeployConfig)}
-_SETTABLE = set(_FIELD_TYPES) - {"name", "extra_env", "host_roles"} | {"env"}
+_SETTABLE = set(_FIELD_TYPES) - {"name", "extra_env", "host_roles", "config_file"} | {"env"}
 
 
 def load_config(path: Path | None = None, environment: str | None = None) -> DeployConfig:
@@ -225,7 +235,7 @@ def load_config(path: Path | None = None, environment: str | None = None) -> Dep
     if not path.is_file():
         if environment:
             raise DeployError(f"unknown environment {environment!r}: there is no deploy config at {path}.")
-        return DeployConfig()
+        return DeployConfig(config_file=str(path))
     try:
         data = tomllib.loads(path.read_text())
     except tomllib.TOMLDecodeError as exc:
@@ -250,7 +260,7 @@ def load_config(path: Path | None = None, environment: str | None = None) -> Dep
     for bundle in ("acme_ca_bundle", "backup_s3_ca_bundle"):  # relative to the config file, like a command line's
         if values.get(bundle):
             values[bundle] = str((path.parent / Path(values[bundle]).expanduser()).resolve())
-    config = DeployConfig(name=name, extra_env=tuple(sorted(env.items())), **values)
+    config = DeployConfig(name=name, extra_env=tuple(sorted(env.items())), config_file=str(path.resolve()), **values)
     validate(config, str(path))
     return single_host_site(config, config.hosts[0]) if config.hosts else config
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TypeVar
 
 from fabric import Connection
@@ -141,6 +141,22 @@ class Site:
                 "with it, or leave -H out."
             )
         return self.connect(progress, [self.config.primary]).primary
+
+    def db_server(self) -> Server:
+        """A root session on the db host (where PostgreSQL and its archive are): the member's when it runs the app
+        too (a site of one host), else a session of its own (a db host has no app user)."""
+        db = self.config.role_hosts("db")
+        if not db:
+            raise DeployError(f"the environment {self.config.name} has no db host: the archive is the db host's.")
+        if db[0] in self.members:
+            return self.members[db[0]].server
+        config = self.config.for_host(db[0])
+        template = self.conns[0]
+        conn = self.by_address.get(address_of(db[0])) or Connection(
+            db[0], config=template.config, connect_timeout=template.connect_timeout
+        )
+        checked = connect(conn, replace(config, user="root"))  # NOTE: connect insists on the (absent) app user
+        return Server(conn, config, checked.is_root, checked.sudo_password, app_home="/root")
 
     @property
     def several(self) -> bool:

@@ -17,7 +17,7 @@ from typing import TextIO
 
 from fabric import Connection
 
-from deploy import tls
+from deploy import archive, tls
 from deploy.config import DeployConfig, has_app
 from deploy.errors import DeployError
 from deploy.lock import DeployLock
@@ -123,6 +123,8 @@ def _services(member: Member, values: dict[str, str]) -> None:
     if config.runs("db"):
         member.step("database", lambda: ensure_database(server, values["DATABASE_URL"]))
         member.step("redis", lambda: ensure_redis(server, values))
+        if config.backup_repository:
+            member.step("archive", lambda: archive.ensure_archive(server, member.progress.say))
     if has_app(config):
         member.step("supervisord", lambda: ensure_supervisord(server))
     if config.runs("web") or config.runs("balancer"):

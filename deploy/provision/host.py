@@ -75,6 +75,7 @@ def packages_for(config: DeployConfig) -> tuple[str, ...]:
         *(("supervisor",) if app else ()),
         *(("postgresql-client",) if app and not db else ()),
         *(("nftables",) if db and config.multi_host else ()),
+        *(("pgbackrest",) if db and config.backup_repository else ()),
         *(TLS_PACKAGES if holds_certificate(config) else ()),
     ]
     return tuple(wanted)

@@ -30,6 +30,12 @@ ROW_COUNTS_SQL = (
     "ORDER BY table_name), '{}') FROM information_schema.tables "
     "WHERE table_schema = 'public' AND table_type = 'BASE TABLE'"
 )
+# The applied migrations ("app.name", sorted) as one JSON array; [] before the first migrate (no such table).
+MIGRATIONS_SQL = (
+    "SELECT CASE WHEN to_regclass('public.django_migrations') IS NULL THEN '[]' ELSE (xpath('/row/m/text()', "
+    "query_to_xml('SELECT coalesce(json_agg(app || ''.'' || name ORDER BY app, name), ''[]'') AS m "
+    "FROM django_migrations', false, true, '')))[1]::text END"
+)
 # What reaches the server from the operator's environment (or the git-ignored secrets file) at provision.
 SECRET_NAMES = ("BACKUP_S3_KEY", "BACKUP_S3_KEY_SECRET", "BACKUP_CIPHER_PASS")
 _SECRET = re.compile(r"[\x21-\x7e]+")  # printable, no spaces: each is one line of pgbackrest.conf
@@ -134,6 +140,7 @@ def render_verify_script(config: DeployConfig, *, pg_bin: str, live_port: int = 
         unit=verify_unit_name(config) + ".service",
         restore=pgbackrest_command(config, "--archive-mode=off", "--type=default", "restore"),
         counts_sql=ROW_COUNTS_SQL,
+        migrations_sql=MIGRATIONS_SQL,
     )
 
 

@@ -1,6 +1,8 @@
 """Continuous archiving without a server: deploy.toml's backup_repository and backup_s3_* settings, pgBackRest's
 config, PostgreSQL's archive drop-in, the backup units and timers, the restore's time checks."""
 
+import subprocess
+import sys
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -8,6 +10,7 @@ import pytest
 
 from deploy.archive import (
     choose_secrets,
+    count_differences,
     format_archive_status,
     format_backups,
     parse_target_time,
@@ -16,6 +19,7 @@ from deploy.archive import (
 )
 from deploy.config import archive_repository, load_config
 from deploy.errors import DeployError
+from deploy.provision.host import packages_for
 from deploy.render.archive import (
     ArchiveSecrets,
     render_archive_settings,
@@ -233,6 +237,18 @@ def test_without_a_passphrase_anywhere_one_is_generated_and_saved_in_the_secrets
     assert choose_secrets(environ, secrets_file, {}) == (chosen, False)  # the next provision reuses it
 
 
+def test_the_secrets_file_is_the_one_beside_the_config_file_read_and_the_db_host_installs_pgbackrest(tmp_path):
+    elsewhere = tmp_path / "ops"
+    elsewhere.mkdir()
+    config = config_from(elsewhere, "backup_repository = 's3://prayer-backups/site'\n")
+    assert config.secrets_file == elsewhere / "deploy.secrets"
+    assert load_config(tmp_path / "missing.toml").secrets_file == tmp_path / "deploy.secrets"
+    assert "pgbackrest" in packages_for(config.for_host(config.site_hosts[0]) if config.site_hosts else config)
+    assert "pgbackrest" not in packages_for(config_from(tmp_path, ""))
+    with pytest.raises(DeployError, match="unknown setting.*config_file"):
+        config_from(tmp_path, "config_file = '/etc/passwd'\n")
+
+
 INFO = {
     "backup": [
         {
@@ -286,3 +302,32 @@ def test_status_alerts_on_a_late_backup_failing_wal_archiving_and_a_failed_or_mi
         "ALERT archive: no backup yet",
         "ALERT archive: no restore test yet",
     ]
+
+
+def test_the_restore_tests_row_counts_that_differ_are_named():
+    same = {"restored": {"a": 1, "b": 2}, "live": {"a": 1, "b": 2}}
+    assert count_differences(same) == []
+    result = {"restored": {"a": 1}, "live": {"a": 3, "b": 2}}
+    assert count_differences(result) == ["a: 3 rows live, 1 restored", "b: 2 rows live, not restored"]
+
+
+FAB = Path(sys.executable).with_name("fab")
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["restore", "--latest", "--yes"], "backup_repository is not set in the deploy config"),
+        (["restore", "--to-time", "2026-12-01 10:00:00", "--yes"], "backup_repository is not set"),
+        (["restore", "--to-time", "yesterday", "--yes"], '--to-time must be "YYYY-MM-DD HH:MM:SS[+TZ]"'),
+        (["restore", "some.dump", "--latest"], "restore takes one of: a backup NAME"),
+        (["backup", "--verify"], "backup_repository is not set in the deploy config: there is no archive to verify"),
+    ],
+)
+def test_fab_restore_from_the_archive_and_backup_verify_refuse_in_one_line_before_any_host(tmp_path, args, message):
+    config = tmp_path / "deploy.toml"
+    config.write_text("[defaults]\n")
+    command = [str(FAB), "-H", "root@192.0.2.1", *args, "--config", str(config)]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=60, cwd=Path(__file__).parents[2])
+    assert result.returncode == 1 and result.stdout == "", result.stdout + result.stderr
+    assert result.stderr.count("\n") == 1 and result.stderr.startswith("error: ") and message in result.stderr
