@@ -1,48 +1,68 @@
-"""Continuous archiving end to end: the kit's archive steps (deploy/archive.py) on a fresh Debian 13 booted with
-systemd-nspawn, with PostgreSQL from Debian's package, archiving through pgBackRest to a real S3 API (moto behind
-an nginx TLS front with a throwaway CA, tests/support/s3.py).
+"""Continuous archiving end to end, through the `fab` commands an operator runs: `fab provision` with a
+backup_repository sets up pgBackRest on a fresh Debian 13 booted with systemd-nspawn, archiving its PostgreSQL to a
+real S3 API (moto behind an nginx TLS front with a throwaway CA, tests/support/s3.py); then `fab deploy`,
+`fab backup --verify`, `fab backups`, `fab status` and `fab restore --to-time/--latest`.
 
-The tests share one container and run in file order: archiving set up (a first full backup, every object in the
-bucket encrypted), WAL archived within archive_timeout, a wrong passphrase refused, the differential backup's
-unit, the restore test into a scratch instance, a time outside the archive refused, a point-in-time restore
-undoing a delete, a restore to the latest, and a new server (its disk thrown away) getting every archived write.
+The tests share one container and run in file order: provision (a generated passphrase announced once, a first
+full backup, every object in the bucket encrypted), a wrong passphrase refused, the differential backup's unit,
+the restore test, a time outside the archive refused, a point-in-time restore undoing a delete, a restore to the
+latest; then a power cut (the container's plug pulled, its disk thrown away) and a second, brand-new container
+provisioned, deployed and restored to the latest: every write acknowledged up to 60 s before the cut is back.
 """
 
 from __future__ import annotations
 
 import json
+import re
 import secrets
 import shlex
+import shutil
 import subprocess
+import sys
+import threading
 import time
-from dataclasses import replace
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import pytest
-from fabric import Connection
 
-from deploy import archive
-from deploy.config import DeployConfig
-from deploy.errors import DeployError
-from deploy.render.archive import PGBACKREST_CONF
-from deploy.ssh import Server
 from tests.support import s3
-from tests.support.nspawn import Container, build_rootfs, missing_tools
+from tests.support.nspawn import Container, build_rootfs, missing_tools, operator_env
 
 REPO = Path(__file__).resolve().parents[2]
+FAB = Path(sys.executable).with_name("fab")
 ARTIFACTS = REPO / "test-artifacts"
 pytestmark = [
     pytest.mark.deploy,
+    pytest.mark.timeout(1200),
     pytest.mark.skipif(bool(missing_tools() or s3.missing_tools()), reason=str(missing_tools() or s3.missing_tools())),
 ]
 PREFIX = f"archive-e2e-{secrets.token_hex(4)}"
 MARKER = f"prayer-room-in-clear-{secrets.token_hex(8)}"
+PGBACKREST_CONF = "/etc/pgbackrest/pgbackrest.conf"
 timings: dict[str, float] = {}
 
 
 @pytest.fixture(scope="module")
+def operator(tmp_path_factory, s3_server) -> Path:
+    """The operator's checkout: a deploy.toml archiving to the test bucket, its CA bundle beside it, no secrets file
+    yet (no passphrase anywhere: the first provision makes one)."""
+    directory = tmp_path_factory.mktemp("operator")
+    shutil.copy(s3_server.ca, directory / "s3-ca.pem")
+    (directory / "deploy.toml").write_text(
+        "[defaults]\n"
+        f'backup_repository = "s3://{s3_server.bucket}/{PREFIX}"\n'
+        f'backup_s3_endpoint = "{s3_server.endpoint}:{s3_server.port}"\n'
+        'backup_s3_uri_style = "path"\n'
+        'backup_s3_ca_bundle = "s3-ca.pem"\n'
+    )
+    return directory
+
+
+@pytest.fixture(scope="module")
 def vps(tmp_path_factory, s3_server):
-    """A fresh Debian 13 that resolves the S3 endpoint to this machine, with Debian's PostgreSQL installed."""
+    """A fresh Debian 13 that resolves the S3 endpoint to this machine."""
     container = Container(tmp_path_factory.mktemp("archive-vps")).create(build_rootfs())
     (container.rootfs / "etc/hosts").write_text(
         "127.0.0.1\tlocalhost\n127.0.1.1\tvps\n::1\tlocalhost ip6-localhost ip6-loopback\n"
@@ -50,89 +70,125 @@ def vps(tmp_path_factory, s3_server):
     )
     try:
         container.boot()
-        started = time.monotonic()
-        install = (
-            "export DEBIAN_FRONTEND=noninteractive && apt-get update -q && "
-            "apt-get install -y -q --no-install-recommends postgresql && "
-            "cd / && runuser -u postgres -- createdb prayer_room"
-        )
-        ssh = ["ssh", *container.ssh_options(), f"root@{container.address}", install]
-        subprocess.run(ssh, check=True, capture_output=True, timeout=600)
-        timings["install PostgreSQL (by hand)"] = time.monotonic() - started
         yield container
     finally:
-        started = time.monotonic()
-        container.stop(timeout=20)  # nothing on it needs to survive: a halt that takes longer is cut short
-        timings["power off"] = round(time.monotonic() - started, 1)
         container.destroy()
-        timings["power off and remove"] = round(time.monotonic() - started, 1)
         if timings:
             ARTIFACTS.mkdir(exist_ok=True)
             (ARTIFACTS / "archive-e2e-timings.json").write_text(json.dumps(timings, indent=1) + "\n")
 
 
-@pytest.fixture(scope="module")
-def config(s3_server):
-    return DeployConfig(
-        backup_repository=f"s3://{s3_server.bucket}/{PREFIX}",
-        backup_s3_endpoint=f"{s3_server.endpoint}:{s3_server.port}",
-        backup_s3_uri_style="path",
-        backup_s3_ca_bundle=str(s3_server.ca),
-    )
+def fab(vps: Container, operator: Path, *args: str, env: dict | None = None, name: str = "", timeout=900):
+    """The real `fab` command line against the container with the operator's deploy.toml, the bucket's key in the
+    environment (no passphrase: that one is in the operator's deploy.secrets once provision made it)."""
+    command = [
+        str(FAB),
+        "-H",
+        f"root@{vps.address}",
+        "-i",
+        str(vps.key),
+        *args,
+        "--config",
+        str(operator / "deploy.toml"),
+    ]
+    environ = {
+        **{k: v for k, v in operator_env(operator / "home", vps).items() if not k.startswith("BACKUP_")},
+        "BACKUP_S3_KEY": s3.S3Server.key,
+        "BACKUP_S3_KEY_SECRET": s3.S3Server.key_secret,
+        **(env or {}),
+    }
+    started = time.monotonic()
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=timeout, env=environ)
+    if name:
+        timings[name] = round(time.monotonic() - started, 1)
+    return result
 
 
-@pytest.fixture(scope="module")
-def archive_secrets(tmp_path_factory):
-    """The bucket's key from the operator's environment; no passphrase anywhere, so one is generated and saved."""
-    environ = {"BACKUP_S3_KEY": s3.S3Server.key, "BACKUP_S3_KEY_SECRET": s3.S3Server.key_secret}
-    chosen, generated = archive.choose_secrets(environ, tmp_path_factory.mktemp("operator") / "deploy.secrets", {})
-    assert generated
-    return chosen
+def ok(result: subprocess.CompletedProcess) -> str:
+    assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
+    return result.stdout
 
 
-@pytest.fixture(scope="module")
-def server(vps, config):
-    """The kit's SSH session to the container as root."""
-    conn = Connection(vps.address, user="root", connect_kwargs={"key_filename": str(vps.key), "allow_agent": False})
-    yield Server(conn, config, is_root=True, sudo_password=False, app_home="/root")
-    conn.close()
+def refused(result: subprocess.CompletedProcess) -> str:
+    """The one line of a refused command: 'error: ...', no traceback."""
+    assert result.returncode != 0, result.stdout
+    lines = [line for line in result.stderr.strip().splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stdout + result.stderr
+    assert "Traceback" not in result.stdout + result.stderr
+    return lines[0]
 
 
 def sql(vps: Container, statement: str) -> str:
-    """One statement in the app's database (the one the restore test counts rows in)."""
+    """One statement in the app's database, as PostgreSQL's superuser."""
     command = f"cd / && runuser -u postgres -- psql -AtX -d prayer_room -c {shlex.quote(statement)}"
     return vps.ssh(command).stdout.strip()
 
 
-def timed(name: str, step, *args, **kwargs):
-    started = time.monotonic()
-    result = step(*args, **kwargs)
-    timings[name] = round(time.monotonic() - started, 1)
-    return result
+def archive_now(vps: Container, timeout: float = 60) -> None:
+    """Close the WAL segment being written and wait until the archive has it."""
+    segment = sql(vps, "SELECT pg_walfile_name(pg_switch_wal())")
+    deadline = time.monotonic() + timeout
+    while sql(vps, "SELECT coalesce(last_archived_wal, '') FROM pg_stat_archiver") < segment:
+        assert time.monotonic() < deadline, f"{segment} did not reach the archive in {timeout} s"
+        time.sleep(0.5)
 
 
-def test_archiving_starts_with_a_full_backup_and_the_bucket_holds_nothing_in_clear(
-    vps, server, config, s3_server, archive_secrets
-):
-    sql(vps, "CREATE TABLE prayer (id int, note text)")
-    sql(vps, f"INSERT INTO prayer SELECT i, '{MARKER}' FROM generate_series(1, 500) i")
-    assert timed(
-        "archiving set up, first full backup", archive.install, server, config, archive_secrets
-    ) == archive.Installed(True)
+def health(vps: Container) -> int | None:
+    try:
+        with urllib.request.urlopen(f"http://{vps.address}/health/", timeout=10) as response:
+            return response.status
+    except urllib.error.HTTPError as exc:
+        return exc.code
+    except OSError:
+        return None
+
+
+def conf_digest(vps: Container) -> str:
+    return vps.ssh(f"sha256sum {PGBACKREST_CONF} /etc/pgbackrest/s3-ca.pem; ls /etc/pgbackrest").stdout
+
+
+def test_provision_archives_with_a_generated_passphrase_announced_once(vps, operator):
+    out = ok(fab(vps, operator, "provision", name="fab provision (archive set up, first full backup)"))
+    secrets_file = operator / "deploy.secrets"
+    assert secrets_file.stat().st_mode & 0o777 == 0o600
+    passphrase = secrets_file.read_text().strip().removeprefix("BACKUP_CIPHER_PASS=")
+    assert len(passphrase) >= 40 and passphrase not in out
+    assert out.count("a new archive passphrase (BACKUP_CIPHER_PASS) was generated") == 1, out
+    assert f"saved in {secrets_file}" in out
+    assert re.search(r"archive \(.*\): archiving to s3://", out), out
     assert sql(vps, "SHOW archive_mode") == "on" and sql(vps, "SHOW archive_timeout") == "1min"
-    info = archive.archive_info(server, config)
-    assert [backup["type"] for backup in info["backup"]] == ["full"]
-    timers = vps.ssh("systemctl is-enabled prayer-room-archive-full.timer prayer-room-archive-diff.timer").stdout
-    assert timers.split() == ["enabled", "enabled"]
+    timers = ["full.timer", "diff.timer", "verify.timer"]
+    state = vps.ssh("systemctl is-enabled " + " ".join(f"prayer-room-archive-{t}" for t in timers)).stdout
+    assert state.split() == ["enabled"] * 3
+    conf = vps.ssh(f"stat -c '%U:%G %a' {PGBACKREST_CONF}").stdout.strip()
+    assert conf == "root:postgres 640"
 
-    objects = timed("read the bucket", s3_server.objects, PREFIX + "/")
+    again = ok(fab(vps, operator, "provision", name="fab provision again"))
+    assert "nothing changed" in again and "passphrase" not in again, again
+
+    ok(fab(vps, operator, "deploy", "--allow-dirty", name="fab deploy"))
+    assert health(vps) == 200
+
+
+def test_the_bucket_holds_nothing_in_clear(vps, operator, s3_server):
+    sql(vps, "CREATE TABLE archive_probe (id int, note text)")
+    # The app's role owns it, as it owns the app's tables (the pg_dump a restore takes first runs as that role).
+    sql(
+        vps,
+        "DO $$ BEGIN EXECUTE format('ALTER TABLE archive_probe OWNER TO %I', (SELECT tableowner FROM pg_tables "
+        "WHERE tablename = 'django_migrations')); END $$",
+    )
+    sql(vps, f"INSERT INTO archive_probe SELECT i, '{MARKER}' FROM generate_series(1, 500) i")
+    archive_now(vps)
+    objects = s3_server.objects(PREFIX + "/")
     assert any("/backup/" in key for key in objects) and any("/archive/" in key for key in objects), sorted(objects)
     in_clear = [key for key, data in objects.items() if not data.startswith(b"Salted__")]
     assert in_clear == [], in_clear  # every object is OpenSSL-format ciphertext (pgBackRest's aes-256-cbc)
     assert [key for key, data in objects.items() if MARKER.encode() in data] == []
     # Positive control: the same bytes are the archive's, readable with the passphrase (and only with it).
+    passphrase = (operator / "deploy.secrets").read_text().strip().removeprefix("BACKUP_CIPHER_PASS=")
     info_file = next(data for key, data in objects.items() if key.endswith("/backup.info"))
-    assert b"[backrest]" in decrypt(info_file, archive_secrets.cipher_pass)
+    assert b"[backrest]" in decrypt(info_file, passphrase)
     assert b"[backrest]" not in decrypt(info_file, "not-the-passphrase")
 
 
@@ -142,95 +198,137 @@ def decrypt(data: bytes, passphrase: str) -> bytes:
     return subprocess.run(command, input=data, capture_output=True).stdout
 
 
-def test_wal_reaches_the_archive_within_archive_timeout_without_a_switch(vps):
-    sql(vps, "INSERT INTO prayer VALUES (-1, 'a write the next WAL switch must archive')")
-    written = time.monotonic()
-    segment = sql(vps, "SELECT pg_walfile_name(pg_current_wal_lsn())")
-    while sql(vps, "SELECT coalesce(last_archived_wal, '') FROM pg_stat_archiver") < segment:
-        assert time.monotonic() - written < 90, "the segment was not archived within archive_timeout (60 s)"
-        time.sleep(1)
-    timings["archive lag of a write (archive_timeout = 60 s)"] = round(time.monotonic() - written, 1)
-    assert time.monotonic() - written < 75
+def test_a_wrong_passphrase_or_an_unreachable_bucket_is_refused_in_one_line_with_nothing_changed(vps, operator):
+    before = conf_digest(vps)
+    line = refused(fab(vps, operator, "provision", env={"BACKUP_CIPHER_PASS": "not-the-passphrase"}))
+    assert "cannot be decrypted with this BACKUP_CIPHER_PASS" in line and "nothing was changed" in line, line
+    assert conf_digest(vps) == before
+    assert "not-the-passphrase" not in (operator / "deploy.secrets").read_text()
+
+    elsewhere = operator / "unreachable"  # the same settings, but nothing listens at the endpoint's port
+    elsewhere.mkdir()
+    shutil.copy(operator / "s3-ca.pem", elsewhere)
+    shutil.copy(operator / "deploy.secrets", elsewhere)
+    text = (operator / "deploy.toml").read_text()
+    (elsewhere / "deploy.toml").write_text(re.sub(r'(backup_s3_endpoint = "[^:]+):\d+"', r'\1:1"', text))
+    line = refused(fab(vps, elsewhere, "provision"))
+    assert "cannot read the archive" in line and "check backup_s3_endpoint" in line, line
+    assert "nothing was changed" in line
+    assert conf_digest(vps) == before
+    # Positive control: the operator's own settings are accepted and change nothing.
+    assert "nothing changed" in ok(fab(vps, operator, "provision"))
 
 
-def test_a_wrong_passphrase_is_refused_in_one_line_with_nothing_changed(vps, server, config, archive_secrets):
-    before = vps.ssh(f"sha256sum {PGBACKREST_CONF} /etc/pgbackrest/s3-ca.pem").stdout
-    with pytest.raises(DeployError) as refused:
-        archive.install(server, config, replace(archive_secrets, cipher_pass="not-the-passphrase"))
-    message = str(refused.value)
-    assert "\n" not in message and "cannot be decrypted with this BACKUP_CIPHER_PASS" in message, message
-    assert vps.ssh(f"sha256sum {PGBACKREST_CONF} /etc/pgbackrest/s3-ca.pem").stdout == before
-    assert vps.ssh("ls /etc/pgbackrest").stdout.split() == ["pgbackrest.conf", "s3-ca.pem"]
-    # Positive control: the right one is accepted, and changes nothing either; so is what the server holds.
-    on_server = archive.secrets_from_conf(vps.ssh(f"cat {PGBACKREST_CONF}").stdout)
-    assert archive.choose_secrets({}, Path("/nonexistent"), on_server) == (archive_secrets, False)
-    assert archive.install(server, config, archive_secrets) == archive.Installed(False)
-
-
-def test_the_differential_backup_unit_adds_a_diff_backup(server, config):
-    timed("differential backup (unit)", archive.backup, server, config, "diff")
-    assert [backup["type"] for backup in archive.archive_info(server, config)["backup"]] == ["full", "diff"]
-
-
-def test_the_restore_test_restores_the_newest_backup_and_its_wal_into_a_scratch_instance(vps, server, config):
-    result = timed("restore test (scratch instance)", archive.verify, server, config)
-    assert result["ok"] and result["restored"] == result["live"] == {"prayer": 501}, result
-    versions = vps.ssh("ls /etc/postgresql").stdout.split()  # the cluster's: 17 on Debian 13, 15 on Debian 12
-    assert vps.ssh("ls /var/lib/postgresql").stdout.split() == [*versions, "prayer-room-archive-verify.json"]
-    assert vps.ssh("systemctl is-enabled prayer-room-archive-verify.timer").stdout.strip() == "enabled"
-
-
-def test_backups_and_status_read_the_archive(server, config):
-    backups = archive.backup_lines(server, config)
-    assert [line.split()[0] for line in backups] == ["full", "diff", "WAL"], backups
-    status = archive.status_lines(server, config)
-    assert len(status) == 3 and not [line for line in status if line.startswith("ALERT")], status
-    assert status[2].startswith("archive: last restore test passed 0.0 h ago"), status
-
-
-def test_a_time_outside_the_archive_is_refused_naming_the_window(vps, server, config):
-    with pytest.raises(DeployError, match="outside the archive's window, .* to now") as refused:
-        archive.restore(server, config, archive.parse_target_time("2020-01-01 00:00:00"))
-    assert "\n" not in str(refused.value) and "nothing was changed" in str(refused.value)
-    assert sql(vps, "SELECT count(*) FROM prayer") == "501"
-
-
-def test_a_point_in_time_restore_undoes_a_delete_made_after_t(vps, server, config):
-    target = sql(vps, "SELECT clock_timestamp()")
-    while sql(vps, f"SELECT clock_timestamp() > '{target}'::timestamptz + interval '1 second'") != "t":
-        time.sleep(0.2)
-    sql(vps, "DELETE FROM prayer WHERE id > 100")
-    assert sql(vps, "SELECT count(*) FROM prayer") == "101"
-    aside = timed("point-in-time restore", archive.restore, server, config, archive.parse_target_time(target))
-    assert sql(vps, "SELECT count(*) FROM prayer") == "501"
-    assert sql(vps, "SELECT pg_is_in_recovery()") == "f"
-    assert vps.ssh(f"test -f {aside}/PG_VERSION", check=False).returncode == 0  # the state before, kept aside
-
-
-def test_a_restore_to_the_latest_keeps_every_committed_write(vps, server, config):
-    sql(vps, "INSERT INTO prayer VALUES (1000, 'committed just before the restore')")
-    timed("restore to the latest", archive.restore, server, config)
-    assert sql(vps, "SELECT count(*) FROM prayer WHERE id = 1000") == "1"
-    sql(vps, "INSERT INTO prayer VALUES (1001, 'the restored server archives again')")
-    archive.archive_current_wal(server)
-
-
-def test_a_new_server_with_the_old_disk_thrown_away_gets_every_archived_write_back(
-    vps, server, config, archive_secrets
-):
-    sql(vps, "INSERT INTO prayer VALUES (2000, 'the last write before the disk is lost')")
-    archive.archive_current_wal(server)  # archive_timeout would do it within 60 s (the lag test above)
-    # A brand-new server: a new PostgreSQL cluster (another system identifier, no data, no archive settings) and
-    # none of the archive's files; only pgBackRest's package stays installed.
-    vps.ssh(
-        "v=$(ls /etc/postgresql) && pg_dropcluster --stop $v main && pg_createcluster $v main --start >/dev/null && "
-        "rm -r /etc/pgbackrest /usr/local/lib/prayer-room /etc/systemd/system/prayer-room-archive-* && "
-        "systemctl daemon-reload && cd / && runuser -u postgres -- createdb prayer_room"
+def test_the_differential_backup_unit_and_fab_backups(vps, operator):
+    started = time.monotonic()
+    vps.ssh("systemctl start prayer-room-archive-diff.service")  # what its timer starts; a oneshot
+    timings["differential backup (unit)"] = round(time.monotonic() - started, 1)
+    out = ok(fab(vps, operator, "backups"))
+    archive = out.split("archive s3://", 1)[1].splitlines()[1:]
+    assert [line.split()[0] for line in archive] == ["full", "diff", "WAL"], out
+    wal = r"[0-9A-F]{24}"
+    assert re.fullmatch(
+        rf"full  \d{{4}}-\d\d-\d\d \d\d:\d\d:\d\d UTC  .* WAL {wal}\.\.{wal}  \d{{8}}-\d{{6}}F", archive[0].strip()
     )
-    installed = timed("new server: archive set up", archive.install, server, config, archive_secrets)
-    assert installed.awaiting_restore and sql(vps, "SHOW archive_mode") == "off"  # it must not archive over the old
-    timed("new server: restore to the latest", archive.restore, server, config)
-    assert sql(vps, "SELECT count(*) FROM prayer WHERE id = 2000") == "1"
-    assert sql(vps, "SHOW archive_mode") == "on"
-    sql(vps, "INSERT INTO prayer VALUES (2001, 'the new server archives')")
-    archive.archive_current_wal(server)
+
+
+def test_fab_backup_verify_restores_into_a_scratch_instance_and_status_shows_it(vps, operator):
+    out = ok(fab(vps, operator, "backup", "--verify", name="fab backup --verify"))
+    ARTIFACTS.mkdir(exist_ok=True)
+    (ARTIFACTS / "archive-e2e-verify.txt").write_text(out)
+    assert "no unapplied migration" in out and "row counts match" in out, out
+    result = json.loads(vps.ssh("cat /var/lib/postgresql/prayer-room-archive-verify.json").stdout)
+    timings["restore test (its own seconds)"] = result["seconds"]
+    assert result["ok"] and result["restored"] == result["live"] and result["restored"]["archive_probe"] == 501
+    assert "prayer_room_api.0001_initial" in result["migrations"]
+    versions = vps.ssh("ls /etc/postgresql").stdout.split()
+    assert vps.ssh("ls /var/lib/postgresql").stdout.split() == [*versions, "prayer-room-archive-verify.json"]
+    status = ok(fab(vps, operator, "status"))
+    lines = [line for line in status.splitlines() if "archive" in line]
+    assert not [line for line in lines if line.startswith("ALERT")], status
+    assert any(line.startswith("archive: last restore test passed 0.0 h ago") for line in lines), status
+    assert any(line.startswith("archive: newest backup 0.0 h old") for line in lines), status
+    assert any(re.match(r"archive: newest WAL \w+ archived \d+ s ago", line) for line in lines), status
+
+
+def test_a_time_outside_the_archive_is_refused_naming_the_window(vps, operator):
+    line = refused(fab(vps, operator, "restore", "--to-time", "2020-01-01 00:00:00", "--yes"))
+    assert re.search(r"outside the archive's window, \d{4}-\d\d-\d\d \d\d:\d\d:\d\d\+0000 to now", line), line
+    assert "nothing was changed" in line
+    assert sql(vps, "SELECT count(*) FROM archive_probe") == "501"
+    assert health(vps) == 200
+
+
+def test_a_point_in_time_restore_undoes_a_delete_made_after_t(vps, operator):
+    target = sql(vps, "SELECT to_char(clock_timestamp() AT TIME ZONE 'UTC', 'YYYY-MM-DD HH24:MI:SS')")
+    while sql(vps, f"SELECT clock_timestamp() > '{target}+00'::timestamptz + interval '1 second'") != "t":
+        time.sleep(0.2)
+    sql(vps, "DELETE FROM archive_probe WHERE id > 100")
+    assert sql(vps, "SELECT count(*) FROM archive_probe") == "101"
+    out = ok(fab(vps, operator, "restore", "--to-time", f"{target}+00:00", "--yes", name="fab restore --to-time"))
+    assert sql(vps, "SELECT count(*) FROM archive_probe") == "501", out
+    assert sql(vps, "SELECT pg_is_in_recovery()") == "f"
+    aside = re.search(r"the data directory it replaced is kept at (\S+)", out).group(1)
+    assert vps.ssh(f"test -f {aside}/PG_VERSION", check=False).returncode == 0  # the state before, kept aside
+    assert re.search(r"-restore-\S+\.dump \(", out), out  # and dumped first
+    assert health(vps) == 200
+    sql(vps, "INSERT INTO archive_probe VALUES (1000, 'the restored server archives again')")
+
+
+def test_a_restore_to_the_latest_keeps_every_committed_write(vps, operator):
+    out = ok(fab(vps, operator, "restore", "--latest", "--yes", name="fab restore --latest"))
+    assert sql(vps, "SELECT count(*) FROM archive_probe WHERE id = 1000") == "1", out
+    assert health(vps) == 200
+
+
+def test_a_power_cut_then_a_new_server_gets_every_write_up_to_60_s_before_it(vps, operator, s3_server, tmp_path):
+    """Writes every 0.2 s for 75 s (over archive_timeout: WAL is archived without a switch), the plug pulled, the
+    disk thrown away; a brand-new server provisioned (it must not archive over the old one's archive), deployed,
+    and `fab restore --latest --yes`: every write acknowledged up to 60 s before the cut is back."""
+    insert = "INSERT INTO archive_probe VALUES (3000, clock_timestamp()::text) RETURNING note"
+    psql = f"runuser -u postgres -- psql -AtqX -d prayer_room -c {shlex.quote(insert)}"
+    loop = f"cd / && while :; do {psql}; sleep 0.2; done"
+    writer = subprocess.Popen(
+        ["ssh", *vps.ssh_options(), f"root@{vps.address}", loop], stdout=subprocess.PIPE, text=True, bufsize=1
+    )
+    acknowledged: list[str] = []
+    reader = threading.Thread(target=lambda: acknowledged.extend(iter(writer.stdout.readline, "")), daemon=True)
+    reader.start()
+    new = Container(tmp_path / "new-vps").create(build_rootfs())  # meanwhile: a new server, booted, bare
+    (new.rootfs / "etc/hosts").write_text(
+        "127.0.0.1\tlocalhost\n127.0.1.1\tvps\n::1\tlocalhost ip6-localhost ip6-loopback\n"
+        + s3_server.hosts_lines(new.gateway)
+    )
+    try:
+        new.boot()
+        deadline = time.monotonic() + 30
+        while not acknowledged:
+            assert time.monotonic() < deadline and writer.poll() is None, "the writer wrote nothing"
+            time.sleep(0.2)
+        started = time.monotonic()
+        while time.monotonic() - started < 75:
+            assert writer.poll() is None, "the writer stopped before the cut"
+            time.sleep(0.5)
+        vps.pull_the_plug()
+        cut = acknowledged[-1].strip()  # the last write the client saw committed
+        writer.kill()
+        shutil.rmtree(vps.rootfs)  # the disk is thrown away
+
+        out = ok(fab(new, operator, "provision", name="new server: fab provision"))
+        assert "does not archive until `fab restore --latest --yes`" in out, out
+        assert sql(new, "SHOW archive_mode") == "off"
+        ok(fab(new, operator, "deploy", "--allow-dirty", name="new server: fab deploy"))
+        ok(fab(new, operator, "restore", "--latest", "--yes", name="new server: fab restore --latest"))
+        back = sql(new, "SELECT max(note::timestamptz) FROM archive_probe WHERE id = 3000")
+        lost = float(sql(new, f"SELECT extract(epoch FROM '{cut}'::timestamptz - '{back}'::timestamptz)"))
+        timings["writes lost at the power cut (s; archive_timeout = 60 s)"] = round(lost, 1)
+        timings["writes acknowledged before the cut"] = len(acknowledged)
+        assert 0 <= lost <= 62, (cut, back)
+        assert sql(new, "SELECT count(*) FROM archive_probe WHERE id = 1000") == "1"  # and the earlier writes
+        assert sql(new, "SHOW archive_mode") == "on"
+        assert health(new) == 200
+        sql(new, "INSERT INTO archive_probe VALUES (3001, 'the new server archives')")
+        archive_now(new)
+    finally:
+        writer.kill()
+        new.destroy()
