@@ -71,8 +71,8 @@ def test(c, k="", unit=False, seed=0):
     unit_layer = shlex.quote(f"not ({END_TO_END_LAYERS})")
     codes = [run_pytest(c, f"-p randomly --randomly-seed={seed} -m {unit_layer}{selection}")]
     if not unit:
-        print("== end-to-end layers, in file order", flush=True)
-        codes.append(run_pytest(c, f"-m {shlex.quote(END_TO_END_LAYERS)}{selection}"))
+        print("== end-to-end layers, in file order (the 30 slowest steps listed at the end)", flush=True)
+        codes.append(run_pytest(c, f"-m {shlex.quote(END_TO_END_LAYERS)} --durations=30{selection}"))
     ran = [code for code in codes if code != NO_TESTS_COLLECTED]
     failed = [code for code in ran if code]
     if failed or not ran:
