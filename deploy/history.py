@@ -2,8 +2,9 @@
 switch appends one JSON line to a root-owned log on the primary (layout.history), so a cluster has one history.
 
 The actions record through `recorded`, which notes the start, the result (the one-line error of a failure) and the
-duration, even when the command fails. A record is a plain dict: event, host, result, message, release, time, and
-who, author, seconds, with what the event adds (commit, migrations, backup, detail).
+duration, even when the command fails, then announces it to deploy.toml's notify targets (deploy/notify.py). A
+record is a plain dict: event, host, result, message, release, time, and who, author, seconds, with what the event
+adds (commit, migrations, backup, detail).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from deploy import notify
 from deploy.commands import history as commands
 from deploy.errors import DeployError
 
@@ -93,6 +95,7 @@ def recorded(site: Site, event: str, **what: object) -> Iterator[dict]:
     finally:
         record["seconds"] = round(time.monotonic() - started, 1)
         write(site, record)
+        notify.announce_record(site.config, record, describe(record), site.history_server())
 
 
 def write(site: Site, record: dict) -> None:

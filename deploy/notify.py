@@ -93,13 +93,19 @@ def open_alerts(server: Server, now: float | None = None) -> list[str]:
     return [head, *lines]
 
 
-def announce_record(config: DeployConfig, record: dict, server: Server | None = None) -> None:
-    """Announce a history record (deploy/history.py) of one of ACTIONS to the notify targets; others are not."""
-    if not config.notify or record.get("event") not in ACTIONS:
+def announce_record(config: DeployConfig, record: dict, what: str, server: Server | None = None) -> None:
+    """Announce a history record (deploy/history.py) of one of ACTIONS (`what`: its release, commit, migrations,
+    backup, detail) to the notify targets; a provision is not announced. Never raises: the command's outcome
+    stands."""
+    event = str(record.get("event") or "")
+    if not config.notify or event.split(" ")[0] not in ACTIONS:
         return
     ok = record.get("result") == "ok"
-    took = f" in {record['seconds']} s" if record.get("seconds") is not None else ""
-    message = (record.get("message") or "") if not ok else f"{record.get('detail') or ''}{took}".strip()
-    body = announcement(config, record["event"], ok, message, release=record.get("release") or "")
-    body["host"] = record.get("host") or body["host"]
-    announce(config, body, server)
+    took = f" ({record['seconds']} s)" if record.get("seconds") is not None else ""
+    message = (what if what != "-" else "") + took if ok else str(record.get("message") or "")
+    try:
+        body = announcement(config, event, ok, message.strip(), release=str(record.get("release") or ""))
+        body.update(host=record.get("host") or body["host"], by=record.get("who") or body["by"])
+        announce(config, body, server)
+    except Exception as exc:  # noqa: BLE001 - an announcement never changes the command's outcome
+        print(f"WARNING: {event} not announced: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)

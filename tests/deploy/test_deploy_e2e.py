@@ -46,6 +46,7 @@ from tests.deploy.target import (
 )
 from tests.support.pty_session import PtySession
 from tests.support.stack import redis_url
+from tests.support.webhook import Receiver
 
 pytestmark = [pytest.mark.deploy, pytest.mark.timeout(900)]
 
@@ -454,12 +455,15 @@ def test_failed_verification_rolls_back_automatically(target, clone):
         "a worker that cannot run the ping task",
     )
     try:
-        result = target.fab("deploy", repo=clone.path)
+        with Receiver() as receiver:  # deploy.toml's notify: the failure is announced as one
+            result = target.fab("deploy", repo=clone.path, config=target.config_file_with(notify=[receiver.url]))
         line = failed(result)
         assert "rolled back to" in line and live in line and "broken ping" in line
         assert "rolling back to" in result.stdout
         assert target.live_release() == live and live_release_over_http(target) == live
         assert run_ping(target)["release"] == live
+        assert [(b["event"], b["result"], b["severity"]) for b in receiver.received] == [("deploy", "failed", "error")]
+        assert "deploy FAILED: " in receiver.received[0]["text"] and "broken ping" in receiver.received[0]["message"]
     finally:
         clone.revert_head()
 

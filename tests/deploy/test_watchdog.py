@@ -278,3 +278,20 @@ def test_security_updates_alert_once_they_have_waited_seven_days(monkeypatch):
     assert found == {"updates": "2 security update(s) waiting for more than 7 days: libssl3t64, openssl"}
     simulated.stdout = ""  # installed: the alert clears
     assert wd.check_updates(config, state, 9 * 86400) == {} and state["security_updates"] == {}
+
+
+def test_history_records_of_the_announced_actions_are_announced_a_provision_is_not(capsys):
+    with Receiver() as receiver:
+        config = single_host_site(DeployConfig(notify=(receiver.url,)), "root@10.0.0.2")
+        record = {"event": "provision", "result": "ok", "host": "10.0.0.2", "seconds": 3.0, "who": "ops@laptop"}
+        notify.announce_record(config, record, "-")
+        notify.announce_record(config, {**record, "event": "maintenance on", "seconds": 1.4}, "upgrading the db")
+        failed = {**record, "event": "rollback", "result": "failed", "message": "no verified release", "release": None}
+        notify.announce_record(config, failed, "-")
+    assert [(b["event"], b["result"], b["by"]) for b in receiver.received] == [
+        ("maintenance on", "ok", "ops@laptop"),
+        ("rollback", "failed", "ops@laptop"),
+    ]
+    assert receiver.received[0]["message"] == "maintenance on succeeded: upgrading the db (1.4 s)"
+    assert receiver.received[1]["message"] == "rollback FAILED: no verified release"
+    assert capsys.readouterr().err == ""
