@@ -752,24 +752,24 @@ def env_change(site: Site, sets: list[str], unsets: list[str]) -> str:
             record["detail"] += " (nothing to change)"
             progress.say(progress.summary("nothing to change: the env file already says so; nothing restarted"))
             return "unchanged"
-        changed = [m for m in site.order if m.host in texts]
+        replaced: list[Member] = []
+        restarted: list[Member] = []
 
         def replace_file(member: Member) -> None:
             with member.progress.step("replace the env file (the one it replaces kept as env.previous)"):
                 environment.install_env(member.server, *texts[member.host], effective=bool(member.state.current))
-
-        site.each_step("replace the env file", replace_file)
-        live = [m for m in changed if m.state.current]
-        restarted: list[Member] = []
+                replaced.append(member)
 
         def apply(member: Member) -> None:
             restarted.append(member)
             host.reload_environment(member, read_env_file(texts[member.host][1]))
 
+        live = [m for m in site.order if m.host in texts and m.state.current]
         try:
+            site.each_step("replace the env file", replace_file)
             site.in_turn(lambda m: f"restart {m.label} ({m.roles}) with the new environment, verify", apply, live)
         except BaseException as exc:
-            _undo_env_change(site, changed, restarted, texts, exc)
+            _undo_env_change(site, [m for m in site.order if m in replaced], restarted, texts, exc)
     applied = (
         f"the programs restarted with it on {', '.join(m.label for m in live)}"
         if live
@@ -780,11 +780,11 @@ def env_change(site: Site, sets: list[str], unsets: list[str]) -> str:
 
 
 def _undo_env_change(site: Site, changed: list[Member], restarted: list[Member], texts: dict, exc: BaseException):
-    """After a failed env change: every changed host's previous env file back, the restarted hosts restarted with it;
-    raise what happened."""
+    """After a failed env change: the previous env file back on every host whose file was replaced, the restarted
+    hosts restarted with it; raise what happened."""
     reason = str(exc) or type(exc).__name__
-    failed = restarted[-1].label if restarted else "?"
-    site.progress.say(f"!! {failed}: {reason}\n!! putting the previous env file back")
+    failed = f"on {restarted[-1].label}" if restarted else "while replacing the env files"
+    site.progress.say(f"!! env change failed {failed}: {reason}\n!! putting the previous env file back")
     problems = []
     for member in changed:
         old, new = texts[member.host]
@@ -803,7 +803,7 @@ def _undo_env_change(site: Site, changed: list[Member], restarted: list[Member],
     if not isinstance(exc, DeployError):
         raise exc
     raise DeployError(
-        f"env change failed on {failed}: {reason} -- the previous env file is back and the programs run with it."
+        f"env change failed {failed}: {reason} -- the previous env file is back and the programs run with it."
     ) from exc
 
 

@@ -500,6 +500,38 @@ def test_24b_a_restore_shows_the_maintenance_page_on_every_web_host(cluster):
     assert status == 200, body
 
 
+def test_24c_an_env_change_goes_to_every_app_host_by_role_and_loses_no_request(cluster):
+    """fab env on a cluster: one table per app host (the service URLs from the db host); --set on every app host's
+    env file, restarted web1, web2, then app under a GET+POST loop through the balancer; a key the db host gives is
+    refused and changes no host's file."""
+    listing = ok(cluster.fab("env"))
+    for name in APP_HOSTS:
+        assert f"== {cluster[name].address} (" in listing, listing
+    assert re.search(r"^DATABASE_URL +postgres://prayer_room:\*{8}@.* env file \(written by provision from deploy"
+                     r".toml roles.db\)$", listing, re.M), listing  # fmt: skip
+    assert env_values(cluster, "web1")["SECRET_KEY"] not in listing
+    before = {name: cluster[name].ssh(f"cat {ENV_FILE}").stdout for name in APP_HOSTS}
+    refused = cluster.fab("env", "--set", "DATABASE_URL=postgres://x:y@elsewhere/z")
+    assert refused.returncode == 1 and "roles, db = [...]" in refused.stderr, refused.stderr
+    assert {name: cluster[name].ssh(f"cat {ENV_FILE}").stdout for name in APP_HOSTS} == before
+
+    with request_loop(cluster) as loop:
+        loop.wait_for_more(3)
+        started = time.monotonic()
+        out = ok(cluster.fab("env", "--set", "PRAYER_ROOM_E2E_FLAG=on"))
+        cluster.timings["env change (3 app hosts, in rollout order)"] = time.monotonic() - started
+        loop.wait_for_more(3)
+    cluster.timings["env change: failed requests"] = len(loop.failures)
+    assert loop.failures == [], loop.failures[:10]
+    order = [out.index(f"-> restart {cluster[name].address} (") for name in APP_HOSTS]
+    assert order == sorted(order), out[-3000:]
+    for name in APP_HOSTS:
+        assert env_values(cluster, name)["PRAYER_ROOM_E2E_FLAG"] == "on", name
+        assert cluster[name].ssh(f"cat {ENV_FILE}.previous").stdout == before[name], name
+        effective = cluster[name].ssh("cat /srv/prayer-room/shared/env.effective").stdout
+        assert "PRAYER_ROOM_E2E_FLAG='on'" in effective, name
+
+
 def maintenance_page(address: str, host: str) -> bool:
     """Whether the web host at `address` answers GET /health/ (for the site's name `host`) with the maintenance page."""
     try:

@@ -296,11 +296,10 @@ def test_refused_env_changes_leave_the_env_file_as_it_was(target):
     derived = failed(target.fab("env", "--set", "WEB_WORKERS=8"))
     assert "deploy.toml's `web_workers`" in derived, derived
     assert "STATIC_ROOT is the kit's own" in failed(target.fab("env", "--unset", "STATIC_ROOT"))
-    for bad in ("PRAYER_ROOM_E2E_FLAG", "BAD-KEY=1", "1ST=x", "=x"):
-        assert "expected KEY=VALUE" in failed(target.fab("env", "--set", bad)), bad
-    assert "expected KEY" in failed(target.fab("env", "--unset", "A=B"))
-    # One bad pair among good ones: none of them is applied.
+    assert "expected KEY=VALUE" in failed(target.fab("env", "--set", "BAD-KEY=1"))
+    # One bad pair or key among good ones: none is applied (the other malformed forms: tests/deploy/test_env.py).
     assert "expected KEY=VALUE" in failed(target.fab("env", "--set", "PRAYER_ROOM_E2E_FLAG=off", "--set", "X"))
+    assert "expected KEY" in failed(target.fab("env", "--set", "PRAYER_ROOM_E2E_FLAG=off", "--unset", "A=B"))
     assert env_file.read_bytes() == before and program_pids(target) == pids
     assert not (target.srv / "shared" / "env.new").exists()
     assert "deploy lock" not in ok(target.fab("status"))
@@ -319,9 +318,6 @@ def test_an_env_change_that_breaks_the_web_puts_the_previous_env_file_back(targe
     assert "RELEASE=" not in (target.srv / "shared" / "env.effective").read_text()
     assert set(program_pids(target)) == set(pids)  # every program RUNNING, with the previous environment
     assert live_release_over_http(target) == target.live_release()
-    # --unset, applied: the keys the tests added are gone again.
-    ok(target.fab("env", "--unset", "PRAYER_ROOM_E2E_FLAG", "--unset", "PRAYER_ROOM_E2E_NOTE"))
-    assert "PRAYER_ROOM_E2E" not in env_file.read_text() and seen_by_manage(target, "PRAYER_ROOM_E2E_FLAG") == "None"
 
 
 def static_css(release: str) -> str:
