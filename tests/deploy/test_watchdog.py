@@ -154,36 +154,24 @@ def test_the_timer_runs_the_sandboxed_service_every_minute():
 def test_the_watchdog_script_runs_alone_and_alerts_then_resolves_over_a_webhook(tmp_path):
     """The installed script's way: python3 -I, no kit on sys.path; a disk limit of 0 % opens an alert for every
     file system, 100 % resolves them; an unreachable webhook keeps the notices for the next run."""
-    path = tmp_path / "watchdog.py"
-    path.write_text(script("watchdog"))
     with Receiver() as receiver:
         config = {"host": "h1", "roles": ["db"], "notify": [receiver.url], "disk_percent": 0}
-        (tmp_path / "watchdog.json").write_text(json.dumps(config))
-
-        def run(*args):
-            argv = [sys.executable, "-I", str(path), "--config", str(tmp_path / "watchdog.json"),
-                    "--state", str(tmp_path / "state"), *args]  # fmt: skip
-            result = subprocess.run(argv, capture_output=True, text=True, timeout=60)
-            assert result.returncode == 0, result.stderr
-            return result.stdout
-
         receiver.down = True
-        assert "waiting" in run("run")
+        assert "waiting" in run_watchdog(tmp_path, config)
         assert receiver.received == []
         receiver.down = False
-        run("run")
+        run_watchdog(tmp_path, config)
         alerts = [body for body in receiver.received if body["event"] == "alert"]
         assert alerts and all(body["alert"].startswith("disk:") for body in alerts)
         assert len({body["alert"] for body in alerts}) == len(alerts)  # each once, although two runs saw it
         assert {"event", "host", "severity", "message", "release", "time", "text"} <= set(alerts[0])
         assert alerts[0]["text"].startswith("[CRITICAL] alert on h1: ")
-        status = json.loads(run("status"))
+        status = json.loads(run_watchdog(tmp_path, config, "status"))
         assert set(status["open"]) == {body["alert"] for body in alerts} and status["outbox"] == 0
-        (tmp_path / "watchdog.json").write_text(json.dumps({**config, "disk_percent": 100}))
-        run("run")
+        run_watchdog(tmp_path, {**config, "disk_percent": 100})
         resolved = [body["alert"] for body in receiver.received if body["event"] == "resolved"]
         assert sorted(resolved) == sorted(body["alert"] for body in alerts)
-        assert json.loads(run("status"))["open"] == {}
+        assert json.loads(run_watchdog(tmp_path, config, "status"))["open"] == {}
 
 
 def write(tmp_path, text):
@@ -295,3 +283,60 @@ def test_history_records_of_the_announced_actions_are_announced_a_provision_is_n
     assert receiver.received[0]["message"] == "maintenance on succeeded: upgrading the db (1.4 s)"
     assert receiver.received[1]["message"] == "rollback FAILED: no verified release"
     assert capsys.readouterr().err == ""
+
+
+def run_watchdog(tmp_path, config: dict, *args: str, path: str = "") -> str:
+    """The script as the timer runs it (python3 -I, nothing of the kit); PATH only `path` (default: nothing, so
+    apt-get is not asked here and that check cannot tell)."""
+    script_path = tmp_path / "watchdog.py"
+    script_path.write_text(script("watchdog"))
+    (tmp_path / "watchdog.json").write_text(json.dumps(config))
+    argv = [sys.executable, "-I", str(script_path), "--config", str(tmp_path / "watchdog.json"),
+            "--state", str(tmp_path / "state"), *(args or ("run",))]  # fmt: skip
+    result = subprocess.run(argv, capture_output=True, text=True, timeout=60, env={"PATH": path or str(tmp_path)})
+    assert result.returncode == 0, result.stderr
+    return result.stdout
+
+
+def test_a_program_restarting_in_a_loop_or_fatal_is_an_alert(tmp_path):
+    """supervisorctl's status as the app's supervisord prints it (a stand-in reading a file): a new worker pid at
+    three runs in a row is a restart loop; FATAL is an alert at once."""
+    (tmp_path / "current").symlink_to(tmp_path / "releases" / "r1")  # a live release
+    status = tmp_path / "status.txt"
+    fake = tmp_path / "bin" / "supervisorctl"
+    fake.parent.mkdir()
+    fake.write_text(f"#!/bin/sh\nexec /bin/cat {status}\n")
+    fake.chmod(0o755)
+    config = {"host": "h", "roles": ["worker"], "current": str(tmp_path / "current"), "disk_percent": 101,
+              "supervisorctl": str(fake)}  # fmt: skip
+
+    def run(worker: str) -> dict:
+        status.write_text(f"prayer-room:beat                 RUNNING   pid 7, uptime 1:00:00\n{worker}\n")
+        run_watchdog(tmp_path, config)
+        return json.loads(run_watchdog(tmp_path, config, "status"))["open"]
+
+    for pid in (100, 101, 102):
+        assert run(f"prayer-room:worker RUNNING pid {pid}, uptime 0:00:20") == {}
+    opened = run("prayer-room:worker RUNNING pid 103, uptime 0:00:20")
+    assert "restarting in a loop" in opened["program:prayer-room:worker"]["message"]
+    assert run("prayer-room:worker RUNNING pid 103, uptime 0:01:20") == {}  # it stayed up: resolved
+    fatal = run("prayer-room:worker FATAL Exited too quickly (process log may have details)")
+    assert fatal["program:prayer-room:worker"]["message"].startswith("prayer-room:worker is FATAL: Exited too quickly")
+
+
+def test_alerts_go_by_mail_through_the_programs_email_url_and_wait_while_it_does_not_answer(tmp_path):
+    from tests.faults.smtp import Sink
+
+    sink = Sink()
+    env = tmp_path / "env"
+    env.write_text(f"EMAIL_URL=smtp://127.0.0.1:{sink.port}\nDEFAULT_FROM_EMAIL=Prayer room <alerts@example.org>\n")
+    config = {"host": "h", "roles": ["db"], "notify": ["ops@example.org"], "env_files": [str(env)], "disk_percent": 0}
+    try:
+        run_watchdog(tmp_path, config)
+        assert sink.accepted and all(recipients == ["ops@example.org"] for recipients in sink.accepted)
+        mailed = len(sink.accepted)
+    finally:
+        sink.close()
+    config["disk_percent"] = 100  # everything resolves while the mail server is gone: kept for the next run
+    assert "waiting" in run_watchdog(tmp_path, config)
+    assert json.loads(run_watchdog(tmp_path, config, "status"))["outbox"] == mailed
