@@ -340,3 +340,23 @@ def test_alerts_go_by_mail_through_the_programs_email_url_and_wait_while_it_does
     config["disk_percent"] = 100  # everything resolves while the mail server is gone: kept for the next run
     assert "waiting" in run_watchdog(tmp_path, config)
     assert json.loads(run_watchdog(tmp_path, config, "status"))["outbox"] == mailed
+
+
+@pytest.mark.parametrize(("days", "expected"), [(5, "expires in 5.0 days"), (30, None)])
+def test_a_certificate_expiring_within_14_days_is_an_alert(tmp_path, days, expected):
+    if not shutil.which("openssl"):
+        pytest.skip("openssl is not installed")
+    cert = tmp_path / "cert.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes", "-keyout",
+         str(tmp_path / "key.pem"), "-out", str(cert), "-days", str(days), "-subj", "/CN=prayer.example.org"],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    config = {"host": "h", "roles": ["balancer"], "disk_percent": 101, "certificate": str(cert),
+              "domain": "prayer.example.org"}  # fmt: skip
+    run_watchdog(tmp_path, config)
+    opened = json.loads(run_watchdog(tmp_path, config, "status"))["open"]
+    if expected is None:
+        assert opened == {}
+    else:
+        assert expected in opened["certificate"]["message"] and "prayer.example.org" in opened["certificate"]["message"]
