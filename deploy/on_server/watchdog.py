@@ -30,6 +30,7 @@ REMIND_EVERY = 6 * 3600
 OUTBOX_LIMIT = 500  # notices kept for targets that stay unreachable; the oldest go first
 OUTBOX_MAX_AGE = 7 * 86400
 STATE_FILE = "state.json"
+MESSAGE_LIMIT = 500
 # prayer_room_api.beat.LOCK_KEY: the advisory lock the leading beat holds (tests/deploy/test_watchdog.py keeps
 # the two equal).
 BEAT_LOCK_KEY = (0x50524159, 0x42454154)
@@ -64,6 +65,7 @@ def advance(state: dict, problems: dict[str, str], checked: set[str], now: float
     opened = state.setdefault("open", {})
     events = []
     for key, message in sorted(problems.items()):
+        message = message[:MESSAGE_LIMIT]  # parts come from the app (/health/'s answer): bounded
         alert = opened.get(key)
         if alert is None:
             opened[key] = {"message": message, "since": now, "told": now, "severity": severity_of(key)}

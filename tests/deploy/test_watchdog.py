@@ -57,6 +57,11 @@ def test_each_alert_key_is_its_own_alert_and_a_changed_message_is_not_a_new_one(
     assert state["open"]["disk:/"]["message"] == "96 %"
 
 
+def test_a_message_is_bounded():
+    events = wd.advance({}, {"health": "x" * 5000}, {"health"}, 0)
+    assert len(events[0]["message"]) == wd.MESSAGE_LIMIT
+
+
 def test_an_unreachable_target_keeps_its_notices_for_the_next_run_and_the_others_get_theirs_once():
     state, delivered, failing = {}, [], {"https://down.example/x"}
 
