@@ -30,6 +30,7 @@ REMIND_EVERY = 6 * 3600
 OUTBOX_LIMIT = 500  # notices kept for targets that stay unreachable; the oldest go first
 OUTBOX_MAX_AGE = 7 * 86400
 STATE_FILE = "state.json"
+START_GRACE = 60  # seconds after supervisord started (a boot) before its programs and /health/ are judged
 MESSAGE_LIMIT = 500
 # prayer_room_api.beat.LOCK_KEY: the advisory lock the leading beat holds (tests/deploy/test_watchdog.py keeps
 # the two equal).
@@ -477,11 +478,24 @@ def deploy_running(config: dict, now: float) -> bool:
     return now - newest < config["lock_expiry_seconds"]
 
 
+def starting(config: dict) -> bool:
+    """Whether the app's supervisord (config's app_unit) became active less than START_GRACE seconds ago (a boot,
+    a provision's restart): its programs are still coming up."""
+    if not config.get("app_unit"):
+        return False
+    try:
+        since = run_command(["systemctl", "show", "-p", "ActiveEnterTimestampMonotonic", "--value",
+                             config["app_unit"]]).stdout.strip()  # fmt: skip
+        return time.monotonic() - int(since) / 1e6 < START_GRACE
+    except (OSError, ValueError, subprocess.TimeoutExpired):
+        return False
+
+
 def inspect(config: dict, state: dict, now: float, log=print) -> tuple[dict[str, str], set[str]]:
     """Run the host's checks: (problems, the key prefixes of the checks that could tell)."""
     roles = set(config["roles"])
     env = app_environment(config, log)
-    busy = deploy_running(config, now) if config.get("lock") else False
+    busy = (deploy_running(config, now) if config.get("lock") else False) or starting(config)
     live = bool(release_of(config))  # before the first deploy there is nothing to run, answer or dispatch
     checks = [("disk", lambda: check_disks(config)), ("memory", lambda: check_memory(config)),
               ("reboot", check_reboot), ("updates", lambda: check_updates(config, state, now))]  # fmt: skip

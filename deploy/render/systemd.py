@@ -108,6 +108,7 @@ def render_watchdog_config(config: DeployConfig, certificate: str = "") -> str:
         "current": str(layout.current),
         "lock": str(layout.lock) if has_app(config) else "",
         "lock_expiry_seconds": config.lock_expiry_seconds,
+        "app_unit": UNIT if has_app(config) else "",
         "supervisorctl": config.supervisorctl,
         "web_ports": list(config.web_ports),
         "backup_dir": str(layout.backups),

@@ -38,9 +38,9 @@ class Receiver:
         host, port = self.server.server_address[:2]
         return f"http://{host}:{port}/hooks/T0/B0/secret-token"
 
-    def about(self, alert: str) -> list[dict]:
-        """The notices about one alert key, in arrival order."""
-        return [body for body in self.received if body.get("alert") == alert]
+    def about(self, alert: str, since: float = 0.0) -> list[dict]:
+        """The notices about one alert key (that arrived after `since`), in arrival order."""
+        return [body for body in self.received if body.get("alert") == alert and body["_arrived"] >= since]
 
     def wait_for(self, predicate, timeout: float, what: str) -> list[dict]:
         deadline = time.monotonic() + timeout
