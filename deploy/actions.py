@@ -28,6 +28,7 @@ from deploy.lock import DeployLock
 from deploy.on_server.common import read_env_file
 from deploy.processes import Programs, config_diff, log_path
 from deploy.progress import Progress, in_parallel
+from deploy.provision.db_host import ensure_database
 from deploy.render.env_file import edit_env_file
 from deploy.schema import SchemaReport
 from deploy.site import Member, Site
@@ -385,9 +386,15 @@ def restore_archive(site: Site, target: datetime | None, *, yes: bool = False) -
         entry["release"] = site.primary.state.current
         _require_live(site)
 
+        database_url = site.primary.state.env_values(site.primary.server).get("DATABASE_URL", "")
+
         def put_back() -> str:
             started = time.monotonic()
             aside = archive.restore(db, config, target)
+            if database_url:
+                # NOTE: the restored roles are those of the server that made the archive (on a new server, another
+                # password): the role gets this site's DATABASE_URL password again.
+                ensure_database(db, database_url)
             return (
                 f"restored in {time.monotonic() - started:.1f} s; the data directory it replaced is kept at {aside} "
                 f"on {db.name} (remove it once the site is right)"
