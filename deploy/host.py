@@ -30,11 +30,16 @@ def upload_and_build(member: Member, source: release.Source, release_id: str) ->
     server, steps = member.server, member.progress
     with steps.step(f"upload {release_id}"):
         release.upload_release(server, source, release_id, member.programs_text)
-    if source.lock_hash in member.state.ready_venvs:
+    ready = source.lock_hash in member.state.ready_venvs
+    if ready and release.venv_runs(server, source.lock_hash):
         steps.say(f"   virtualenv venvs/{source.lock_hash} reused (requirements.lock unchanged)")
     else:
+        if ready:
+            steps.say(f"   virtualenv venvs/{source.lock_hash}: its Python no longer starts (the server's changed?)")
         with steps.step(f"build virtualenv venvs/{source.lock_hash} from requirements.lock"):
-            release.build_venv(server, release_id, source.lock_hash)
+            release.build_venv(
+                server, server.config.layout.releases / release_id / "requirements.lock", source.lock_hash
+            )
 
 
 def prepare(member: Member, release_id: str) -> None:

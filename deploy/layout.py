@@ -47,9 +47,11 @@ class ServerLayout:
 
     @property
     def venvs(self) -> PurePosixPath:
-        """Virtualenvs keyed by the sha256 of requirements.lock, built by root; a release links its own as .venv.
+        """Virtualenvs keyed by the sha256 of requirements.lock, built by the build user from wheels, then root's;
+        a release links its own as .venv.
 
-        A deploy reuses one only if every file in it is still root's (the app user cannot have modified it).
+        A deploy reuses one only if every file in it is still root's (the app user cannot have modified it) and its
+        Python still starts.
         """
         return self.root / "venvs"
 

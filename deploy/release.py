@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import hashlib
 import io
+import re
 import subprocess
 import tarfile
 import time
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 from deploy import environment
 from deploy.commands import release as release_commands
@@ -134,27 +135,56 @@ def seal_static(server: Server, release_id: str) -> None:
     server.root(sh("chown", "-R", "-h", "root:root", static), what="making the static files root's")
 
 
-def build_venv(server: Server, release_id: str, lock_hash: str) -> None:
-    """Build venvs/<lock hash> as root from the release's requirements.lock (hash-checked), then `pip check` it.
+def build_venv(server: Server, lock: PurePosixPath, lock_hash: str) -> None:
+    """Build venvs/<lock hash> as the build user from `lock` (a release's requirements.lock; binary wheels only,
+    hash-checked), `pip check` it as the build user, then hand it to root.
 
-    Root's, read-only to the app user: the programs cannot plant code (a .pth file) that later deploys reuse.
-    A half-built venv (no completion mark) is rebuilt from scratch.
+    Root never runs the venv's Python nor a package's build: a dependency's .pth file or build script runs, if at
+    all, as the build user, which can then change nothing root took over. Root's, read-only to the app user after:
+    the programs cannot plant code (a .pth file) that later deploys reuse. A half-built venv (no completion mark,
+    or not root's to the last file) is rebuilt from scratch.
     """
     layout, config = server.config.layout, server.config
     venv = layout.venvs / lock_hash
-    lock = layout.releases / release_id / "requirements.lock"
-    server.root(
-        release_commands.build_venv(config, venv, lock),
+    server.root(release_commands.venv_directory(venv, config.build_user), what="making the virtualenv directory")
+    build = server.root(
+        server.as_build(release_commands.build_venv(config, venv, lock)),
         what=f"building the virtualenv from requirements.lock with {config.python}",
+        warn=True,
         timeout=1800,
     )
-    check = server.root(sh(venv / "bin" / "pip", "check"), what="checking the virtualenv", warn=True)
+    if build.exited != 0:
+        said = (build.stderr.strip() or build.stdout.strip())[-1500:]
+        missing = re.findall(r"No matching distribution found for (\S+)", said)
+        if missing:
+            raise DeployError(
+                f"requirements.lock's {', '.join(missing)} has no binary wheel for {config.python} on "
+                f"{server.name} (the kit installs wheels only: no package code runs while building): pin a "
+                "version that ships a wheel for this Python (`invoke lock`), or use a server Python it has one for."
+            )
+        raise DeployError(
+            f"building the virtualenv from requirements.lock with {config.python} failed on {server.name} "
+            f"(exit {build.exited}): {said}"
+        )
+    check = server.root(server.as_build(release_commands.check_venv(venv)), what="checking the virtualenv", warn=True)
     if check.exited != 0:
         raise DeployError(
             f"requirements.lock is incomplete for {config.python} on {server.name}: {check.stdout.strip()} -- "
             "add the missing package to pyproject.toml and re-lock (`invoke lock`)."
         )
-    server.root(sh("touch", venv / VENV_DONE_MARK), what="marking the virtualenv complete")
+    server.root(
+        release_commands.hand_over_venv(venv, config.build_user, VENV_DONE_MARK),
+        what="making the virtualenv root's",
+    )
+
+
+def venv_runs(server: Server, lock_hash: str) -> bool:
+    """Whether a ready venv's Python still starts (as the build user): an OS upgrade removes its Python."""
+    venv = server.config.layout.venvs / lock_hash
+    run = server.root(
+        server.as_build(release_commands.venv_runs(venv)), what="starting the virtualenv's Python", warn=True
+    )
+    return run.exited == 0
 
 
 def switch_command(server: Server, release_id: str) -> str:

@@ -25,21 +25,60 @@ def unpack(layout: ServerLayout, release_id: str, tarball: object, venv: object,
     )
 
 
+def stop_build_user(build_user: str) -> str:
+    """A root shell command that kills every process of the build user: code a package ran while it built the venv
+    (or collectstatic) cannot linger to change files after root has taken them over."""
+    return f"{{ {sh('runuser', '-u', build_user, '--', 'sh', '-c', 'kill -KILL -1')} 2>/dev/null; true; }}"
+
+
+def venv_directory(venv: PurePosixPath, build_user: str) -> str:
+    """As root: any earlier attempt at `venv` removed, and an empty directory of the build user's in its place."""
+    return " && ".join(
+        [
+            "cd /",
+            "umask 022",
+            stop_build_user(build_user),
+            sh("rm", "-rf", venv),
+            sh("install", "-d", "-o", build_user, "-g", build_user, "-m", "755", venv),
+        ]
+    )
+
+
 def build_venv(config: DeployConfig, venv: PurePosixPath, lock: object) -> str:
-    """As root, from /: a fresh virtualenv at `venv` with config.python, filled from `lock` (hash-checked)."""
+    """For the build user, from /: a virtualenv at `venv` with config.python, filled from `lock` with binary wheels
+    only (hash-checked): nothing is built from source, so no package code runs while installing."""
     pip = sh(
-        venv / "bin" / "pip", "install", "--quiet", "--disable-pip-version-check", "--root-user-action=ignore",
-        "--require-hashes",
+        venv / "bin" / "pip", "install", "--quiet", "--disable-pip-version-check", "--no-cache-dir",
+        "--only-binary", ":all:", "--require-hashes",
     )  # fmt: skip
-    build = [
-        "umask 022",
-        sh("rm", "-rf", venv),
-        sh(config.python, "-m", "venv", venv),
-        # NOTE: --no-deps: the lock is complete; pip must not re-resolve markers for another
-        # Python than the one it was compiled with (pip's "secure installs" advice).
-        f"{pip} {sh('--no-deps', '-r', lock)}",
-    ]
-    return f"cd / && {' && '.join(build)}"
+    # NOTE: --no-deps: the lock is complete; pip must not re-resolve markers for another
+    # Python than the one it was compiled with (pip's "secure installs" advice).
+    return f"cd / && {sh(config.python, '-m', 'venv', venv)} && {pip} {sh('--no-deps', '-r', lock)}"
+
+
+def check_venv(venv: PurePosixPath) -> str:
+    """For the build user, from /: `pip check` (it runs the venv's Python, so its packages' .pth files)."""
+    return f"cd / && {sh(venv / 'bin' / 'pip', 'check', '--disable-pip-version-check')}"
+
+
+def venv_runs(venv: PurePosixPath) -> str:
+    """For the build user, from /: the venv's Python starts (an OS upgrade removes the Python a venv was made with)."""
+    return f"cd / && {sh(venv / 'bin' / 'python', '-c', 'pass')}"
+
+
+def hand_over_venv(venv: PurePosixPath, build_user: str, done_mark: str) -> str:
+    """As root: the build user's processes gone, `venv` made root's and read-only to everyone else (no set-id bit),
+    checked root's to the last file, then marked complete."""
+    return " && ".join(
+        [
+            "cd /",
+            stop_build_user(build_user),
+            sh("chown", "-R", "-h", "root:root", venv),
+            sh("chmod", "-R", "go-w,ug-s", venv),
+            f'test -z "$(find {sh(venv)} ! -user root -print -quit)"',
+            sh("touch", venv / done_mark),
+        ]
+    )
 
 
 def switch(layout: ServerLayout, release_id: str) -> str:

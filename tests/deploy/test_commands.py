@@ -106,13 +106,33 @@ def test_switch_renames_new_symlinks_over_current_and_previous():
     )
 
 
-def test_the_venv_is_built_fresh_as_root_from_the_hash_checked_lock():
+def test_the_venv_is_built_by_the_build_user_from_wheels_then_handed_to_root():
     venv = CONFIG.layout.venvs / "0123abcd"
+    kill = "{ runuser -u prayer-room-build -- sh -c 'kill -KILL -1' 2>/dev/null; true; }"
+    assert release.venv_directory(venv, "prayer-room-build").split(" && ") == [
+        "cd /",
+        "umask 022",
+        kill,
+        "rm -rf /srv/prayer-room/venvs/0123abcd",
+        "install -d -o prayer-room-build -g prayer-room-build -m 755 /srv/prayer-room/venvs/0123abcd",
+    ]
     assert release.build_venv(CONFIG, venv, "/srv/prayer-room/releases/r2/requirements.lock") == (
-        "cd / && umask 022 && rm -rf /srv/prayer-room/venvs/0123abcd && python3 -m venv /srv/prayer-room/venvs/0123abcd"
-        " && /srv/prayer-room/venvs/0123abcd/bin/pip install --quiet --disable-pip-version-check "
-        "--root-user-action=ignore --require-hashes --no-deps -r /srv/prayer-room/releases/r2/requirements.lock"
+        "cd / && python3 -m venv /srv/prayer-room/venvs/0123abcd"
+        " && /srv/prayer-room/venvs/0123abcd/bin/pip install --quiet --disable-pip-version-check --no-cache-dir "
+        "--only-binary :all: --require-hashes --no-deps -r /srv/prayer-room/releases/r2/requirements.lock"
     )
+    assert (
+        release.check_venv(venv) == "cd / && /srv/prayer-room/venvs/0123abcd/bin/pip check --disable-pip-version-check"
+    )
+    assert release.venv_runs(venv) == "cd / && /srv/prayer-room/venvs/0123abcd/bin/python -c pass"
+    assert release.hand_over_venv(venv, "prayer-room-build", ".complete").split(" && ") == [
+        "cd /",
+        kill,
+        "chown -R -h root:root /srv/prayer-room/venvs/0123abcd",
+        "chmod -R go-w,ug-s /srv/prayer-room/venvs/0123abcd",
+        'test -z "$(find /srv/prayer-room/venvs/0123abcd ! -user root -print -quit)"',
+        "touch /srv/prayer-room/venvs/0123abcd/.complete",
+    ]
 
 
 def test_a_release_is_unpacked_root_owned_with_its_venv_linked():

@@ -12,7 +12,9 @@ PRAYER_ROOM_LYNIS=1 also measures lynis' hardening index before provision and af
 from __future__ import annotations
 
 import base64
+import hashlib
 import http.cookiejar
+import io
 import json
 import os
 import re
@@ -20,15 +22,22 @@ import secrets
 import shlex
 import subprocess
 import sys
+import tarfile
 import time
 import urllib.error
 import urllib.parse
 import urllib.request
+import zipfile
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import pytest
+from fabric import Config, Connection
 
+from deploy import release
+from deploy.config import load_config
+from deploy.errors import DeployError
+from deploy.ssh import Server
 from tests.support.nspawn import RELEASES, Container, build_rootfs, missing_tools, operator_env
 
 REPO = Path(__file__).resolve().parents[2]
@@ -343,3 +352,118 @@ def test_api_basic_auth_is_off(server):
 class NoRedirect(urllib.request.HTTPRedirectHandler):
     def redirect_request(self, *args, **kwargs):
         return None
+
+
+# --- a hostile dependency: a wheel whose .pth runs at every start of the venv's Python, and a package without a
+# wheel whose build backend runs at install; each writes /tmp/<what>-ran-<uid>, served from a local index.
+INDEX = "/srv/hostile-index"
+PTH = 'import os; open("/tmp/pth-ran-%d" % os.getuid(), "a").close()\n'
+BACKEND = (
+    'import os\nopen("/tmp/build-ran-%d" % os.getuid(), "a").close()\n'
+    "def get_requires_for_build_wheel(config_settings=None):\n    return []\n"
+)
+# What the kit ran before (deploy/commands/release.py, as root): the positive control.
+OLD_BUILD = (
+    "cd / && umask 022 && rm -rf {venv} && python3 -m venv {venv} && {venv}/bin/pip install --quiet "
+    "--disable-pip-version-check --root-user-action=ignore --require-hashes --no-deps -r {lock}; {venv}/bin/pip check"
+)
+
+
+def hostile_index() -> tuple[bytes, dict[str, str]]:
+    """A PEP 503 index (as a tar to unpack at INDEX) with pthproof 1.0 (a wheel) and nowheel 1.0 (an sdist only),
+    and a hash-pinned lock for each."""
+
+    def sha256(data: bytes) -> str:
+        return hashlib.sha256(data).hexdigest()
+
+    wheel = io.BytesIO()
+    files = {
+        "pthproof.pth": PTH,
+        "pthproof-1.0.dist-info/METADATA": "Metadata-Version: 2.1\nName: pthproof\nVersion: 1.0\n",
+        "pthproof-1.0.dist-info/WHEEL": "Wheel-Version: 1.0\nRoot-Is-Purelib: true\nTag: py3-none-any\n",
+    }
+    record = "".join(
+        f"{name},sha256={base64.urlsafe_b64encode(hashlib.sha256(text.encode()).digest()).rstrip(b'=').decode()},"
+        f"{len(text.encode())}\n"
+        for name, text in files.items()
+    )
+    with zipfile.ZipFile(wheel, "w") as archive:
+        for name, text in {
+            **files,
+            "pthproof-1.0.dist-info/RECORD": record + "pthproof-1.0.dist-info/RECORD,,\n",
+        }.items():
+            archive.writestr(name, text)
+    sdist = io.BytesIO()
+    with tarfile.open(fileobj=sdist, mode="w:gz") as archive:
+        for name, text in {
+            "pyproject.toml": '[build-system]\nrequires = []\nbuild-backend = "backend"\nbackend-path = ["."]\n',
+            "backend.py": BACKEND,
+            "PKG-INFO": "Metadata-Version: 2.1\nName: nowheel\nVersion: 1.0\n",
+        }.items():
+            add(archive, f"nowheel-1.0/{name}", text.encode())
+    packages = {
+        "pthproof": ("pthproof-1.0-py3-none-any.whl", wheel.getvalue()),
+        "nowheel": ("nowheel-1.0.tar.gz", sdist.getvalue()),
+    }
+    out = io.BytesIO()
+    with tarfile.open(fileobj=out, mode="w") as archive:
+        for project, (filename, data) in packages.items():
+            add(archive, f"simple/{project}/{filename}", data)
+            link = f'<a href="{filename}#sha256={sha256(data)}">{filename}</a>\n'
+            add(archive, f"simple/{project}/index.html", f"<!DOCTYPE html><html><body>{link}</body></html>".encode())
+    locks = {project: f"{project}==1.0 --hash=sha256:{sha256(data)}\n" for project, (_, data) in packages.items()}
+    return out.getvalue(), locks
+
+
+def add(archive: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size, info.mode = len(data), 0o644
+    archive.addfile(info, io.BytesIO(data))
+
+
+def test_root_never_runs_package_code(server):
+    """The kit builds a venv from a hostile index: the .pth runs only as the build user (never root), the package
+    without a wheel is refused by name and its build never runs; the old build, as root, ran both as root."""
+    tar, locks = hostile_index()
+    ran = "ls -ln /tmp | awk '/ (pth|build)-ran-/ {print $NF, $3}' | sort"
+    cleanup = f"rm -rf {INDEX} {SRV}/venvs/zz-* /tmp/pth-ran-* /tmp/build-ran-*"
+    put = " && ".join(
+        [f"mkdir -p {INDEX}/simple", f"tar -x -C {INDEX} --no-same-owner"]
+        + [f"printf %s {shlex.quote(text)} > {INDEX}/{project}.lock" for project, text in locks.items()]
+        + [f"chmod -R a+rX {INDEX}"]
+    )
+    subprocess.run(["ssh", *server.ssh_options(), f"root@{server.address}", f"{cleanup}; {put}"],
+                   input=tar, check=True, capture_output=True, timeout=60)  # fmt: skip
+    config = load_config(REPO / "deploy.toml")
+    conn = Connection(
+        server.address, user="root", config=Config(overrides={"run": {"env": {"PIP_INDEX_URL": f"file://{INDEX}/simple"}}}),
+        connect_kwargs={"key_filename": str(server.key), "allow_agent": False},
+    )  # fmt: skip
+    kit = Server(conn, config, is_root=True, sudo_password=False, app_home="/root")
+    build_uid = server.ssh(f"id -u {config.build_user}").stdout.strip()
+    started = time.monotonic()
+    try:
+        release.build_venv(kit, PurePosixPath(f"{INDEX}/pthproof.lock"), "zz-pthproof")
+        assert release.venv_runs(kit, "zz-pthproof")
+        with pytest.raises(DeployError, match=r"requirements.lock's nowheel==1.0 has no binary wheel for python3"):
+            release.build_venv(kit, PurePosixPath(f"{INDEX}/nowheel.lock"), "zz-nowheel")
+        now = server.ssh(ran).stdout.split("\n")
+        venv = f"{SRV}/venvs/zz-pthproof"
+        assert server.ssh(f"find {venv} ! -user root -o -perm /022 ! -type l; ls {venv}/.complete").stdout == (
+            f"{venv}/.complete\n"
+        )
+        # An OS upgrade removes the Python a venv was made with: the deploy sees it and builds the venv again.
+        server.ssh(f"ln -sfn /usr/bin/python3.0 {venv}/bin/python")
+        assert not release.venv_runs(kit, "zz-pthproof")
+        report["hostile dependency: the kit's build, seconds"] = round(time.monotonic() - started, 1)
+        server.ssh("rm -f /tmp/pth-ran-* /tmp/build-ran-*")
+        for project in locks:  # the positive control: the build as it was, as root
+            old = OLD_BUILD.format(venv=f"{SRV}/venvs/zz-old-{project}", lock=f"{INDEX}/{project}.lock")
+            server.ssh(f"export PIP_INDEX_URL=file://{INDEX}/simple; {old}", check=False)
+        before = server.ssh(ran).stdout.split("\n")
+    finally:
+        conn.close()
+        server.ssh(cleanup, check=False)
+    report["hostile dependency: files written (name, uid)"] = {"kit": now, "old build as root": before}
+    assert now == [f"pth-ran-{build_uid} {build_uid}", ""], now  # the .pth ran, as the build user only
+    assert before == ["build-ran-0 0", "pth-ran-0 0", ""], before
