@@ -59,6 +59,10 @@ class DeployConfig:
     keep_releases: int = 5
     lock_expiry_seconds: int = 600
     health_timeout: int = 60
+    # nginx's limits per client address (0: none): POSTs to /admin/login/, and to the public write endpoints
+    # (a new request, "prayed", "flag"); past a burst of as many, 429. The API's own throttles count per hour.
+    login_rate_per_minute: int = 10
+    write_rate_per_minute: int = 60
     require_systemd: bool = True
     web_ports: tuple[int, ...] = WEB_PORTS
     extra_env: tuple[tuple[str, str], ...] = field(default=())
@@ -147,9 +151,10 @@ class DeployConfig:
         return address_of(db[0]) if self.multi_host else "127.0.0.1"
 
     @property
-    def peer_addresses(self) -> tuple[str, ...]:
-        """The addresses of every host of the site: the only ones the db host's firewall admits."""
-        return tuple(dict.fromkeys(address_of(host) for host in self.site_hosts))
+    def app_addresses(self) -> tuple[str, ...]:
+        """The addresses of the hosts that run the app (web, worker, beat): the only ones the db host's firewall and
+        pg_hba.conf admit (not the balancer's, which reaches neither PostgreSQL nor Redis)."""
+        return tuple(dict.fromkeys(address_of(h) for role in APP_ROLES for h in self.role_hosts(role)))
 
     def runs(self, role: str) -> bool:
         return role in self.host_roles
@@ -393,6 +398,8 @@ def validate(config: DeployConfig, where: str = "deploy config") -> None:
         "backup_keep": 1,
         "lock_expiry_seconds": 60,
         "health_timeout": 5,
+        "login_rate_per_minute": 0,
+        "write_rate_per_minute": 0,
     }
     for key, minimum in minimums.items():
         if getattr(config, key) < minimum:

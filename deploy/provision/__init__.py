@@ -30,6 +30,7 @@ from deploy.provision.host import (
     ensure_backup_timer,
     ensure_certificate,
     ensure_directories,
+    ensure_egress_firewall,
     ensure_nginx,
     ensure_supervisord,
     ensure_watchdog,
@@ -107,6 +108,7 @@ def _host_steps(values: dict[str, str]) -> Callable[[Member], None]:
             return
         member.step("app user", lambda: ensure_app_user(server))
         member.step("directories", lambda: ensure_directories(server))
+        member.step("link-local block", lambda: ensure_egress_firewall(server))
         with DeployLock(server, "provision").held():
             member.step("env file", lambda: ensure_env_file(server, values))
             _services(member, values)

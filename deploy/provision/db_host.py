@@ -13,7 +13,7 @@ from pathlib import PurePosixPath
 from urllib.parse import unquote, urlsplit
 
 from deploy.errors import DeployError
-from deploy.provision.host import SYSTEMD_UNITS, sync_file, sync_read_file
+from deploy.provision.host import SYSTEMD_UNITS, ensure_nft_table, sync_file, sync_read_file
 from deploy.render.db_host import (
     FIREWALL_TABLE,
     FIREWALL_UNIT,
@@ -190,26 +190,10 @@ def wait_for_postgres(server: Server, timeout: int = 60) -> None:
 
 
 def ensure_firewall(server: Server) -> bool:
-    """The db host's own nftables table (PostgreSQL and Redis from the site's hosts only), loaded at boot by
+    """The db host's own nftables table (PostgreSQL and Redis from the site's app hosts only), loaded at boot by
     FIREWALL_UNIT, and loaded now."""
     config = server.config
-    changed = sync_file(server, firewall_rules_path(config), render_firewall(config), owner="root", mode="0644")
-    unit = render_firewall_unit(config)
-    unit_changed = sync_file(server, SYSTEMD_UNITS / FIREWALL_UNIT, unit, owner="root", mode="0644")
-    if unit_changed:
-        server.root("systemctl daemon-reload", what="reloading systemd")
-    state = server.root(
-        f"systemctl is-enabled {FIREWALL_UNIT}; systemctl is-active {FIREWALL_UNIT};"
-        f" nft list table inet {FIREWALL_TABLE} >/dev/null 2>&1 && echo loaded",
-        what="checking the firewall",
-        warn=True,
-    ).stdout.split()
-    if state[:1] != ["enabled"]:
-        server.root(sh("systemctl", "enable", FIREWALL_UNIT), what=f"enabling {FIREWALL_UNIT}")
-        changed = True
-    if state[1:3] != ["active", "loaded"]:
-        server.root(sh("systemctl", "restart", FIREWALL_UNIT), what=f"loading the firewall ({FIREWALL_UNIT})")
-        changed = True
-    elif changed or unit_changed:
-        server.root(sh("systemctl", "reload", FIREWALL_UNIT), what=f"reloading the firewall ({FIREWALL_UNIT})")
-    return changed or unit_changed
+    return ensure_nft_table(
+        server, firewall_rules_path(config), render_firewall(config), FIREWALL_UNIT, render_firewall_unit(config),
+        FIREWALL_TABLE, "the firewall",
+    )  # fmt: skip

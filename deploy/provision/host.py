@@ -19,14 +19,19 @@ from deploy.render.systemd import (
     BACKUP_SERVICE,
     BACKUP_TIMER,
     CERTBOT_DROPIN,
+    EGRESS_TABLE,
+    EGRESS_UNIT,
     UNIT,
     WATCHDOG_ETC,
     WATCHDOG_SERVICE,
     WATCHDOG_TIMER,
     acme_ca_path,
     backup_helper,
+    egress_rules_path,
     render_backup_units,
     render_certbot_dropin,
+    render_egress_firewall,
+    render_egress_unit,
     render_unit,
     render_watchdog_config,
     render_watchdog_units,
@@ -64,9 +69,10 @@ def holds_certificate(config: DeployConfig) -> bool:
 
 
 def packages_for(config: DeployConfig) -> tuple[str, ...]:
-    """What the host's roles need installed: the app's Python and supervisor, PostgreSQL and Redis (and on a db host
-    of several hosts the firewall's tool), nginx for web and balancer, certbot where the certificate is; an app host
-    whose PostgreSQL is elsewhere gets its client (the primary's backups run pg_dump against the db host)."""
+    """What the host's roles need installed: the app's Python and supervisor, PostgreSQL and Redis, nftables (an app
+    host's link-local block, the firewall of a db host of several hosts), nginx for web and balancer, certbot where
+    the certificate is; an app host whose PostgreSQL is elsewhere gets its client (the primary's backups run pg_dump
+    against the db host)."""
     app, db = has_app(config), config.runs("db")
     wanted = [
         *(("python3-venv",) if app else ()),
@@ -74,7 +80,7 @@ def packages_for(config: DeployConfig) -> tuple[str, ...]:
         *(("nginx",) if config.runs("web") or config.runs("balancer") else ()),
         *(("supervisor",) if app else ()),
         *(("postgresql-client",) if app and not db else ()),
-        *(("nftables",) if db and config.multi_host else ()),
+        *(("nftables",) if app or (db and config.multi_host) else ()),
         *(("pgbackrest",) if db and config.backup_repository else ()),
         *(TLS_PACKAGES if holds_certificate(config) else ()),
     ]
@@ -261,6 +267,9 @@ def ensure_backup_timer(server: Server) -> bool:
     """The daily backup: its helper, service and timer in place, the timer enabled and waiting."""
     config = server.config
     service, timer = render_backup_units(config)
+    # The service may write its directory only (ProtectSystem=strict): it must exist before its first run.
+    backups = config.layout.backups
+    server.root(sh("install", "-d", "-o", "root", "-g", "root", "-m", "700", backups), what=f"making {backups}")
     changed = sync_file(server, backup_helper(config), script("root_helper"), owner="root", mode="0644")
     units_changed = sync_file(server, SYSTEMD_UNITS / BACKUP_SERVICE, service, owner="root", mode="0644")
     units_changed |= sync_file(server, SYSTEMD_UNITS / BACKUP_TIMER, timer, owner="root", mode="0644")
@@ -365,3 +374,38 @@ def ensure_watchdog(server: Server) -> bool:
     elif units_changed:
         server.root(sh("systemctl", "restart", WATCHDOG_TIMER), what=f"restarting {WATCHDOG_TIMER}")
     return changed or units_changed
+
+
+def ensure_nft_table(
+    server: Server, rules_path: PurePosixPath, rules: str, unit_name: str, unit: str, table: str, what: str
+) -> bool:
+    """An nftables table of the kit's own: its rules file and its unit (which loads it at boot) in place, the unit
+    enabled, and the table loaded now (reloaded when either changed)."""
+    changed = sync_file(server, rules_path, rules, owner="root", mode="0644")
+    unit_changed = sync_file(server, SYSTEMD_UNITS / unit_name, unit, owner="root", mode="0644")
+    if unit_changed:
+        server.root("systemctl daemon-reload", what="reloading systemd")
+    state = server.root(
+        f"systemctl is-enabled {unit_name}; systemctl is-active {unit_name};"
+        f" nft list table inet {table} >/dev/null 2>&1 && echo loaded",
+        what=f"checking {what}",
+        warn=True,
+    ).stdout.split()
+    if state[:1] != ["enabled"]:
+        server.root(sh("systemctl", "enable", unit_name), what=f"enabling {unit_name}")
+        changed = True
+    if state[1:3] != ["active", "loaded"]:
+        server.root(sh("systemctl", "restart", unit_name), what=f"loading {what} ({unit_name})")
+        changed = True
+    elif changed or unit_changed:
+        server.root(sh("systemctl", "reload", unit_name), what=f"reloading {what} ({unit_name})")
+    return changed or unit_changed
+
+
+def ensure_egress_firewall(server: Server) -> bool:
+    """An app host's own nftables table: the app user and the build user reach no link-local address."""
+    config = server.config
+    return ensure_nft_table(
+        server, egress_rules_path(config), render_egress_firewall(config), EGRESS_UNIT, render_egress_unit(config),
+        EGRESS_TABLE, "the link-local block",
+    )  # fmt: skip

@@ -55,14 +55,14 @@ def _host_network(address: str) -> str:
 
 def pg_hba_with_peers(text: str, config: DeployConfig, role: str, database: str) -> str:
     """Debian's pg_hba.conf with provision's block at its end, replacing an older one: `role` may reach
-    `database` from each host of the site, scram-sha-256 only (Debian's own lines come first and match
-    nothing but loopback and the local socket)."""
+    `database` from each app host of the site (not the balancer), scram-sha-256 only (Debian's own lines come
+    first and match nothing but loopback and the local socket)."""
     block = render_template(
         "pg_hba.conf.j2",
         marks=_PG_HBA_BLOCK,
         role=role,
         database=database,
-        addresses=[_host_network(address) for address in config.peer_addresses],
+        addresses=[_host_network(address) for address in config.app_addresses],
     )
     return _without_block(text, _PG_HBA_BLOCK) + "\n\n" + block
 
@@ -72,9 +72,9 @@ def firewall_rules_path(config: DeployConfig) -> PurePosixPath:
 
 
 def render_firewall(config: DeployConfig) -> str:
-    """The db host's nftables table: PostgreSQL and Redis only from loopback and the site's hosts; nothing else
-    filtered (SSH, nginx), no other table touched."""
-    peers = config.peer_addresses
+    """The db host's nftables table: PostgreSQL and Redis only from loopback and the site's app hosts (not the
+    balancer), its chain's policy drop; nothing else filtered (SSH, nginx), no other table touched."""
+    peers = config.app_addresses
     return render_template(
         "firewall.nft.j2",
         table=FIREWALL_TABLE,
@@ -86,5 +86,5 @@ def render_firewall(config: DeployConfig) -> str:
 
 
 def render_firewall_unit(config: DeployConfig) -> str:
-    """FIREWALL_UNIT: loads the table before the network is up (and at every boot), removes it when stopped."""
+    """FIREWALL_UNIT: loads the table before the network is up (and at every boot); stopping it leaves the table."""
     return render_template("firewall.service.j2", table=FIREWALL_TABLE, nft=NFT, rules=str(firewall_rules_path(config)))

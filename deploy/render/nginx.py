@@ -74,6 +74,8 @@ def render_nginx_site(
         web_ports=config.web_ports,
         server_names=[config.domain] if tls else site_names(config, host),
         root=str(config.layout.root),
+        login_rate=config.login_rate_per_minute,
+        write_rate=config.write_rate_per_minute,
         **maintenance_context(config),
         **_front_context(config, nginx, tls, ipv6, address, http_port, https_port),
     )

@@ -7,6 +7,7 @@ import json
 from pathlib import PurePosixPath
 
 from deploy.config import DeployConfig, has_app
+from deploy.render.db_host import FIREWALL_TABLE, FIREWALL_UNIT, NFT
 from deploy.render.jinja import render_template
 
 # Debian's supervisor package: root-owned and patched by apt. Its own system-wide
@@ -61,8 +62,9 @@ def render_backup_units(config: DeployConfig) -> tuple[str, str]:
 
 
 def render_after_network_dropin() -> str:
-    """A systemd drop-in: the unit (PostgreSQL, Redis on the db address) starts once the network is up."""
-    return render_template("after-network.conf.j2")
+    """A systemd drop-in: the unit (PostgreSQL, Redis on the db address) starts once the network is up, after the
+    db host's firewall, and refuses to start while the firewall's table is not loaded."""
+    return render_template("after-network.conf.j2", unit=FIREWALL_UNIT, nft=NFT, table=FIREWALL_TABLE)
 
 
 def acme_ca_path(config: DeployConfig) -> PurePosixPath:
@@ -131,3 +133,25 @@ def render_watchdog_units(config: DeployConfig) -> tuple[str, str]:
         "watchdog.service.j2", command=watchdog_argv(config, "run"), state_directory=WATCHDOG_STATE.name
     )
     return service, render_template("watchdog.timer.j2")
+
+
+EGRESS_TABLE = "prayer_room_egress"
+EGRESS_UNIT = "prayer-room-egress.service"
+
+
+def egress_rules_path(config: DeployConfig) -> PurePosixPath:
+    return config.layout.etc / "egress.nft"
+
+
+def render_egress_firewall(config: DeployConfig) -> str:
+    """An app host's nftables table: the app user's and the build user's sockets reach no link-local address."""
+    return render_template(
+        "egress.nft.j2", table=EGRESS_TABLE, unit=EGRESS_UNIT, users=[config.user, config.build_user]
+    )
+
+
+def render_egress_unit(config: DeployConfig) -> str:
+    """EGRESS_UNIT: loads the table at boot, before the programs' unit; stopping it leaves the table."""
+    return render_template(
+        "egress.service.j2", table=EGRESS_TABLE, nft=NFT, rules=str(egress_rules_path(config)), app_unit=UNIT
+    )

@@ -378,6 +378,7 @@ class DeployTarget:
             "health_timeout": 40,
             "backup_dir": str(self.workdir / "backups"),
             "postgres_bin": postgres_client_bin(),
+            "write_rate_per_minute": 0,  # the request loops POST far more than a visitor may
             **self.config_overrides,
             **overrides,
         }

@@ -133,19 +133,60 @@ def test_03_an_app_host_reaches_postgresql_and_redis_with_its_env_files_urls(clu
     assert lines[:1] == ["-NOAUTH"] and lines[-2:] == ["+OK", "+PONG"], redis.stdout + redis.stderr
 
 
-def test_04_the_db_host_admits_postgresql_and_redis_from_the_cluster_only(cluster):
+def reaches_the_db(cluster: Cluster, name: str) -> bool:
+    """Whether host `name` opens a TCP connection to both PostgreSQL and Redis on the db host's address."""
+    connect = f'socket.create_connection(("{cluster.app.address}", p), timeout=3)'
+    probe = f"python3 -c 'import socket; [{connect} for p in (5432, 6379)]'"
+    return cluster[name].ssh(probe, check=False).returncode == 0
+
+
+def test_04_the_db_host_admits_postgresql_and_redis_from_the_app_hosts_only(cluster):
     cluster.provisioned()
     db = cluster.app.address
     # This machine is no host of the cluster (the containers see it as their gateway, 10.231.N.1).
     assert not can_connect(db, 5432) and not can_connect(db, 6379)
     assert can_connect(db, 22)  # SSH is never filtered
-    probe = f"python3 -c 'import socket; [socket.create_connection((\"{db}\", p), timeout=3) for p in (5432, 6379)]'"
-    assert cluster.lb.ssh(probe, check=False).returncode == 0  # a peer: admitted (pg_hba still wants the password)
+    assert reaches_the_db(cluster, "web2")  # an app host: admitted (pg_hba still wants the password)
+    assert not reaches_the_db(cluster, "lb")  # the balancer runs no app: dropped
     rules = cluster.app.ssh("nft list table inet prayer_room").stdout
-    assert "5432" in rules and "drop" in rules
+    assert "5432" in rules and "policy drop" in rules
     assert cluster.app.ssh("systemctl is-enabled prayer-room-firewall").stdout.strip() == "enabled"
     listening = cluster.app.ssh("ss -Hltn").stdout
     assert f"{db}:5432" in listening and f"{db}:6379" in listening
+
+
+def test_04a_the_db_hosts_firewall_fails_closed(cluster):
+    """Stopping the firewall unit leaves the ports closed; without its table Redis and PostgreSQL do not start. The
+    positive control: the old unit's stop (`nft delete table`) opened them to any host."""
+    cluster.provisioned()
+    db, app = cluster.app.address, cluster.app
+    postgres = app.ssh("systemctl list-units --plain --no-legend 'postgresql@*'").stdout.split()[0]
+    services = f"redis-server {postgres}"
+    try:
+        app.ssh("systemctl stop prayer-room-firewall")
+        assert app.ssh("systemctl is-active prayer-room-firewall", check=False).stdout.strip() == "inactive"
+        assert not can_connect(db, 5432) and not can_connect(db, 6379) and not reaches_the_db(cluster, "lb")
+        assert reaches_the_db(cluster, "web1")
+        app.ssh("systemctl restart redis-server")  # it wants the firewall: starting it starts the firewall
+        assert app.ssh("systemctl is-active prayer-room-firewall").stdout.strip() == "active"
+        app.ssh("nft delete table inet prayer_room")  # what the old unit's stop did
+        assert can_connect(db, 5432) and can_connect(db, 6379)  # the control: open to this machine
+        for unit in services.split():
+            assert app.ssh(f"systemctl restart {unit}", check=False).returncode != 0, unit  # no table: no start
+        assert not can_connect(db, 5432) and not can_connect(db, 6379) and not reaches_the_db(cluster, "web1")
+    finally:
+        # Redis's unit restarts on failure until its start limit: reset-failed lets it start again.
+        back = app.ssh(
+            f"systemctl restart prayer-room-firewall && systemctl reset-failed {services}; systemctl start {services}",
+            check=False,
+        )
+    assert back.returncode == 0, back.stdout + back.stderr
+    assert reaches_the_db(cluster, "web1") and not reaches_the_db(cluster, "lb")
+    assert not can_connect(db, 5432) and not can_connect(db, 6379)
+    out = app.ssh("systemd-analyze security --no-pager prayer-room-firewall.service", check=False).stdout
+    exposure = float(re.search(r"Overall exposure level for prayer-room-firewall.service: ([\d.]+)", out).group(1))
+    cluster.timings["systemd-analyze security prayer-room-firewall.service"] = exposure
+    assert exposure <= 7.0, out
 
 
 def test_05_postgresql_and_redis_are_on_the_db_host_only_and_the_balancer_runs_no_app(cluster):
@@ -216,7 +257,7 @@ def test_08_provision_with_dash_h_sets_up_that_host_alone_from_the_primarys_env_
     cluster.web2.ssh(f"sed -i 's/^SECRET_KEY=.*/SECRET_KEY=drifted/' {ENV_FILE}")
     result = cluster.fab("-H", cluster.host("web2"), "provision")
     assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
-    assert f"provision {cluster.host('web2')}: 1 of 7 steps changed the server (env file)" in result.stdout
+    assert f"provision {cluster.host('web2')}: 1 of 8 steps changed the server (env file)" in result.stdout
     assert "provision cluster cluster: 1 of 1 hosts changed" in result.stdout
     assert not any(
         line.startswith(f"[{cluster.host(n)}]") for line in result.stdout.splitlines() for n in ("web1", "app")
@@ -240,7 +281,7 @@ def test_09_a_failure_on_one_host_names_it_and_its_step_and_the_others_finish(cl
         cluster.web2.ssh("rm -f /etc/nginx/conf.d/broken.conf")
     again = cluster.fab("provision")
     assert again.returncode == 0, (again.stdout + again.stderr)[-3000:]
-    assert f"provision {web2}: 1 of 7 steps changed the server (nginx)" in again.stdout
+    assert f"provision {web2}: 1 of 8 steps changed the server (nginx)" in again.stdout
     assert "provision cluster cluster: 1 of 4 hosts changed" in again.stdout
 
 
@@ -275,6 +316,7 @@ SETTINGS = """
 web_workers = 1
 worker_concurrency = 1
 health_timeout = 40
+write_rate_per_minute = 0
 env = { THROTTLE_SUBMIT = "1000000/hour", THROTTLE_PRAYED = "1000000/hour" }
 """
 UNHEALTHY_MARK = "/etc/prayer-room-e2e-unhealthy"  # the test's release reports unhealthy where this exists

@@ -171,7 +171,7 @@ def test_roles_make_a_cluster_and_each_host_gets_its_own_roles(tmp_path):
     assert config.multi_host and config.primary == "root@10.0.0.2"
     assert config.site_hosts == ("root@10.0.0.2", "root@10.0.0.3", "root@10.0.0.4", "root@10.0.0.5:2222")
     assert config.db_address == "10.0.0.4"
-    assert config.peer_addresses == ("10.0.0.2", "10.0.0.3", "10.0.0.4", "10.0.0.5")
+    assert config.app_addresses == ("10.0.0.2", "10.0.0.3", "10.0.0.4")  # not the balancer
     app = config.for_host("root@10.0.0.4")
     assert app.host_roles == {"worker", "beat", "db"} and app.hosts == ("root@10.0.0.4",)
     assert ("WORKER_QUEUES", "celery,host.10.0.0.4") in app.environment_overrides()

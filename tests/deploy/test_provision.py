@@ -49,7 +49,16 @@ from deploy.render.nginx import (
     render_nginx_site,
 )
 from deploy.render.supervisord import SUPERVISORCTL_DEFAULT, render_supervisorctl_default, render_supervisord_main
-from deploy.render.systemd import UNIT, acme_ca_path, render_backup_units, render_certbot_dropin, render_unit
+from deploy.render.systemd import (
+    UNIT,
+    acme_ca_path,
+    render_after_network_dropin,
+    render_backup_units,
+    render_certbot_dropin,
+    render_egress_firewall,
+    render_egress_unit,
+    render_unit,
+)
 from deploy.tls import certbot_command, certificate_fits, certificate_line, parse_certificate
 
 REPO = Path(__file__).resolve().parents[2]
@@ -218,6 +227,44 @@ def test_nginx_site_static_locations_repeat_the_security_headers():
 
 @pytest.mark.deploy  # needs the deploy layer's nginx, which pip cannot install
 @pytest.mark.skipif(not shutil.which("nginx"), reason="nginx is not installed (.ci/setup.d/20-deploy.sh installs it)")
+def test_the_app_users_reach_no_link_local_address(tmp_path):
+    rules = render_egress_firewall(CONFIG)
+    chain = [line.strip() for line in rules.split("chain output {")[1].split("}\n")[0].splitlines() if line.strip()]
+    assert chain == [
+        "type filter hook output priority filter; policy accept;",
+        'meta skuid { "prayer-room", "prayer-room-build" } ip daddr 169.254.0.0/16 reject with icmpx admin-prohibited',
+        'meta skuid { "prayer-room", "prayer-room-build" } ip6 daddr fe80::/10 reject with icmpx admin-prohibited',
+    ]
+    assert "flush ruleset" not in rules and "delete table inet prayer_room_egress\n" in rules
+    unit = render_egress_unit(CONFIG)
+    assert "ExecStart=/usr/sbin/nft -f /etc/prayer-room/egress.nft\n" in unit and "ExecStop" not in unit
+    assert "Before=network-pre.target shutdown.target prayer-room.service\n" in unit
+    app = render_unit(CONFIG)
+    assert "IPAddressDeny=169.254.0.0/16 fe80::/10\n" in app and "prayer-room-egress.service" in app
+    if (
+        shutil.which("nft")
+        and os.geteuid() == 0
+        and subprocess.run(["id", "nobody"], capture_output=True).returncode == 0
+    ):
+        path = tmp_path / "egress.nft"  # user names must exist where nft reads them: nobody stands in
+        path.write_text(render_egress_firewall(DeployConfig(user="nobody")).replace('"nobody-build"', '"nobody"'))
+        checked = subprocess.run(["nft", "--check", "-f", str(path)], capture_output=True, text=True)
+        assert checked.returncode == 0, checked.stderr
+
+
+def test_nginx_rate_limits_login_posts_and_public_writes_per_client_address():
+    site = render_nginx_site(CONFIG, HOST)
+    assert "limit_req_zone $prayer_room_login_key zone=prayer_room_login:1m rate=10r/m;" in site
+    assert "limit_req_zone $prayer_room_write_key zone=prayer_room_write:10m rate=60r/m;" in site
+    assert '"POST /admin/login/" $binary_remote_addr;' in site
+    assert '"~^POST /api/requests/(?:[0-9]+/(?:prayed|flag)/)?$" $binary_remote_addr;' in site
+    app = site.split("location / {")[1].split("}")[0]
+    assert "limit_req zone=prayer_room_login burst=10 nodelay;" in app and "limit_req_status 429;" in app
+    assert "limit_req zone=prayer_room_write burst=20 nodelay;" in app
+    off = render_nginx_site(DeployConfig(write_rate_per_minute=0, login_rate_per_minute=0), HOST)
+    assert "limit_req zone" not in off and "limit_req_zone" not in off
+
+
 def test_nginx_accepts_the_site(tmp_path):
     (tmp_path / "logs").mkdir()
     site = tmp_path / "site.conf"
@@ -513,11 +560,11 @@ def test_each_cluster_host_gets_only_its_roles_packages_and_services(tmp_path):
     # The db host runs the app too: its PostgreSQL brings the client; the firewall needs nftables.
     assert packages_for(db) == ("python3-venv", "postgresql", "redis-server", "supervisor", "nftables")
     assert services_for(db) == ("postgresql", "redis-server")  # no nginx: it serves no web
-    assert packages_for(web) == ("python3-venv", "nginx", "supervisor", "postgresql-client")
+    assert packages_for(web) == ("python3-venv", "nginx", "supervisor", "postgresql-client", "nftables")
     assert services_for(web) == ("nginx",)
     assert packages_for(balancer) == ("nginx",) and not has_app(balancer)
     assert has_app(db) and has_app(web) and has_app(CONFIG)
-    assert packages_for(CONFIG) == ("python3-venv", "postgresql", "redis-server", "nginx", "supervisor")  # as before
+    assert packages_for(CONFIG) == ("python3-venv", "postgresql", "redis-server", "nginx", "supervisor", "nftables")
     assert not has_app(
         cluster(
             tmp_path,
@@ -585,11 +632,9 @@ def test_postgresql_listens_on_the_db_address_and_admits_the_app_role_from_each_
     rules = [line.split() for line in hba.splitlines()[2:] if line and not line.startswith("#")]
     assert rules == [
         ["host", "prayer_room", "prayer_room", f"{address}/32", "scram-sha-256"]
-        for address in ("10.0.0.2", "10.0.0.3", "10.0.0.4", "10.0.0.5")
+        for address in ("10.0.0.2", "10.0.0.3", "10.0.0.4")  # the app hosts: not the balancer (10.0.0.5)
     ]
     assert pg_hba_with_peers(hba, config, "prayer_room", "prayer_room") == hba
-    smaller = cluster(tmp_path, CLUSTER_TOML.replace('balancer = ["root@10.0.0.5"]', ""))
-    assert "10.0.0.5" not in pg_hba_with_peers(hba, smaller, "prayer_room", "prayer_room")
 
 
 def test_the_db_hosts_redis_binds_loopback_and_the_db_address_with_its_password(tmp_path):
@@ -603,19 +648,26 @@ def test_the_db_hosts_redis_binds_loopback_and_the_db_address_with_its_password(
     assert "bind" not in redis_conf_with_password(debian, "rp-_2").split("port 6379")[1]  # a single host: as before
 
 
-def test_the_firewall_admits_postgresql_and_redis_from_the_cluster_only_and_touches_nothing_else(tmp_path):
+def test_the_firewall_admits_postgresql_and_redis_from_the_app_hosts_only_and_fails_closed(tmp_path):
     config = cluster(tmp_path)
     rules = render_firewall(config)
-    assert "flush ruleset" not in rules and "22" not in rules and "policy accept;" in rules
+    assert "flush ruleset" not in rules and "22" not in rules and "policy accept" not in rules
     assert "delete table inet prayer_room\n" in rules  # replaced as a whole, atomically
-    assert 'tcp dport { 5432, 6379 } iif "lo" accept' in rules
-    assert "tcp dport { 5432, 6379 } ip saddr { 10.0.0.2, 10.0.0.3, 10.0.0.4, 10.0.0.5 } accept" in rules
-    assert rules.rstrip().splitlines()[-3].strip() == "tcp dport { 5432, 6379 } drop"
-    assert "ip6 saddr" not in rules
+    chain = [line.strip() for line in rules.split("chain input {")[1].split("}\n")[0].splitlines() if line.strip()]
+    assert chain == [
+        "type filter hook input priority filter; policy drop;",
+        'iif "lo" accept',
+        "meta l4proto != tcp accept",
+        "tcp dport != { 5432, 6379 } accept",
+        "ip saddr { 10.0.0.2, 10.0.0.3, 10.0.0.4 } accept",  # not the balancer (10.0.0.5)
+    ]
     unit = render_firewall_unit(config)
     assert f"ExecStart=/usr/sbin/nft -f {config.layout.etc}/firewall.nft\n" in unit
-    assert "ExecStop=/usr/sbin/nft delete table inet prayer_room\n" in unit and "Before=network-pre.target" in unit
+    assert "ExecStop=" not in unit and "Before=network-pre.target" in unit  # stopped, the table stays
     assert "WantedBy=sysinit.target" in unit
+    dropin = render_after_network_dropin()
+    assert "\nAfter=network-online.target prayer-room-firewall.service\n" in dropin
+    assert "\nExecStartPre=+/usr/sbin/nft list chain inet prayer_room input\n" in dropin  # no table, no start
     if shutil.which("nft") and os.geteuid() == 0:
         path = tmp_path / "firewall.nft"
         path.write_text(rules)
@@ -727,9 +779,7 @@ def test_an_ipv6_cluster_gets_bracketed_urls_and_ipv6_rules(tmp_path):
     assert "@[2001:db8::4]:5432/" in values["DATABASE_URL"] and redis_password(values, "2001:db8::4") == "rp-_2"
     assert service_key_problems(config, values) == []
     rules = render_firewall(config)
-    assert (
-        "ip6 saddr { 2001:db8::2, 2001:db8::3, 2001:db8::4, 2001:db8::5 } accept" in rules and "ip saddr" not in rules
-    )
+    assert "ip6 saddr { 2001:db8::2, 2001:db8::3, 2001:db8::4 } accept" in rules and "ip saddr" not in rules
     assert "2001:db8::3/128    scram-sha-256" in pg_hba_with_peers("", config, "prayer_room", "prayer_room")
     assert "server [2001:db8::2]:80 max_fails=2" in render_balancer_site(config)
     if shutil.which("nft") and os.geteuid() == 0:
@@ -786,5 +836,5 @@ def test_a_site_of_one_host_writes_the_env_file_a_single_server_got_and_leaves_o
     assert values["CELERY_BROKER_URL"] == fresh["CELERY_BROKER_URL"] and redis_password(values) == "rp-_2"
     assert service_key_problems(site, values) == []  # nothing to share with another host
     assert packages_for(replace(site, domain="prayer.example.org")) == (
-        "python3-venv", "postgresql", "redis-server", "nginx", "supervisor", "certbot", "openssl",
+        "python3-venv", "postgresql", "redis-server", "nginx", "supervisor", "nftables", "certbot", "openssl",
     )  # fmt: skip

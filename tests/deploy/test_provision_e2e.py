@@ -110,7 +110,7 @@ def test_provision_takes_a_fresh_server_to_a_ready_one(vps):
     result = fab(vps, "provision", user="admin")  # a sudo user; the re-run below is as root
     timings["provision, first run"] = time.monotonic() - started
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "10 of 10 steps changed the server" in result.stdout, result.stdout
+    assert "11 of 11 steps changed the server" in result.stdout, result.stdout
 
     env = vps.ssh("stat -c '%U:%G %a' /srv/prayer-room/shared/env; cat /srv/prayer-room/shared/env").stdout
     assert env.startswith(f"root:{APP_USER} 640\n")
@@ -237,7 +237,7 @@ def receiver(vps):
         config.write_text(text)
         result = fab(vps, "provision", "--config", str(config))
         assert result.returncode == 0, result.stdout + result.stderr
-        assert "1 of 10 steps changed the server (watchdog)" in result.stdout, result.stdout
+        assert "1 of 11 steps changed the server (watchdog)" in result.stdout, result.stdout
         found.config = config
         watch(vps)  # what is open before any fault (on a busy CI disk, maybe /): those alerts are not ours
         yield found

@@ -133,6 +133,7 @@ def site(request, tmp_path_factory):
             f'acme_directory = "{pebble.directory}"\n'
             f'acme_ca_bundle = "{pebble.ca}"\n'
             # the request loops POST far more than a visitor may
+            "write_rate_per_minute = 0\n"
             'env = { THROTTLE_SUBMIT = "1000000/hour", THROTTLE_PRAYED = "1000000/hour" }\n'
         )
         yield Site(vps, pebble, config)

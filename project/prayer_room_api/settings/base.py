@@ -112,12 +112,14 @@ DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
 # django-axes first: it refuses a locked-out login before any password is checked.
 AUTHENTICATION_BACKENDS = ["prayer_room_api.backends.AxesBackend", "prayer_room_api.backends.ModelBackend"]
-# Brute-force protection of every login (the admin's): AXES_FAILURE_LIMIT wrong passwords for one username from
-# one address lock that pair out for AXES_COOLOFF_TIME hours (HTTP 429). Staff clear a lockout in the admin
-# (Axes > Access attempts: delete) or with `manage.py axes_reset_username NAME`.
+# Brute-force protection of every login (the admin's): AXES_FAILURE_LIMIT wrong passwords for one username, from
+# whatever addresses (one, or many: a guesser spread over addresses), lock that username out for AXES_COOLOFF_TIME
+# hours (HTTP 429), from every address. Staff clear a lockout in the admin (Axes > Access attempts: delete) or with
+# `manage.py axes_reset_username NAME`.
 AXES_FAILURE_LIMIT = env_int("AXES_FAILURE_LIMIT", 5)
 AXES_COOLOFF_TIME = env_int("AXES_COOLOFF_HOURS", 1)
-AXES_LOCKOUT_PARAMETERS = [["username", "ip_address"]]
+# The username alone counts every address's failures (the pair, also listed, counts no more than it does).
+AXES_LOCKOUT_PARAMETERS = [["username", "ip_address"], "username"]
 AXES_RESET_ON_SUCCESS = True
 AXES_VERBOSE = False  # no "AXES: BEGIN" banner on every manage.py command; lockouts are still logged
 AXES_CLIENT_IP_CALLABLE = "prayer_room_api.backends.client_ip"

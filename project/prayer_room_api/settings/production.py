@@ -31,7 +31,9 @@ if CACHES["default"]["BACKEND"].endswith("RedisCache"):
     # A cache that does not answer in a second counts as down (rate limits then fail open), not a hung request.
     CACHES["default"].setdefault("OPTIONS", {}).update(socket_connect_timeout=1, socket_timeout=1)
 # Rate limits (and axes' login lockouts) key on the client address nginx passes in X-Forwarded-For (one proxy in
-# front). No HTTP Basic auth: a password on every request, unthrottled, over whatever the transport is; the API's
+# front; on a cluster's web host too: its nginx takes the balancer's forwarded address as the client's and appends it
+# again, so 1 is right there as well, and 2 would believe a client that reaches a web host directly).
+# No HTTP Basic auth: a password on every request, unthrottled, over whatever the transport is; the API's
 # staff use the session of their admin login.
 REST_FRAMEWORK = {
     **REST_FRAMEWORK,
