@@ -30,6 +30,7 @@ from deploy.processes import Programs, config_diff, log_path
 from deploy.progress import Progress, in_parallel
 from deploy.provision.db_host import ensure_database
 from deploy.render.env_file import edit_env_file
+from deploy.restored import serve_restored
 from deploy.schema import SchemaReport
 from deploy.site import Member, Site
 from deploy.ssh import connect
@@ -276,6 +277,8 @@ def rollback(
                 progress.say(f"   --keep-schema: {target} runs against {', '.join(report.unknown)}, which it lacks")
             progress.say(f"   {current} -> {target} (the schema is left as it is)")
             switch_all()
+            if report.unknown:
+                release.accept_schema(primary.server, target, report.unknown)
     progress.say(progress.summary(f"{target} is live{site.hosts_phrase()}"))
     return target
 
@@ -310,15 +313,16 @@ def _restore_locked(site: Site, what: str, put_back: Callable[[], str], then: Ca
 
 
 def _after_restore(site: Site, what: str, saved: dict) -> None:
-    """The one step after any restore (a dump, or the archive): each host's live release restarted and verified, in
-    rollout order; a failure says what the database holds and the way back (`saved`, the backup taken before)."""
-    try:
-        site.in_turn(lambda m: f"restart and verify {m.label} ({m.roles})", host.reactivate)
-    except DeployError as exc:
-        raise DeployError(
-            f"{exc} -- the database holds {what} now; the one it replaced is {saved['name']} "
-            f"(`fab restore {saved['name']} --yes` puts it back)."
-        ) from exc
+    """The one step after any restore (a dump, or the archive): deploy/restored.py's serve_restored, the release
+    whose migrations fit the restored data (the live one, the data migrated forward if need be, or the one the data
+    belongs to) switched to or restarted and verified on every host; on a failure the database from before (`saved`,
+    the backup taken first) is put back and the live release serves it again."""
+
+    def put_back() -> str:
+        backup.restore(site.primary.server, saved["name"])
+        return f"the database is back as it was before the restore ({saved['name']})"
+
+    serve_restored(site, what, put_back)
 
 
 def _require_live(site: Site) -> None:

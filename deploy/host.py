@@ -161,6 +161,16 @@ def rollback_to(member: Member, target: str) -> None:
     release.finish(server, state, target, state.venvs.get(target, ""))
 
 
+def return_to(member: Member, release_id: str) -> None:
+    """Make `release_id` live again with the programs config it was deployed with, verified and marked so: the way
+    back after a switch away from it failed."""
+    server = member.server
+    state = read_state(server)
+    stored = server.read(release.history_path(server, release_id), what="reading the release's programs config")
+    activate(member, state, release_id, stored or render(server, state))
+    release.finish(server, state, release_id, state.venvs.get(release_id, ""))
+
+
 def stop(member: Member) -> None:
     """Stop web, worker and beat (the worker warm: running tasks finish), e.g. while the schema changes."""
     with member.progress.step("stop web, worker and beat"):

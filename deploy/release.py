@@ -16,7 +16,7 @@ from deploy.commands import release as release_commands
 from deploy.commands import sh
 from deploy.errors import DeployError
 from deploy.ssh import Server
-from deploy.state import DEPLOYED_MARK, VENV_DONE_MARK, ServerState
+from deploy.state import DEPLOYED_MARK, KEEP_SCHEMA_MARK, VENV_DONE_MARK, ServerState
 
 
 @dataclass(frozen=True)
@@ -196,6 +196,19 @@ def unmark(server: Server, release_id: str) -> None:
     """Take a release's verified mark away: rollbacks no longer return to it (a new deploy of it can)."""
     mark = server.config.layout.releases / release_id / DEPLOYED_MARK
     server.root(sh("rm", "-f", mark), what="unmarking the release rolled back from")
+
+
+def accept_schema(server: Server, release_id: str, migrations: tuple[str, ...]) -> None:
+    """Record that the operator let `release_id` run against `migrations`, which it lacks (`rollback --keep-schema`):
+    a restore of data with them lets it serve that data too."""
+    mark = server.config.layout.releases / release_id / KEEP_SCHEMA_MARK
+    server.upload([("".join(f"{m}\n" for m in migrations), mark, "root", "0644")], what="recording --keep-schema")
+
+
+def accepted_schema(server: Server, release_id: str) -> set[str]:
+    """The migrations `accept_schema` recorded for `release_id`."""
+    mark = server.config.layout.releases / release_id / KEEP_SCHEMA_MARK
+    return set((server.read(mark, what="reading the --keep-schema record") or "").split())
 
 
 def remove_release(server: Server, release_id: str) -> None:

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable, Collection, Iterable
+from dataclasses import dataclass, field, replace
 
 from deploy.errors import DeployError
 from deploy.ssh import Server
@@ -16,11 +17,108 @@ class SchemaReport:
     unknown: tuple[str, ...]  # applied in the database, absent from the release's code
     new: tuple[str, ...]  # in the release's code, not applied yet (in the order migrate applies them)
     unsafe: tuple[dict, ...]  # operations of `new` the running release cannot live with
+    operations: dict[str, list[str]] = field(default_factory=dict)  # each of `new`: its operations' kinds
 
     @classmethod
     def read(cls, server: Server, release_dir) -> SchemaReport:
         line = server.helper(release_dir, "migrations", what="reading the migrations", timeout=300)[-1]
-        return cls(tuple(line["applied"]), tuple(line["unknown"]), tuple(line["new"]), tuple(line.get("unsafe", ())))
+        return cls(
+            tuple(line["applied"]),
+            tuple(line["unknown"]),
+            tuple(line["new"]),
+            tuple(line.get("unsafe", ())),
+            dict(line.get("operations", {})),
+        )
+
+    @property
+    def exact(self) -> bool:
+        """The database has exactly this release's migrations: the data belongs to it."""
+        return not self.unknown and not self.new
+
+    def not_additions(self) -> list[str]:
+        """Each operation of `new` that is not a forward-only addition ("app.0007_x: RunSQL"), in order."""
+        return [
+            f"{name}: {kind}" for name in self.new for kind in self.operations.get(name, ["?"]) if kind not in ADDITIONS
+        ]
+
+
+# Operations that only add to a schema (a table, a column, an index, a constraint) or change no table: restored data
+# goes through them unchanged (a constraint the data breaks fails the migration, which then changes nothing).
+ADDITIONS = frozenset(
+    {"CreateModel", "AddField", "AddIndex", "AddConstraint", "AlterModelOptions", "AlterModelManagers"}
+)
+
+
+@dataclass(frozen=True)
+class Fit:
+    """The release that serves restored data: `migrate` (this release's migrations the data lacks) applied first."""
+
+    release: str
+    migrate: tuple[str, ...]
+    reason: str  # what was chosen and why, for the operator
+
+
+def choose_release(
+    live: str,
+    others: Iterable[str],
+    report_of: Callable[[str], SchemaReport],
+    refused: str | None = None,
+    accepted: Callable[[str], Collection[str]] = lambda release: (),
+) -> Fit:
+    """The release whose migrations fit restored data, decided on the data's django_migrations rows against each
+    release's migration graph (`report_of(release)`, read lazily): the live release when it has exactly the data's
+    migrations, or when the ones it adds are forward-only additions (migrated forward) -- unless `refused` says that
+    migration failed; else the first of `others` (in the order given: the caller's preference) with exactly the
+    data's migrations (the release the data belongs to); else the first of `others` that adds only forward-only
+    additions. None fits: DeployError. A release lacking only migrations `accepted(release)` names (those
+    `rollback --keep-schema` let it run against) counts as having them."""
+
+    def fitted(release: str) -> tuple[SchemaReport, bool]:
+        report = report_of(release)
+        if report.unknown and set(report.unknown) <= set(accepted(release)):
+            return replace(report, unknown=()), True
+        return report, False
+
+    report, kept = fitted(live)
+    if report.exact:
+        if kept:
+            return Fit(live, (), f"{live} (live) lacks only migrations `rollback --keep-schema` let it run against: it "
+                                 "serves the restored data as it is")  # fmt: skip
+        return Fit(live, (), f"{live} (live) has exactly the restored data's migrations: it serves them as they are")
+    if report.unknown:
+        why = f"the data has {len(report.unknown)} migration(s) {live} (live) lacks ({', '.join(report.unknown)})"
+    elif refused:
+        why = f"migrating the data forward with {live} (live) failed and changed nothing ({refused})"
+    elif report.not_additions():
+        why = f"{live} (live) would migrate the data with more than additions ({'; '.join(report.not_additions())})"
+    else:
+        return Fit(
+            live,
+            report.new,
+            f"{live} (live) adds {len(report.new)} migration(s) to the restored data, each a forward-only addition "
+            f"({', '.join(report.new)}): the data is migrated forward with it",
+        )
+    others = [release for release in dict.fromkeys(others) if release != live]
+    forward = []
+    for release in others:
+        other, kept = fitted(release)
+        if other.exact:
+            also = ", with those `rollback --keep-schema` let it run against" if kept else ""
+            return Fit(
+                release, (), f"{why}; the data belongs to {release} (exactly its migrations{also}): switching to it"
+            )
+        if not other.unknown and not other.not_additions():
+            forward.append((release, other))
+    if forward:
+        release, other = forward[0]
+        return Fit(
+            release,
+            other.new,
+            f"{why}; no release has exactly the data's migrations; {release} adds only forward-only additions "
+            f"({', '.join(other.new)}): switching to it, the data migrated forward",
+        )
+    tried = ", ".join(others) or "no other release is on every host"
+    raise DeployError(f"no release fits the restored data: {why}; and none of the others ({tried}) has its migrations")
 
 
 def refuse_unsafe(unsafe: tuple[dict, ...], live: str | None) -> str:

@@ -11,6 +11,7 @@ from deploy.on_server.common import read_env_file
 from deploy.ssh import Server, sh
 
 DEPLOYED_MARK = ".deployed"
+KEEP_SCHEMA_MARK = ".keep-schema"  # the migrations `rollback --keep-schema` let this release run against
 VENV_DONE_MARK = ".complete"
 
 

@@ -223,7 +223,48 @@ def migrations(args) -> int:
         unknown=sorted(".".join(k) for k in applied - known),
         new=sorted(f"{m.app_label}.{m.name}" for m, _ in plan),
         unsafe=check_migrations(plan, loader),
+        operations={f"{m.app_label}.{m.name}": operation_kinds(m) for m, _ in plan},
     )
+    return 0
+
+
+def operation_kinds(migration) -> list[str]:
+    """What a migration does to the database, one kind per operation (AddField, RunSQL, ...): the operations of a
+    SeparateDatabaseAndState are its database ones; a migration that cannot run in a transaction says so."""
+
+    def kinds(operations) -> list[str]:
+        found = []
+        for operation in operations:
+            if type(operation).__name__ == "SeparateDatabaseAndState":
+                found += kinds(operation.database_operations)
+            else:
+                found.append(type(operation).__name__)
+        return found
+
+    return kinds(migration.operations) + ([] if migration.atomic else ["non-atomic migration"])
+
+
+def migrate_forward(args) -> int:
+    """`migrate`, then `seed_schedules`, in ONE transaction: the database gets all of this release's migrations or
+    none (restored data brought forward to the release that serves it)."""
+    started = time.monotonic()
+    if not _setup_django(started):
+        return 1
+    from django.core.management import call_command
+    from django.db import transaction
+
+    before = applied_migrations()
+    try:
+        with transaction.atomic():
+            call_command("migrate", interactive=False, verbosity=0)
+            call_command("seed_schedules")
+    except Exception as exc:  # noqa: BLE001 - a migration's own error is the report; everything was rolled back
+        sys.stdout.flush()
+        emit(ok=False, error=f"{type(exc).__name__}: {exc}"[-1500:], applied=[])
+        return 1
+    sys.stdout.flush()
+    emit(ok=True, applied=sorted(".".join(k) for k in applied_migrations() - before),
+         seconds=round(time.monotonic() - started, 2))  # fmt: skip
     return 0
 
 
@@ -414,6 +455,7 @@ def main(argv: list[str]) -> int:
     prepare_parser = sub.add_parser("prepare")
     prepare_parser.add_argument("--stage", action="append", choices=("before", "migrate"), default=[])
     sub.add_parser("migrations")
+    sub.add_parser("migrate-forward")
     sub.add_parser("verify-writes")
     unapply_parser = sub.add_parser("unapply")
     unapply_parser.add_argument("--check", action="store_true")
@@ -430,6 +472,7 @@ def main(argv: list[str]) -> int:
     commands = {
         "prepare": prepare,
         "migrations": migrations,
+        "migrate-forward": migrate_forward,
         "unapply": unapply,
         "verify-writes": verify_writes,
         "health": health,

@@ -548,3 +548,75 @@ def test_a_refused_restore_leaves_the_programs_running(target):
     finally:
         if set(target.states().values()) != {"RUNNING"}:
             ok(target.fab("restart"))
+
+
+def release_migrations(target: DeployTarget, release: str) -> set[str]:
+    """The project app's migrations in a release's code on the server."""
+    found = (target.srv / "releases" / release / MIGRATIONS).glob("0*.py")
+    return {f"prayer_room_api.{path.stem}" for path in found}
+
+
+def app_applied(target: DeployTarget) -> set[str]:
+    return {name for name in applied(target) if name.startswith("prayer_room_api.")}
+
+
+@pytest.fixture(scope="module")
+def newer_release(target, clone):
+    """A release with a nullable column and a CHECK constraint deployed over the live one; before it, a manual backup
+    whose data breaks the constraint (a row prayed for 123456 times, set back before the deploy). Returns (the
+    release the data belongs to, the newer release, its migration, the deploy's backup, the breaking backup, the
+    data's migrations)."""
+    older, data_migrations = target.live_release(), app_applied(target)
+    (request_id,) = target.database.query(f"SELECT max(id) FROM {TABLE}")[0]
+    target.database.query(f"UPDATE {TABLE} SET prayer_count = 123456 WHERE id = %s", (request_id,))
+    breaking = ok(target.fab("backup")).split(":")[0].strip()
+    target.database.query(f"UPDATE {TABLE} SET prayer_count = 0 WHERE id = %s", (request_id,))
+    constraint = (
+        "migrations.AddConstraint(model_name='prayerrequest', constraint=models.CheckConstraint("
+        "condition=models.Q(prayer_count__lt=100000), name='prayer_count_sane'))"
+    )
+    migration = commit_model_change(
+        clone, "mood = models.CharField(max_length=8, null=True)", "prayerrequest_mood_sane", "a mood, sane counts",
+        then=constraint,
+    )  # fmt: skip
+    out = ok(target.fab("deploy", repo=clone.path))
+    saved = re.search(r"(\S+-deploy-\S+\.dump): ", out).group(1)
+    newer = target.live_release()
+    assert newer != older and migration in applied(target)
+    return older, newer, migration, saved, breaking, data_migrations
+
+
+def test_a_restore_of_the_backup_before_a_deploy_s_migrations_migrates_the_data_forward(target, newer_release):
+    _, newer, migration, saved, _, _ = newer_release
+    assert post_request(target, "written after the deploy's backup")[0] == 201
+    started = time.monotonic()
+    out = ok(target.fab("restore", saved, "--yes"))
+    figures["restore_forward_fab_seconds"] = round(time.monotonic() - started, 2)
+    assert f"chosen: {newer} (live) adds 1 migration(s) to the restored data" in out, out
+    assert f"applied {migration}" in out and "verify: migrate --check" in out
+    assert target.live_release() == newer and set(target.states().values()) == {"RUNNING"}
+    assert app_applied(target) == release_migrations(target, newer)  # the schema is the running release's
+    assert "mood" in columns(target)
+    assert not target.database.query(f"SELECT 1 FROM {TABLE} WHERE content = 'written after the deploy''s backup'")
+    status, body = post_request(target, "written after the restore")
+    assert status == 201, body
+    assert http_get(target.front_url)[0] == 200
+
+
+def test_a_restore_the_live_release_cannot_migrate_forward_switches_to_the_data_s_release(target, newer_release):
+    older, newer, migration, _, breaking, data_migrations = newer_release
+    started = time.monotonic()
+    out = ok(target.fab("restore", breaking, "--yes"))
+    figures["restore_switch_fab_seconds"] = round(time.monotonic() - started, 2)
+    assert f"chosen: {newer} (live) adds 1 migration(s)" in out  # first the facts said it could ...
+    assert "migrating the data forward with" in out and "failed and changed nothing" in out  # ... the data said no
+    assert "prayer_count_sane" in out and f"the data belongs to {older}" in out, out
+    assert target.live_release() == older and set(target.states().values()) == {"RUNNING"}
+    assert app_applied(target) == data_migrations and migration not in applied(target)
+    assert release_migrations(target, older) <= data_migrations  # (more only after a rollback --keep-schema)
+    assert "mood" not in columns(target)
+    assert target.database.query(f"SELECT count(*) FROM {TABLE} WHERE prayer_count = 123456") == [(1,)]
+    status, body = post_request(target, "written by the data's own release")
+    assert status == 201, body
+    assert http_get(target.front_url)[0] == 200
+    assert not (target.srv / "releases" / newer / DEPLOYED_MARK).exists()  # a plain rollback skips it
