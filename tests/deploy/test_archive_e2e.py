@@ -292,7 +292,12 @@ def test_a_power_cut_then_a_new_server_gets_every_write_up_to_60_s_before_it(vps
         ["ssh", *vps.ssh_options(), f"root@{vps.address}", loop], stdout=subprocess.PIPE, text=True, bufsize=1
     )
     acknowledged: list[str] = []
-    reader = threading.Thread(target=lambda: acknowledged.extend(iter(writer.stdout.readline, "")), daemon=True)
+
+    def read() -> None:
+        for line in writer.stdout:
+            acknowledged.append(line)
+
+    reader = threading.Thread(target=read, daemon=True)
     reader.start()
     new = Container(tmp_path).create(build_rootfs())  # meanwhile: a new server, booted, bare
     (new.rootfs / "etc/hosts").write_text(
@@ -323,7 +328,7 @@ def test_a_power_cut_then_a_new_server_gets_every_write_up_to_60_s_before_it(vps
         lost = float(sql(new, f"SELECT extract(epoch FROM '{cut}'::timestamptz - '{back}'::timestamptz)"))
         timings["writes lost at the power cut (s; archive_timeout = 60 s)"] = round(lost, 1)
         timings["writes acknowledged before the cut"] = len(acknowledged)
-        assert 0 <= lost <= 62, (cut, back)
+        assert 0 <= lost <= 65, (cut, back)  # archive_timeout (60 s), then the segment's upload
         assert sql(new, "SELECT count(*) FROM archive_probe WHERE id = 1000") == "1"  # and the earlier writes
         assert sql(new, "SHOW archive_mode") == "on"
         assert health(new) == 200
