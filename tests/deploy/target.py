@@ -137,6 +137,7 @@ class RequestLoop:
     ok: int = 0
     posted: int = 0
     rounds: int = 0
+    slowest: float = 0.0  # seconds: the longest any request took to be answered (or to fail)
     failures: list[str] = field(default_factory=list)
     releases: set[str] = field(default_factory=set)
     _stop: threading.Event = field(default_factory=threading.Event)
@@ -147,9 +148,16 @@ class RequestLoop:
         self._thread.start()
         return self
 
+    def _timed(self, *args) -> tuple[int | None, str]:
+        started = time.monotonic()
+        try:
+            return self.request(*args)
+        finally:
+            self.slowest = max(self.slowest, time.monotonic() - started)
+
     def _run(self) -> None:
         while not self._stop.is_set():
-            status, body = self.request(self.url)
+            status, body = self._timed(self.url)
             if status == 200:
                 self.ok += 1
                 if '"release"' in body:
@@ -157,7 +165,7 @@ class RequestLoop:
             else:
                 self.failures.append(f"GET {status}: {body[:200]}")
             for url, data in self.posts:
-                status, body = self.request(url, data)
+                status, body = self._timed(url, data)
                 if status in (200, 201):
                     self.posted += 1
                 else:
