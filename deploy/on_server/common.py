@@ -45,12 +45,16 @@ def load_environment(env_file: str, defaults: list[str], overrides: list[str]) -
 def database_environment(env=None) -> dict[str, str]:
     """libpq's variables for the env file's DATABASE_URL (from `env`, else os.environ): the password travels in the
     environment, not argv."""
-    from urllib.parse import unquote, urlsplit
+    from urllib.parse import parse_qsl, unquote, urlsplit
 
     url = urlsplit((os.environ if env is None else env).get("DATABASE_URL", ""))
     if url.scheme not in ("postgres", "postgresql", "pgsql") or not url.path.strip("/"):
         raise ValueError("the env file's DATABASE_URL is not a postgres:// URL with a database name")
+    query = dict(parse_qsl(url.query))
     values = {
+        # A cluster's URL asks for TLS checked against the cluster CA (sslmode=verify-full, sslrootcert).
+        "PGSSLMODE": query.get("sslmode", ""),
+        "PGSSLROOTCERT": query.get("sslrootcert", ""),
         "PGHOST": url.hostname or "127.0.0.1",
         "PGPORT": str(url.port or 5432),
         "PGUSER": unquote(url.username or ""),

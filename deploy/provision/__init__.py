@@ -18,11 +18,17 @@ from typing import TextIO
 from fabric import Connection
 
 from deploy import archive, tls
-from deploy.config import DeployConfig, has_app
+from deploy.config import DeployConfig, address_of, has_app
 from deploy.errors import DeployError
 from deploy.lock import DeployLock
 from deploy.progress import PrefixedLines, Progress, in_parallel
-from deploy.provision.db_host import ensure_database, ensure_firewall, ensure_postgres_network, ensure_redis
+from deploy.provision.cluster_tls import ClusterCA, ensure_ca_certificate, ensure_server_certificate
+from deploy.provision.db_host import (
+    ensure_database,
+    ensure_firewall,
+    ensure_postgres_network,
+    ensure_redis,
+)
 from deploy.provision.env_file import ensure_env_file, site_env_values
 from deploy.provision.host import (
     connect_for_provision,
@@ -38,6 +44,7 @@ from deploy.provision.host import (
     install_packages,
     read_nginx_facts,
 )
+from deploy.render.cluster_tls import DB_CERTIFICATE, WEB_CERTIFICATE, WEB_TLS_NAME, uses_cluster_tls
 from deploy.render.nginx import ACME_WEBROOT, render_balancer_site, render_nginx_site
 from deploy.ssh import Server
 
@@ -53,6 +60,8 @@ class Member:
         self.progress = Progress(f"provision {self.name}", out=stream)
         self.server: Server | None = None
         self.error: str = ""
+        # The cluster certificates this run gave the host (db, web): the services serving them restart or reload.
+        self.new_certificates: set[str] = set()
 
     def step(self, name: str, action: Callable[[], bool | tuple[bool, str]]) -> None:
         with self.progress.step(name) as outcome:
@@ -91,17 +100,42 @@ def _connect(member: Member) -> None:
     member.server = connect_for_provision(member.conn, member.config)
 
 
-def _host_steps(values: dict[str, str]) -> Callable[[Member], None]:
-    """Every host's part, for its roles: an app host's layout and env file, then (under the deploy lock, which lives
-    in the app directory: no deploy, rollback or restart runs meanwhile) its services."""
+def _host_steps(values: dict[str, str], ca: ClusterCA | None) -> Callable[[Member], None]:
+    """Every host's part, for its roles: on a cluster the CA's certificate (the db host creates the CA first) and the
+    db host's own certificate; an app host's layout and env file, then (under the deploy lock, which lives in the
+    app directory: no deploy, rollback or restart runs meanwhile) its services."""
 
     def phase(member: Member) -> None:
         server, config = member.server, member.config
         member.step("packages", lambda: install_packages(server))
+        if ca is not None:
+            if config.runs("db"):
+                member.step("cluster CA", lambda: ca.ensure() | ensure_ca_certificate(server, ca))
+            else:
+                member.step("cluster CA", lambda: ensure_ca_certificate(server, ca))
+        if ca is not None and config.runs("web") and config.role_hosts("balancer"):
+
+            def web_certificate() -> bool:
+                address = address_of(config.hosts[0])
+                if ensure_server_certificate(server, ca, WEB_CERTIFICATE, address, names=(WEB_TLS_NAME,)):
+                    member.new_certificates.add(WEB_CERTIFICATE)
+                return WEB_CERTIFICATE in member.new_certificates
+
+            # Its nginx serves the balancer with it (the nginx step reloads when it changed).
+            member.step("web certificate", web_certificate)
         if config.runs("db") and config.multi_host:
+
+            def db_certificate() -> bool:
+                groups = ("postgres", "redis")  # each reads its own copy of the key
+                if ensure_server_certificate(server, ca, DB_CERTIFICATE, config.db_address, groups=groups):
+                    member.new_certificates.add(DB_CERTIFICATE)
+                return DB_CERTIFICATE in member.new_certificates
+
+            member.step("db certificate", db_certificate)
             # The firewall first: PostgreSQL and Redis never listen on the db address unfiltered.
             member.step("firewall", lambda: ensure_firewall(server))
-            member.step("postgresql", lambda: ensure_postgres_network(server, values["DATABASE_URL"]))
+            new_certificate = DB_CERTIFICATE in member.new_certificates
+            member.step("postgresql", lambda: ensure_postgres_network(server, values["DATABASE_URL"], new_certificate))
         if not has_app(config):
             _services(member, values)
             member.step("watchdog", lambda: ensure_watchdog(server))
@@ -124,7 +158,7 @@ def _services(member: Member, values: dict[str, str]) -> None:
     server, config = member.server, member.config
     if config.runs("db"):
         member.step("database", lambda: ensure_database(server, values["DATABASE_URL"]))
-        member.step("redis", lambda: ensure_redis(server, values))
+        member.step("redis", lambda: ensure_redis(server, values, DB_CERTIFICATE in member.new_certificates))
         if config.backup_repository:
             member.step("archive", lambda: archive.ensure_archive(server, member.progress.say))
     if has_app(config):
@@ -150,7 +184,8 @@ def _front_steps(member: Member) -> None:
     # Without a certificate yet, the site starts on plain HTTP: the ACME challenge needs it.
     holder = holds_certificate(config)
     name = "balancer" if balancer else "nginx"
-    member.step(name, lambda: ensure_nginx(server, site(holder and tls.has_fitting_certificate(server))))
+    reload = WEB_CERTIFICATE in member.new_certificates
+    member.step(name, lambda: ensure_nginx(server, site(holder and tls.has_fitting_certificate(server)), reload=reload))
     if holder:
         member.step("certificate", lambda: ensure_certificate(server, site(True)))
 
@@ -223,7 +258,8 @@ def provision(
         if not config.db_address and primary in members:
             primary.run(_prepare_primary_env_file)
         raise
-    phase = _host_steps(values)
+    ca = _cluster_ca(config, everyone, members, out, lock)
+    phase = _host_steps(values, ca)
     for member in members:
         if member.config.runs("db"):
             member.run(phase)
@@ -232,6 +268,24 @@ def provision(
     in_parallel(lambda member: member.run(phase), others, name=lambda member: member.name)
     _raise_failures(config, members, started, out)
     return site_summary(config, members, time.monotonic() - started)
+
+
+def _cluster_ca(
+    config: DeployConfig, everyone: list[Member], members: list[Member], out: TextIO, lock: threading.Lock
+) -> ClusterCA | None:
+    """The db host's CA on a cluster with a db host (connected here when provision was narrowed to other hosts),
+    else None."""
+    if not uses_cluster_tls(config):
+        return None
+    db_host = config.role_hosts("db")[0]
+    db = next((member for member in everyone if member.config.hosts[0] == db_host), None)
+    if db is None:
+        template = members[0].conn
+        conn = Connection(db_host, config=template.config, connect_timeout=template.connect_timeout)
+        db = Member(conn, config.for_host(db_host), out, lock)
+        db.run(_connect)
+        _raise_failures(config, [db], time.monotonic(), out)
+    return ClusterCA(db.server)
 
 
 def _raise_failures(config: DeployConfig, members: list[Member], started: float, out: TextIO) -> None:

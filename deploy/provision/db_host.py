@@ -13,11 +13,14 @@ from pathlib import PurePosixPath
 from urllib.parse import unquote, urlsplit
 
 from deploy.errors import DeployError
+from deploy.provision.cluster_tls import key_copy, server_certificate_paths
 from deploy.provision.host import SYSTEMD_UNITS, ensure_nft_table, sync_file, sync_read_file
+from deploy.render.cluster_tls import DB_CERTIFICATE, ca_certificate, uses_cluster_tls
 from deploy.render.db_host import (
     FIREWALL_TABLE,
     FIREWALL_UNIT,
     REDIS_CONF,
+    RedisTLS,
     firewall_rules_path,
     pg_hba_with_peers,
     redis_bind,
@@ -114,14 +117,15 @@ def redis_password(values: Mapping[str, str], address: str = "127.0.0.1") -> str
     """The password of the Redis at `address` (the db host's: loopback on a site of one host) the env file's broker
     URL names; None for another Redis (left alone)."""
     url = urlsplit(values.get("CELERY_BROKER_URL", ""))
-    if url.scheme != "redis" or url.netloc.rpartition("@")[2] != f"{url_host(address)}:{REDIS_PORT}":
+    if url.scheme not in ("redis", "rediss") or url.netloc.rpartition("@")[2] != f"{url_host(address)}:{REDIS_PORT}":
         return None
     return unquote(url.password) if url.password else None
 
 
-def ensure_redis(server: Server, values: Mapping[str, str]) -> tuple[bool, str]:
+def ensure_redis(server: Server, values: Mapping[str, str], certificate_changed: bool = False) -> tuple[bool, str]:
     """Debian's redis-server requires the env file's Redis password (requirepass, at the end of its redis.conf);
-    on a site of several hosts it also listens on the db address (`redis_bind`)."""
+    on a site of several hosts it also listens on the db address (`redis_bind`), over TLS only, for the app's ACL
+    user only (`redis_tls`); a restart when its config or its certificate (`certificate_changed`) changed."""
     config = server.config
     password = redis_password(values, config.db_address)
     if password is None:
@@ -129,11 +133,27 @@ def ensure_redis(server: Server, values: Mapping[str, str]) -> tuple[bool, str]:
     current = server.read(REDIS_CONF, what=f"reading {REDIS_CONF}")
     if current is None:
         raise DeployError(f"{server.name} has no {REDIS_CONF}; is redis-server installed (provision's packages step)?")
-    text = redis_conf_with_password(current, password, redis_bind(config))
+    text = redis_conf_with_password(current, password, redis_bind(config), redis_tls(server))
     changed = sync_read_file(server, REDIS_CONF, current, text, owner="redis:redis", mode="0640")
-    if changed:
+    if changed or certificate_changed:
         server.root("systemctl restart redis-server", what="restarting redis-server")
-    return changed, ""
+    return changed or certificate_changed, ""
+
+
+def redis_tls(server: Server) -> RedisTLS | None:
+    """On a cluster: Redis's TLS port, the db host's cluster certificate and Redis's copy of its key, the CA, and
+    the app's ACL user; None on a site of one host."""
+    config = server.config
+    if not uses_cluster_tls(config):
+        return None
+    certificate, _ = server_certificate_paths(server, DB_CERTIFICATE)
+    return RedisTLS(
+        port=REDIS_PORT,
+        certificate=str(certificate),
+        key=str(key_copy(server, DB_CERTIFICATE, "redis")),
+        ca=str(ca_certificate(config)),
+        user=config.user,
+    )
 
 
 def ensure_network_dropins(server: Server) -> bool:
@@ -146,9 +166,11 @@ def ensure_network_dropins(server: Server) -> bool:
     return changed
 
 
-def ensure_postgres_network(server: Server, database_url: str) -> bool:
+def ensure_postgres_network(server: Server, database_url: str, certificate_changed: bool = False) -> bool:
     """The db host's PostgreSQL listens on localhost and the db address (a conf.d drop-in; a restart when what it
-    listens on differs) and admits DATABASE_URL's role to its database from each host of the site (pg_hba.conf)."""
+    listens on differs), serves TLS with the host's cluster certificate (a reload when it or the drop-in changed:
+    `certificate_changed`) and admits DATABASE_URL's role to its database from each host of the site over TLS only
+    (pg_hba.conf)."""
     config = server.config
     url = urlsplit(database_url)
     role, name = url.username or "", url.path.lstrip("/") or DATABASE
@@ -160,8 +182,10 @@ def ensure_postgres_network(server: Server, database_url: str) -> bool:
     ).stdout.strip()
     config_file, hba_file, listening = live.split("|")
     listen_conf = PurePosixPath(config_file).parent / "conf.d" / "prayer-room-listen.conf"
-    wanted = render_postgres_listen(config)
-    changed = sync_file(server, listen_conf, wanted, owner="postgres:postgres", mode="0644")
+    certificate, key = server_certificate_paths(server, DB_CERTIFICATE)
+    wanted = render_postgres_listen(config, str(certificate), str(key_copy(server, DB_CERTIFICATE, "postgres")))
+    conf_changed = sync_file(server, listen_conf, wanted, owner="postgres:postgres", mode="0644")
+    changed = conf_changed
     changed |= ensure_network_dropins(server)
     hba = server.read(hba_file, what=f"reading {hba_file}")
     if hba is None:
@@ -174,8 +198,9 @@ def ensure_postgres_network(server: Server, database_url: str) -> bool:
         server.root("systemctl restart postgresql", what="restarting PostgreSQL")
         wait_for_postgres(server)
         changed = True
-    elif hba_changed:
-        _psql(server, "SELECT pg_reload_conf()", what="reloading PostgreSQL's pg_hba.conf")
+    elif hba_changed or conf_changed or certificate_changed:
+        _psql(server, "SELECT pg_reload_conf()", what="reloading PostgreSQL's settings and pg_hba.conf")
+        wait_for_postgres(server)
     return changed or hba_changed
 
 

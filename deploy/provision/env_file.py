@@ -11,6 +11,7 @@ from deploy.config import DeployConfig
 from deploy.errors import DeployError
 from deploy.on_server.common import read_env_file
 from deploy.provision.host import sync_read_file
+from deploy.render.cluster_tls import cluster_env_values
 from deploy.render.env_file import OLD_BROKER_URL, env_defaults, sync_env_file
 from deploy.render.site import LOOPBACK
 from deploy.ssh import Server
@@ -74,11 +75,13 @@ def service_keys_refusal(config: DeployConfig, primary: str, wrong: list[str]) -
 
 def site_env_values(server: Server, name: str) -> dict[str, str]:
     """The env values every app host shares: the primary's (`server`, called `name`) env file's, generated where it
-    has none. Only reads; refused when they would not reach the site's PostgreSQL and Redis."""
+    has none, on a cluster with the db host's URLs on TLS (`cluster_env_values`). Only reads; refused when they would
+    not reach the site's PostgreSQL and Redis."""
     config = server.config
     existing = server.read(config.layout.env_file, what="reading the primary's env file")
-    values = shared_env_values(
-        read_env_file(existing) if existing else {}, fresh_env_defaults(config, server.conn.host)
+    values = cluster_env_values(
+        config,
+        shared_env_values(read_env_file(existing) if existing else {}, fresh_env_defaults(config, server.conn.host)),
     )
     wrong = service_key_problems(config, values)
     if wrong:

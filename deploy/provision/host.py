@@ -13,6 +13,7 @@ from deploy.config import DeployConfig, has_app
 from deploy.errors import DeployError
 from deploy.on_server import script
 from deploy.provision.facts import FACTS_SCRIPT, check_facts, parse_facts
+from deploy.render.cluster_tls import uses_cluster_tls
 from deploy.render.nginx import ACME_WEBROOT, CERT_DIR, NGINX_FACTS_SCRIPT, NginxFacts, parse_nginx_facts
 from deploy.render.supervisord import SUPERVISORCTL_DEFAULT, render_supervisorctl_default, render_supervisord_main
 from deploy.render.systemd import (
@@ -72,7 +73,7 @@ def packages_for(config: DeployConfig) -> tuple[str, ...]:
     """What the host's roles need installed: the app's Python and supervisor, PostgreSQL and Redis, nftables (an app
     host's link-local block, the firewall of a db host of several hosts), nginx for web and balancer, certbot where
     the certificate is; an app host whose PostgreSQL is elsewhere gets its client (the primary's backups run pg_dump
-    against the db host)."""
+    against the db host); on a cluster, openssl where the cluster CA and certificates are made."""
     app, db = has_app(config), config.runs("db")
     wanted = [
         *(("python3-venv",) if app else ()),
@@ -84,6 +85,8 @@ def packages_for(config: DeployConfig) -> tuple[str, ...]:
         *(("pgbackrest",) if db and config.backup_repository else ()),
         *(TLS_PACKAGES if holds_certificate(config) else ()),
     ]
+    if uses_cluster_tls(config) and (db or config.runs("web")) and "openssl" not in wanted:
+        wanted.append("openssl")  # the cluster CA (db host) and each host's certificate (db and web hosts)
     return tuple(wanted)
 
 
@@ -293,12 +296,13 @@ def read_nginx_facts(server: Server) -> NginxFacts:
     return parse_nginx_facts(server.root(NGINX_FACTS_SCRIPT, what="reading nginx's version").stdout)
 
 
-def ensure_nginx(server: Server, site: str) -> bool:
+def ensure_nginx(server: Server, site: str, *, reload: bool = False) -> bool:
     """The nginx site (a web host's or the balancer's), enabled in place of Debian's default one, checked with
     `nginx -t` before a reload (graceful: old workers finish their requests).
 
     A config nginx refuses is taken back (the site as it was, enabled as it was) before the error is raised, so a
-    re-run tries again instead of finding the files in place and nginx never reloaded.
+    re-run tries again instead of finding the files in place and nginx never reloaded. `reload`: the files it names
+    changed (a new cluster certificate), so it reloads even when the site did not.
     """
     previous = server.read(NGINX_SITE, what=f"reading {NGINX_SITE}")
     changed = sync_read_file(server, NGINX_SITE, previous, site, owner="root", mode="0644")
@@ -324,6 +328,7 @@ def ensure_nginx(server: Server, site: str) -> bool:
             if not linked:
                 server.root(sh("rm", "-f", NGINX_ENABLED), what="taking the refused nginx site back")
             raise DeployError(f"nginx refused the site on {server.name}: {check.stderr.strip()[-800:]}")
+    if changed or reload:
         server.root("systemctl reload-or-restart nginx", what="reloading nginx")
     return changed
 

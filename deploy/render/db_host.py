@@ -4,6 +4,7 @@ password block is every db host's, a site of one host's too."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import PurePosixPath
 
 from deploy.config import DeployConfig
@@ -30,11 +31,24 @@ def _without_block(text: str, marks: tuple[str, str]) -> str:
     return "".join(lines).rstrip("\n")
 
 
-def redis_conf_with_password(text: str, password: str, bind: tuple[str, ...] = ()) -> str:
+@dataclass(frozen=True)
+class RedisTLS:
+    """A cluster's Redis: TLS on `port` only, with the db host's cluster certificate, and one ACL user (`user`, the
+    app's) in place of the default user."""
+
+    port: int
+    certificate: str
+    key: str
+    ca: str
+    user: str
+
+
+def redis_conf_with_password(text: str, password: str, bind: tuple[str, ...] = (), tls: RedisTLS | None = None) -> str:
     """Debian's redis.conf with provision's block at its end (no later line overrides it), replacing an older one:
-    requirepass, CONFIG renamed away (with the password, CONFIG SET could still make Redis write files), and with
-    `bind` (`redis_bind`) what it listens on."""
-    block = render_template("redis.conf.j2", password=password, marks=_REDIS_BLOCK, bind=bind)
+    the password (requirepass; on a cluster, `tls`: TLS only and the app's ACL user instead), CONFIG renamed away
+    (with the password, CONFIG SET could still make Redis write files), and with `bind` (`redis_bind`) what it
+    listens on."""
+    block = render_template("redis.conf.j2", password=password, marks=_REDIS_BLOCK, bind=bind, tls=tls)
     return _without_block(text, _REDIS_BLOCK) + "\n\n" + block
 
 
@@ -44,9 +58,12 @@ def redis_bind(config: DeployConfig) -> tuple[str, ...]:
     return ("127.0.0.1", "-::1", config.db_address) if config.multi_host else ()
 
 
-def render_postgres_listen(config: DeployConfig) -> str:
-    """The conf.d drop-in making the db host's PostgreSQL listen on localhost and the db address."""
-    return render_template("postgresql-listen.conf.j2", addresses=["localhost", config.db_address])
+def render_postgres_listen(config: DeployConfig, certificate: str = "", key: str = "") -> str:
+    """The conf.d drop-in making the db host's PostgreSQL listen on localhost and the db address, serving TLS with
+    the cluster `certificate` and `key` (files on the db host)."""
+    return render_template(
+        "postgresql-listen.conf.j2", addresses=["localhost", config.db_address], certificate=certificate, key=key
+    )
 
 
 def _host_network(address: str) -> str:
@@ -55,8 +72,8 @@ def _host_network(address: str) -> str:
 
 def pg_hba_with_peers(text: str, config: DeployConfig, role: str, database: str) -> str:
     """Debian's pg_hba.conf with provision's block at its end, replacing an older one: `role` may reach
-    `database` from each app host of the site (not the balancer), scram-sha-256 only (Debian's own lines come
-    first and match nothing but loopback and the local socket)."""
+    `database` from each app host of the site (not the balancer), over TLS (hostssl) and scram-sha-256 only
+    (Debian's own lines come first and match nothing but loopback and the local socket)."""
     block = render_template(
         "pg_hba.conf.j2",
         marks=_PG_HBA_BLOCK,

@@ -8,6 +8,14 @@ from dataclasses import dataclass
 from pathlib import PurePosixPath
 
 from deploy.config import DeployConfig, address_of
+from deploy.render.cluster_tls import (
+    WEB_CERTIFICATE,
+    WEB_TLS_NAME,
+    WEB_TLS_PORT,
+    ca_certificate,
+    tls_dir,
+    uses_cluster_tls,
+)
 from deploy.render.jinja import render_template
 from deploy.render.site import balancer_address, cluster_site_names, site_names, url_host
 
@@ -71,6 +79,7 @@ def render_nginx_site(
         "nginx-site.conf.j2",
         upstream="prayer_room_web",
         balancer=balancer_address(config),
+        cluster_tls=_web_host_tls(config),
         web_ports=config.web_ports,
         server_names=[config.domain] if tls else site_names(config, host),
         root=str(config.layout.root),
@@ -105,6 +114,19 @@ def _front_context(
     }
 
 
+def _web_host_tls(config: DeployConfig) -> dict[str, object] | None:
+    """A web host behind a cluster's balancer: where it serves the balancer over TLS, with which certificate."""
+    if not (uses_cluster_tls(config) and config.runs("web") and config.role_hosts("balancer")):
+        return None
+    directory = tls_dir(config)
+    return {
+        "port": WEB_TLS_PORT,
+        "name": WEB_TLS_NAME,
+        "certificate": str(directory / f"{WEB_CERTIFICATE}.crt"),
+        "key": str(directory / f"{WEB_CERTIFICATE}.key"),
+    }
+
+
 def render_balancer_site(
     config: DeployConfig,
     *,
@@ -114,15 +136,18 @@ def render_balancer_site(
     address: str = "",
     http_port: int = 80,
     https_port: int = 443,
-    web_port: int = 80,
 ) -> str:
-    """The balancer's nginx site: the web hosts' own nginx (port 80) as upstreams with passive health checks and a
-    new connection per request, a 444 default server. With `domain` it answers the ACME challenge, and with `tls` (its
-    certificate exists) it serves HTTPS and redirects HTTP; each alias redirects to the domain. `address`, the ports
-    and `ipv6` are for tests."""
+    """The balancer's nginx site: the web hosts' own nginx as upstreams (over TLS checked against the cluster CA, on
+    WEB_TLS_PORT; plain HTTP on port 80 without a db host, so without cluster TLS) with passive health checks and a
+    new connection per request, a 444 default server. With `domain` it answers the ACME challenge, and with `tls`
+    (its certificate exists) it serves HTTPS and redirects HTTP; each alias redirects to the domain. `address`, the
+    ports and `ipv6` are for tests."""
+    upstream_tls = {"ca": str(ca_certificate(config)), "name": WEB_TLS_NAME} if uses_cluster_tls(config) else None
+    web_port = WEB_TLS_PORT if upstream_tls else 80
     return render_template(
         "nginx-balancer.conf.j2",
         upstream="prayer_room_web_hosts",
+        upstream_tls=upstream_tls,
         servers=[f"{url_host(address_of(host))}:{web_port}" for host in config.role_hosts("web")],
         max_fails=BALANCER_MAX_FAILS,
         fail_timeout=BALANCER_FAIL_TIMEOUT,

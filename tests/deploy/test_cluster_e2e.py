@@ -14,12 +14,15 @@ import socket
 import subprocess
 import time
 from pathlib import Path
+from urllib.parse import unquote, urlsplit
 
 import pytest
 
 from deploy.on_server.common import read_env_file
 from prayer_room_api.beat import LOCK_KEY
 from tests.deploy.target import Clone, RequestLoop, http_get
+from tests.support import capture
+from tests.support.capture import Capture
 from tests.support.cluster import Cluster
 from tests.support.nspawn import missing_tools
 
@@ -29,7 +32,8 @@ APP_USER = "prayer-room"
 ENV_FILE = "/srv/prayer-room/shared/env"
 APP_HOSTS = ("web1", "web2", "app")
 
-pytestmark = [pytest.mark.deploy, pytest.mark.skipif(bool(missing_tools()), reason=str(missing_tools()))]
+_missing = missing_tools() or capture.missing_tools()
+pytestmark = [pytest.mark.deploy, pytest.mark.skipif(bool(_missing), reason=str(_missing))]
 
 
 @pytest.fixture(scope="module")
@@ -104,17 +108,34 @@ def test_02_provision_again_changes_nothing(cluster):
     assert {name: cluster[name].ssh("systemctl show -p MainPID --value prayer-room").stdout for name in pids} == pids
 
 
-REDIS_PING = """
-import socket, sys
-from urllib.parse import unquote, urlsplit
+# RESP commands to the Redis of a redis:// or rediss:// URL (TLS checked against its ssl_ca_certs and address), one
+# reply line each: PING, AUTH with the URL's user and password, PING, then the ARGS (each one command).
+REDIS_COMMANDS = """
+import socket, ssl, sys
+from urllib.parse import parse_qs, unquote, urlsplit
 url = urlsplit(sys.argv[1])
+auth = [unquote(url.username).encode()] if url.username else []
+commands = [[b"PING"], [b"AUTH", *auth, unquote(url.password or "").encode()], [b"PING"]]
+commands += [arg.encode().split() for arg in sys.argv[2:]]
 with socket.create_connection((url.hostname, url.port), timeout=5) as s:
+    if url.scheme == "rediss":
+        context = ssl.create_default_context(cafile=parse_qs(url.query)["ssl_ca_certs"][0])
+        s = context.wrap_socket(s, server_hostname=url.hostname)
     f = s.makefile("rwb")
-    for words in ([b"PING"], [b"AUTH", unquote(url.password or "").encode()], [b"PING"]):
-        f.write(b"*%d\\r\\n" % len(words) + b"".join(b"$%d\\r\\n%s\\r\\n" % (len(w), w) for w in words))
-        f.flush()
-        print(f.readline().decode().strip())
+    for words in commands:
+        try:
+            f.write(b"*%d\\r\\n" % len(words) + b"".join(b"$%d\\r\\n%s\\r\\n" % (len(w), w) for w in words))
+            f.flush()
+            print(f.readline().decode(errors="replace").strip() or "(closed)")
+        except OSError as exc:
+            print(f"(closed: {exc})")
 """
+
+
+def redis_commands(cluster: Cluster, name: str, url: str, *commands: str) -> list[str]:
+    """REDIS_COMMANDS from host `name`: each reply's first word."""
+    result = cluster[name].ssh(f"python3 -c {shlex.quote(REDIS_COMMANDS)} {shlex.quote(url)} {shlex.join(commands)}")
+    return [line.split()[0] if line.split() else "" for line in result.stdout.splitlines()]
 
 
 def test_03_an_app_host_reaches_postgresql_and_redis_with_its_env_files_urls(cluster):
@@ -124,11 +145,25 @@ def test_03_an_app_host_reaches_postgresql_and_redis_with_its_env_files_urls(clu
         " -c 'select current_user, inet_server_addr()'"
     )
     assert database.stdout.strip() == f"prayer_room|{cluster.app.address}", database.stdout + database.stderr
-    redis = cluster.web2.ssh(
-        f"python3 -c '{REDIS_PING}' \"$(sed -n 's/^CELERY_BROKER_URL=//p' {ENV_FILE})\"", check=False
+    # Over TLS, checked against the cluster CA: the URL says so, and PostgreSQL refuses the same login without TLS.
+    url = env_values(cluster, "web1")["DATABASE_URL"]
+    assert "sslmode=verify-full" in url and "sslrootcert=/etc/prayer-room/cluster-ca.crt" in url
+    plain = cluster.web1.ssh(
+        f"cd / && runuser -u {APP_USER} -- psql {shlex.quote(url.replace('sslmode=verify-full', 'sslmode=disable'))}"
+        " -c 'select 1'",
+        check=False,
     )
-    lines = redis.stdout.split()
-    assert lines[:1] == ["-NOAUTH"] and lines[-2:] == ["+OK", "+PONG"], redis.stdout + redis.stderr
+    assert plain.returncode != 0 and "no encryption" in plain.stderr, plain.stderr
+    # Redis: TLS only, checked against the cluster CA; the app's ACL user, which may not run what the app never does.
+    broker = env_values(cluster, "web2")["CELERY_BROKER_URL"]
+    assert broker.startswith(f"rediss://{APP_USER}:") and "ssl_cert_reqs=required" in broker
+    forbidden = ("FLUSHALL", "FLUSHDB", "CONFIG GET *", "REPLICAOF NO ONE", "DEBUG SLEEP 0", "KEYS *", "MONITOR")
+    replies = redis_commands(cluster, "web2", broker, "SET e2e:key 1", "EVAL return(1) 0", *forbidden)
+    assert replies[:5] == ["-NOAUTH", "+OK", "+PONG", "+OK", ":1"], replies
+    assert all(reply in ("-NOPERM", "-ERR") for reply in replies[5:]) and len(replies) == 5 + len(forbidden), replies
+    # Without TLS (the URL as it was before): no Redis answer at all, whatever it sends.
+    plain = redis_commands(cluster, "web2", broker.replace("rediss://", "redis://").split("?")[0])
+    assert not {"-NOAUTH", "+OK", "+PONG"} & set(plain) and len(plain) == 3, plain
 
 
 def reaches_the_db(cluster: Cluster, name: str) -> bool:
@@ -202,8 +237,10 @@ def test_05_postgresql_and_redis_are_on_the_db_host_only_and_the_balancer_runs_n
         "web2": {"nginx"},
         "app": {"postgresql", "redis-server"},
     }
-    bare = cluster.lb.ssh(f"getent passwd {APP_USER}; ls -d /srv/prayer-room /etc/prayer-room 2>/dev/null", check=False)
-    assert bare.stdout.strip() == ""
+    bare = cluster.lb.ssh(
+        f"getent passwd {APP_USER}; ls -d /srv/prayer-room 2>/dev/null; ls /etc/prayer-room", check=False
+    )
+    assert bare.stdout.split() == ["cluster-ca.crt"]  # what it checks the web hosts' certificates against
     assert cluster.app.ssh("ls /etc/nginx/sites-enabled 2>/dev/null; true").stdout.strip() == ""
 
 
@@ -255,7 +292,7 @@ def test_08_provision_with_dash_h_sets_up_that_host_alone_from_the_primarys_env_
     cluster.web2.ssh(f"sed -i 's/^SECRET_KEY=.*/SECRET_KEY=drifted/' {ENV_FILE}")
     result = cluster.fab("-H", cluster.host("web2"), "provision")
     assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
-    assert f"provision {cluster.host('web2')}: 1 of 8 steps changed the server (env file)" in result.stdout
+    assert f"provision {cluster.host('web2')}: 1 of 10 steps changed the server (env file)" in result.stdout
     assert "provision cluster cluster: 1 of 1 hosts changed" in result.stdout
     assert not any(
         line.startswith(f"[{cluster.host(n)}]") for line in result.stdout.splitlines() for n in ("web1", "app")
@@ -279,7 +316,7 @@ def test_09_a_failure_on_one_host_names_it_and_its_step_and_the_others_finish(cl
         cluster.web2.ssh("rm -f /etc/nginx/conf.d/broken.conf")
     again = cluster.fab("provision")
     assert again.returncode == 0, (again.stdout + again.stderr)[-3000:]
-    assert f"provision {web2}: 1 of 8 steps changed the server (nginx)" in again.stdout
+    assert f"provision {web2}: 1 of 10 steps changed the server (nginx)" in again.stdout
     assert "provision cluster cluster: 1 of 4 hosts changed" in again.stdout
 
 
@@ -306,6 +343,74 @@ def test_10_without_a_db_host_provision_installs_no_database_and_names_the_keys_
         assert cluster.web2.ssh("ls /srv/managed 2>/dev/null; true").stdout == ""  # no other host was touched
     finally:
         cluster.web1.ssh("rm -rf /srv/managed /etc/managed")
+
+
+# A PostgreSQL impostor: answers the SSLRequest, shows its own certificate, then asks for the password in clear (what
+# a man in the middle who holds a certificate the client accepts gets) and writes what it receives to OUT.
+ROGUE_POSTGRES = """
+import socket, ssl, struct, sys
+address, port, cert, key, out = sys.argv[1:6]
+context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+context.load_cert_chain(cert, key)
+with socket.create_server((address, int(port))) as server:
+    while True:
+        conn, _ = server.accept()
+        try:
+            conn.recv(8)
+            conn.sendall(b"S")
+            tls = context.wrap_socket(conn, server_side=True)
+            length = struct.unpack("!I", tls.recv(4))[0]
+            tls.recv(length - 4)
+            tls.sendall(b"R" + struct.pack("!II", 8, 3))
+            kind, length = tls.recv(1), struct.unpack("!I", tls.recv(4))[0]
+            with open(out, "ab") as log:
+                log.write(tls.recv(length - 4).rstrip(b"\\0") + b"\\n")
+            tls.close()
+        except (OSError, ssl.SSLError, struct.error):
+            conn.close()
+"""
+ROGUE_PORT = 15432
+
+
+def test_11_a_man_in_the_middle_with_another_certificate_gets_no_database_login(cluster):
+    """An impostor at the db host's address with a certificate of another CA (naming that address): the app's
+    client (sslmode=verify-full against the cluster CA) refuses it before sending anything. Positive control: with
+    the URL as it was before (no sslmode: libpq's prefer, nothing verified), the same impostor receives the
+    password."""
+    cluster.provisioned()
+    db = cluster.app.address
+    cluster.app.ssh(
+        "openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 1 -subj /CN=impostor"
+        f" -addext subjectAltName=IP:{db} -keyout /root/rogue.key -out /root/rogue.crt 2>/dev/null"
+        f" && cat > /root/rogue.py <<'EOF'\n{ROGUE_POSTGRES}\nEOF\n"
+        f"rm -f /root/rogue.out && systemd-run --unit=e2e-rogue-postgres --collect python3 /root/rogue.py {db}"
+        f" {ROGUE_PORT} /root/rogue.crt /root/rogue.key /root/rogue.out"
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while not cluster.app.ssh(f"ss -Hltn 'sport = :{ROGUE_PORT}'").stdout.strip():
+            assert time.monotonic() < deadline, "the impostor never listened"
+            time.sleep(0.2)
+        url = env_values(cluster, "web1")["DATABASE_URL"]
+        password = url.split("://", 1)[1].split("@")[0].split(":", 1)[1]
+
+        def login(target: str) -> subprocess.CompletedProcess:
+            target = target.replace(f"{db}:5432", f"{db}:{ROGUE_PORT}")
+            return cluster.web1.ssh(
+                f"cd / && runuser -u {APP_USER} -- env PGCONNECT_TIMEOUT=10 psql {shlex.quote(target)} -c 'select 1'",
+                check=False,
+            )
+
+        refused = login(url)
+        assert refused.returncode != 0 and "certificate verify failed" in refused.stderr, refused.stderr
+        assert cluster.app.ssh("cat /root/rogue.out 2>/dev/null; true").stdout == ""  # nothing reached it
+        # NOTE: the URL as it was, without its query: with a sslrootcert, libpq's prefer and require verify the CA.
+        control = login(url.split("?")[0])
+        assert control.returncode != 0
+        received = cluster.app.ssh("cat /root/rogue.out 2>/dev/null; true").stdout.split()
+        assert received == [password], (received, control.stderr)  # the old way: the password
+    finally:
+        cluster.app.ssh("systemctl stop e2e-rogue-postgres; rm -f /root/rogue.*", check=False)
 
 
 # --- deploys: the cluster provisioned above, through the balancer -------------------------------------------
@@ -403,12 +508,19 @@ def test_20_the_first_deploy_makes_every_host_live_with_its_roles_programs(clust
 def test_21_a_rolling_deploy_through_the_balancer_loses_no_request(cluster, clone):
     before = live_release(cluster, "web1")
     clone.commit_file("project/prayer_room_api/e2e_cluster.txt", "second\n", "a change for the rolling deploy")
-    with request_loop(cluster) as loop:
-        started = time.monotonic()
-        result = cluster.fab("deploy", "--repo", str(clone.path))
-        cluster.timings["deploy, code change (3 app hosts)"] = time.monotonic() - started
-        loop.wait_for_more(3)  # requests after the deploy: they meet the new release
+    addresses = [cluster[name].address for name in ("lb", "web1", "web2", "app")]
+    with Capture(cluster.workdir / "rolling-deploy.pcap", addresses) as pcap:
+        redis_password = send_the_redis_password_in_clear(cluster)  # the positive control
+        with request_loop(cluster) as loop:
+            started = time.monotonic()
+            result = cluster.fab("deploy", "--repo", str(clone.path))
+            cluster.timings["deploy, code change (3 app hosts)"] = time.monotonic() - started
+            loop.wait_for_more(3)  # requests after the deploy: they meet the new release
+        # Every packet read before the capture stops: the control's is.
+        control = pcap.wait_for(f"AUTH {APP_USER} {redis_password}".encode())
     out = ok(result)
+    assert control, "the capture never showed the positive control's AUTH"
+    nothing_in_clear_but_the_control(cluster, pcap, redis_password)
     after = live_release(cluster, "web1")
     assert after != before and {live_release(cluster, n) for n in APP_HOSTS} == {after}
     assert "virtualenv venvs/" in out and "reused" in out
@@ -417,6 +529,43 @@ def test_21_a_rolling_deploy_through_the_balancer_loses_no_request(cluster, clon
     cluster.timings["rolling deploy: slowest request"] = loop.slowest
     assert loop.failures == [], loop.failures[:10]
     assert loop.ok > 20 and loop.posted > 20 and after in loop.releases
+
+
+def send_the_redis_password_in_clear(cluster: Cluster) -> str:
+    """What a client of the plain configuration did first (redis://, AUTH on connect): web2 sends AUTH with the app's
+    password to the db host's Redis port in clear. Redis (TLS only) refuses it, but it has crossed the network."""
+    url = urlsplit(env_values(cluster, "web2")["CELERY_BROKER_URL"])
+    password = unquote(url.password or "")
+    command = f"AUTH {APP_USER} {password}\r\n"
+    connect = f"s = socket.create_connection(({url.hostname!r}, {url.port}))"
+    send = f"import socket; {connect}; s.sendall({command!r}.encode()); s.recv(10)"
+    cluster.web2.ssh(f"python3 -c {shlex.quote(send)}", check=False)
+    return password
+
+
+def nothing_in_clear_but_the_control(cluster: Cluster, pcap: Capture, redis_password: str) -> None:
+    """The capture between the cluster's hosts holds PostgreSQL, Redis and balancer traffic, and in clear none of:
+    a password, SQL, a task message, an HTTP request (the loop's POST bodies); only the control's password."""
+    values = env_values(cluster, "web1")
+    db_password = unquote(urlsplit(values["DATABASE_URL"]).password or "")
+    counts = {port: pcap.packets(f"tcp port {port}") for port in (5432, 6379, 8443)}
+    cluster.timings["capture: packets to/from PostgreSQL, Redis, the web hosts' TLS port"] = sum(counts.values())
+    assert all(counts.values()), counts  # it saw the cluster's traffic: the SQL, the tasks, the requests
+    data = pcap.data()
+    needles = {
+        "the database password": db_password.encode(),
+        "SQL": b"SELECT ",
+        "SQL (writes)": b"INSERT INTO ",
+        "a task message": b"prayer_room_api.",
+        "a Celery message": b"delivery_info",
+        "an HTTP request": b"HTTP/1.",
+        "the request loop's POST": b"a request sent during a cluster deploy",
+    }
+    seen = {what: data.count(needle) for what, needle in needles.items() if needle in data}
+    assert seen == {}, seen
+    # The positive control: the one plain AUTH, password and all, is in the capture (the detector works).
+    assert data.count(f"AUTH {APP_USER} {redis_password}".encode()) >= 1
+    cluster.timings["capture: bytes"] = len(data)
 
 
 def test_22_a_failed_verification_on_one_web_host_rolls_every_host_back(cluster, clone):

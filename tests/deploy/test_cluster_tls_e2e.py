@@ -1,6 +1,7 @@
 """HTTPS through a cluster's balancer: `fab provision --env cluster` with a domain on two fresh Debian 13 containers
 (lb: balancer; app: web, worker, beat, db); the balancer gets the certificate from a real ACME server (Debian's
-pebble, validating HTTP-01 against the balancer's nginx) and sends the requests on to the web host over HTTP.
+pebble, validating HTTP-01 against the balancer's nginx) and sends the requests on to the web host over TLS checked
+against the cluster CA.
 """
 
 from __future__ import annotations

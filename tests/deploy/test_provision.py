@@ -1,6 +1,7 @@
 """What `fab provision` renders and refuses, without a server: each file checked by what reads it."""
 
 import dataclasses
+import functools
 import io
 import json
 import os
@@ -15,6 +16,7 @@ from pathlib import Path, PurePosixPath
 import pytest
 from supervisor.options import ClientOptions, ServerOptions
 
+from deploy.commands import ca as ca_commands
 from deploy.config import DeployConfig, has_app, load_config
 from deploy.errors import DeployError
 from deploy.layout import WEB_PORTS
@@ -31,7 +33,15 @@ from deploy.provision.env_file import (
 )
 from deploy.provision.facts import FACTS_SCRIPT, check_facts, parse_facts
 from deploy.provision.host import directories, packages_for, services_for
+from deploy.render.cluster_tls import (
+    ca_certificate,
+    ca_dir,
+    cluster_env_values,
+    render_server_extensions,
+    tls_dir,
+)
 from deploy.render.db_host import (
+    RedisTLS,
     pg_hba_with_peers,
     redis_bind,
     redis_conf_with_password,
@@ -558,9 +568,9 @@ def test_each_cluster_host_gets_only_its_roles_packages_and_services(tmp_path):
     config = cluster(tmp_path)
     db, web, balancer = config.at("10.0.0.4"), config.at("10.0.0.2"), config.at("10.0.0.5")
     # The db host runs the app too: its PostgreSQL brings the client; the firewall needs nftables.
-    assert packages_for(db) == ("python3-venv", "postgresql", "redis-server", "supervisor", "nftables")
+    assert packages_for(db) == ("python3-venv", "postgresql", "redis-server", "supervisor", "nftables", "openssl")
     assert services_for(db) == ("postgresql", "redis-server")  # no nginx: it serves no web
-    assert packages_for(web) == ("python3-venv", "nginx", "supervisor", "postgresql-client", "nftables")
+    assert packages_for(web) == ("python3-venv", "nginx", "supervisor", "postgresql-client", "nftables", "openssl")
     assert services_for(web) == ("nginx",)
     assert packages_for(balancer) == ("nginx",) and not has_app(balancer)
     assert has_app(db) and has_app(web) and has_app(CONFIG)
@@ -631,10 +641,41 @@ def test_postgresql_listens_on_the_db_address_and_admits_the_app_role_from_each_
     assert hba.startswith(debian)
     rules = [line.split() for line in hba.splitlines()[2:] if line and not line.startswith("#")]
     assert rules == [
-        ["host", "prayer_room", "prayer_room", f"{address}/32", "scram-sha-256"]
+        ["hostssl", "prayer_room", "prayer_room", f"{address}/32", "scram-sha-256"]
         for address in ("10.0.0.2", "10.0.0.3", "10.0.0.4")  # the app hosts: not the balancer (10.0.0.5)
     ]
     assert pg_hba_with_peers(hba, config, "prayer_room", "prayer_room") == hba
+
+
+def test_a_clusters_urls_name_the_db_host_over_tls_checked_against_the_cluster_ca(tmp_path):
+    config = cluster(tmp_path)
+    plain = cluster_defaults(config, "10.0.0.2")  # as an env file from before cluster TLS has them
+    values = cluster_env_values(config, plain)
+    ca = "/etc/prayer-room/cluster-ca.crt"
+    assert values["DATABASE_URL"] == (
+        f"postgres://prayer_room:pw-_1@10.0.0.4:5432/prayer_room?sslmode=verify-full&sslrootcert={ca}"
+    )
+    for key, db in (("CELERY_BROKER_URL", 0), ("CACHE_URL", 1)):
+        assert values[key] == f"rediss://prayer-room:rp-_2@10.0.0.4:6379/{db}?ssl_cert_reqs=required&ssl_ca_certs={ca}"
+    assert cluster_env_values(config, values) == values  # a re-run changes nothing
+    assert redis_password(values, "10.0.0.4") == "rp-_2"
+    managed = {"DATABASE_URL": "postgres://app:pw@db.internal:5432/app", "CACHE_URL": "redis://:pw@10.0.0.9:6379/1"}
+    assert cluster_env_values(config, managed) == managed  # another host's URL is the operator's: left alone
+    assert cluster_env_values(CONFIG, plain) == plain  # a site of one host: loopback, no TLS
+
+
+def test_a_clusters_redis_speaks_tls_only_to_the_apps_acl_user(tmp_path):
+    tls = RedisTLS(6379, "/etc/prayer-room/tls/db.crt", "/etc/prayer-room/tls/db-redis.key", "/e/ca.crt", "app")
+    conf = redis_conf_with_password("port 6379\n", "rp-_2", redis_bind(cluster(tmp_path)), tls)
+    directives = [line for line in conf.splitlines() if line and not line.startswith("#")]
+    for line in ("port 0", "tls-port 6379", "tls-cert-file /etc/prayer-room/tls/db.crt", "user default off"):
+        assert line in directives, line
+    user = next(line for line in directives if line.startswith("user app "))
+    assert " >rp-_2 " in user and user.endswith(
+        "-@admin -@dangerous -@scripting +eval +evalsha +script|load +script|exists"
+    )
+    assert not any(line.startswith("requirepass") for line in directives)
+    assert redis_conf_with_password(conf, "rp-_2", redis_bind(cluster(tmp_path)), tls) == conf
 
 
 def test_the_db_hosts_redis_binds_loopback_and_the_db_address_with_its_password(tmp_path):
@@ -678,7 +719,15 @@ def test_the_firewall_admits_postgresql_and_redis_from_the_app_hosts_only_and_fa
 def test_the_balancer_spreads_over_the_web_hosts_with_passive_health_checks(tmp_path):
     site = render_balancer_site(cluster(tmp_path))
     servers = [line.strip() for line in site.splitlines() if line.strip().startswith("server 10.")]
-    assert servers == [f"server 10.0.0.{n}:80 max_fails=2 fail_timeout=10s;" for n in (2, 3)]
+    assert servers == [f"server 10.0.0.{n}:8443 max_fails=2 fail_timeout=10s;" for n in (2, 3)]
+    # Over TLS, each web host's certificate checked against the cluster CA and the web hosts' shared name.
+    for line in (
+        "proxy_pass https://prayer_room_web_hosts;",
+        "proxy_ssl_verify on;",
+        "proxy_ssl_trusted_certificate /etc/prayer-room/cluster-ca.crt;",
+        "proxy_ssl_name web.prayer-room.cluster;",
+    ):
+        assert f"\n        {line}\n" in site, line
     # A new connection per request: a dead web host costs proxy_connect_timeout, not a kept-open connection's
     # read timeout.
     assert "keepalive " not in site.split("upstream ")[1].split("}")[0] and "proxy_connect_timeout 2s;" in site
@@ -701,13 +750,34 @@ def test_a_web_host_behind_the_balancer_believes_its_forwarded_headers_and_nobod
     )
     assert "set_real_ip_from" not in alone and "proxy_set_header X-Forwarded-Proto $scheme;" in alone
     assert "server_name 10.0.0.2 10.0.0.3;" in alone
+    # Behind the balancer the site also listens for it on the TLS port with the host's cluster certificate; with no
+    # balancer there is none, nor on a cluster without a db host (no cluster CA: the balancer speaks HTTP on 80).
+    tls_block = site.split("# The balancer's way in")[1]
+    assert "listen 8443 ssl;" in tls_block and "ssl_certificate /etc/prayer-room/tls/web.crt;" in tls_block
+    assert "set_real_ip_from 10.0.0.5;" in tls_block and "location / {" in tls_block
+    assert "8443" not in alone
+    managed = cluster(tmp_path, CLUSTER_TOML.replace('db = ["root@10.0.0.4"]', ""))
+    assert "8443" not in render_nginx_site(managed.at("10.0.0.3"), "10.0.0.3")
+    assert "server 10.0.0.2:80 " in render_balancer_site(managed) and "proxy_ssl" not in render_balancer_site(managed)
 
 
 @pytest.mark.deploy  # needs the deploy layer's nginx, which pip cannot install
 @pytest.mark.skipif(not shutil.which("nginx"), reason="nginx is not installed (.ci/setup.d/20-deploy.sh installs it)")
 @pytest.mark.parametrize("which", ["balancer", "web host"])
 def test_nginx_accepts_the_cluster_sites(tmp_path, which):
-    config = cluster(tmp_path)
+    config = replace(cluster(tmp_path), etc=str(tmp_path / "etc"))
+    # The files the sites name: the cluster CA's certificate, and a web host's certificate signed by it.
+    run = functools.partial(subprocess.run, shell=True, check=True, capture_output=True, text=True)
+    ca = ca_dir(config)
+    run(ca_commands.create_ca(ca, "test CA", 1))
+    certificate, key = tls_dir(config) / "web.crt", tls_dir(config) / "web.key"
+    request = run(ca_commands.signing_request(key, "web")).stdout
+    signed = run(
+        ca_commands.sign(ca, request, render_server_extensions("10.0.0.2", ("web.prayer-room.cluster",)), 1, 1)
+    )
+    Path(certificate).write_text(signed.stdout)
+    Path(f"{key}.new").rename(key)
+    shutil.copy(ca / "ca.crt", ca_certificate(config))
     text = (
         render_balancer_site(config, ipv6=False)
         if which == "balancer"
@@ -740,7 +810,7 @@ def test_the_db_hosts_role_password_is_checked_against_postgresqls_own_verifier(
     assert not scram_matches("md5" + "0" * 32, "pw-_1 with spaces")  # an md5 password is replaced by scram
 
 
-def test_with_a_domain_the_balancer_holds_the_certificate_and_the_web_hosts_stay_on_http(tmp_path):
+def test_with_a_domain_the_balancer_holds_the_certificate_and_the_web_hosts_keep_the_cluster_one(tmp_path):
     config = replace(cluster(tmp_path), domain="prayer.example.org")
     first = render_balancer_site(config)  # no certificate yet: the ACME challenge on plain HTTP
     assert (
@@ -749,13 +819,14 @@ def test_with_a_domain_the_balancer_holds_the_certificate_and_the_web_hosts_stay
     site = render_balancer_site(config, tls=True)
     http, https = site.split("server {")[2], site.split("server {")[3]
     assert "acme-challenge" in http and "return 301 https://$host$request_uri;" in http and "proxy_pass" not in http
-    assert "listen 443 ssl http2;" in https and "proxy_pass http://prayer_room_web_hosts;" in https
+    assert "listen 443 ssl http2;" in https and "proxy_pass https://prayer_room_web_hosts;" in https
     assert f"ssl_certificate {CERT_DIR}/fullchain.pem;" in https and "server_name prayer.example.org;" in https
     assert "proxy_set_header X-Forwarded-Proto $scheme;" in https  # https, which the web hosts believe from it
     assert "proxy_hide_header Strict-Transport-Security;" in https and "max-age=31536000" in https
     assert "ssl_reject_handshake on;" in site.split("server {")[1]
     web = render_nginx_site(config.at("10.0.0.2"), "10.0.0.2")
-    assert "server_name prayer.example.org;" in web and "listen 443" not in web and "ssl_certificate" not in web
+    assert "server_name prayer.example.org;" in web and "listen 443" not in web and str(CERT_DIR) not in web
+    assert "ssl_certificate /etc/prayer-room/tls/web.crt;" in web  # the cluster's, for the balancer only
     assert packages_for(config.at("10.0.0.5")) == ("nginx", "certbot", "openssl")
     assert "certbot" not in packages_for(config.at("10.0.0.2"))
     values = cluster_defaults(config, "10.0.0.2")
@@ -781,7 +852,7 @@ def test_an_ipv6_cluster_gets_bracketed_urls_and_ipv6_rules(tmp_path):
     rules = render_firewall(config)
     assert "ip6 saddr { 2001:db8::2, 2001:db8::3, 2001:db8::4 } accept" in rules and "ip saddr" not in rules
     assert "2001:db8::3/128    scram-sha-256" in pg_hba_with_peers("", config, "prayer_room", "prayer_room")
-    assert "server [2001:db8::2]:80 max_fails=2" in render_balancer_site(config)
+    assert "server [2001:db8::2]:8443 max_fails=2" in render_balancer_site(config)
     if shutil.which("nft") and os.geteuid() == 0:
         path = tmp_path / "firewall.nft"
         path.write_text(rules)
