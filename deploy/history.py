@@ -132,8 +132,13 @@ def describe(record: dict) -> str:
         parts.append(str(record["release"]))
     if record.get("commit"):
         parts.append(f"commit {record['commit']}")
-    if record.get("migrations"):
-        parts.append(f"migrations {', '.join(map(str, record['migrations']))}")
+    names = [str(name) for name in record.get("migrations") or []]
+    if names:  # a first deploy applies dozens: their count, the first and the last
+        parts.append(
+            f"migrations {', '.join(names)}"
+            if len(names) <= 3
+            else f"{len(names)} migrations {names[0]} ... {names[-1]}"
+        )
     if record.get("backup"):
         parts.append(f"backup {record['backup']}")
     if record.get("detail"):

@@ -738,6 +738,31 @@ def maintenance_page(address: str, host: str) -> bool:
     return text.startswith("HTTP/1.1 503") and "Retry-After: 30" in text and "Back in a moment" in text
 
 
+def test_24d_maintenance_on_every_web_host_until_off_and_one_history_on_the_primary(cluster):
+    web_hosts = [cluster[n].address for n in ("web1", "web2")]
+    started = time.monotonic()
+    out = ok(cluster.fab("maintenance", "on", "--message", "Back after the <upgrade>"))
+    cluster.timings["fab maintenance on (2 web hosts)"] = time.monotonic() - started
+    assert "maintenance is on" in out and all(maintenance_page(a, cluster.lb.address) for a in web_hosts)
+    status, body = http_get(f"{front(cluster)}/health/")  # through the balancer
+    assert status == 503 and "<p>Back after the &lt;upgrade&gt;</p>" in body, (status, body)
+    shown = re.findall(r"^maintenance.*$", ok(cluster.fab("status")), re.M)
+    assert len(shown) == 1 and re.fullmatch(r"maintenance: on since \S+ \(by \S+\): Back after the <upgrade>", shown[0])
+    started = time.monotonic()
+    ok(cluster.fab("maintenance", "off"))
+    cluster.timings["fab maintenance off (2 web hosts)"] = time.monotonic() - started
+    assert [http_get(f"http://{a}/health/", headers={"Host": cluster.lb.address})[0] for a in web_hosts] == [200, 200]
+
+    history = ok(cluster.fab("history", "--lines", "200"))
+    print(history)
+    events = [re.split(r" {2,}", line)[1] for line in history.splitlines()[1:] if re.match(r"\d{4}-", line)]
+    assert {"provision", "deploy", "maintenance on", "maintenance off"} <= set(events), history
+    assert events[-2:] == ["maintenance on", "maintenance off"], history
+    log = "/srv/prayer-room/log/history.jsonl"
+    assert cluster.web1.ssh(f"stat -c '%U:%G %a' {log}").stdout.strip() == "root:root 600"
+    assert cluster.web2.ssh(f"test -e {log}", check=False).returncode != 0  # one history: the primary's
+
+
 def test_25_killing_the_beat_leaders_host_lets_the_standby_lead(cluster):
     leader = sql(cluster, LEADER).strip()
     names = {cluster[n].address: n for n in ("web1", "web2")}

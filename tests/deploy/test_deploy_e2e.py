@@ -902,6 +902,7 @@ def history_rows(out: str) -> list[list[str]]:
 
 def test_history_lists_the_deploys_rollbacks_and_maintenance_and_only_root_appends_to_it(target):
     out = ok(target.fab("history", "--lines", "500"))
+    print(out)
     assert out.splitlines()[0].split() == ["WHEN", "(UTC)", "EVENT", "RESULT", "TIME", "WHO", "WHAT"], out
     rows = history_rows(out)
     assert [row[1] for row in rows[-3:]] == ["maintenance on", "deploy", "maintenance off"], out

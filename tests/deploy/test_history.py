@@ -57,6 +57,11 @@ def test_the_table_has_one_row_per_record_and_a_failures_error_under_it():
     assert len(lines) == 4
 
 
+def test_many_migrations_are_counted_with_the_first_and_the_last():
+    many = {**DEPLOY, "migrations": [f"app.{n:04}" for n in range(1, 58)]}
+    assert "; 57 migrations app.0001 ... app.0057; backup " in history.format_table([many])
+
+
 def test_an_empty_history_says_so_and_a_broken_record_is_still_a_row():
     assert history.format_table([]).startswith("no history yet")
     assert "?" in history.format_table([{"event": "?", "message": "unreadable line"}]).splitlines()[1]
