@@ -39,6 +39,9 @@ pytestmark = [pytest.mark.deploy, pytest.mark.skipif(bool(_missing), reason=str(
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
     booted = Cluster.boot(tmp_path_factory.mktemp("cluster"))
+    # Before the first provision: it renders the web hosts' nginx, whose write rate limit (off here: the request
+    # loops POST far more than a visitor may) a deploy does not change.
+    booted.configure(SETTINGS)
     yield booted
     booted.destroy()
     ARTIFACTS.mkdir(exist_ok=True)
@@ -432,7 +435,6 @@ LEADER = (
 @pytest.fixture(scope="module")
 def clone(cluster):
     assert cluster.provisioned().returncode == 0
-    cluster.configure(SETTINGS)
     return Clone(cluster.workdir / "repo")
 
 
