@@ -17,6 +17,7 @@ from fabric.tasks import Task as FabricTask
 from invoke import Argument, Exit
 
 from deploy import actions, archive, hostkeys, terminal
+from deploy import os_update as os_update_module
 from deploy.config import load_config, single_host_site
 from deploy.errors import DeployError
 from deploy.site import Site
@@ -292,6 +293,19 @@ def history(c, lines=50, env=None, config=None):
         raise DeployError(f"--lines takes a number, not {lines!r}.") from None
     with terminal.inert_stdout():  # operator and error text from the server printed inert
         print(actions.show_history(_site(c, env, config), count))
+
+
+@task(help={**COMMON_HELP, "reboot": "reboot each host even when no update asks for it",
+            "boot_timeout": "seconds a host has to answer over SSH again after its reboot (default 600)"})  # fmt: skip
+@_one_line_errors
+def os_update(c, env=None, config=None, reboot=False, boot_timeout=None):
+    """Upgrade the Debian packages host by host (web hosts one at a time, the db host last); reboot a host when an
+    update asks for it (or --reboot), behind the maintenance page where no other host serves; verify it before the
+    next."""
+    if boot_timeout is not None and not str(boot_timeout).isdigit():
+        raise DeployError(f"--boot-timeout must be a number of seconds, got {boot_timeout!r}.")
+    timeout = int(boot_timeout) if boot_timeout else os_update_module.BOOT_TIMEOUT
+    print(os_update_module.os_update(_site(c, env, config), reboot=reboot, boot_timeout=timeout))
 
 
 def _ask(question: str) -> bool:

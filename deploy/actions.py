@@ -18,7 +18,7 @@ from dataclasses import replace
 from datetime import datetime
 from pathlib import Path
 
-from deploy import archive, backup, env_sources, environment, history, host, notify, release, schema, tls
+from deploy import archive, backup, env_sources, environment, history, host, notify, release, schema, tls, updates
 from deploy import maintenance as maintenance_page
 from deploy import provision as provisioning
 from deploy.commands.logs import tail
@@ -565,6 +565,7 @@ def status(site: Site) -> str:
         lines.append(f"maintenance: {pages[0][1].line()}")
     else:
         lines += [f"maintenance on {member.label}: {page.line()}" for member, page in pages]
+    lines += _updates(site)
     first = site.members.get(config.primary) or site.order[0]
     if site.several:
         lines += ["", f"on the primary, {first.label}:"]
@@ -610,6 +611,28 @@ def _other_host_alerts(site: Site, name: str) -> list[str]:
         return notify.open_alerts(connect(conn, replace(site.config.for_host(name), user="root")))
     except DeployError as exc:
         return [f"alerts: unavailable ({exc})"]
+
+
+def _updates(site: Site) -> list[str]:
+    """`status`'s lines on OS updates: each host's pending upgrades and reboot (a host without programs over a root
+    session), read in parallel."""
+    config = site.config
+    others = [h for h in site.hosts if h not in site.app_hosts and site.role is None]
+
+    def one(name: str) -> str:
+        try:
+            member = site.members.get(name)
+            server = (
+                member.server
+                if member
+                else connect(site.by_address[address_of(name)], replace(config.for_host(name), user="root"))
+            )
+            line = updates.pending_line(updates.read_pending(server))
+        except DeployError as exc:
+            line = f"updates: unavailable ({exc})"
+        return line.replace("updates:", f"updates on {address_of(name)}:", 1) if len(site.hosts) > 1 else line
+
+    return in_parallel(one, [m.host for m in site.order] + others, name=lambda h: h)
 
 
 def _certificate(site: Site, name: str) -> str:

@@ -64,6 +64,9 @@ class LockKeeper:
     def __init__(self, locks: list[DeployLock], interval: float) -> None:
         self.locks, self.interval = locks, interval
         self.failure: DeployError | None = None
+        # The hosts rebooting (fab os-update): their locks wait, on their disks, until they answer again.
+        self.offline: set[str] = set()
+        self.refreshing = threading.Lock()
         self.stopped = threading.Event()
         self.thread = threading.Thread(target=self._run, name="deploy-lock-heartbeat", daemon=True)
 
@@ -71,7 +74,9 @@ class LockKeeper:
         while not self.stopped.wait(self.interval):
             for lock in self.locks:
                 try:
-                    lock.refresh()
+                    with self.refreshing:
+                        if lock.server.name not in self.offline:
+                            lock.refresh()
                 except DeployError as exc:
                     self.failure = exc
                     return
@@ -106,6 +111,7 @@ class Site:
         self.progress = Progress(config.name)
         # The primary as `fab provision` checked it (provision connects on its own): where its history goes.
         self.provisioned_primary: Server | None = None
+        self.keeper: LockKeeper | None = None
 
     @property
     def name(self) -> str:
@@ -256,6 +262,7 @@ class Site:
         interval = min(20.0, self.config.lock_expiry_seconds / 4)
         try:
             with LockKeeper(locks, interval) as keeper:
+                self.keeper = keeper
                 progress.heartbeat = keeper.check
                 for member in self.order:
                     member.progress.heartbeat = keeper.check
@@ -264,10 +271,31 @@ class Site:
             progress.say(progress.summary(f"FAILED ({type(exc).__name__})"))
             raise
         finally:
+            self.keeper = None
             for holder in (progress, *(m.progress for m in self.order)):
                 holder.heartbeat = None
             for lock in locks:
-                lock.release()
+                try:
+                    lock.release()
+                except DeployError as exc:  # a host that is down keeps its lock until it expires
+                    progress.say(
+                        f"WARNING: the deploy lock on {lock.server.name} stays ({exc}); it expires after "
+                        f"{self.config.lock_expiry_seconds} s without a step, or `fab unlock` removes it."
+                    )
+
+    @contextmanager
+    def offline(self, server: Server) -> Iterator[None]:
+        """`server` may not answer during the block (it reboots): the heartbeat leaves its lock alone meanwhile."""
+        keeper = self.keeper
+        if keeper is None:
+            yield
+            return
+        with keeper.refreshing:
+            keeper.offline.add(server.name)
+        try:
+            yield
+        finally:
+            keeper.offline.discard(server.name)
 
     @contextmanager
     def maintenance(self, reason: str) -> Iterator[None]:

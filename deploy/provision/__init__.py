@@ -44,6 +44,7 @@ from deploy.provision.host import (
     install_packages,
     read_nginx_facts,
 )
+from deploy.provision.updates import ensure_security_updates
 from deploy.render.cluster_tls import DB_CERTIFICATE, WEB_CERTIFICATE, WEB_TLS_NAME, uses_cluster_tls
 from deploy.render.nginx import ACME_WEBROOT, render_balancer_site, render_nginx_site
 from deploy.ssh import Server
@@ -108,6 +109,7 @@ def _host_steps(values: dict[str, str], ca: ClusterCA | None) -> Callable[[Membe
     def phase(member: Member) -> None:
         server, config = member.server, member.config
         member.step("packages", lambda: install_packages(server))
+        member.step("security updates", lambda: ensure_security_updates(server))
         if ca is not None:
             if config.runs("db"):
                 member.step("cluster CA", lambda: ca.ensure() | ensure_ca_certificate(server, ca))

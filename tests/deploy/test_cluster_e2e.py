@@ -295,7 +295,7 @@ def test_08_provision_with_dash_h_sets_up_that_host_alone_from_the_primarys_env_
     cluster.web2.ssh(f"sed -i 's/^SECRET_KEY=.*/SECRET_KEY=drifted/' {ENV_FILE}")
     result = cluster.fab("-H", cluster.host("web2"), "provision")
     assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
-    assert f"provision {cluster.host('web2')}: 1 of 10 steps changed the server (env file)" in result.stdout
+    assert f"provision {cluster.host('web2')}: 1 of 11 steps changed the server (env file)" in result.stdout
     assert "provision cluster cluster: 1 of 1 hosts changed" in result.stdout
     assert not any(
         line.startswith(f"[{cluster.host(n)}]") for line in result.stdout.splitlines() for n in ("web1", "app")
@@ -319,7 +319,7 @@ def test_09_a_failure_on_one_host_names_it_and_its_step_and_the_others_finish(cl
         cluster.web2.ssh("rm -f /etc/nginx/conf.d/broken.conf")
     again = cluster.fab("provision")
     assert again.returncode == 0, (again.stdout + again.stderr)[-3000:]
-    assert f"provision {web2}: 1 of 10 steps changed the server (nginx)" in again.stdout
+    assert f"provision {web2}: 1 of 11 steps changed the server (nginx)" in again.stdout
     assert "provision cluster cluster: 1 of 4 hosts changed" in again.stdout
 
 

@@ -19,7 +19,10 @@ import shutil
 import socket
 import subprocess
 import sys
+import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -330,6 +333,34 @@ class Container:
         self.process.wait(timeout=timeout)
         self.process = None
         self.boot(timeout=timeout)
+
+    @contextmanager
+    def rebooting_on_request(self, *, come_back: bool = True) -> Iterator[list[int]]:
+        """While the block runs, a reboot asked from inside (`systemctl reboot`, `reboot`: systemd-nspawn exits with
+        133) boots the container again, as a VPS's hypervisor does; with `come_back=False` it stays off (a server
+        that never comes back). Yields the exit codes seen."""
+        seen: list[int] = []
+        done = threading.Event()
+
+        def watch() -> None:
+            while not done.is_set():
+                process = self.process
+                if process is None or process.poll() is None:
+                    done.wait(0.2)
+                    continue
+                seen.append(process.returncode)
+                self.process = None
+                if process.returncode != 133 or not come_back:
+                    return
+                self.boot()
+
+        thread = threading.Thread(target=watch, name=f"{self.name}-reboots", daemon=True)
+        thread.start()
+        try:
+            yield seen
+        finally:
+            done.set()
+            thread.join(120)
 
     def stop(self, timeout: float = 60) -> None:
         """Power off (SIGTERM makes nspawn halt the container cleanly), then kill if it hangs."""

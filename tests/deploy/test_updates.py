@@ -1,0 +1,149 @@
+"""OS updates without a server: unattended-upgrades' file from the release's facts, `fab status`'s line on pending
+updates and reboots, and the order `fab os-update` takes the hosts in."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from deploy.config import DeployConfig, load_config, single_host_site
+from deploy.errors import DeployError
+from deploy.os_update import update_order
+from deploy.render.updates import fallback_origin, render_unattended_upgrades, security_origins
+from deploy.updates import parse_pending, pending_line
+
+REPO = Path(__file__).resolve().parents[2]
+
+POLICY_12 = """\
+codename=bookworm
+release a=now
+release v=12,o=Debian,a=oldstable-security,n=bookworm-security,l=Debian-Security,c=main,b=amd64
+release v=12-updates,o=Debian,a=oldstable-updates,n=bookworm-updates,l=Debian,c=main,b=amd64
+release v=12.15,o=Debian,a=oldstable,n=bookworm,l=Debian,c=main,b=amd64
+release v=12,o=Debian,a=oldstable-security,n=bookworm-security,l=Debian-Security,c=main,b=all
+release o=packages.example.org,n=bookworm-security,l=Other,c=main
+"""
+
+
+def test_the_pattern_is_the_release_security_suite_apt_knows_and_nothing_else():
+    assert security_origins(POLICY_12, "bookworm") == ["origin=Debian,codename=bookworm-security,label=Debian-Security"]
+    assert security_origins(POLICY_12, "trixie") == []  # another release's suite is not this one's
+    assert security_origins("release a=now\n", "trixie") == []
+    assert fallback_origin("trixie") == "origin=Debian,codename=trixie-security,label=Debian-Security"
+
+
+def test_the_file_clears_debians_default_origins_and_never_reboots():
+    text = render_unattended_upgrades(["origin=Debian,codename=trixie-security,label=Debian-Security"])
+    lines = text.splitlines()
+    # The #clear comes before our list: Debian's 50unattended-upgrades (read first) also allows the point release.
+    assert lines.index("#clear Unattended-Upgrade::Origins-Pattern;") < lines.index(
+        "Unattended-Upgrade::Origins-Pattern {"
+    )
+    assert '    "origin=Debian,codename=trixie-security,label=Debian-Security";' in lines
+    assert 'APT::Periodic::Unattended-Upgrade "1";' in lines
+    assert 'Unattended-Upgrade::Automatic-Reboot "false";' in lines
+
+
+@pytest.mark.skipif(not Path("/usr/bin/apt-config").exists(), reason="apt-config is Debian's")
+def test_apt_reads_only_the_security_pattern_after_debians_own_file(tmp_path):
+    parts = tmp_path / "parts"
+    parts.mkdir()
+    (parts / "50unattended-upgrades").write_text(
+        'Unattended-Upgrade::Origins-Pattern {\n "origin=Debian,codename=${distro_codename},label=Debian";\n};\n'
+    )
+    wanted = "origin=Debian,codename=trixie-security,label=Debian-Security"
+    (parts / "52prayer-room-unattended-upgrades").write_text(render_unattended_upgrades([wanted]))
+    (tmp_path / "apt.conf").write_text(f'Dir::Etc::Parts "{parts}/";\n')
+    dump = subprocess.run(
+        ["apt-config", "dump"], env={"APT_CONFIG": str(tmp_path / "apt.conf")}, capture_output=True, text=True
+    ).stdout
+    patterns = [line for line in dump.splitlines() if line.startswith("Unattended-Upgrade::Origins-Pattern::")]
+    assert patterns == [f'Unattended-Upgrade::Origins-Pattern:: "{wanted}";'], dump
+
+
+PENDING = """\
+now=1764928800
+inst base-files [12.4+deb12u11] (12.4+deb12u15 Debian:12.15/oldstable [amd64])
+inst libgcrypt20 [1.10.1-3] (1.10.1-3+deb12u1 Debian:12.15/oldstable, Debian-Security:12/oldstable-security [amd64])
+inst libssl3 [3.0.15-1] (3.0.17-1~deb12u2 Debian-Security:12/oldstable-security [amd64])
+update-success-stamp=1764918000
+unattended-upgrades-stamp=1764900000
+"""
+
+
+def test_status_counts_pending_and_security_updates_and_warns_of_a_pending_reboot():
+    pending = parse_pending(PENDING)
+    assert pending.upgrades == ("base-files", "libgcrypt20", "libssl3")
+    assert pending.security == ("libgcrypt20", "libssl3")
+    line = pending_line(pending)
+    assert line == ("updates: 3 pending (2 security); package lists fetched 3 h ago, unattended-upgrade ran 8 h ago"), (
+        line
+    )
+    rebooting = parse_pending(PENDING + "reboot=1764756000\nreboot_packages=libc6 linux-image-amd64 \n")
+    assert pending_line(rebooting).endswith(
+        "  WARNING: a reboot is pending since 2 days ago by libc6, linux-image-amd64: `fab os-update` reboots it"
+    )
+    fresh = pending_line(parse_pending("now=1764928800\n"))
+    assert fresh == "updates: none pending; package lists fetched never, unattended-upgrade ran never"
+
+
+def test_os_update_takes_web_hosts_first_then_the_other_app_hosts_the_balancer_and_the_db_host_last(tmp_path):
+    path = tmp_path / "deploy.toml"
+    path.write_text(
+        "[environments.cluster.roles]\n"
+        'web = ["root@10.0.0.2", "root@10.0.0.3"]\nworker = ["root@10.0.0.6", "root@10.0.0.4"]\n'
+        'beat = ["root@10.0.0.4", "root@10.0.0.2"]\ndb = ["root@10.0.0.4"]\nbalancer = ["root@10.0.0.5"]\n'
+    )
+    config = load_config(path, "cluster")
+    hosts = config.site_hosts
+    order = ["root@10.0.0.2", "root@10.0.0.3", "root@10.0.0.6", "root@10.0.0.5", "root@10.0.0.4"]
+    assert update_order(config, hosts) == order
+    assert update_order(config, ["root@10.0.0.4", "root@10.0.0.3"]) == ["root@10.0.0.3", "root@10.0.0.4"]  # -H
+    one = single_host_site(DeployConfig(), "root@203.0.113.7")
+    assert update_order(one, one.site_hosts) == ["root@203.0.113.7"]  # a site of one: the same path
+
+
+def test_a_boot_timeout_that_is_no_number_is_one_line_and_touches_nothing():
+    fab = Path(sys.executable).with_name("fab")
+    result = subprocess.run(
+        [str(fab), "-H", "root@203.0.113.7", "os-update", "--boot-timeout", "soon"],
+        cwd=REPO, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert result.returncode == 1
+    assert (result.stdout + result.stderr).strip() == "error: --boot-timeout must be a number of seconds, got 'soon'."
+
+
+def test_the_lock_heartbeat_leaves_a_rebooting_hosts_lock_alone_and_takes_it_up_again():
+    from types import SimpleNamespace
+
+    from deploy.site import LockKeeper, Site
+
+    class Lock:
+        def __init__(self, name: str) -> None:
+            self.server, self.refreshed = SimpleNamespace(name=name), threading.Event()
+
+        def refresh(self) -> None:
+            if self.server.name == "down":
+                raise DeployError("no answer")  # what refreshing a host that reboots would raise
+            self.refreshed.set()
+
+    up, down = Lock("up"), Lock("down")
+    site = Site(single_host_site(DeployConfig(), "root@203.0.113.7"), [])
+    site.keeper = keeper = LockKeeper([down, up], interval=0.01)
+    with site.offline(down.server), keeper:  # offline before the heartbeat's first beat
+        assert up.refreshed.wait(5)  # the others' locks are refreshed meanwhile
+        up.refreshed.clear()
+        assert up.refreshed.wait(5)
+        keeper.check()
+    assert keeper.offline == set()
+    with LockKeeper([down, up], interval=0.01) as keeper:  # positive control: without offline() it fails
+        deadline = time.monotonic() + 5
+        while keeper.failure is None and time.monotonic() < deadline:
+            time.sleep(0.01)
+    with pytest.raises(DeployError, match="no answer"):
+        keeper.check()
