@@ -24,8 +24,9 @@ def listing(config: DeployConfig) -> str:
 
 
 def restore(config: DeployConfig, name: str) -> str:
-    """Replace the database with backup `name` in one transaction."""
-    return _backups_helper(config, "restore", name)
+    """Replace the database with backup `name` in one transaction, pg_restore running as the build user (not root,
+    and not the app user, whose role wrote the object names in the dump)."""
+    return _backups_helper(config, "restore", name, "--as-user", config.build_user)
 
 
 def stage_download(config: DeployConfig, name: str, tmp: str, login: str) -> str:

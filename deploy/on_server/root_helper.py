@@ -114,14 +114,46 @@ def backups(args) -> int:
     return 0
 
 
-def restore(args) -> int:
-    """Replace the database's public schema with a backup's, in one transaction: all of it or nothing.
+def passfile_line(password: str) -> str:
+    """A libpq password file's line giving `password` to the one connection it is made for (\\ and : escaped)."""
+    return "*:*:*:*:" + password.replace("\\", "\\\\").replace(":", "\\:") + "\n"
 
-    The checksum is checked first. Tables the backup does not have (from later migrations) go too.
+
+def unprivileged(name: str, env: dict[str, str]):
+    """A private directory for the database tools run as the unprivileged OS user `name`, holding the password
+    file (0600, theirs alone: never on a command line nor in an environment another user may read), and the
+    subprocess.run keywords that run a tool there as that user with only the connection's variables."""
+    import pwd
+    import tempfile
+
+    account = pwd.getpwnam(name)
+    if account.pw_uid == 0:
+        raise ValueError(f"{name} is root: a restore runs as an unprivileged user")
+    workdir = tempfile.mkdtemp(prefix="prayer-room-restore-")  # 0700, root's until it is handed over
+    passfile = os.path.join(workdir, "pgpass")
+    handle = os.open(passfile, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    with os.fdopen(handle, "w") as out:
+        out.write(passfile_line(env.get("PGPASSWORD", "")))
+    for path in (passfile, workdir):
+        os.chown(path, account.pw_uid, account.pw_gid)
+    keep = ("PGHOST", "PGPORT", "PGUSER", "PGDATABASE")
+    child = {key: value for key, value in env.items() if value and (key in keep or key.startswith("PGSSL"))}
+    child.update(PGPASSFILE=passfile, HOME=workdir, PATH="/usr/bin:/bin", LC_ALL="C.UTF-8")
+    run = {"user": account.pw_uid, "group": account.pw_gid, "extra_groups": [], "env": child, "cwd": workdir}
+    return workdir, run
+
+
+def restore(args) -> int:
+    """Replace the database's public schema with a backup's: all of it or nothing.
+
+    The checksum is checked first. The dump goes to `pg_restore --dbname` (one transaction; never through psql,
+    which would obey backslash commands hidden in the object names the app role controls), run as the
+    unprivileged --as-user, not root, reading the dump from a descriptor root opened. The schema it replaces is
+    kept aside meanwhile (psql runs only this helper's fixed statements): dropped on success, put back on a
+    failure. Tables the backup does not have (from later migrations) go too.
     """
     import shutil
     import subprocess
-    import tempfile
 
     records = {r["name"]: r for r in read_backups(args.dir)}
     record = records.get(args.name)
@@ -133,36 +165,42 @@ def restore(args) -> int:
         emit(ok=False, error=f"{args.name} does not match its recorded sha256: the file is damaged; nothing restored")
         return 1
     try:
-        env = database_environment()
-    except ValueError as exc:
-        emit(ok=False, error=str(exc))
+        workdir, run = unprivileged(args.as_user, database_environment())
+    except (ValueError, KeyError) as exc:
+        emit(ok=False, error=f"cannot restore as {args.as_user!r}: {exc}; run `fab provision`")
         return 1
     started = time.monotonic()
-    with tempfile.TemporaryFile() as psql_err, tempfile.TemporaryFile() as dump_err:
-        psql = subprocess.Popen(
-            [pg_tool(args, "psql"), "-X", "-q", "--single-transaction", "-v", "ON_ERROR_STOP=1"],
-            stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=psql_err, env=env,
-        )  # fmt: skip
-        dump = subprocess.Popen(
-            [pg_tool(args, "pg_restore"), "--no-owner", "--no-privileges", "--file=-", path],
-            stdout=subprocess.PIPE, stderr=dump_err, env=env,
-        )  # fmt: skip
-        try:
-            psql.stdin.write(b"DROP SCHEMA public CASCADE;\nCREATE SCHEMA public;\n")
-            shutil.copyfileobj(dump.stdout, psql.stdin)
-        except BrokenPipeError:
-            pass
-        finally:
-            psql.stdin.close()
-        dump.wait()
-        psql.wait()
-        psql_err.seek(0)
-        dump_err.seek(0)
-        errors = (psql_err.read() or dump_err.read()).decode(errors="replace").strip()[-1000:]
-    if dump.returncode != 0 or psql.returncode != 0:
-        emit(ok=False, error=f"restoring {args.name} failed, the database is unchanged (one transaction): {errors}")
-        return 1
-    emit(ok=True, restored=record, seconds=round(time.monotonic() - started, 2))
+    aside = f"public_before_restore_{int(time.time())}"
+
+    def sql(statement: str) -> subprocess.CompletedProcess:
+        argv = [pg_tool(args, "psql"), "-X", "-q", "-v", "ON_ERROR_STOP=1", "-c", statement]
+        return subprocess.run(argv, capture_output=True, text=True, stdin=subprocess.DEVNULL, **run)
+
+    try:
+        moved = sql(f"ALTER SCHEMA public RENAME TO {aside}; CREATE SCHEMA public;")
+        if moved.returncode != 0:
+            emit(ok=False, error=f"restoring {args.name} failed, the database is unchanged: {moved.stderr.strip()}")
+            return 1
+        with open(path, "rb") as dump:
+            restored = subprocess.run(
+                [pg_tool(args, "pg_restore"), "--single-transaction", "--exit-on-error", "--no-owner",
+                 "--no-privileges", "--dbname", run["env"].get("PGDATABASE", "")],
+                stdin=dump, capture_output=True, text=True, **run,
+            )  # fmt: skip
+        if restored.returncode != 0:
+            back = sql(f"DROP SCHEMA public CASCADE; ALTER SCHEMA {aside} RENAME TO public;")
+            state = (
+                "the database is unchanged (one transaction)"
+                if back.returncode == 0
+                else f"AND putting the schema back failed ({back.stderr.strip()[-300:]}): it is in schema {aside}"
+            )
+            emit(ok=False, error=f"restoring {args.name} failed, {state}: {restored.stderr.strip()[-1000:]}")
+            return 1
+        dropped = sql(f"DROP SCHEMA {aside} CASCADE;")
+        warning = {} if dropped.returncode == 0 else {"warning": f"schema {aside} stays: {dropped.stderr.strip()}"}
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    emit(ok=True, restored=record, seconds=round(time.monotonic() - started, 2), **warning)
     return 0
 
 
@@ -221,6 +259,7 @@ def main(argv: list[str]) -> int:
     backup_parser.add_argument("--keep", type=int, default=0)
     restore_parser = sub.add_parser("restore")
     restore_parser.add_argument("name")
+    restore_parser.add_argument("--as-user", required=True, help="the unprivileged OS user pg_restore runs as")
     for p in (backup_parser, restore_parser, sub.add_parser("backups")):
         p.add_argument("--dir", required=True)
         p.add_argument("--pg-bin", default="", help="the directory of pg_dump, pg_restore and psql")

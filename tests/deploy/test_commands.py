@@ -67,7 +67,8 @@ def test_backups_run_the_root_helper_with_the_servers_python3_and_postgres_bin()
         f"/var/backups/prayer-room {pg}"
     )
     assert readable(backup.restore(CONFIG, "x.dump")) == (
-        f"python3 -c SCRIPT --env-file {ENV_FILE} restore --dir /var/backups/prayer-room x.dump"
+        f"python3 -c SCRIPT --env-file {ENV_FILE} restore --dir /var/backups/prayer-room x.dump "
+        f"--as-user {CONFIG.build_user}"
     )
     assert backup.stage_download(CONFIG, "x.dump", "/tmp/tmp.1", "deployer") == (
         "cp /var/backups/prayer-room/x.dump /tmp/tmp.1 && chown deployer /tmp/tmp.1"

@@ -10,6 +10,7 @@ import hashlib
 import json
 import os
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -25,6 +26,7 @@ import pytest
 
 from deploy.state import DEPLOYED_MARK
 from tests.deploy.target import REPO, Clone, DeployTarget, http_get, unavailable
+from tests.support.stack import Database
 
 pytestmark = [pytest.mark.deploy, pytest.mark.timeout(900)]
 
@@ -620,3 +622,80 @@ def test_a_restore_the_live_release_cannot_migrate_forward_switches_to_the_data_
     assert status == 201, body
     assert http_get(target.front_url)[0] == 200
     assert not (target.srv / "releases" / newer / DEPLOYED_MARK).exists()  # a plain rollback skips it
+
+
+def pgserver_bin() -> Path:
+    """The pgserver wheel's PostgreSQL 16.2 tools: a pg_dump from before the August 2025 fixes (CVE-2025-8715), which
+    writes an object name's newline into the dump's `-- load via partition root` comment as it is."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("pgserver")  # not imported: its import sets up lock files
+    assert spec and spec.submodule_search_locations, "the pgserver wheel (a test dependency) is not installed"
+    return Path(spec.submodule_search_locations[0]) / "pginstall" / "bin"
+
+
+def old_way_restore(dump: Path, database_url: str, pg_bin: Path) -> subprocess.CompletedProcess:
+    """What `root_helper.py restore` did before: pg_restore's SQL text piped through psql, as root."""
+    pipeline = (
+        f"{shlex.quote(str(pg_bin / 'pg_restore'))} --no-owner --no-privileges --file=- {shlex.quote(str(dump))} | "
+        f"{shlex.quote(str(pg_bin / 'psql'))} -X -q --single-transaction -v ON_ERROR_STOP=1 {shlex.quote(database_url)}"
+    )
+    return subprocess.run(["sh", "-c", pipeline], capture_output=True, text=True, timeout=120)
+
+
+def test_a_dump_whose_table_names_carry_a_psql_meta_command_restores_inert(target, tmp_path):
+    """The app role names a table (hash-partitioned on an enum, so that pg_dump loads its data through the root and
+    writes its name in a comment) with a newline and `\\! touch MARKER`. Restored now: no effect. Positive control:
+    the same dump the old way (pg_restore | psql, as root) runs the command."""
+    drop = tempfile.mkdtemp(prefix="prayer-room-pwned-")
+    os.chmod(drop, 0o1777)  # whoever would run the command could write here
+    marker = Path(drop) / "pwned"
+    evil = f"feelings\n\\! touch {marker}\n"
+    quoted = '"' + evil.replace('"', '""') + '"'
+    create = [
+        "CREATE TYPE feeling AS ENUM ('calm', 'glad')",
+        f"CREATE TABLE {quoted} (id int, f feeling) PARTITION BY HASH (f)",
+        f"CREATE TABLE feelings_0 PARTITION OF {quoted} FOR VALUES WITH (MODULUS 2, REMAINDER 0)",
+        f"CREATE TABLE feelings_1 PARTITION OF {quoted} FOR VALUES WITH (MODULUS 2, REMAINDER 1)",
+        f"INSERT INTO {quoted} VALUES (1, 'calm'), (2, 'glad')",
+    ]
+    cleanup = [f"DROP TABLE IF EXISTS {quoted}", "DROP TYPE IF EXISTS feeling"]
+    old_tools = target.config_file_with(postgres_bin=str(pgserver_bin()))
+    scratch = Database().create()
+    try:
+        for statement in create:
+            target.database.query(statement)
+        inert = ok(target.fab("backup")).split(":")[0].strip()  # the server's own pg_dump
+        hostile = ok(target.fab("backup", config=old_tools)).split(":")[0].strip()  # a pg_dump without the fix
+        for statement in cleanup:
+            target.database.query(statement)
+        before = database_state(target), target.live_release()
+
+        started = time.monotonic()
+        out = ok(target.fab("restore", inert, "--yes"))
+        figures["restore_hostile_names_fab_seconds"] = round(time.monotonic() - started, 2)
+        assert "verify: migrate --check" in out
+        found = "SELECT relname FROM pg_class WHERE relname LIKE %s ORDER BY 1"
+        restored = target.database.query(found, ("feelings%",))
+        assert set(restored) == {("feelings_0",), ("feelings_1",), (evil,)}  # the name, newline and all, is data
+        assert not marker.exists()
+        for statement in cleanup:
+            target.database.query(statement)
+
+        line = refused(target.fab("restore", hostile, "--yes", config=old_tools))
+        figures["restore_hostile_dump_message"] = line
+        assert f"restoring {hostile} failed, the database is unchanged (one transaction)" in line
+        assert 'syntax error at or near "\\"' in line  # the server was sent the command as SQL, and refused it
+        assert not marker.exists()
+        assert (database_state(target), target.live_release()) == before
+        assert set(target.states().values()) == {"RUNNING"} and post_request(target)[0] == 201
+
+        # Positive control: the same dump through psql, the way the restore went before, runs the command.
+        control = old_way_restore(target.workdir / "backups" / hostile, scratch.url, pgserver_bin())
+        assert marker.exists(), f"the old way did not run the command: {control.stderr[-500:]}"
+        assert marker.stat().st_uid == 0  # as root
+    finally:
+        scratch.drop()
+        for statement in cleanup:
+            target.database.query(statement)
+        shutil.rmtree(drop, ignore_errors=True)

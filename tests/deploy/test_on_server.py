@@ -1,12 +1,17 @@
 """The on-server helpers as the kit sends them: one self-contained script each, run by a bare python3."""
 
 import json
+import os
+import pwd
+import shutil
+import stat
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
-from deploy.on_server import script
+from deploy.on_server import root_helper, script
 
 HELPERS = ("app_helper", "root_helper")
 
@@ -45,3 +50,34 @@ def test_the_root_helper_refuses_a_backup_without_a_postgres_url_and_writes_noth
     assert result.returncode == 1
     assert "not a postgres:// URL" in json.loads(result.stdout.splitlines()[-1])["error"]
     assert list(backups.iterdir()) == []
+
+
+def test_the_restore_s_password_file_escapes_the_password():
+    assert root_helper.passfile_line("a:b\\c") == "*:*:*:*:a\\:b\\\\c\n"
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="hands a directory to another user: needs root")
+def test_the_restore_runs_as_the_unprivileged_user_with_the_password_in_a_file_of_its_own():
+    nobody = pwd.getpwnam("nobody")
+    env = {
+        "PGHOST": "db", "PGPORT": "5432", "PGUSER": "owner", "PGPASSWORD": "s3:cret", "PGDATABASE": "app",
+        "PGSSLMODE": "verify-full", "SECRET_KEY": "not for pg_restore", "PATH": "/home/app/bin:/usr/bin",
+    }  # fmt: skip
+    workdir, run = root_helper.unprivileged("nobody", env)
+    try:
+        passfile = Path(run["env"]["PGPASSFILE"])
+        for path, mode in ((Path(workdir), 0o700), (passfile, 0o600)):
+            info = path.stat()
+            assert (info.st_uid, info.st_gid, stat.S_IMODE(info.st_mode)) == (nobody.pw_uid, nobody.pw_gid, mode)
+        assert passfile.read_text() == "*:*:*:*:s3\\:cret\n"
+        assert run["env"] == {
+            "PGHOST": "db", "PGPORT": "5432", "PGUSER": "owner", "PGDATABASE": "app", "PGSSLMODE": "verify-full",
+            "PGPASSFILE": str(passfile), "HOME": workdir, "PATH": "/usr/bin:/bin", "LC_ALL": "C.UTF-8",
+        }  # fmt: skip
+        assert (run["user"], run["group"], run["extra_groups"]) == (nobody.pw_uid, nobody.pw_gid, [])
+        who = subprocess.run(["id", "-u"], capture_output=True, text=True, **run)
+        assert who.stdout.strip() == str(nobody.pw_uid)
+    finally:
+        shutil.rmtree(workdir)
+    with pytest.raises(ValueError, match="root is root"):
+        root_helper.unprivileged("root", env)
