@@ -113,8 +113,8 @@ def mail_server_warning(env_file: str) -> str | None:
     except Exception as exc:  # noqa: BLE001 - refused, unreachable, TLS or login failure: all mean no mail
         return (
             f"no mail will go out: the SMTP server {settings.EMAIL_HOST}:{settings.EMAIL_PORT} of EMAIL_URL did not "
-            f"accept a connection ({type(exc).__name__}: {exc}); set EMAIL_URL in {env_file}, e.g. "
-            "EMAIL_URL=smtp+tls://user:password@smtp.example.org:587, then run `fab deploy` again"
+            f"accept a connection ({type(exc).__name__}: {exc}); set it with `fab env --set "
+            f"EMAIL_URL=smtp+tls://user:password@smtp.example.org:587` (it writes {env_file} and restarts the programs)"
         )
     return None
 

@@ -59,7 +59,9 @@ def send_email(email_url: str, sender: str, to: str, body: dict, timeout: float 
     url = urlsplit(email_url)
     if url.scheme not in ("smtp", "smtps", "smtp+tls", "smtp+ssl"):
         scheme = url.scheme or "unset"
-        raise OSError(f"EMAIL_URL is {scheme}://, which sends no mail; set an smtp:// URL in the env file")
+        raise OSError(
+            f"EMAIL_URL is {scheme}://, which sends no mail; set an smtp:// one with `fab env --set EMAIL_URL=smtp://...`"
+        )
     query = {key: values[-1].lower() for key, values in parse_qs(url.query).items()}
     implicit_tls = url.scheme in ("smtps", "smtp+ssl") or query.get("ssl") in ("true", "1")
     starttls = url.scheme == "smtp+tls" or query.get("tls") in ("true", "1")

@@ -28,7 +28,8 @@ def test_no_server_is_one_warning_naming_what_to_set(smtp):
     smtp.EMAIL_PORT = free_port()
     warning = mail_server_warning("/srv/prayer-room/shared/env")
     assert f"127.0.0.1:{smtp.EMAIL_PORT}" in warning and "ConnectionRefusedError" in warning
-    assert "set EMAIL_URL in /srv/prayer-room/shared/env, e.g. EMAIL_URL=smtp+tls://" in warning
+    assert "set it with `fab env --set EMAIL_URL=smtp+tls://" in warning and "/srv/prayer-room/shared/env" in warning
+    assert "fab deploy" not in warning
     assert "\n" not in warning
 
 
