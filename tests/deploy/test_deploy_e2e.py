@@ -791,22 +791,29 @@ def test_a_virtualenv_holding_a_file_not_roots_is_rebuilt_not_reused(target, clo
 
 
 def test_the_lock_is_kept_alive_during_a_step_longer_than_its_expiry(target, clone):
-    """A step (seed_schedules made to take 75 s) outlasts lock_expiry_seconds (60): a second deploy is refused."""
+    """While a deploy step runs (seed_schedules made to take 30 s), its lock's owner record is dated an hour back, as
+    if the step had outlasted lock_expiry_seconds (60) sixty times: the heartbeat (every 60 / 4 s) dates it again
+    before the step ends, so a second deploy is refused, not let in to break a stale lock."""
     config = target.config_file_with(lock_expiry_seconds=60)
+    heartbeat = 60 / 4
     seed = "project/prayer_room_api/management/commands/seed_schedules.py"
     handle = "    def handle(self, *args, check=False, **options):\n"
     text = (clone.path / seed).read_text()
     assert handle in text
-    clone.commit_file(seed, text.replace(handle, handle + "        __import__('time').sleep(75)\n"), "a slow step")
+    clone.commit_file(seed, text.replace(handle, handle + "        __import__('time').sleep(30)\n"), "a slow step")
     try:
         first = target.fab_background("deploy", repo=clone.path, config=config)
         seen = output_until(first, "-> prepare: migrate, seed_schedules")
-        began = time.monotonic()
         owner = target.srv / "deploy.lock" / "owner"
-        while time.monotonic() - began < 65:  # past the expiry since the step began (and the last step's refresh)
+        stale = time.time() - 3600
+        os.utime(owner, (stale, stale))  # idle an hour as far as any other deploy can tell
+        backdated = time.monotonic()
+        while owner.stat().st_mtime < stale + 600:  # until the heartbeat dates it again
             assert first.poll() is None, seen
-            time.sleep(1)
-        assert time.time() - owner.stat().st_mtime < 60  # refreshed during the step
+            assert time.monotonic() - backdated < heartbeat + 10, "the heartbeat did not refresh the lock"
+            time.sleep(0.2)
+        assert first.poll() is None, seen  # refreshed while the step ran
+        assert time.time() - owner.stat().st_mtime < 60
         line = failed(target.fab("deploy", repo=clone.path, config=config))
         assert "is locked by" in line and "fab unlock" in line, line
         rest, _ = first.communicate(timeout=300)
