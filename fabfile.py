@@ -286,7 +286,8 @@ def maintenance(c, state=None, message=None, env=None, config=None):
 @task(help={**COMMON_HELP, "lines": "how many records, the newest last (default 50)"})
 @_one_line_errors
 def history(c, lines=50, env=None, config=None):
-    """Every provision, deploy, rollback, restore, env change and maintenance switch: when, who, what, result, time."""
+    """Every provision, deploy, rollback, restore, env change, maintenance switch and os-update: when, who, what,
+    result, time."""
     try:
         count = int(lines)
     except ValueError:

@@ -1,5 +1,6 @@
-"""What was done to a site, and by whom: every provision, deploy, rollback, restore, env change and maintenance
-switch appends one JSON line to a root-owned log on the primary (layout.history), so a cluster has one history.
+"""What was done to a site, and by whom: every provision, deploy, rollback, restore, env change, maintenance
+switch and os-update appends one JSON line to a root-owned log on the primary (layout.history), so a cluster has
+one history.
 
 The actions record through `recorded`, which notes the start, the result (the one-line error of a failure) and the
 duration, even when the command fails, then announces it to deploy.toml's notify targets (deploy/notify.py). A
@@ -149,7 +150,10 @@ def describe(record: dict) -> str:
 def format_table(records: list[dict]) -> str:
     """`fab history`: one row per record, oldest first; a failure's error on the line under its row."""
     if not records:
-        return "no history yet (it starts with the first provision, deploy, rollback, restore, env or maintenance)."
+        return (
+            "no history yet (it starts with the first provision, deploy, rollback, restore, env, maintenance or "
+            "os-update)."
+        )
     header = ("WHEN (UTC)", "EVENT", "RESULT", "TIME", "WHO", "WHAT")
     rows = []
     for record in records:

@@ -1,5 +1,5 @@
-"""fab's announcements: each deploy, rollback, restore, env change and maintenance switch, with its result, to
-deploy.toml's `notify` targets; and the watchdog's open alerts for `fab status`.
+"""fab's announcements: each deploy, rollback, restore, env change, maintenance switch and os-update, with its
+result, to deploy.toml's `notify` targets; and the watchdog's open alerts for `fab status`.
 
 Webhooks are posted from the operator's machine; mail goes through the primary's watchdog (`announce`), which
 sends it with the programs' EMAIL_URL and keeps it for its next run if the mail server does not answer. Neither
@@ -20,7 +20,7 @@ from deploy.lock import holder_name
 from deploy.on_server.senders import is_email, notice, post_webhook, webhook_label
 from deploy.ssh import Server
 
-ACTIONS = ("deploy", "rollback", "restore", "env", "maintenance")
+ACTIONS = ("deploy", "rollback", "restore", "env", "maintenance", "os-update")
 
 
 def announcement(config: DeployConfig, action: str, ok: bool, message: str, *, release: str = "") -> dict:

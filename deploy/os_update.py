@@ -16,7 +16,10 @@ from collections.abc import Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, replace
 
-from deploy import maintenance, verify
+from fabric import Connection
+
+from deploy import balancer as balancer_module
+from deploy import history, maintenance, verify
 from deploy.commands import updates as commands
 from deploy.config import DeployConfig, address_of
 from deploy.errors import DeployError
@@ -29,6 +32,8 @@ from deploy.ssh import Server, connect, sh
 BOOT_TIMEOUT = 600
 # Seconds PostgreSQL, Redis and nginx have to be active again after a reboot.
 SERVICES_TIMEOUT = 120
+# A web host's nginx serves the site on this port (the balancer comes in over TLS, WEB_TLS_PORT; loopback here).
+NGINX_PORT = 80
 
 
 def update_order(config: DeployConfig, hosts: Sequence[str]) -> list[str]:
@@ -58,8 +63,8 @@ class Target:
 
 def os_update(site: Site, *, reboot: bool = False, boot_timeout: int = BOOT_TIMEOUT) -> str:
     """Upgrade, reboot when needed (or `reboot`), verify: host by host in `update_order`, under the deploy lock of
-    every app host. A host that fails (or does not come back) stops the command there: the hosts after it are left
-    untouched, and the error names it."""
+    every app host; recorded in the history and announced. A host that fails (or does not come back) stops the
+    command there: the hosts after it are left untouched, and the error names it."""
     config = site.config
     order = update_order(config, site.hosts)
     progress = Progress(f"os-update on {site.name}")
@@ -70,20 +75,45 @@ def os_update(site: Site, *, reboot: bool = False, boot_timeout: int = BOOT_TIME
         site.progress = progress
     targets = [_target(site, name) for name in order]
     outcomes: list[str] = []
-    with site.locked("os-update") if apps else nullcontext():
+    detail = "--reboot" if reboot else ""
+    with (
+        history.recorded(site, "os-update", detail=detail) as record,
+        site.locked("os-update") if apps else nullcontext(),
+    ):
         if apps:
             site.read_states()  # under the lock: the release live now, and where beat's log ends
+            primary = site.members.get(config.primary)
+            record["release"] = primary.state.current if primary and primary.state else None
+        front = _balancer(site, targets)
         for number, target in enumerate(targets):
             title = f"update {target.label} ({', '.join(sorted(config.roles_of(target.name)))})"
             try:
                 with progress.step(title) if len(targets) > 1 else nullcontext():
-                    outcomes.append(_update_host(site, target, reboot=reboot, boot_timeout=boot_timeout))
+                    outcomes.append(
+                        _update_host(site, target, reboot=reboot, boot_timeout=boot_timeout, balancer=front)
+                    )
             except DeployError as exc:
                 left = [t.label for t in targets[number + 1 :]]
                 untouched = f"; left untouched: {', '.join(left)}" if left else ""
                 done = f"; updated before it: {', '.join(t.label for t in targets[:number])}" if number else ""
                 raise DeployError(f"os-update stopped at {target.label}: {exc}{untouched}{done}") from exc
+        record["detail"] = " ".join(filter(None, [detail, f"{len(outcomes)} host(s) updated"]))
     return progress.summary("; ".join(outcomes))
+
+
+def _balancer(site: Site, targets: Sequence[Target]) -> Target | None:
+    """The balancer that drains each web host while it is updated: on a site with one and several web hosts (also
+    when -H names a web host alone: the balancer is reached too)."""
+    config = site.config
+    balancers = config.role_hosts("balancer")
+    if not balancers or len(config.role_hosts("web")) < 2:
+        return None
+    name = balancers[0]
+    known = next((t for t in targets if t.name == name), None)
+    if known:
+        return known
+    conn = Connection(name, config=site.conns[0].config, connect_timeout=site.conns[0].connect_timeout)
+    return Target(name, connect(conn, replace(config.for_host(name), user="root")), None)
 
 
 def _target(site: Site, name: str) -> Target:
@@ -98,8 +128,44 @@ def _step(site: Site, target: Target, name: str):
     return (target.progress or site.progress).step(name)
 
 
-def _update_host(site: Site, target: Target, *, reboot: bool, boot_timeout: int) -> str:
-    """One host: apt-get upgrade, then (when needed) the reboot behind the maintenance page, then the checks."""
+def _update_host(site: Site, target: Target, *, reboot: bool, boot_timeout: int, balancer: Target | None) -> str:
+    """One host: a web host behind the balancer drained first; apt-get upgrade, then (when needed) the reboot behind
+    the maintenance page, then the checks; the drained web host put back."""
+    if balancer is None or target is balancer or not site.config.for_host(target.name).runs("web"):
+        return _upgrade_and_reboot(site, target, reboot=reboot, boot_timeout=boot_timeout)
+    with _step(site, target, f"drain {target.label} at the balancer {balancer.label}") as outcome:
+        started = time.monotonic()
+        outcome.note = balancer_module.drain(balancer.server, target.name)
+        outcome.changed = True
+        drained = time.monotonic() - started
+    try:
+        what = _upgrade_and_reboot(site, target, reboot=reboot, boot_timeout=boot_timeout)
+        if target.member and target.member.state and target.member.state.current:
+            with _step(site, target, f"verify {target.label}: /health/ through its own nginx"):
+                _verify_nginx(target.member)
+    except DeployError as exc:
+        raise DeployError(
+            f"{exc}; the balancer {balancer.label} keeps it drained (out of its upstream) until an os-update "
+            "verifies it (or `fab provision`)"
+        ) from exc
+    with _step(site, target, f"put {target.label} back into the balancer {balancer.label}"):
+        balancer_module.put_back(balancer.server)
+    return f"{what}; drained {drained:.1f} s before"
+
+
+def _verify_nginx(member: Member) -> None:
+    """/health/ through the web host's own nginx (the way the balancer's requests go on to its web programs) answers
+    200 naming the live release; skipped while the operator's maintenance page is up (nginx answers 503 then)."""
+    server, state = member.server, member.state
+    flag = server.config.layout.maintenance_flag
+    if server.root(sh("test", "-e", flag), what="checking the maintenance flag", warn=True).exited == 0:
+        return
+    release_dir = server.config.layout.releases / state.current
+    verify.check_web(server, release_dir, state.current, NGINX_PORT, verify.health_host(state.env_values(server)))
+
+
+def _upgrade_and_reboot(site: Site, target: Target, *, reboot: bool, boot_timeout: int) -> str:
+    """apt-get upgrade, then (when needed) the reboot behind the maintenance page, then the checks."""
     server = target.server
     with _step(site, target, "upgrade the Debian packages (apt-get upgrade)") as outcome:
         out = server.root(commands.upgrade(), what="upgrading packages (apt-get upgrade)", timeout=3600).stdout

@@ -4,6 +4,7 @@ balancer's (the web hosts' nginx as upstreams)."""
 from __future__ import annotations
 
 import re
+from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import PurePosixPath
 
@@ -136,19 +137,24 @@ def render_balancer_site(
     address: str = "",
     http_port: int = 80,
     https_port: int = 443,
+    drained: Collection[str] = (),
 ) -> str:
     """The balancer's nginx site: the web hosts' own nginx as upstreams (over TLS checked against the cluster CA, on
     WEB_TLS_PORT; plain HTTP on port 80 without a db host, so without cluster TLS) with passive health checks and a
     new connection per request, a 444 default server. With `domain` it answers the ACME challenge, and with `tls`
-    (its certificate exists) it serves HTTPS and redirects HTTP; each alias redirects to the domain. `address`, the
-    ports and `ipv6` are for tests."""
+    (its certificate exists) it serves HTTPS and redirects HTTP; each alias redirects to the domain. `drained`: the
+    web hosts (deploy.toml's names or their addresses) marked `down`, which get no request (`fab os-update`).
+    `address`, the ports and `ipv6` are for tests."""
+    out = {address_of(host) for host in drained}
     upstream_tls = {"ca": str(ca_certificate(config)), "name": WEB_TLS_NAME} if uses_cluster_tls(config) else None
     web_port = WEB_TLS_PORT if upstream_tls else 80
     return render_template(
         "nginx-balancer.conf.j2",
         upstream="prayer_room_web_hosts",
         upstream_tls=upstream_tls,
-        servers=[f"{url_host(address_of(host))}:{web_port}" for host in config.role_hosts("web")],
+        servers=[
+            (f"{url_host(address_of(host))}:{web_port}", address_of(host) in out) for host in config.role_hosts("web")
+        ],
         max_fails=BALANCER_MAX_FAILS,
         fail_timeout=BALANCER_FAIL_TIMEOUT,
         server_names=cluster_site_names(config),

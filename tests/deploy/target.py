@@ -139,6 +139,7 @@ class RequestLoop:
     rounds: int = 0
     slowest: float = 0.0  # seconds: the longest any request took to be answered (or to fail)
     failures: list[str] = field(default_factory=list)
+    failed_at: list[float] = field(default_factory=list)  # time.monotonic() of each failure, in the same order
     releases: set[str] = field(default_factory=set)
     _stop: threading.Event = field(default_factory=threading.Event)
     _thread: threading.Thread | None = None
@@ -164,12 +165,14 @@ class RequestLoop:
                     self.releases.add(body.split('"release":')[1].split('"')[1])
             else:
                 self.failures.append(f"GET {status}: {body[:200]}")
+                self.failed_at.append(time.monotonic())
             for url, data in self.posts:
                 status, body = self._timed(url, data)
                 if status in (200, 201):
                     self.posted += 1
                 else:
                     self.failures.append(f"POST {url.split('/', 3)[-1]} {status}: {body[:200]}")
+                    self.failed_at.append(time.monotonic())
             self.rounds += 1
             time.sleep(0.01)
 

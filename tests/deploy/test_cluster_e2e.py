@@ -13,6 +13,7 @@ import shlex
 import socket
 import subprocess
 import time
+from contextlib import ExitStack
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
@@ -763,6 +764,121 @@ def test_24d_maintenance_on_every_web_host_until_off_and_one_history_on_the_prim
     log = "/srv/prayer-room/log/history.jsonl"
     assert cluster.web1.ssh(f"stat -c '%U:%G %a' {log}").stdout.strip() == "root:root 600"
     assert cluster.web2.ssh(f"test -e {log}", check=False).returncode != 0  # one history: the primary's
+
+
+BALANCER_SITE = "/etc/nginx/sites-available/prayer-room"
+
+
+def drained_upstreams(cluster: Cluster) -> list[str]:
+    """The web hosts the balancer's upstream marks `down` (drained by `fab os-update`), by container name."""
+    site = cluster.lb.ssh(f"cat {BALANCER_SITE}").stdout
+    down = re.findall(r"^\s*server (\S+):\d+ .* down;$", site, re.M)
+    return [name for name in ("web1", "web2") if cluster[name].address in down]
+
+
+def boot_ids(cluster: Cluster) -> dict[str, str]:
+    return {name: cluster[name].ssh("cat /proc/sys/kernel/random/boot_id").stdout.strip() for name in cluster.roles}
+
+
+class FabWatch:
+    """`fab ARGS` run in the background, each line of its output kept with the time.monotonic() it arrived at."""
+
+    def __init__(self, cluster: Cluster, *args: str) -> None:
+        self.lines: list[tuple[float, str]] = []
+        self.process = subprocess.Popen(
+            cluster.fab_argv(*args), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            env=cluster.fab_env(),
+        )  # fmt: skip
+        for line in self.process.stdout:
+            self.lines.append((time.monotonic(), line.rstrip("\n")))
+        self.returncode = self.process.wait()
+
+    @property
+    def output(self) -> str:
+        return "\n".join(line for _, line in self.lines)
+
+    def phase_of(self, moment: float, marker: str = "-> update ") -> str:
+        """The host whose update had begun (its `-> update ADDRESS` line) at `moment`; "" before the first."""
+        begun = [line.split(marker, 1)[1].split()[0] for at, line in self.lines if at <= moment and marker in line]
+        return begun[-1] if begun else ""
+
+
+def step_seconds(output: str, step: str) -> float | None:
+    """The seconds of the step whose name starts with `step` (its `   ok|changed|FAILED  NAME (N s)` line)."""
+    found = re.search(rf"^(?:\[\S+\] )?   (?:ok|changed|FAILED)  {re.escape(step)}[^(]*\(([\d.]+) s\)", output, re.M)
+    return float(found.group(1)) if found else None
+
+
+def test_24e_os_update_drains_each_web_host_at_the_balancer_and_loses_no_request(cluster):
+    """`fab os-update --reboot` on the cluster under a GET+POST loop through the balancer: each web host drained
+    at the balancer (its upstream `down`, nginx reloaded, the old workers' requests finished), upgraded, rebooted,
+    verified, put back; then the balancer, then the db host behind the maintenance page. No request fails while a
+    web host is updated. First a web host that does not come back: the error names it, the balancer keeps it
+    drained, no other host is touched (and no request fails). Before test_25, which leaves a web host dead."""
+    web_hosts = {cluster[n].address: n for n in ("web1", "web2")}
+    assert drained_upstreams(cluster) == []
+    before = boot_ids(cluster)
+    # A web host that does not come back.
+    with request_loop(cluster) as loop, cluster.web1.rebooting_on_request(come_back=False) as exits:
+        loop.wait_for_more(3)
+        started = time.monotonic()
+        stopped = FabWatch(cluster, "os-update", "--reboot", "--boot-timeout", "5")
+        cluster.timings["os-update, a web host that does not come back: the command"] = time.monotonic() - started
+        loop.wait_for_more(3)
+    assert exits == [133], exits
+    error = stopped.output.strip().splitlines()[-1]
+    assert stopped.returncode == 1 and error.startswith(f"error: os-update stopped at {cluster.web1.address}: "), error
+    assert f"the balancer {cluster.lb.address} keeps it drained" in error, error
+    assert f"left untouched: {cluster.web2.address}, {cluster.lb.address}, {cluster.app.address}" in error, error
+    assert loop.failures == [], loop.failures[:10]
+    assert drained_upstreams(cluster) == ["web1"]
+    cluster.web1.boot()  # the operator brings it back from the console
+    assert {n: i for n, i in boot_ids(cluster).items() if n != "web1"} == {n: before[n] for n in before if n != "web1"}
+    assert drained_upstreams(cluster) == ["web1"]  # it stays out until an os-update verifies it
+    ok(cluster.fab("unlock"))  # its deploy lock could not be released while it was down
+
+    # The whole cluster, every host rebooted.
+    with ExitStack() as stack, request_loop(cluster) as loop:
+        reboots = {name: stack.enter_context(cluster[name].rebooting_on_request()) for name in cluster.roles}
+        loop.wait_for_more(3)
+        started = time.monotonic()
+        run = FabWatch(cluster, "os-update", "--reboot")
+        elapsed = time.monotonic() - started
+        loop.wait_for_more(3)
+    print(run.output)
+    assert run.returncode == 0, run.output[-6000:]
+    assert reboots == dict.fromkeys(cluster.roles, [133]), reboots
+    after = boot_ids(cluster)
+    assert all(after[name] != before[name] for name in cluster.roles), (before, after)
+    order = [run.output.index(f"-> update {cluster[n].address} (") for n in ("web1", "web2", "lb", "app")]
+    assert order == sorted(order), run.output[-4000:]
+    assert drained_upstreams(cluster) == []  # each web host back in the upstream
+
+    phases = [run.phase_of(moment) for moment in loop.failed_at]
+    failed = {name: phases.count(cluster[name].address) for name in ("web1", "web2", "lb", "app")}
+    sent = loop.ok + loop.posted + len(loop.failures)
+    timings = cluster.timings
+    timings["os-update --reboot of the cluster (4 hosts): the command"] = elapsed
+    timings["os-update of the cluster: requests sent (GET+POST through the balancer)"] = sent
+    for name, count in failed.items():
+        timings[f"os-update of the cluster: failed requests while {name} was updated"] = count
+    for name in ("web1", "web2", "lb", "app"):
+        address = cluster[name].address
+        timings[f"os-update of the cluster: {name} reboot until SSH"] = step_seconds(run.output, f"reboot {address} ")
+        if name in web_hosts.values():
+            timings[f"os-update of the cluster: {name} drain"] = step_seconds(run.output, f"drain {address} ")
+    timings["os-update of the cluster: slowest request"] = loop.slowest
+    # Nothing failed while the web hosts were updated; the balancer's own reboot and the db host's maintenance page
+    # are the outages the cluster has (one balancer; one database).
+    assert failed["web1"] == failed["web2"] == 0, [f for f, p in zip(loop.failures, phases, strict=True)
+                                                   if p in web_hosts][:10]  # fmt: skip
+    assert not [p for p in phases if p not in (cluster.lb.address, cluster.app.address)], phases
+    assert loop.ok > 20 and loop.posted > 20
+    status, body = http_get(f"{front(cluster)}/health/")
+    assert status == 200, body
+    history = ok(cluster.fab("history", "--lines", "5"))
+    events = [re.split(r" {2,}", line)[1:3] for line in history.splitlines()[1:] if re.match(r"\d{4}-", line)]
+    assert events[-2:] == [["os-update", "failed"], ["os-update", "ok"]], history
 
 
 def test_25_killing_the_beat_leaders_host_lets_the_standby_lead(cluster):

@@ -737,6 +737,12 @@ def test_the_balancer_spreads_over_the_web_hosts_with_passive_health_checks(tmp_
     assert "listen 80 default_server;" in default and "return 444;" in default
     assert int(site.split("client_body_timeout ")[1].split("s;")[0]) < 60
     assert "proxy_set_header X-Forwarded-Proto $scheme;" in site
+    # `fab os-update` drains a web host: marked down (by its deploy.toml name or its address), the other unchanged.
+    for name in ("root@10.0.0.3", "10.0.0.3"):
+        drained = render_balancer_site(cluster(tmp_path), drained=[name])
+        servers = [line.strip() for line in drained.splitlines() if line.strip().startswith("server 10.")]
+        assert servers == ["server 10.0.0.2:8443 max_fails=2 fail_timeout=10s;",
+                           "server 10.0.0.3:8443 max_fails=2 fail_timeout=10s down;"]  # fmt: skip
 
 
 def test_a_web_host_behind_the_balancer_believes_its_forwarded_headers_and_nobody_elses(tmp_path):
@@ -763,7 +769,7 @@ def test_a_web_host_behind_the_balancer_believes_its_forwarded_headers_and_nobod
 
 @pytest.mark.deploy  # needs the deploy layer's nginx, which pip cannot install
 @pytest.mark.skipif(not shutil.which("nginx"), reason="nginx is not installed (.ci/setup.d/20-deploy.sh installs it)")
-@pytest.mark.parametrize("which", ["balancer", "web host"])
+@pytest.mark.parametrize("which", ["balancer", "balancer, a web host drained", "web host"])
 def test_nginx_accepts_the_cluster_sites(tmp_path, which):
     config = replace(cluster(tmp_path), etc=str(tmp_path / "etc"))
     # The files the sites name: the cluster CA's certificate, and a web host's certificate signed by it.
@@ -779,8 +785,8 @@ def test_nginx_accepts_the_cluster_sites(tmp_path, which):
     Path(f"{key}.new").rename(key)
     shutil.copy(ca / "ca.crt", ca_certificate(config))
     text = (
-        render_balancer_site(config, ipv6=False)
-        if which == "balancer"
+        render_balancer_site(config, ipv6=False, drained=["10.0.0.3"] if "drained" in which else ())
+        if which.startswith("balancer")
         else render_nginx_site(config.at("10.0.0.2"), "10.0.0.2", ipv6=False)
     )
     (tmp_path / "logs").mkdir()

@@ -281,10 +281,14 @@ def test_history_records_of_the_announced_actions_are_announced_a_provision_is_n
         notify.announce_record(config, {**record, "event": "maintenance on", "seconds": 1.4}, "upgrading the db")
         failed = {**record, "event": "rollback", "result": "failed", "message": "no verified release", "release": None}
         notify.announce_record(config, failed, "-")
+        stopped = {**failed, "event": "os-update", "message": "os-update stopped at 10.0.0.2: did not come back"}
+        notify.announce_record(config, stopped, "-")
     assert [(b["event"], b["result"], b["by"]) for b in receiver.received] == [
         ("maintenance on", "ok", "ops@laptop"),
         ("rollback", "failed", "ops@laptop"),
+        ("os-update", "failed", "ops@laptop"),
     ]
+    assert receiver.received[2]["message"] == "os-update FAILED: os-update stopped at 10.0.0.2: did not come back"
     assert receiver.received[0]["message"] == "maintenance on succeeded: upgrading the db (1.4 s)"
     assert receiver.received[1]["message"] == "rollback FAILED: no verified release"
     assert capsys.readouterr().err == ""

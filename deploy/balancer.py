@@ -1,0 +1,58 @@
+"""The cluster's balancer during `fab os-update`: a web host drained (marked `down` in the balancer's upstream, nginx
+reloaded, the requests it was already sent left to finish) before it is upgraded and rebooted, and put back once it
+is verified.
+
+The balancer's site is the one `fab provision` renders (deploy/render/nginx.py), with the drained host marked; a
+host left drained by a failed os-update goes back at the next os-update that verifies it, or at the next provision.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection
+
+from deploy import tls
+from deploy.provision.host import ensure_nginx, holds_certificate, read_nginx_facts
+from deploy.render.nginx import CLIENT_TIMEOUT, PROXY_READ_TIMEOUT, render_balancer_site
+from deploy.ssh import Server, sh
+
+# Seconds the nginx workers of the balancer's old config have to finish the requests they hold (a web host's answer
+# is waited for PROXY_READ_TIMEOUT at most, a client's upload CLIENT_TIMEOUT between its packets).
+DRAIN_TIMEOUT = PROXY_READ_TIMEOUT + CLIENT_TIMEOUT + 5
+WORKERS = "pgrep -d ' ' -f '^nginx: worker process'; true"
+
+
+def site(server: Server, drained: Collection[str] = ()) -> str:
+    """The balancer's site as provision renders it now (its nginx's version, HTTPS once its certificate is there),
+    with the `drained` web hosts marked down."""
+    config = server.config
+    secure = holds_certificate(config) and tls.has_fitting_certificate(server)
+    return render_balancer_site(config, nginx=read_nginx_facts(server), tls=secure, drained=drained)
+
+
+def drain(server: Server, host: str) -> str:
+    """Take web host `host` out of the balancer's upstream and wait until the nginx workers that could still send
+    it a request (those of the config before) have finished their requests and exited. A note for the step."""
+    before = server.root(WORKERS, what="listing the balancer's nginx workers").stdout.split()
+    if not ensure_nginx(server, site(server, [host])):
+        return "it was already drained"
+    left = wait_gone(server, before, DRAIN_TIMEOUT)
+    if left:  # a client slower than every timeout: its request is the only one that may still reach the host
+        return f"{len(left)} old nginx worker(s) still busy after {DRAIN_TIMEOUT} s; going on"
+    return "its requests in flight finished"
+
+
+def put_back(server: Server) -> bool:
+    """Every web host in the balancer's upstream again (the site as provision renders it)."""
+    return ensure_nginx(server, site(server))
+
+
+def wait_gone(server: Server, pids: Collection[str], timeout: int) -> list[str]:
+    """Wait until none of `pids` runs (a reloaded nginx's old workers exit once their requests are answered); those
+    still running after `timeout` s."""
+    if not pids:
+        return []
+    probe = (
+        f"for i in $(seq {timeout * 5}); do left=''; for p in {sh(*pids)}; do kill -0 $p 2>/dev/null && "
+        'left="$left $p"; done; [ -z "$left" ] && exit 0; sleep 0.2; done; echo $left'
+    )
+    return server.root(probe, what="waiting for the balancer's old nginx workers", timeout=timeout + 30).stdout.split()
