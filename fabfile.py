@@ -300,9 +300,9 @@ def history(c, lines=50, env=None, config=None):
             "boot_timeout": "seconds a host has to answer over SSH again after its reboot (default 600)"})  # fmt: skip
 @_one_line_errors
 def os_update(c, env=None, config=None, reboot=False, boot_timeout=None):
-    """Upgrade the Debian packages host by host (web hosts one at a time, the db host last); reboot a host when an
-    update asks for it (or --reboot), behind the maintenance page where no other host serves; verify it before the
-    next."""
+    """Upgrade the Debian packages host by host (web hosts one at a time, each drained at the balancer meanwhile; the
+    db host last); reboot a host when an update asks for it (or --reboot), behind the maintenance page where no other
+    host serves; verify it before the next."""
     if boot_timeout is not None and not str(boot_timeout).isdigit():
         raise DeployError(f"--boot-timeout must be a number of seconds, got {boot_timeout!r}.")
     timeout = int(boot_timeout) if boot_timeout else os_update_module.BOOT_TIMEOUT

@@ -805,7 +805,7 @@ class FabWatch:
 
 def step_seconds(output: str, step: str) -> float | None:
     """The seconds of the step whose name starts with `step` (its `   ok|changed|FAILED  NAME (N s)` line)."""
-    found = re.search(rf"^(?:\[\S+\] )?   (?:ok|changed|FAILED)  {re.escape(step)}[^(]*\(([\d.]+) s\)", output, re.M)
+    found = re.search(rf"^(?:\[[^\]]*\] )?   (?:ok|changed|FAILED)  {re.escape(step)}[^(]*\(([\d.]+) s\)", output, re.M)
     return float(found.group(1)) if found else None
 
 
@@ -878,7 +878,9 @@ def test_24e_os_update_drains_each_web_host_at_the_balancer_and_loses_no_request
     assert status == 200, body
     history = ok(cluster.fab("history", "--lines", "5"))
     events = [re.split(r" {2,}", line)[1:3] for line in history.splitlines()[1:] if re.match(r"\d{4}-", line)]
-    assert events[-2:] == [["os-update", "failed"], ["os-update", "ok"]], history
+    # The failed run's record could not be written: the history is kept on the primary, web1, which was down.
+    assert events[-1] == ["os-update", "ok"] and "WARNING: os-update was not recorded in the history" in stopped.output
+    assert events.count(["os-update", "failed"]) == 0, history
 
 
 def test_25_killing_the_beat_leaders_host_lets_the_standby_lead(cluster):
