@@ -2,10 +2,11 @@
 (/var/run/reboot-required) or --reboot says so, and the site verified on it before the next host is touched.
 
 One path over the site's hosts, in `update_order`: the web hosts one at a time (on a cluster each is drained at the
-balancer first, deploy/balancer.py, and put back once verified: the others serve meanwhile), the other app hosts, the balancer, the db host last. The maintenance page is up while a host
-reboots that no other host can stand in for: the only web host (a single server), or the db host (on every web
-host). NOTE: the page is served by nginx, which is down itself while its host reboots: a single server answers 503
-until shutdown stops nginx, then nothing until nginx is back, then 503 until the programs are verified.
+balancer first, deploy/balancer.py, and put back once verified: the others serve meanwhile), the other app hosts,
+the balancer, the db host last. The maintenance page is up while a host reboots that no other host can stand in for:
+the only web host (a single server), or the db host (on every web host). NOTE: the page is served by nginx, which is
+down itself while its host reboots: a single server answers 503 until shutdown stops nginx, then nothing until nginx
+is back, then 503 until the programs are verified.
 """
 
 from __future__ import annotations
