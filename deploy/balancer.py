@@ -29,16 +29,17 @@ def site(server: Server, drained: Collection[str] = ()) -> str:
     return render_balancer_site(config, nginx=read_nginx_facts(server), tls=secure, drained=drained)
 
 
-def drain(server: Server, host: str) -> str:
+def drain(server: Server, host: str) -> tuple[bool, str]:
     """Take web host `host` out of the balancer's upstream and wait until the nginx workers that could still send
-    it a request (those of the config before) have finished their requests and exited. A note for the step."""
+    it a request (those of the config before) have finished their requests and exited. Whether the balancer's site
+    changed, and a note for the step."""
     before = server.root(WORKERS, what="listing the balancer's nginx workers").stdout.split()
     if not ensure_nginx(server, site(server, [host])):
-        return "it was already drained"
+        return False, "it was drained already"
     left = wait_gone(server, before, DRAIN_TIMEOUT)
     if left:  # a client slower than every timeout: its request is the only one that may still reach the host
-        return f"{len(left)} old nginx worker(s) still busy after {DRAIN_TIMEOUT} s; going on"
-    return "its requests in flight finished"
+        return True, f"{len(left)} old nginx worker(s) still busy after {DRAIN_TIMEOUT} s; going on"
+    return True, "the requests it was sent are answered"
 
 
 def put_back(server: Server) -> bool:

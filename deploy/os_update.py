@@ -136,8 +136,7 @@ def _update_host(site: Site, target: Target, *, reboot: bool, boot_timeout: int,
         return _upgrade_and_reboot(site, target, reboot=reboot, boot_timeout=boot_timeout)
     with _step(site, target, f"drain {target.label} at the balancer {balancer.label}") as outcome:
         started = time.monotonic()
-        outcome.note = balancer_module.drain(balancer.server, target.name)
-        outcome.changed = True
+        outcome.changed, outcome.note = balancer_module.drain(balancer.server, target.name)
         drained = time.monotonic() - started
     try:
         what = _upgrade_and_reboot(site, target, reboot=reboot, boot_timeout=boot_timeout)
@@ -149,9 +148,9 @@ def _update_host(site: Site, target: Target, *, reboot: bool, boot_timeout: int,
             f"{exc}; the balancer {balancer.label} keeps it drained (out of its upstream) until an os-update "
             "verifies it (or `fab provision`)"
         ) from exc
-    with _step(site, target, f"put {target.label} back into the balancer {balancer.label}"):
-        balancer_module.put_back(balancer.server)
-    return f"{what}; drained {drained:.1f} s before"
+    with _step(site, target, f"put {target.label} back into the balancer {balancer.label}") as outcome:
+        outcome.changed = balancer_module.put_back(balancer.server)
+    return f"{what}; drained at the balancer ({drained:.1f} s) meanwhile, then put back"
 
 
 def _verify_nginx(member: Member) -> None:
