@@ -3,11 +3,14 @@ backup_repository sets up pgBackRest on a fresh Debian 13 booted with systemd-ns
 real S3 API (moto behind an nginx TLS front with a throwaway CA, tests/support/s3.py); then `fab deploy`,
 `fab backup --verify`, `fab backups`, `fab status` and `fab restore --to-time/--latest`.
 
-The tests share one container and run in file order: provision (a generated passphrase announced once, a first
-full backup, every object in the bucket encrypted), a wrong passphrase refused, the differential backup's unit,
-the restore test, a time outside the archive refused, a point-in-time restore undoing a delete, a restore to the
-latest; then a power cut (the container's plug pulled, its disk thrown away) and a second, brand-new container
-provisioned, deployed and restored to the latest: every write acknowledged up to 60 s before the cut is back.
+The tests run in file order over two containers. The first server: provision (a generated passphrase announced
+once, a first full backup, every object in the bucket encrypted), a wrong passphrase and an unreachable bucket
+refused, the operator's own settings accepted with nothing changed. Then a power cut: while that server takes
+writes, a brand-new one is provisioned (it must not archive over the first's archive) and deployed; once the
+first's WAL has reached the archive by archive_timeout alone, its plug is pulled and its disk thrown away, and
+`fab restore --latest` on the new one brings back every write acknowledged up to 60 s before the cut. The new,
+restored server is the one the rest use: the differential backup's unit, the restore test, a time outside the
+archive refused, a point-in-time restore undoing a delete, a restore to the latest.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -60,22 +64,53 @@ def operator(tmp_path_factory, s3_server) -> Path:
     return directory
 
 
-@pytest.fixture(scope="module")
-def vps(tmp_path_factory, s3_server):
-    """A fresh Debian 13 that resolves the S3 endpoint to this machine."""
-    container = Container(tmp_path_factory.mktemp("archive-vps")).create(build_rootfs())
+def boot_server(directory: Path, s3_server) -> Container:
+    """A fresh Debian 13, booted, that resolves the S3 endpoint to this machine."""
+    container = Container(directory).create(build_rootfs())
     (container.rootfs / "etc/hosts").write_text(
         "127.0.0.1\tlocalhost\n127.0.1.1\tvps\n::1\tlocalhost ip6-localhost ip6-loopback\n"
         + s3_server.hosts_lines(container.gateway)
     )
+    container.boot()
+    return container
+
+
+@dataclass
+class Servers:
+    """The module's servers: `first` until the power cut, then `new`, the one provisioned, deployed and restored
+    after it, which the later tests use."""
+
+    first: Container | None = None
+    new: Container | None = None
+
+
+@pytest.fixture(scope="module")
+def servers(tmp_path_factory, s3_server):
+    held = Servers()
     try:
-        container.boot()
-        yield container
+        held.first = boot_server(tmp_path_factory.mktemp("archive-vps"), s3_server)
+        yield held
     finally:
-        container.destroy()
+        for container in (held.first, held.new):
+            if container is not None:
+                container.destroy()
         if timings:
             ARTIFACTS.mkdir(exist_ok=True)
             (ARTIFACTS / "archive-e2e-timings.json").write_text(json.dumps(timings, indent=1) + "\n")
+
+
+@pytest.fixture
+def vps(servers) -> Container:
+    """The first server (until the power cut)."""
+    assert servers.first is not None and servers.first.process is not None, "the first server is gone"
+    return servers.first
+
+
+@pytest.fixture
+def restored(servers) -> Container:
+    """The new server the power cut's test provisioned, deployed and restored to the latest."""
+    assert servers.new is not None, "the power cut's test made no new server"
+    return servers.new
 
 
 def fab(vps: Container, operator: Path, *args: str, env: dict | None = None, name: str = "", timeout=900):
@@ -162,10 +197,6 @@ def test_provision_archives_with_a_generated_passphrase_announced_once(vps, oper
     assert state.split() == ["enabled"] * 3
     conf = vps.ssh(f"stat -c '%U:%G %a' {PGBACKREST_CONF}").stdout.strip()
     assert conf == "root:postgres 640"
-
-    again = ok(fab(vps, operator, "provision", name="fab provision again"))
-    assert "nothing changed" in again and "passphrase" not in again, again
-
     ok(fab(vps, operator, "deploy", "--allow-dirty", name="fab deploy"))
     assert health(vps) == 200
 
@@ -215,77 +246,20 @@ def test_a_wrong_passphrase_or_an_unreachable_bucket_is_refused_in_one_line_with
     assert "cannot read the archive" in line and "check backup_s3_endpoint" in line, line
     assert "nothing was changed" in line
     assert conf_digest(vps) == before
-    # Positive control: the operator's own settings are accepted and change nothing.
-    assert "nothing changed" in ok(fab(vps, operator, "provision"))
+    # Positive control: the operator's own settings (the passphrase now from deploy.secrets) are accepted, change
+    # nothing and announce no passphrase again.
+    again = ok(fab(vps, operator, "provision", name="fab provision again"))
+    assert "nothing changed" in again and "passphrase" not in again, again
+    assert conf_digest(vps) == before
 
 
-def test_the_differential_backup_unit_and_fab_backups(vps, operator):
-    started = time.monotonic()
-    vps.ssh("systemctl start prayer-room-archive-diff.service")  # what its timer starts; a oneshot
-    timings["differential backup (unit)"] = round(time.monotonic() - started, 1)
-    out = ok(fab(vps, operator, "backups"))
-    archive = out.split("archive s3://", 1)[1].splitlines()[1:]
-    assert [line.split()[0] for line in archive] == ["full", "diff", "WAL"], out
-    wal = r"[0-9A-F]{24}"
-    assert re.fullmatch(
-        rf"full  \d{{4}}-\d\d-\d\d \d\d:\d\d:\d\d UTC  .* WAL {wal}\.\.{wal}  \d{{8}}-\d{{6}}F", archive[0].strip()
-    )
-
-
-def test_fab_backup_verify_restores_into_a_scratch_instance_and_status_shows_it(vps, operator):
-    out = ok(fab(vps, operator, "backup", "--verify", name="fab backup --verify"))
-    ARTIFACTS.mkdir(exist_ok=True)
-    (ARTIFACTS / "archive-e2e-verify.txt").write_text(out)
-    assert "no unapplied migration" in out and "row counts match" in out, out
-    result = json.loads(vps.ssh("cat /var/lib/postgresql/prayer-room-archive-verify.json").stdout)
-    timings["restore test (its own seconds)"] = result["seconds"]
-    assert result["ok"] and result["restored"] == result["live"] and result["restored"]["archive_probe"] == 500
-    assert "prayer_room_api.0001_initial" in result["migrations"]
-    versions = vps.ssh("ls /etc/postgresql").stdout.split()
-    assert vps.ssh("ls /var/lib/postgresql").stdout.split() == [*versions, "prayer-room-archive-verify.json"]
-    status = ok(fab(vps, operator, "status"))
-    lines = [line for line in status.splitlines() if "archive" in line]
-    assert not [line for line in lines if line.startswith("ALERT")], status
-    assert any(line.startswith("archive: last restore test passed 0.0 h ago") for line in lines), status
-    assert any(line.startswith("archive: newest backup 0.0 h old") for line in lines), status
-    # The newest archived file is a WAL segment, or a backup's history file (000000010000000000000007.00000028.backup).
-    assert any(re.match(r"archive: newest WAL [0-9A-F]{24}\S* archived \d+ s ago", line) for line in lines), status
-
-
-def test_a_time_outside_the_archive_is_refused_naming_the_window(vps, operator):
-    line = refused(fab(vps, operator, "restore", "--to-time", "2020-01-01 00:00:00", "--yes"))
-    assert re.search(r"outside the archive's window, \d{4}-\d\d-\d\d \d\d:\d\d:\d\d\+0000 to now", line), line
-    assert "nothing was changed" in line
-    assert sql(vps, "SELECT count(*) FROM archive_probe") == "500"
-    assert health(vps) == 200
-
-
-def test_a_point_in_time_restore_undoes_a_delete_made_after_t(vps, operator):
-    target = sql(vps, "SELECT to_char(clock_timestamp() AT TIME ZONE 'UTC', 'YYYY-MM-DD HH24:MI:SS')")
-    while sql(vps, f"SELECT clock_timestamp() > '{target}+00'::timestamptz + interval '1 second'") != "t":
-        time.sleep(0.2)
-    sql(vps, "DELETE FROM archive_probe WHERE id > 100")
-    assert sql(vps, "SELECT count(*) FROM archive_probe") == "100"
-    out = ok(fab(vps, operator, "restore", "--to-time", f"{target}+00:00", "--yes", name="fab restore --to-time"))
-    assert sql(vps, "SELECT count(*) FROM archive_probe") == "500", out
-    assert sql(vps, "SELECT pg_is_in_recovery()") == "f"
-    aside = re.search(r"the data directory it replaced is kept at (\S+)", out).group(1)
-    assert vps.ssh(f"test -f {aside}/PG_VERSION", check=False).returncode == 0  # the state before, kept aside
-    assert re.search(r"-restore-\S+\.dump \(", out), out  # and dumped first
-    assert health(vps) == 200
-    sql(vps, "INSERT INTO archive_probe VALUES (1000, 'the restored server archives again')")
-
-
-def test_a_restore_to_the_latest_keeps_every_committed_write(vps, operator):
-    out = ok(fab(vps, operator, "restore", "--latest", "--yes", name="fab restore --latest"))
-    assert sql(vps, "SELECT count(*) FROM archive_probe WHERE id = 1000") == "1", out
-    assert health(vps) == 200
-
-
-def test_a_power_cut_then_a_new_server_gets_every_write_up_to_60_s_before_it(vps, operator, s3_server, tmp_path):
-    """Writes every 0.2 s for 75 s (over archive_timeout: WAL is archived without a switch), the plug pulled, the
-    disk thrown away; a brand-new server provisioned (it must not archive over the old one's archive), deployed,
-    and `fab restore --latest --yes`: every write acknowledged up to 60 s before the cut is back."""
+def test_a_power_cut_then_a_new_server_gets_every_write_up_to_60_s_before_it(servers, vps, operator, s3_server,
+                                                                           tmp_path_factory):  # fmt: skip
+    """Writes every 0.2 s; meanwhile a brand-new server is booted, provisioned (it must not archive over the first
+    one's archive) and deployed. Once the first server's archiver has pushed WAL holding those writes by
+    archive_timeout alone (nothing switches segments meanwhile), and the new server is ready, the plug is pulled
+    and the disk thrown away; `fab restore --latest --yes` on the new server: every write acknowledged up to 60 s
+    before the cut is back."""
     insert = "INSERT INTO archive_probe VALUES (3000, clock_timestamp()::text) RETURNING note"
     psql = f"runuser -u postgres -- psql -AtqX -d prayer_room -c {shlex.quote(insert)}"
     loop = f"cd / && while :; do {psql}; sleep 0.2; done"
@@ -300,41 +274,116 @@ def test_a_power_cut_then_a_new_server_gets_every_write_up_to_60_s_before_it(vps
 
     reader = threading.Thread(target=read, daemon=True)
     reader.start()
-    new = Container(tmp_path).create(build_rootfs())  # meanwhile: a new server, booted, bare
-    (new.rootfs / "etc/hosts").write_text(
-        "127.0.0.1\tlocalhost\n127.0.1.1\tvps\n::1\tlocalhost ip6-localhost ip6-loopback\n"
-        + s3_server.hosts_lines(new.gateway)
-    )
     try:
-        new.boot()
+        new = servers.new = boot_server(tmp_path_factory.mktemp("archive-new-vps"), s3_server)
         deadline = time.monotonic() + 30
         while not acknowledged:
             assert time.monotonic() < deadline and writer.poll() is None, "the writer wrote nothing"
             time.sleep(0.2)
-        started = time.monotonic()
-        while time.monotonic() - started < 75:
+        first, writing_since = acknowledged[0].strip(), time.monotonic()
+        # The segment being written now holds the first write (or follows the one that does).
+        segment = sql(vps, "SELECT pg_walfile_name(pg_current_wal_insert_lsn())")
+
+        # The new server, bare, is made ready while the first still takes writes (its steps are timed one by one).
+        out = ok(fab(new, operator, "provision", name="new server: fab provision"))
+        assert "does not archive until `fab restore --latest --yes`" in out, out
+        assert sql(new, "SHOW archive_mode") == "off"
+        ok(fab(new, operator, "deploy", "--allow-dirty", name="new server: fab deploy"))
+
+        # Then the cut, once that segment reached the archive through archive_timeout alone (nothing switches).
+        deadline = time.monotonic() + 120
+        while sql(vps, "SELECT coalesce(last_archived_wal, '') FROM pg_stat_archiver") < segment:
+            assert time.monotonic() < deadline, f"{segment} did not reach the archive by archive_timeout in 120 s"
             assert writer.poll() is None, "the writer stopped before the cut"
-            time.sleep(0.5)
+            time.sleep(1)
+        assert writer.poll() is None, "the writer stopped before the cut"
+        timings["writes before the cut (s)"] = round(time.monotonic() - writing_since, 1)
         vps.pull_the_plug()
         cut = acknowledged[-1].strip()  # the last write the client saw committed
         writer.kill()
         shutil.rmtree(vps.rootfs)  # the disk is thrown away
 
-        out = ok(fab(new, operator, "provision", name="new server: fab provision"))
-        assert "does not archive until `fab restore --latest --yes`" in out, out
-        assert sql(new, "SHOW archive_mode") == "off"
-        ok(fab(new, operator, "deploy", "--allow-dirty", name="new server: fab deploy"))
         ok(fab(new, operator, "restore", "--latest", "--yes", name="new server: fab restore --latest"))
         back = sql(new, "SELECT max(note::timestamptz) FROM archive_probe WHERE id = 3000")
         lost = float(sql(new, f"SELECT extract(epoch FROM '{cut}'::timestamptz - '{back}'::timestamptz)"))
         timings["writes lost at the power cut (s; archive_timeout = 60 s)"] = round(lost, 1)
         timings["writes acknowledged before the cut"] = len(acknowledged)
+        timings["bare server to serving the recovered data (s)"] = round(
+            sum(timings[f"new server: fab {step}"] for step in ("provision", "deploy", "restore --latest")), 1
+        )
         assert 0 <= lost <= 65, (cut, back)  # archive_timeout (60 s), then the segment's upload
-        assert sql(new, "SELECT count(*) FROM archive_probe WHERE id = 1000") == "1"  # and the earlier writes
+        # Writes made after the writer began came back: archive_timeout pushed their segment, nothing else did.
+        assert sql(new, f"SELECT '{back}'::timestamptz >= '{first}'::timestamptz") == "t", (first, back)
+        assert sql(new, "SELECT count(*) FROM archive_probe WHERE id <= 500") == "500"  # and the earlier writes
         assert sql(new, "SHOW archive_mode") == "on"
         assert health(new) == 200
         sql(new, "INSERT INTO archive_probe VALUES (3001, 'the new server archives')")
         archive_now(new)
     finally:
         writer.kill()
-        new.destroy()
+
+
+def test_the_differential_backup_unit_and_fab_backups(restored, operator):
+    started = time.monotonic()
+    restored.ssh("systemctl start prayer-room-archive-diff.service")  # what its timer starts; a oneshot
+    timings["differential backup (unit)"] = round(time.monotonic() - started, 1)
+    out = ok(fab(restored, operator, "backups"))
+    archive = out.split("archive s3://", 1)[1].splitlines()[1:]
+    assert [line.split()[0] for line in archive] == ["full", "diff", "WAL"], out
+    wal = r"[0-9A-F]{24}"
+    assert re.fullmatch(
+        rf"full  \d{{4}}-\d\d-\d\d \d\d:\d\d:\d\d UTC  .* WAL {wal}\.\.{wal}  \d{{8}}-\d{{6}}F", archive[0].strip()
+    )
+
+
+def test_fab_backup_verify_restores_into_a_scratch_instance_and_status_shows_it(restored, operator):
+    out = ok(fab(restored, operator, "backup", "--verify", name="fab backup --verify"))
+    ARTIFACTS.mkdir(exist_ok=True)
+    (ARTIFACTS / "archive-e2e-verify.txt").write_text(out)
+    assert "no unapplied migration" in out and "row counts match" in out, out
+    result = json.loads(restored.ssh("cat /var/lib/postgresql/prayer-room-archive-verify.json").stdout)
+    timings["restore test (its own seconds)"] = result["seconds"]
+    assert result["ok"] and result["restored"] == result["live"], result
+    assert result["restored"]["archive_probe"] == int(sql(restored, "SELECT count(*) FROM archive_probe")) > 500
+    assert "prayer_room_api.0001_initial" in result["migrations"]
+    versions = restored.ssh("ls /etc/postgresql").stdout.split()
+    assert restored.ssh("ls /var/lib/postgresql").stdout.split() == [*versions, "prayer-room-archive-verify.json"]
+    status = ok(fab(restored, operator, "status"))
+    lines = [line for line in status.splitlines() if "archive" in line]
+    assert not [line for line in lines if line.startswith("ALERT")], status
+    assert any(line.startswith("archive: last restore test passed 0.0 h ago") for line in lines), status
+    assert any(line.startswith("archive: newest backup 0.0 h old") for line in lines), status
+    # The newest archived file is a WAL segment, or a backup's history file (000000010000000000000007.00000028.backup).
+    assert any(re.match(r"archive: newest WAL [0-9A-F]{24}\S* archived \d+ s ago", line) for line in lines), status
+
+
+def test_a_time_outside_the_archive_is_refused_naming_the_window(restored, operator):
+    rows = sql(restored, "SELECT count(*) FROM archive_probe")
+    line = refused(fab(restored, operator, "restore", "--to-time", "2020-01-01 00:00:00", "--yes"))
+    assert re.search(r"outside the archive's window, \d{4}-\d\d-\d\d \d\d:\d\d:\d\d\+0000 to now", line), line
+    assert "nothing was changed" in line
+    assert sql(restored, "SELECT count(*) FROM archive_probe") == rows
+    assert health(restored) == 200
+
+
+def test_a_point_in_time_restore_undoes_a_delete_made_after_t(restored, operator):
+    rows = sql(restored, "SELECT count(*) FROM archive_probe")
+    target = sql(restored, "SELECT to_char(clock_timestamp() AT TIME ZONE 'UTC', 'YYYY-MM-DD HH24:MI:SS')")
+    while sql(restored, f"SELECT clock_timestamp() > '{target}+00'::timestamptz + interval '1 second'") != "t":
+        time.sleep(0.2)
+    sql(restored, "DELETE FROM archive_probe WHERE id > 100")
+    assert sql(restored, "SELECT count(*) FROM archive_probe") == "100"
+    out = ok(fab(restored, operator, "restore", "--to-time", f"{target}+00:00", "--yes", name="fab restore --to-time"))
+    assert sql(restored, "SELECT count(*) FROM archive_probe") == rows, out
+    assert sql(restored, "SELECT pg_is_in_recovery()") == "f"
+    aside = re.search(r"the data directory it replaced is kept at (\S+)", out).group(1)
+    assert restored.ssh(f"test -f {aside}/PG_VERSION", check=False).returncode == 0  # the state before, kept aside
+    assert re.search(r"-restore-\S+\.dump \(", out), out  # and dumped first
+    assert health(restored) == 200
+    sql(restored, "INSERT INTO archive_probe VALUES (1000, 'the restored server archives again')")
+
+
+def test_a_restore_to_the_latest_keeps_every_committed_write(restored, operator):
+    out = ok(fab(restored, operator, "restore", "--latest", "--yes", name="fab restore --latest"))
+    assert sql(restored, "SELECT count(*) FROM archive_probe WHERE id = 1000") == "1", out
+    assert health(restored) == 200
