@@ -91,11 +91,11 @@ def _deploy_locked(site: Site, source: release.Source, record: dict, *, maintena
             f"upload {release_id} and build its virtualenv",
             lambda m: host.upload_and_build(m, source, release_id),
         )
-        with progress.step(f"check the new migrations against the live release{site.on_primary()}"):
+        against = "against the live release" if live else "(no live release to check them against)"
+        with progress.step(f"check the new migrations {against}{site.on_primary()}"):
             report = SchemaReport.read(primary.server, release_dir)
-            progress.say(f"   new migrations: {', '.join(report.new) or 'none'}")
-            for item in report.unsafe:
-                progress.say(f"   UNSAFE {item['migration']}: {item['problem']}")
+            for line in schema.check_lines(report, live):
+                progress.say(line)
             if report.unsafe and live and not maintenance:
                 raise DeployError(schema.refuse_unsafe(report.unsafe, live))
         site.each_step("prepare", lambda m: host.prepare(m, release_id))

@@ -121,6 +121,15 @@ def choose_release(
     raise DeployError(f"no release fits the restored data: {why}; and none of the others ({tried}) has its migrations")
 
 
+def check_lines(report: SchemaReport, live: str | None) -> list[str]:
+    """The deploy's lines on the new migrations: their names, then each one the live release cannot run against; with
+    no live release, nothing runs on the old schema, so none is unsafe and none is flagged."""
+    lines = [f"   new migrations: {', '.join(report.new) or 'none'}"]
+    if live:
+        lines += [f"   UNSAFE {item['migration']}: {item['problem']}" for item in report.unsafe]
+    return lines
+
+
 def refuse_unsafe(unsafe: tuple[dict, ...], live: str | None) -> str:
     """The message of a deploy refused for migrations the live release cannot run against."""
     lines = [

@@ -47,6 +47,24 @@ def test_a_refused_rollback_lists_the_migrations_and_the_three_choices():
     assert "--keep-schema" in message
 
 
+UNSAFE_ADD = {"migration": "app.0007_x", "operation": "Add field x", "problem": "NOT NULL", "fix": "use db_default"}
+
+
+def report(new: tuple[str, ...], unsafe: tuple[dict, ...] = ()) -> schema.SchemaReport:
+    return schema.SchemaReport(applied=(), unknown=(), new=new, unsafe=unsafe)
+
+
+def test_the_deploy_flags_unsafe_migrations_only_against_a_live_release():
+    found = report(("app.0001_initial", "app.0007_x"), (UNSAFE_ADD,))
+    assert schema.check_lines(found, "r1") == [
+        "   new migrations: app.0001_initial, app.0007_x",
+        "   UNSAFE app.0007_x: NOT NULL",
+    ]
+    # The first deploy: no release runs on the old schema, so nothing is unsafe for one.
+    assert schema.check_lines(found, None) == ["   new migrations: app.0001_initial, app.0007_x"]
+    assert schema.check_lines(report(()), "r1") == ["   new migrations: none"]
+
+
 def test_a_refused_migration_names_the_operation_and_the_fix():
     unsafe = ({"migration": "app.0007_x", "operation": "Add field x", "problem": "NOT NULL", "fix": "use db_default"},)
     message = schema.refuse_unsafe(unsafe, "r1")
