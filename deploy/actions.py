@@ -99,7 +99,9 @@ def _deploy_locked(site: Site, source: release.Source, record: dict, *, maintena
             if report.unsafe and live and not maintenance:
                 raise DeployError(schema.refuse_unsafe(report.unsafe, live))
         site.each_step("prepare", lambda m: host.prepare(m, release_id))
-        if report.new and live:
+        if skipped := schema.backup_skipped(report, live):
+            progress.say(f"   {skipped}")
+        else:
             with progress.step(f"back up the database before migrating (named after {release_id}){site.on_primary()}"):
                 saved = backup.take(primary.server, "deploy", release_id)
                 record["backup"] = saved["name"]
@@ -491,7 +493,8 @@ def plan(site: Site, repo: Path) -> str:
             *(f"  commits:     {line}" for line in source.commits_since(state.current)[:20]),
             f"  virtualenv:  venvs/{source.lock_hash} {venv}",
             f"  migrations:  {', '.join(Path(m).name for m in new_migrations) or 'none new'}",
-            "  prepare:     check the new migrations, check --deploy, collectstatic, back up (with new migrations),"
+            "  prepare:     check the new migrations, check --deploy, collectstatic, "
+            f"{'back up (with new migrations)' if state.current else 'no backup (no live release yet)'},"
             " migrate, seed_schedules; then switch current",
             f"  releases:    {len(state.releases)} on the server; the newest {site.config.keep_releases} are kept",
         ]

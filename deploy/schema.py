@@ -130,6 +130,16 @@ def check_lines(report: SchemaReport, live: str | None) -> list[str]:
     return lines
 
 
+def backup_skipped(report: SchemaReport, live: str | None) -> str | None:
+    """Why a deploy takes no backup before `migrate`, or None when it takes one: new migrations onto the database a
+    live release serves. With no live release, no release has written to the database: there is nothing to back up."""
+    if not live:
+        return "no backup: no live release yet (no release has written to the database)"
+    if not report.new:
+        return "no backup: no new migrations (migrate changes nothing)"
+    return None
+
+
 def refuse_unsafe(unsafe: tuple[dict, ...], live: str | None) -> str:
     """The message of a deploy refused for migrations the live release cannot run against."""
     lines = [

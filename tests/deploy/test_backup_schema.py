@@ -65,6 +65,13 @@ def test_the_deploy_flags_unsafe_migrations_only_against_a_live_release():
     assert schema.check_lines(report(()), "r1") == ["   new migrations: none"]
 
 
+def test_a_deploy_backs_up_before_migrating_only_data_a_live_release_wrote():
+    new = report(("app.0007_x",))
+    assert schema.backup_skipped(new, "r1") is None  # new migrations onto the live release's data: a backup
+    assert schema.backup_skipped(new, None).startswith("no backup: no live release yet")  # the first deploy
+    assert schema.backup_skipped(report(()), "r1").startswith("no backup: no new migrations")
+
+
 def test_a_refused_migration_names_the_operation_and_the_fix():
     unsafe = ({"migration": "app.0007_x", "operation": "Add field x", "problem": "NOT NULL", "fix": "use db_default"},)
     message = schema.refuse_unsafe(unsafe, "r1")

@@ -124,6 +124,7 @@ def test_first_deploy_runs_web_worker_and_beat_behind_the_front_server(target, c
     assert release and release.endswith(clone.git("rev-parse", "HEAD")[:12])
     assert re.search(r"is live in [\d.]+ s", out) and "ok  prepare" in out
     assert "UNSAFE" not in out and "no live release to check them against" in out, out  # nothing runs the old schema
+    assert "no backup: no live release yet" in out and "back up the database" not in out, out
     # check --deploy's warnings are shown, not hidden behind "ok" (the target has no TLS: SECURE_SSL_REDIRECT=false).
     assert "ok  check --deploy" in out and "WARNING: ?: (security.W008)" in out, out
     live = (target.srv / "releases" / release).stat()
