@@ -583,7 +583,7 @@ def _shared_status(site: Site, first: Member) -> list[str]:
     if config.domain and not config.role_hosts("balancer"):
         lines.append(_certificate(site, first.host))
     try:
-        lines.append(backup.freshness(*backup.records(server)))
+        lines.append(backup.freshness(*backup.records(server), backup.read_timer(server)))
     except DeployError as exc:
         lines.append(f"backups: unavailable ({exc})")
     if config.backup_repository:

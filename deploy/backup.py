@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 from deploy.commands import backup as backup_commands
@@ -109,12 +110,65 @@ def format_list(found: list[dict], now: float) -> str:
     return "\n".join(lines)
 
 
-def freshness(found: list[dict], now: float) -> str:
-    """The status line about the last backup; a WARNING when there is none or it is older than a day."""
+@dataclass(frozen=True)
+class Timer:
+    """The daily backup timer as systemd has it: installed (loaded), enabled, active (waiting), its next run."""
+
+    loaded: bool
+    enabled: bool
+    active: bool
+    next_run: int | None  # Unix time
+    now: int
+
+    @property
+    def waiting(self) -> bool:
+        return self.loaded and self.enabled and self.active
+
+
+def parse_timer(text: str) -> Timer | None:
+    """commands.backup.timer_state's output; None when systemctl did not answer (a server without systemd)."""
+    facts = dict(line.split("=", 1) for line in text.splitlines() if "=" in line)
+    if "LoadState" not in facts or not facts.get("now", "").isdigit():
+        return None
+    elapse = facts.get("next", "")
+    return Timer(
+        loaded=facts["LoadState"] == "loaded",
+        enabled=facts.get("UnitFileState") == "enabled",
+        active=facts.get("ActiveState") == "active",
+        next_run=int(elapse) if elapse.isdigit() else None,
+        now=int(facts["now"]),
+    )
+
+
+def read_timer(server: Server) -> Timer | None:
+    """The daily backup timer's state on `server` (None without systemd)."""
+    return parse_timer(server.root(backup_commands.timer_state(), what="reading the backup timer", warn=True).stdout)
+
+
+TIMER_HINT = "`fab provision` installs and starts it"
+
+
+def freshness(found: list[dict], now: float, timer: Timer | None = None) -> str:
+    """The status line about the last backup and the daily timer (`timer`, None when unknown): a WARNING when the
+    timer is not waiting, or no backup is there and the timer is unknown, or the last backup is older than a day.
+    Before the timer's first run (as right after `fab provision`), no backup is the normal state, not a warning."""
+    stopped = timer is not None and not timer.waiting
+    if stopped:
+        state = "not installed" if not timer.loaded else "not enabled" if not timer.enabled else "not active"
+        trouble = f"the daily timer is {state}: {TIMER_HINT}"
     if not found:
-        return "backups: WARNING no backup on the server; run `fab backup` (and `fab provision` for the daily timer)"
+        if stopped:
+            return f"backups: WARNING none on the server and {trouble} (`fab backup` takes one now)"
+        if timer is None:
+            return (
+                "backups: WARNING no backup on the server; run `fab backup` (and `fab provision` for the daily timer)"
+            )
+        first = f" in {age(max(0, timer.next_run - timer.now))}" if timer.next_run else ""
+        return f"backups: none yet; the daily timer takes the first{first} (`fab backup` takes one now)"
     last = max(found, key=lambda r: r["created"])
     line = f"backups: last {last['name']} ({last['kind']}), {age(now - last['created'])} ago, {len(found)} kept"
-    if now - last["created"] > DAY:
+    if stopped:
+        line += f"; WARNING {trouble}"
+    elif now - last["created"] > DAY:
         line += "; WARNING older than a day: is the daily timer running? (systemctl status prayer-room-backup.timer)"
     return line

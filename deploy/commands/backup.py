@@ -5,6 +5,7 @@ from __future__ import annotations
 from deploy.commands import sh
 from deploy.commands.helpers import root_helper
 from deploy.config import DeployConfig
+from deploy.render.systemd import BACKUP_TIMER
 
 
 def _backups_helper(config: DeployConfig, command: str, *args: object) -> str:
@@ -32,3 +33,16 @@ def restore(config: DeployConfig, name: str) -> str:
 def stage_download(config: DeployConfig, name: str, tmp: str, login: str) -> str:
     """Copy backup `name` to `tmp` (made by the login user), owned by the login user so SFTP can read it."""
     return f"cp {sh(config.layout.backups / name)} {sh(tmp)} && chown {sh(login)} {sh(tmp)}"
+
+
+def timer_state() -> str:
+    """The daily backup timer's load, unit file and active states, its next run (`next=`, Unix time: systemctl shows
+    it as a date, whatever --timestamp says, so `date -d` converts it), then the server's clock; `now=` alone where
+    systemctl does not answer (no systemd)."""
+    timer = sh(BACKUP_TIMER)
+    return (
+        f"systemctl show --property=LoadState --property=UnitFileState --property=ActiveState {timer} 2>/dev/null\n"
+        f"next=$(systemctl show --property=NextElapseUSecRealtime --value {timer} 2>/dev/null)\n"
+        'if [ -n "$next" ] && next=$(date -d "$next" +%s 2>/dev/null); then echo "next=$next"; fi\n'
+        "echo now=$(date +%s)\n"
+    )

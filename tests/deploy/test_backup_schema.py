@@ -1,8 +1,12 @@
 """Backups and schema checks without a server: the lists and warnings fab prints, the refusals, the config."""
 
+import subprocess
+from dataclasses import replace
+
 import pytest
 
 from deploy import backup, schema
+from deploy.commands.backup import timer_state
 from deploy.config import load_config
 from deploy.errors import DeployError
 
@@ -35,6 +39,64 @@ def test_the_list_is_newest_first_with_size_and_age():
 def test_status_warns_without_a_backup_of_the_last_day(found, expected, warned):
     line = backup.freshness(found, NOW)
     assert expected in line and ("WARNING" in line) == warned
+
+
+WAITING = backup.Timer(loaded=True, enabled=True, active=True, next_run=NOW + 5 * 3600, now=NOW)
+
+
+def test_the_timer_state_is_read_from_systemctl_show(tmp_path):
+    """The command runs here with stand-ins for systemctl, as systemd 257 answers (its next run a date, whatever
+    --timestamp says), and for a server without systemd."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    systemctl = bin_dir / "systemctl"
+    env = {"PATH": f"{bin_dir}:/usr/bin:/bin", "TZ": "UTC"}
+
+    def state(script: str) -> backup.Timer | None:
+        systemctl.write_text(f"#!/bin/sh\n{script}\n")
+        systemctl.chmod(0o755)
+        out = subprocess.run(["sh", "-c", timer_state()], env=env, capture_output=True, text=True, check=True).stdout
+        found = backup.parse_timer(out)
+        return found and replace(found, now=NOW)
+
+    waiting = state(
+        'case "$*" in *--value*) echo "Fri 2027-01-15 13:00:00 UTC";; '
+        "*) printf 'LoadState=loaded\\nActiveState=active\\nUnitFileState=enabled\\n';; esac"
+    )
+    assert waiting == backup.Timer(loaded=True, enabled=True, active=True, next_run=1_800_018_000, now=NOW)
+    missing = state(
+        'case "$*" in *--value*) echo;; '
+        "*) printf 'LoadState=not-found\\nActiveState=inactive\\nUnitFileState=\\n';; esac"
+    )
+    assert missing == backup.Timer(loaded=False, enabled=False, active=False, next_run=None, now=NOW)
+    assert state("echo 'System has not been booted with systemd as init system (PID 1).' >&2; exit 1") is None
+
+
+@pytest.mark.parametrize(
+    "timer, expected",
+    [
+        # Right after `fab provision`: the timer waits for its first run; nothing is wrong.
+        (WAITING, "backups: none yet; the daily timer takes the first in 5 h (`fab backup` takes one now)"),
+        (backup.Timer(True, True, True, None, NOW), "backups: none yet; the daily timer takes the first ("),
+        (backup.Timer(False, False, False, None, NOW), "WARNING none on the server and the daily timer is not "
+         "installed: `fab provision` installs and starts it"),
+        (backup.Timer(True, True, False, None, NOW), "the daily timer is not active: `fab provision`"),
+        (backup.Timer(True, False, True, None, NOW), "the daily timer is not enabled: `fab provision`"),
+        (None, "WARNING no backup on the server; run `fab backup` (and `fab provision` for the daily timer)"),
+    ],
+)  # fmt: skip
+def test_no_backup_names_the_provision_hint_only_when_the_timer_is_not_waiting(timer, expected):
+    line = backup.freshness([], NOW, timer)
+    assert line.startswith(expected) if expected.startswith("backups:") else expected in line, line
+    assert ("WARNING" in line) == (timer is None or not timer.waiting), line
+    assert ("fab provision" in line) == (timer is None or not timer.waiting), line
+
+
+def test_a_fresh_backup_still_warns_of_a_stopped_timer():
+    fresh = [record("a.dump", "daily", 2)]
+    assert "WARNING" not in backup.freshness(fresh, NOW, WAITING)
+    stopped = backup.freshness(fresh, NOW, backup.Timer(True, True, False, None, NOW))
+    assert stopped.endswith("1 kept; WARNING the daily timer is not active: `fab provision` installs and starts it")
 
 
 def test_a_refused_rollback_lists_the_migrations_and_the_three_choices():

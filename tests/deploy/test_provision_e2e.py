@@ -183,6 +183,14 @@ def test_provision_again_changes_nothing(vps):
     assert vps.ssh("md5sum /srv/prayer-room/shared/env /etc/prayer-room/* /etc/nginx/sites-enabled/*").stdout == before
     assert vps.ssh("systemctl show -p MainPID --value prayer-room").stdout == pid  # supervisord not restarted
 
+    started = time.monotonic()
+    status = fab(vps, "status")  # before the first deploy: the daily timer waits for its first run
+    timings["status before the first deploy"] = time.monotonic() - started
+    assert status.returncode == 0, status.stdout + status.stderr
+    backups = next((line for line in status.stdout.splitlines() if line.startswith("backups:")), status.stdout)
+    assert re.match(r"backups: none yet; the daily timer takes the first in \d+ (s|min|h) ", backups), backups
+    assert "fab provision" not in status.stdout, status.stdout
+
 
 def test_debians_own_supervisor_service_is_masked(vps):
     """Masked, not only disabled: its stop command (`supervisorctl shutdown`) would reach the app's supervisord."""
