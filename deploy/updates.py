@@ -37,8 +37,8 @@ def parse_pending(text: str) -> Pending:
         now=stamp("now") or int(time.time()),
         upgrades=tuple(words[0] for words in installs),
         security=tuple(words[0] for words in installs if "-security" in " ".join(words[1:]).lower()),
-        lists_updated=stamp("update-success-stamp"),
-        unattended_ran=stamp("unattended-upgrades-stamp"),
+        lists_updated=stamp("lists"),
+        unattended_ran=stamp("unattended"),
         reboot_since=stamp("reboot"),
         reboot_packages=tuple(facts.get("reboot_packages", "").split()),
     )

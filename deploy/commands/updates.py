@@ -15,15 +15,33 @@ echo "codename=$(. /etc/os-release && echo "$VERSION_CODENAME")"
 apt-cache policy 2>/dev/null | sed -n 's/^ *release /release /p'
 """
 
+PERIODIC = "/var/lib/apt/periodic"
+# What a successful `apt-get update` leaves, newest wins: Debian's apt writes each index file it fetched anew (a
+# source whose InRelease did not change since keeps its older time), apt's daily timer touches update-stamp, and
+# UPDATE_HOOK (provision's, as Ubuntu's update-notifier-common has it) touches update-success-stamp after every one.
+LISTS_FETCHED = (f"{PERIODIC}/update-success-stamp", f"{PERIODIC}/update-stamp", "/var/lib/apt/lists/*_InRelease",
+                 "/var/lib/apt/lists/*_Release")  # fmt: skip
+# unattended-upgrade's own stamp, and the one apt's daily timer touches after unattended-upgrade succeeded.
+UNATTENDED_RAN = (f"{PERIODIC}/unattended-upgrades-stamp", f"{PERIODIC}/upgrade-stamp")
+UPDATE_HOOK = f'APT::Update::Post-Invoke-Success {{"touch {PERIODIC}/update-success-stamp 2>/dev/null || true";}};'
+
+
+def newest_mtime(key: str, paths: tuple[str, ...]) -> str:
+    """A shell line printing KEY=the newest mtime (Unix time) of `paths` (globs), nothing when none exists."""
+    return (
+        f"{key}=$(stat -c %Y {' '.join(paths)} 2>/dev/null | sort -n | tail -n 1); "
+        f'[ -n "${key}" ] && echo "{key}=${key}"'
+    )
+
+
 # `fab status`: the upgrades waiting (a simulation: nothing is locked or changed), how old the package lists are,
 # when unattended-upgrade last ran, and whether a reboot is pending (since when, for which packages).
 PENDING = f"""\
 now=$(date +%s)
 echo "now=$now"
 apt-get -s -o Debug::NoLocking=1 upgrade 2>/dev/null | sed -n 's/^Inst /inst /p'
-for stamp in update-success-stamp unattended-upgrades-stamp; do
-    test -f /var/lib/apt/periodic/$stamp && echo "$stamp=$(stat -c %Y /var/lib/apt/periodic/$stamp)"
-done
+{newest_mtime("lists", LISTS_FETCHED)}
+{newest_mtime("unattended", UNATTENDED_RAN)}
 if [ -f {REBOOT_REQUIRED} ]; then
     echo "reboot=$(stat -c %Y {REBOOT_REQUIRED})"
     echo "reboot_packages=$(sort -u {REBOOT_REQUIRED}.pkgs 2>/dev/null | tr '\\n' ' ')"

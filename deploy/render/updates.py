@@ -6,6 +6,8 @@ from __future__ import annotations
 import re
 from pathlib import PurePosixPath
 
+from deploy.commands.updates import UPDATE_HOOK
+
 # After Debian's 20auto-upgrades and 50unattended-upgrades (apt reads apt.conf.d in name order, the last value wins;
 # `#clear` empties the list 50unattended-upgrades filled).
 UNATTENDED_CONF = PurePosixPath("/etc/apt/apt.conf.d/52prayer-room-unattended-upgrades")
@@ -46,4 +48,7 @@ def render_unattended_upgrades(origins: list[str]) -> str:
         "#clear Unattended-Upgrade::Allowed-Origins;\n"
         f"Unattended-Upgrade::Origins-Pattern {{\n{patterns}\n}};\n"
         'Unattended-Upgrade::Automatic-Reboot "false";\n'
+        "// Every successful `apt-get update` (the daily timer's, `fab os-update`'s, yours) touches a stamp, as\n"
+        "// Ubuntu's update-notifier-common does: `fab status` says how old the package lists are.\n"
+        f"{UPDATE_HOOK}\n"
     )

@@ -190,6 +190,7 @@ def test_provision_again_changes_nothing(vps):
     backups = next((line for line in status.stdout.splitlines() if line.startswith("backups:")), status.stdout)
     assert re.match(r"backups: none yet; the daily timer takes the first in \d+ (s|min|h) ", backups), backups
     assert "fab provision" not in status.stdout, status.stdout
+    assert re.search(r"^updates: .*; package lists fetched 0 h ago", status.stdout, re.M), status.stdout  # provision's
 
 
 def test_debians_own_supervisor_service_is_masked(vps):
@@ -348,6 +349,9 @@ def test_the_daily_backup_timer_waits_and_its_first_run_writes_a_backup(vps):
     assert result.returncode == 0, result.stdout + result.stderr
     assert f"backups: last {dumps[0]} (daily)" in result.stdout and "WARNING" not in result.stdout
     assert re.search(r"^updates: (none|\d+) pending.*unattended-upgrade ran", result.stdout, re.M), result.stdout
+    # `fab os-update` ran apt-get update above: provision's hook left its stamp, and the lists are fresh.
+    assert vps.ssh("test -f /var/lib/apt/periodic/update-success-stamp", check=False).returncode == 0
+    assert re.search(r"^updates: .*; package lists fetched 0 h ago", result.stdout, re.M), result.stdout
     vps.ssh("touch /var/run/reboot-required && echo libc6 > /var/run/reboot-required.pkgs")  # as libc6's postinst
     try:
         result = fab(vps, "status")

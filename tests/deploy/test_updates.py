@@ -3,6 +3,7 @@ updates and reboots, and the order `fab os-update` takes the hosts in."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import threading
@@ -11,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from deploy.commands import updates as updates_commands
 from deploy.config import DeployConfig, load_config, single_host_site
 from deploy.errors import DeployError
 from deploy.os_update import update_order
@@ -47,6 +49,10 @@ def test_the_file_clears_debians_default_origins_and_never_reboots():
     assert '    "origin=Debian,codename=trixie-security,label=Debian-Security";' in lines
     assert 'APT::Periodic::Unattended-Upgrade "1";' in lines
     assert 'Unattended-Upgrade::Automatic-Reboot "false";' in lines
+    # Debian's apt writes no stamp of a successful update (Ubuntu's update-notifier-common adds this one).
+    assert (
+        'APT::Update::Post-Invoke-Success {"touch /var/lib/apt/periodic/update-success-stamp 2>/dev/null || true";};'
+    ) in lines
 
 
 @pytest.mark.skipif(not Path("/usr/bin/apt-config").exists(), reason="apt-config is Debian's")
@@ -71,9 +77,41 @@ now=1764928800
 inst base-files [12.4+deb12u11] (12.4+deb12u15 Debian:12.15/oldstable [amd64])
 inst libgcrypt20 [1.10.1-3] (1.10.1-3+deb12u1 Debian:12.15/oldstable, Debian-Security:12/oldstable-security [amd64])
 inst libssl3 [3.0.15-1] (3.0.17-1~deb12u2 Debian-Security:12/oldstable-security [amd64])
-update-success-stamp=1764918000
-unattended-upgrades-stamp=1764900000
+lists=1764918000
+unattended=1764900000
 """
+
+
+def test_status_reads_the_newest_of_what_apt_update_and_unattended_upgrade_leave(tmp_path):
+    """The shell lines of commands.PENDING, run on files with known times: the newest one's time, nothing for none."""
+    periodic, lists = tmp_path / "periodic", tmp_path / "lists"
+    periodic.mkdir()
+    lists.mkdir()
+    for path, when in (
+        (lists / "deb.debian.org_debian_dists_trixie_InRelease", 1764800000),  # unchanged at the last fetch
+        (lists / "deb.debian.org_debian-security_dists_trixie-security_InRelease", 1764918000),  # fetched anew
+        (periodic / "update-stamp", 1764850000),  # the daily timer's last update
+        (periodic / "upgrade-stamp", 1764900000),  # the daily timer's last unattended-upgrade
+    ):
+        path.touch()
+        os.utime(path, (when, when))
+    fetched = (f"{periodic}/update-success-stamp", f"{periodic}/update-stamp", f"{lists}/*_InRelease",
+               f"{lists}/*_Release")  # fmt: skip
+    line = updates_commands.newest_mtime("lists", fetched)
+    ran = updates_commands.newest_mtime(
+        "unattended", (f"{periodic}/unattended-upgrades-stamp", f"{periodic}/upgrade-stamp")
+    )
+    out = subprocess.run(["sh", "-c", f"{line}\n{ran}\n"], capture_output=True, text=True).stdout
+    assert out == "lists=1764918000\nunattended=1764900000\n"
+    (periodic / "update-success-stamp").touch()  # provision's hook, after a successful update just now
+    out = subprocess.run(["sh", "-c", line], capture_output=True, text=True).stdout
+    assert abs(int(out.removeprefix("lists=")) - time.time()) < 60
+    nothing = updates_commands.newest_mtime("lists", (f"{tmp_path}/none-stamp", f"{tmp_path}/none/*_InRelease"))
+    assert subprocess.run(["sh", "-c", nothing], capture_output=True, text=True).stdout == ""
+    # The real command names these very paths.
+    assert all(
+        path in updates_commands.PENDING for path in updates_commands.LISTS_FETCHED + updates_commands.UNATTENDED_RAN
+    )
 
 
 def test_status_counts_pending_and_security_updates_and_warns_of_a_pending_reboot():
