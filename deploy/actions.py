@@ -301,6 +301,9 @@ def _restore_locked(site: Site, what: str, put_back: Callable[[], str], then: Ca
     taken first."""
     progress, primary = site.progress, site.primary
     with progress.step(f"back up the database it replaces{site.on_primary()}"):
+        interrupted = backup.recover(primary.server)  # an earlier restore stopped halfway: settled before the dump
+        if interrupted:
+            progress.say(f"   NOTE: {interrupted['note']}")
         saved = backup.take(primary.server, "restore", primary.state.current)
         progress.say(f"   {saved['name']} ({backup.size(saved['size'])}, {saved['seconds']:.1f} s)")
     with site.maintenance(f"restoring {what}"):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,8 +42,26 @@ def find(server: Server, name: str) -> dict:
 
 
 def restore(server: Server, name: str, wrap=None) -> dict:
-    """Replace the database with backup `name` in one transaction (the programs must be stopped)."""
-    return _run(server, backup_commands.restore(server.config, name), what=f"restoring {name}", wrap=wrap)
+    """Replace the database with backup `name` in one transaction (the programs must be stopped). When the helper
+    stops without committing it (killed, or its connection lost), the schema it had set aside is put back."""
+    aside = f"public_before_restore_{int(time.time())}"
+    try:
+        return _run(server, backup_commands.restore(server.config, name, aside), what=f"restoring {name}", wrap=wrap)
+    except DeployError as exc:
+        try:
+            settled = recover(server, put_back=aside, wrap=wrap)
+        except DeployError as again:
+            raise DeployError(f"{exc}; and then {again}") from exc
+        if settled:
+            raise DeployError(f"{exc}; {settled['note']}") from exc
+        raise
+
+
+def recover(server: Server, put_back: str = "", wrap=None) -> dict:
+    """Settle a restore stopped between its transactions (deploy/on_server/root_helper.py `recover_interrupted`):
+    {} when there was none, else what was done and a note for the operator."""
+    command = backup_commands.recover(server.config, put_back)
+    return _run(server, command, what="checking for an interrupted restore", wrap=wrap)["interrupted"]
 
 
 def download(server: Server, record: dict, to: Path) -> Path:

@@ -24,10 +24,18 @@ def listing(config: DeployConfig) -> str:
     return _backups_helper(config, "backups")
 
 
-def restore(config: DeployConfig, name: str) -> str:
+def restore(config: DeployConfig, name: str, aside: str) -> str:
     """Replace the database with backup `name` in one transaction, pg_restore running as the build user (not root,
-    and not the app user, whose role wrote the object names in the dump)."""
-    return _backups_helper(config, "restore", name, "--as-user", config.build_user)
+    and not the app user, whose role wrote the object names in the dump); the schema it replaces is kept in schema
+    `aside` until the restore committed."""
+    return _backups_helper(config, "restore", name, "--as-user", config.build_user, "--aside", aside)
+
+
+def recover(config: DeployConfig, put_back: str = "") -> str:
+    """Settle a restore stopped between its transactions; `put_back`: the aside schema of a restore that failed."""
+    return _backups_helper(
+        config, "recover", "--as-user", config.build_user, *(("--put-back", put_back) if put_back else ())
+    )
 
 
 def stage_download(config: DeployConfig, name: str, tmp: str, login: str) -> str:

@@ -143,6 +143,72 @@ def unprivileged(name: str, env: dict[str, str]):
     return workdir, run
 
 
+ASIDE_PREFIX = "public_before_restore_"
+
+
+def psql_runner(args, run: dict):
+    """A function running one of this helper's fixed statements through psql as the restore's unprivileged user
+    (never a dump's text: psql obeys backslash commands); each call is one transaction."""
+    import subprocess
+
+    def sql(statement: str, *, rows: bool = False) -> subprocess.CompletedProcess:
+        argv = [pg_tool(args, "psql"), "-X", "-q", "-v", "ON_ERROR_STOP=1", *(["-At"] if rows else []), "-c", statement]
+        return subprocess.run(argv, capture_output=True, text=True, stdin=subprocess.DEVNULL, **run)
+
+    return sql
+
+
+def aside_name(text: str) -> str:
+    """A schema name a restore keeps the replaced database in: public_before_restore_<epoch seconds>."""
+    if not (text.startswith(ASIDE_PREFIX) and text.removeprefix(ASIDE_PREFIX).isdigit()):
+        raise ValueError(f"{text!r} is not {ASIDE_PREFIX}<epoch seconds>")
+    return text
+
+
+def recover_interrupted(sql, *, put_back: str = "") -> dict:
+    """Settle what a restore stopped between its transactions left (a kill, a power cut): the schema it had renamed
+    aside, `public_before_restore_TIME`, holding the database as it was before that restore.
+
+    The newest such schema is put back as `public`, in one transaction, when `public` is empty (that restore's own
+    transaction never committed); when `public` holds tables (what that restore committed, or what was written
+    since) both are kept, and the answer says so. `put_back` names the schema of a restore the caller knows failed:
+    that one is put back whatever `public` holds. {} when there is nothing to settle; else schema, action ("put
+    back" or "kept") and a note for the operator."""
+    which = f"= '{aside_name(put_back)}'" if put_back else "LIKE 'public\\_before\\_restore\\_%'"
+    found = sql(
+        "SELECT n.nspname, (SELECT count(*) FROM pg_class c WHERE c.relnamespace = 'public'::regnamespace) "
+        f"FROM pg_namespace n WHERE n.nspname {which} ORDER BY n.nspname DESC LIMIT 1",
+        rows=True,
+    )
+    if found.returncode != 0:
+        raise RuntimeError(f"looking for an interrupted restore failed: {found.stderr.strip()[-300:]}")
+    if not found.stdout.strip():
+        return {}
+    aside, relations = found.stdout.strip().split("|")
+    stamp = aside.removeprefix(ASIDE_PREFIX)
+    when = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(int(stamp))) if stamp.isdigit() else "an unknown time"
+    if int(relations) and not put_back:
+        return {
+            "schema": aside,
+            "action": "kept",
+            "note": f"a restore was interrupted at {when} after it had committed: schema {aside} still holds the "
+            "database as it was before it (the backup that restore took first holds it too), public what it "
+            f"restored or what was written since; once the site is right, drop it as the database's owner (DROP "
+            f"SCHEMA {aside} CASCADE)",
+        }
+    # DROP SCHEMA without CASCADE refuses a schema that holds anything: only an empty public is replaced unasked.
+    drop = "DROP SCHEMA public CASCADE" if put_back else "DROP SCHEMA public"
+    back = sql(f"{drop}; ALTER SCHEMA {aside} RENAME TO public;")
+    if back.returncode != 0:
+        raise RuntimeError(f"putting schema {aside} back as public failed: {back.stderr.strip()[-300:]}")
+    return {
+        "schema": aside,
+        "action": "put back",
+        "note": f"a restore interrupted at {when} had left the database in schema {aside}: it is public again, as "
+        "it was before that restore",
+    }
+
+
 def restore(args) -> int:
     """Replace the database's public schema with a backup's: all of it or nothing.
 
@@ -150,7 +216,8 @@ def restore(args) -> int:
     which would obey backslash commands hidden in the object names the app role controls), run as the
     unprivileged --as-user, not root, reading the dump from a descriptor root opened. The schema it replaces is
     kept aside meanwhile (psql runs only this helper's fixed statements): dropped on success, put back on a
-    failure. Tables the backup does not have (from later migrations) go too.
+    failure; a restore stopped in between is settled by `recover` (the next restore runs it first). Tables the
+    backup does not have (from later migrations) go too.
     """
     import shutil
     import subprocess
@@ -170,13 +237,15 @@ def restore(args) -> int:
         emit(ok=False, error=f"cannot restore as {args.as_user!r}: {exc}; run `fab provision`")
         return 1
     started = time.monotonic()
-    aside = f"public_before_restore_{int(time.time())}"
-
-    def sql(statement: str) -> subprocess.CompletedProcess:
-        argv = [pg_tool(args, "psql"), "-X", "-q", "-v", "ON_ERROR_STOP=1", "-c", statement]
-        return subprocess.run(argv, capture_output=True, text=True, stdin=subprocess.DEVNULL, **run)
+    aside = args.aside or f"{ASIDE_PREFIX}{int(time.time())}"
+    sql = psql_runner(args, run)
 
     try:
+        try:
+            interrupted = recover_interrupted(sql)
+        except RuntimeError as exc:
+            emit(ok=False, error=f"restoring {args.name} failed, the database is unchanged: {exc}")
+            return 1
         moved = sql(f"ALTER SCHEMA public RENAME TO {aside}; CREATE SCHEMA public;")
         if moved.returncode != 0:
             emit(ok=False, error=f"restoring {args.name} failed, the database is unchanged: {moved.stderr.strip()}")
@@ -200,7 +269,31 @@ def restore(args) -> int:
         warning = {} if dropped.returncode == 0 else {"warning": f"schema {aside} stays: {dropped.stderr.strip()}"}
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
-    emit(ok=True, restored=record, seconds=round(time.monotonic() - started, 2), **warning)
+    emit(ok=True, restored=record, seconds=round(time.monotonic() - started, 2), interrupted=interrupted, **warning)
+    return 0
+
+
+def recover(args) -> int:
+    """Settle a restore stopped between its transactions (`recover_interrupted`); --put-back SCHEMA when the caller
+    knows the restore it ran (with --aside SCHEMA) failed."""
+    import shutil
+
+    try:
+        workdir, run = unprivileged(args.as_user, database_environment())
+    except (ValueError, KeyError) as exc:
+        emit(ok=False, error=f"cannot check for an interrupted restore as {args.as_user!r}: {exc}")
+        return 1
+    try:
+        interrupted = recover_interrupted(psql_runner(args, run), put_back=args.put_back)
+    except ValueError as exc:
+        emit(ok=False, error=f"--put-back: {exc}")
+        return 1
+    except RuntimeError as exc:
+        emit(ok=False, error=str(exc))
+        return 1
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    emit(ok=True, interrupted=interrupted)
     return 0
 
 
@@ -259,11 +352,15 @@ def main(argv: list[str]) -> int:
     backup_parser.add_argument("--keep", type=int, default=0)
     restore_parser = sub.add_parser("restore")
     restore_parser.add_argument("name")
-    restore_parser.add_argument("--as-user", required=True, help="the unprivileged OS user pg_restore runs as")
-    for p in (backup_parser, restore_parser, sub.add_parser("backups")):
+    recover_parser = sub.add_parser("recover")
+    restore_parser.add_argument("--aside", type=aside_name, default="", help="the schema the replaced one is kept in")
+    recover_parser.add_argument("--put-back", default="", help="the --aside of a restore that failed: undo it")
+    for p in (restore_parser, recover_parser):
+        p.add_argument("--as-user", required=True, help="the unprivileged OS user pg_restore and psql run as")
+    for p in (backup_parser, restore_parser, recover_parser, sub.add_parser("backups")):
         p.add_argument("--dir", required=True)
         p.add_argument("--pg-bin", default="", help="the directory of pg_dump, pg_restore and psql")
-    commands = {"backup": backup, "backups": backups, "restore": restore, "cycle": cycle}
+    commands = {"backup": backup, "backups": backups, "restore": restore, "recover": recover, "cycle": cycle}
     return dispatch(parser, commands, argv)
 
 

@@ -66,9 +66,13 @@ def test_backups_run_the_root_helper_with_the_servers_python3_and_postgres_bin()
     assert readable(backup.listing(config)) == f"python3 -c SCRIPT --env-file {ENV_FILE} backups --dir " + (
         f"/var/backups/prayer-room {pg}"
     )
-    assert readable(backup.restore(CONFIG, "x.dump")) == (
+    assert readable(backup.restore(CONFIG, "x.dump", "public_before_restore_1")) == (
         f"python3 -c SCRIPT --env-file {ENV_FILE} restore --dir /var/backups/prayer-room x.dump "
-        f"--as-user {CONFIG.build_user}"
+        f"--as-user {CONFIG.build_user} --aside public_before_restore_1"
+    )
+    assert readable(backup.recover(CONFIG, "public_before_restore_1")) == (
+        f"python3 -c SCRIPT --env-file {ENV_FILE} recover --dir /var/backups/prayer-room "
+        f"--as-user {CONFIG.build_user} --put-back public_before_restore_1"
     )
     assert backup.stage_download(CONFIG, "x.dump", "/tmp/tmp.1", "deployer") == (
         "cp /var/backups/prayer-room/x.dump /tmp/tmp.1 && chown deployer /tmp/tmp.1"

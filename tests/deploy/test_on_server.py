@@ -81,3 +81,53 @@ def test_the_restore_runs_as_the_unprivileged_user_with_the_password_in_a_file_o
         shutil.rmtree(workdir)
     with pytest.raises(ValueError, match="root is root"):
         root_helper.unprivileged("root", env)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="runs psql as another user: needs root")
+def test_a_restore_stopped_between_its_transactions_is_settled_with_a_note(tmp_path):
+    """A restore replaces `public` in three transactions (set it aside, pg_restore, drop the aside); the states a kill
+    between them leaves, settled by the helper's `recover` against a real PostgreSQL."""
+    from tests.deploy.target import postgres_client_bin
+    from tests.support.stack import Database
+
+    database = Database().create()
+    env_file = tmp_path / "env"
+    env_file.write_text(f"DATABASE_URL={database.url}\n")
+    pg_bin = postgres_client_bin()
+
+    def recover(*args: str) -> dict:
+        argv = ["--env-file", str(env_file), "recover", "--dir", str(tmp_path), "--as-user", "nobody", *args]
+        result = run("root_helper", *argv, *(["--pg-bin", pg_bin] if pg_bin else []))
+        answer = json.loads(result.stdout.splitlines()[-1])
+        assert answer["ok"], answer
+        return answer["interrupted"]
+
+    def state() -> tuple[list, list]:
+        schemas = database.query("SELECT nspname FROM pg_namespace WHERE nspname LIKE 'public%%' ORDER BY 1")
+        return [row[0] for row in schemas], database.query("SELECT id FROM public.notes ORDER BY id")
+
+    try:
+        database.query("CREATE TABLE public.notes (id int); INSERT INTO public.notes VALUES (1), (2), (3)")
+        before = state()
+        assert recover() == {}  # nothing interrupted: nothing done
+
+        # Killed after the first transaction: the database aside, public empty (pg_restore never committed).
+        database.query("ALTER SCHEMA public RENAME TO public_before_restore_1000; CREATE SCHEMA public")
+        settled = recover()
+        assert settled["action"] == "put back" and "public_before_restore_1000" in settled["note"], settled
+        assert state() == before
+
+        # Killed after pg_restore committed: both kept (public may hold newer writes), the operator told how to drop.
+        database.query("ALTER SCHEMA public RENAME TO public_before_restore_2000; CREATE SCHEMA public")
+        database.query("CREATE TABLE public.notes (id int); INSERT INTO public.notes VALUES (9)")
+        kept = recover()
+        assert kept["action"] == "kept" and "DROP SCHEMA public_before_restore_2000 CASCADE" in kept["note"], kept
+        assert state() == (["public", "public_before_restore_2000"], [(9,)])
+        # The kit's own failed restore (its aside named): put back whatever public holds.
+        assert recover("--put-back", "public_before_restore_2000")["action"] == "put back"
+        assert state() == before
+        refused = run("root_helper", "--env-file", str(env_file), "recover", "--dir", str(tmp_path), "--as-user",
+                      "nobody", "--put-back", "public; DROP TABLE x")  # fmt: skip
+        assert "is not public_before_restore_<epoch seconds>" in json.loads(refused.stdout.splitlines()[-1])["error"]
+    finally:
+        database.drop()
