@@ -552,6 +552,32 @@ def test_a_refused_restore_leaves_the_programs_running(target):
             ok(target.fab("restart"))
 
 
+def test_a_restore_stopped_between_its_transactions_is_settled_by_the_next_one(target):
+    """A restore killed after it set the database aside (schema public_before_restore_TIME, an empty public in its
+    place) and before pg_restore committed: the next `fab restore` puts it back before the dump it takes first, says
+    so, and restores."""
+    name = ok(target.fab("backup")).split(":")[0].strip()
+    before = rows(target)
+    ((owner,),) = target.database.query(
+        "SELECT pg_get_userbyid(datdba) FROM pg_database WHERE datname = current_database()"
+    )
+    target.database.query(  # what the helper's first transaction commits, as the database's owner
+        f'ALTER SCHEMA public RENAME TO public_before_restore_1000; CREATE SCHEMA public AUTHORIZATION "{owner}"'
+    )
+    out = ok(target.fab("restore", name, "--yes"))
+    assert (
+        "NOTE: a restore interrupted at 1970-01-01 00:16:40 UTC had left the database in schema "
+        "public_before_restore_1000: it is public again, as it was before that restore" in out
+    ), out
+    assert rows(target) == before
+    assert target.database.query("SELECT nspname FROM pg_namespace WHERE nspname LIKE 'public%%'") == [("public",)]
+    records = [json.loads(p.read_text()) for p in (target.workdir / "backups").glob("*.json")]
+    taken_first = max((r for r in records if r["kind"] == "restore"), key=lambda r: r["created"])
+    ours = next(r for r in records if r["name"] == name)
+    assert taken_first["size"] >= ours["size"] * 0.9, (taken_first, ours)  # the database, not an empty schema
+    assert post_request(target)[0] == 201
+
+
 def release_migrations(target: DeployTarget, release: str) -> set[str]:
     """The project app's migrations in a release's code on the server."""
     found = (target.srv / "releases" / release / MIGRATIONS).glob("0*.py")
