@@ -16,7 +16,7 @@ from fabric import Connection, task
 from fabric.tasks import Task as FabricTask
 from invoke import Argument, Exit
 
-from deploy import actions, archive, hostkeys, terminal
+from deploy import actions, archive, hostkeys, release_upgrade, terminal
 from deploy import os_update as os_update_module
 from deploy.config import load_config, single_host_site
 from deploy.errors import DeployError
@@ -297,16 +297,34 @@ def history(c, lines=50, env=None, config=None):
 
 
 @task(help={**COMMON_HELP, "reboot": "reboot each host even when no update asks for it",
-            "boot_timeout": "seconds a host has to answer over SSH again after its reboot (default 600)"})  # fmt: skip
+            "boot_timeout": "seconds a host has to answer over SSH again after its reboot (default 600)",
+            "release": "upgrade a site of one Debian 12 server to Debian 13 instead: backup, maintenance page, "
+            "apt full-upgrade, PostgreSQL's major version (pg_upgradecluster), reboot, provision, verify",
+            "yes": "with --release: yes, take the site down for the upgrade (several minutes)"})  # fmt: skip
 @_one_line_errors
-def os_update(c, env=None, config=None, reboot=False, boot_timeout=None):
+def os_update(c, env=None, config=None, reboot=False, boot_timeout=None, release=False, yes=False):
     """Upgrade the Debian packages host by host (web hosts one at a time, each drained at the balancer meanwhile; the
     db host last); reboot a host when an update asks for it (or --reboot), behind the maintenance page where no other
-    host serves; verify it before the next."""
+    host serves; verify it before the next. --release upgrades a Debian 12 server to Debian 13 (docs/operations.md)."""
     if boot_timeout is not None and not str(boot_timeout).isdigit():
         raise DeployError(f"--boot-timeout must be a number of seconds, got {boot_timeout!r}.")
     timeout = int(boot_timeout) if boot_timeout else os_update_module.BOOT_TIMEOUT
+    if release:
+        if reboot:
+            raise DeployError("--release always reboots: leave --reboot out.")
+        site = _site(c, env, config)
+        print(release_upgrade.release_upgrade(site, yes=yes, confirm=_confirm, boot_timeout=timeout))
+        return
+    if yes:
+        raise DeployError("--yes goes with --release (a plain os-update asks nothing).")
     print(os_update_module.os_update(_site(c, env, config), reboot=reboot, boot_timeout=timeout))
+
+
+def _confirm(question: str) -> bool:
+    """The operator's yes at a terminal; without one (a script, CI), no: the command asks for --yes instead."""
+    if not sys.stdin.isatty():
+        return False
+    return input(f"{question} [yes/no] ").strip().lower() in ("y", "yes")
 
 
 def _ask(question: str) -> bool:

@@ -13,6 +13,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable
+from contextlib import nullcontext
 from typing import TextIO
 
 from fabric import Connection
@@ -101,10 +102,10 @@ def _connect(member: Member) -> None:
     member.server = connect_for_provision(member.conn, member.config)
 
 
-def _host_steps(values: dict[str, str], ca: ClusterCA | None) -> Callable[[Member], None]:
+def _host_steps(values: dict[str, str], ca: ClusterCA | None, lock_held: bool = False) -> Callable[[Member], None]:
     """Every host's part, for its roles: on a cluster the CA's certificate (the db host creates the CA first) and the
     db host's own certificate; an app host's layout and env file, then (under the deploy lock, which lives in the
-    app directory: no deploy, rollback or restart runs meanwhile) its services."""
+    app directory: no deploy, rollback or restart runs meanwhile; `lock_held`: the caller holds it) its services."""
 
     def phase(member: Member) -> None:
         server, config = member.server, member.config
@@ -145,7 +146,7 @@ def _host_steps(values: dict[str, str], ca: ClusterCA | None) -> Callable[[Membe
         member.step("app user", lambda: ensure_app_user(server))
         member.step("directories", lambda: ensure_directories(server))
         member.step("link-local block", lambda: ensure_egress_firewall(server))
-        with DeployLock(server, "provision").held():
+        with nullcontext() if lock_held else DeployLock(server, "provision").held():
             member.step("env file", lambda: ensure_env_file(server, values))
             _services(member, values)
             if member.is_primary:
@@ -234,11 +235,13 @@ def provision(
     *,
     out: TextIO | None = None,
     on_primary: Callable[[Server], None] | None = None,
+    lock_held: bool = False,
 ) -> str:
     """Provision each host of the site for its roles: the db host first (the others need it), then the others in
     parallel. Returns the summary. On a site of several hosts a failure raises DeployError naming the host and the
     step, after the other hosts have finished (a re-run goes on from where each stopped). `on_primary` gets the
-    primary once it is connected and checked."""
+    primary once it is connected and checked. `lock_held`: the caller holds the deploy lock of every app host (`fab
+    os-update --release` provisions under its own)."""
     started = time.monotonic()
     out = out or sys.stdout
     lock = threading.Lock()
@@ -261,7 +264,7 @@ def provision(
             primary.run(_prepare_primary_env_file)
         raise
     ca = _cluster_ca(config, everyone, members, out, lock)
-    phase = _host_steps(values, ca)
+    phase = _host_steps(values, ca, lock_held)
     for member in members:
         if member.config.runs("db"):
             member.run(phase)

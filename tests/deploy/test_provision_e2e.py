@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import re
+import shlex
 import subprocess
 import sys
 import threading
@@ -477,3 +478,81 @@ def test_an_unreachable_webhook_loses_no_alert(vps, receiver):
     watch(vps)  # the alert, then its resolution, in order, once each
     events = [body["event"] for body in receiver.about("disk:/mnt/filled", started)]
     assert events == ["alert", "resolved"], events
+
+
+# --- Debian 12 -> 13 (on the deployed Debian 12 server above, last: it leaves a Debian 13 server) ---------------
+
+
+def post_request(vps: Container, content: str) -> tuple[int | None, str]:
+    """POST /api/requests/ through the server's nginx, as the site's form does."""
+    body = json.dumps({"type": "prayer", "content": content, "location": "chapel"}).encode()
+    request = urllib.request.Request(
+        f"http://{vps.address}/api/requests/", data=body, headers={"Content-Type": "application/json"}, method="POST"
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return response.status, response.read().decode(errors="replace")
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode(errors="replace")
+    except OSError as exc:
+        return None, str(exc)
+
+
+def sql(vps: Container, statement: str) -> str:
+    """A statement in the site's database as PostgreSQL's superuser on the server; its rows, one a line."""
+    url = vps.ssh("sed -n 's/^DATABASE_URL=//p' /srv/prayer-room/shared/env").stdout.strip()
+    database = url.rsplit("/", 1)[-1].split("?")[0]
+    return vps.ssh(
+        f"cd / && runuser -u postgres -- psql -X -q -tA -v ON_ERROR_STOP=1 -d {database} -c {shlex.quote(statement)}"
+    ).stdout.strip()
+
+
+@pytest.mark.parametrize("vps", ["bookworm"], indirect=True)
+def test_os_update_release_upgrades_debian_12_to_13_with_its_data(vps):
+    sql(vps, "INSERT INTO prayer_room_api_location (name, slug, is_active, created_at) VALUES "
+             "('Chapel', 'chapel', true, now()) ON CONFLICT DO NOTHING")  # fmt: skip
+    assert post_request(vps, "written on Debian 12")[0] == 201
+    release = vps.ssh("basename $(readlink /srv/prayer-room/current)").stdout.strip()
+
+    refused = fab(vps, "os-update", "--release")  # no terminal, no --yes: it says what it would do, and stops
+    assert refused.returncode == 1, refused.stdout + refused.stderr
+    assert "from Debian 12 (bookworm) to Debian 13 (trixie)" in refused.stdout and "Expected downtime" in refused.stdout
+    assert refused.stderr.strip().splitlines()[-1].endswith("run again with --yes."), refused.stderr
+    assert "bookworm" in vps.ssh("cat /etc/apt/sources.list.d/debian.sources").stdout  # nothing changed
+
+    with vps.rebooting_on_request() as exits, Answers(f"http://{vps.address}/health/") as answers:
+        answers.wait_for(200, 3)
+        started = time.monotonic()
+        result = fab(vps, "os-update", "--release", "--yes", timeout=3600)
+        timings["fab os-update --release: total (s)"] = round(time.monotonic() - started, 1)
+        if result.returncode == 0:
+            answers.wait_for(200, 3)
+    assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
+    outage = answers.outage()
+    timings.update({f"os-update --release outage: {key}": value for key, value in outage.items()})
+    print(f"os-update --release: {timings['fab os-update --release: total (s)']} s in all; outage {outage}")
+    assert exits == [133], exits
+    # The maintenance page (503), or nothing while nginx or the server was down; never a 502 or a 500.
+    assert set(answers.statuses()) <= {200, 503, None}, sorted(set(answers.statuses()), key=str)
+    assert outage["first failure"] == 503
+
+    assert vps.ssh(". /etc/os-release && echo $VERSION_CODENAME").stdout.strip() == "trixie"
+    clusters = [line.split()[:4] for line in vps.ssh("pg_lsclusters --no-header").stdout.splitlines()]
+    assert clusters == [["17", "main", "5432", "online"]], clusters
+    assert sql(vps, "SHOW server_version_num").startswith("17")
+    assert sql(vps, "SELECT count(*) FROM prayer_room_api_prayerrequest WHERE content = 'written on Debian 12'") == "1"
+    venv = vps.ssh("/srv/prayer-room/current/.venv/bin/python -c 'import sys; print(sys.version_info[:2])'").stdout
+    assert venv.strip() == "(3, 13)", venv
+    assert vps.ssh("basename $(readlink /srv/prayer-room/current)").stdout.strip() == release
+
+    assert http_get(f"http://{vps.address}/health/")[0] == 200
+    assert http_get(f"http://{vps.address}/static/admin/css/base.css")[0] == 200
+    assert post_request(vps, "written on Debian 13")[0] == 201
+    written = "SELECT count(*) FROM prayer_room_api_prayerrequest WHERE content LIKE 'written on Debian 1_'"
+    assert sql(vps, written) == "2"
+    assert running_programs(vps) >= PROGRAMS
+
+    listed = fab(vps, "history")
+    assert re.search(r"os-update --release.*ok", listed.stdout), listed.stdout
+    again = fab(vps, "provision")  # the upgraded server is exactly as provision leaves a Debian 13 one
+    assert again.returncode == 0 and "nothing changed" in again.stdout, again.stdout + again.stderr

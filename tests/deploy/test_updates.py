@@ -185,3 +185,146 @@ def test_the_lock_heartbeat_leaves_a_rebooting_hosts_lock_alone_and_takes_it_up_
             time.sleep(0.01)
     with pytest.raises(DeployError, match="no answer"):
         keeper.check()
+
+
+# --- `fab os-update --release`: what it reads and refuses, the sources it writes (deploy/commands/release_upgrade.py)
+
+DEB822_12 = """\
+Types: deb
+# http://snapshot.debian.org/archive/debian/20250520T000000Z
+URIs: http://mirror.example.org/debian
+Suites: bookworm bookworm-updates
+Components: main non-free-firmware
+Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
+
+Types: deb
+URIs: http://mirror.example.org/debian-security
+Suites: bookworm-security
+Components: main
+Enabled: yes
+"""
+
+ONE_LINE_12 = """\
+deb http://deb.debian.org/debian bookworm main # keep bookworm in this comment
+deb [arch=amd64 signed-by=/usr/share/keyrings/x.gpg] http://security.debian.org/debian-security bookworm-security main
+# deb http://deb.debian.org/debian bookworm-backports main
+deb-src http://deb.debian.org/debian bookworm-updates main
+deb https://packages.example.org/apt cloud-sdk-bookworm main
+"""
+
+
+def test_the_sources_keep_their_mirrors_and_name_the_new_release_suites():
+    from deploy.commands.release_upgrade import repositories, switch_sources
+
+    new = switch_sources(DEB822_12, "bookworm", "trixie")
+    assert new == DEB822_12.replace("Suites: bookworm bookworm-updates", "Suites: trixie trixie-updates").replace(
+        "Suites: bookworm-security", "Suites: trixie-security"
+    )
+    assert repositories(new) == [
+        ("http://mirror.example.org/debian", "trixie"),
+        ("http://mirror.example.org/debian", "trixie-updates"),
+        ("http://mirror.example.org/debian-security", "trixie-security"),
+    ]
+    lines = switch_sources(ONE_LINE_12, "bookworm", "trixie").splitlines()
+    assert lines == [
+        "deb http://deb.debian.org/debian trixie main # keep bookworm in this comment",
+        "deb [arch=amd64 signed-by=/usr/share/keyrings/x.gpg] http://security.debian.org/debian-security "
+        "trixie-security main",
+        "# deb http://deb.debian.org/debian bookworm-backports main",  # a comment is left as it is
+        "deb-src http://deb.debian.org/debian trixie-updates main",
+        "deb https://packages.example.org/apt cloud-sdk-bookworm main",  # another project's suite name
+    ]
+    assert switch_sources(DEB822_12, "bullseye", "bookworm") == DEB822_12  # nothing of another release
+
+
+def test_the_mirrors_are_asked_for_the_new_suites_over_http_only():
+    from deploy.commands.release_upgrade import probe_urls
+
+    pairs = [("http://m.example/debian", "trixie"), ("http://m.example/debian/", "trixie"), ("file:/srv/r", "trixie")]
+    assert probe_urls(pairs) == ["http://m.example/debian/dists/trixie/"]
+
+
+FACTS_12 = """\
+codename=bookworm
+version=12
+python=3.11
+free_kb=9000000
+source=/etc/apt/sources.list.d/debian.sources
+cluster=15  main    5432 online postgres /var/lib/postgresql/15/main /var/log/postgresql/postgresql-15-main.log
+"""
+
+
+def test_a_debian_12_server_with_its_one_cluster_is_upgraded_to_13():
+    from deploy.commands.release_upgrade import Cluster, parse_facts
+    from deploy.release_upgrade import announce, check
+
+    facts = parse_facts(FACTS_12)
+    assert facts.sources == ("/etc/apt/sources.list.d/debian.sources",)
+    assert check(facts, "root@h") == ("bookworm", "trixie", Cluster("15", "main", 5432, "online"))
+    line = announce("root@h", "bookworm", "trixie", Cluster("15", "main", 5432, "online"))
+    assert "from Debian 12 (bookworm) to Debian 13 (trixie)" in line and "Expected downtime" in line
+
+
+@pytest.mark.parametrize(
+    "change, refusal",
+    [
+        (("codename=bookworm", "codename=trixie"), "already runs Debian 13 (trixie)"),
+        (("codename=bookworm", "codename=noble"), "runs noble (VERSION_ID 12), not Debian 12 (bookworm)"),
+        (("codename=bookworm", "codename="), "runs an unknown release"),
+        (("online", "down"), "must be online"),
+        (("free_kb=9000000", "free_kb=100"), "0 MB free under /var"),
+    ],
+)
+def test_a_server_os_update_release_cannot_upgrade_is_refused_with_what_to_do(change, refusal):
+    from deploy.commands.release_upgrade import parse_facts
+    from deploy.release_upgrade import check
+
+    with pytest.raises(DeployError) as raised:
+        check(parse_facts(FACTS_12.replace(*change)), "root@h")
+    assert refusal in str(raised.value) and "\n" not in str(raised.value)
+
+
+def test_two_clusters_are_refused():
+    from deploy.commands.release_upgrade import parse_facts
+    from deploy.release_upgrade import check
+
+    two = FACTS_12 + "cluster=17 main 5433 online postgres /var/lib/postgresql/17/main x\n"
+    with pytest.raises(DeployError, match="clusters 15/main \\(online, port 5432\\), 17/main"):
+        check(parse_facts(two), "root@h")
+
+
+def test_row_counts_are_read_by_table():
+    from deploy.commands.release_upgrade import parse_row_counts
+
+    assert parse_row_counts("public.auth_user 3\npublic.prayers_prayer 120\n\n") == {
+        "public.auth_user": 3,
+        "public.prayers_prayer": 120,
+    }
+    assert parse_row_counts("") == {}
+
+
+def test_os_update_release_refuses_a_cluster_and_reboot_before_connecting(tmp_path):
+    """No host is reached: the refusals are the command line's and the config's."""
+    result = subprocess.run(
+        [str(Path(sys.executable).with_name("fab")), "-H", "root@192.0.2.1", "os-update", "--release", "--reboot"],
+        cwd=REPO, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert result.returncode == 1 and result.stderr.strip() == "error: --release always reboots: leave --reboot out."
+    result = subprocess.run(
+        [str(Path(sys.executable).with_name("fab")), "-H", "root@192.0.2.1", "os-update", "--yes"],
+        cwd=REPO, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert result.returncode == 1 and "--yes goes with --release" in result.stderr
+
+
+def test_os_update_release_refuses_a_cluster_with_the_host_by_host_way(tmp_path):
+    from deploy.release_upgrade import release_upgrade
+    from deploy.site import Site
+
+    path = tmp_path / "deploy.toml"
+    path.write_text(
+        '[environments.cluster.roles]\nweb = ["root@10.0.0.2"]\nworker = ["root@10.0.0.2"]\n'
+        'beat = ["root@10.0.0.2"]\ndb = ["root@10.0.0.4"]\n'
+    )
+    with pytest.raises(DeployError, match="upgrades a site of one host; on a cluster, upgrade host by host"):
+        release_upgrade(Site(load_config(path, "cluster"), []), yes=True)
