@@ -9,7 +9,7 @@ new major version with pg_upgradecluster (the old one dropped only once the new 
 provision's steps again (they render from facts read on the new release), the live release's virtualenv rebuilt for
 the new Python, its programs restarted and verified, a request through nginx; the page off; recorded in the history.
 
-A site of one host only: a cluster is upgraded host by host (docs/operations.md).
+A site of one host only: a cluster is upgraded host by host (docs/release-upgrade.md).
 """
 
 from __future__ import annotations
@@ -34,7 +34,8 @@ from deploy.verify import _get_over_ssh, health_host
 
 # What the upgrade needs free under /var: the packages downloaded and unpacked, and the new cluster beside the old.
 MIN_FREE_KB = 2 * 1024 * 1024
-# What the site is told to expect: the window measured on the kit's test server, rounded up (docs/operations.md).
+# What the site is told to expect: the window measured on the kit's test server, rounded up
+# (docs/release-upgrade.md).
 EXPECTED_DOWNTIME = "about 5 minutes on a small server (longer on a slow disk or with a large database)"
 
 
@@ -91,12 +92,12 @@ def release_upgrade(
     if config.multi_host or len(site.hosts) != 1:
         raise DeployError(
             "os-update --release upgrades a site of one host; on a cluster, upgrade host by host as "
-            "docs/operations.md says (the db host's PostgreSQL last)."
+            "docs/release-upgrade.md says (the db host's PostgreSQL last)."
         )
     if config.backup_repository:
         raise DeployError(
             "backup_repository is set: the archive's stanza belongs to the PostgreSQL version it was made for, and "
-            "os-update --release does not move it; upgrade as docs/operations.md says (pgbackrest stanza-upgrade)."
+            "os-update --release does not move it; upgrade as docs/release-upgrade.md says (pgbackrest stanza-upgrade)."
         )
     site.require_whole("os-update --release")
     progress = Progress(f"os-update --release on {site.name}")
@@ -109,12 +110,13 @@ def release_upgrade(
         sources = _read_sources(server, facts)
         changed = {path: commands.switch_sources(text, old, new) for path, text in sources.items()}
         changed = {path: text for path, text in changed.items() if text != sources[path]}
-        if not changed:
+        named = [suite for text in sources.values() for _, suite in commands.repositories(text)]
+        if not changed and not any(suite.startswith(new) for suite in named):
             raise DeployError(
                 f"apt's sources on {server.name} name no {old} suite ({', '.join(sources) or 'no sources'}): the "
                 f"target release's mirror is unknown; nothing was changed."
             )
-        _probe(server, changed, new)
+        _probe(server, changed or sources, new)
     progress.say(announce(server.name, old, new, cluster))
     if not yes and not (confirm and confirm("upgrade now?")):
         raise DeployError(
@@ -173,15 +175,19 @@ def _switch_sources(site: Site, server: Server, sources: dict[str, str], changed
     """Keep the sources as they are, write the new release's, fetch its lists and download every package; on a
     failure the old sources come back (no package changed yet)."""
     progress = site.progress
-    with progress.step(f"apt's sources to {new} ({', '.join(changed)}), the packages downloaded (the site serves)"):
-        server.root(commands.keep_sources(list(sources)), what="keeping apt's sources")
+    files = ", ".join(changed) or "already switched by an earlier attempt"
+    with progress.step(f"apt's sources to {new} ({files}), the packages downloaded (the site serves)"):
+        if changed:  # an earlier attempt's switch keeps the copies it made of the sources as they were
+            server.root(commands.keep_sources(list(sources)), what="keeping apt's sources")
         try:
-            server.upload(
-                [(text, path, "root", "0644") for path, text in changed.items()], what="writing apt's sources"
-            )
+            if changed:
+                server.upload(
+                    [(text, path, "root", "0644") for path, text in changed.items()], what="writing apt's sources"
+                )
             out = server.root(commands.download(), what="downloading the new release's packages", timeout=3600).stdout
         except DeployError as exc:
-            server.root(commands.put_sources_back(list(changed)), what="putting apt's sources back", warn=True)
+            kept = list(changed) or list(sources)
+            server.root(commands.put_sources_back(kept), what="putting apt's sources back", warn=True)
             raise DeployError(f"{exc} -- apt's sources are back as they were; no package was changed") from exc
         upgraded, installed, removed = commands.parse_upgrade_counts(out)
         progress.say(f"   {upgraded} to upgrade, {installed} new, {removed} to remove (downloaded)")
@@ -219,7 +225,7 @@ def _upgrade(site: Site, cluster: Cluster, saved: str, boot_timeout: int) -> str
     except BaseException as exc:
         raise DeployError(
             f"{str(exc) or type(exc).__name__} -- the maintenance page stays on ({flag}: remove it once the site is "
-            f"right); the backup taken first is {saved} (docs/operations.md: the way back)"
+            f"right); the backup taken first is {saved} (docs/release-upgrade.md: the way back)"
         ) from exc
     maintenance.turn_off(server)
     window = time.monotonic() - started
