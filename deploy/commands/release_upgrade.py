@@ -171,14 +171,13 @@ def probe_urls(pairs: list[tuple[str, str]]) -> list[str]:
 
 
 def keep_sources(files: list[str]) -> str:
-    """As root: a copy of each sources file as it is, in SOURCES_KEPT (replacing an earlier attempt's)."""
-    return " && ".join(
-        [
-            sh("rm", "-rf", SOURCES_KEPT),
-            sh("install", "-d", "-m", "700", SOURCES_KEPT),
-            sh("cp", "-a", "--parents", *files, SOURCES_KEPT),
-        ]
-    )
+    """As root: a copy of each sources file as it is, under SOURCES_KEPT at its own path (an earlier attempt's
+    copies replaced)."""
+    steps = [sh("rm", "-rf", SOURCES_KEPT), sh("install", "-d", "-m", "700", SOURCES_KEPT)]
+    for path in files:
+        kept = PurePosixPath(f"{SOURCES_KEPT}{path}")
+        steps += [sh("mkdir", "-p", kept.parent), sh("cp", "-a", path, kept)]
+    return " && ".join(steps)
 
 
 def put_sources_back(files: list[str]) -> str:

@@ -507,6 +507,7 @@ def sql(vps: Container, statement: str) -> str:
     ).stdout.strip()
 
 
+@pytest.mark.timeout(2400)  # a whole release's packages downloaded and installed, then a reboot
 @pytest.mark.parametrize("vps", ["bookworm"], indirect=True)
 def test_os_update_release_upgrades_debian_12_to_13_with_its_data(vps):
     sql(vps, "INSERT INTO prayer_room_api_location (name, slug, is_active, created_at) VALUES "
