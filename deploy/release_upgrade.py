@@ -36,7 +36,7 @@ from deploy.verify import _get_over_ssh, health_host
 MIN_FREE_KB = 2 * 1024 * 1024
 # What the site is told to expect: the window measured on the kit's test server, rounded up
 # (docs/release-upgrade.md).
-EXPECTED_DOWNTIME = "about 5 minutes on a small server (longer on a slow disk or with a large database)"
+EXPECTED_DOWNTIME = "2 to 5 minutes on a small server (longer on a slow disk, a slow mirror or with a large database)"
 
 
 def check(facts: Facts, where: str) -> tuple[str, str, Cluster]:

@@ -528,6 +528,8 @@ def test_os_update_release_upgrades_debian_12_to_13_with_its_data(vps):
         timings["fab os-update --release: total (s)"] = round(time.monotonic() - started, 1)
         if result.returncode == 0:
             answers.wait_for(200, 3)
+    ARTIFACTS.mkdir(exist_ok=True)
+    (ARTIFACTS / "os-update-release-bookworm.log").write_text(result.stdout + result.stderr)
     assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
     outage = answers.outage()
     timings.update({f"os-update --release outage: {key}": value for key, value in outage.items()})
