@@ -305,7 +305,8 @@ def history(c, lines=50, env=None, config=None):
 def os_update(c, env=None, config=None, reboot=False, boot_timeout=None, release=False, yes=False):
     """Upgrade the Debian packages host by host (web hosts one at a time, each drained at the balancer meanwhile; the
     db host last); reboot a host when an update asks for it (or --reboot), behind the maintenance page where no other
-    host serves; verify it before the next. --release upgrades a Debian 12 server to Debian 13 (docs/release-upgrade.md)."""
+    host serves; verify it before the next. --release upgrades a Debian 12 server to Debian 13
+    (docs/release-upgrade.md)."""
     if boot_timeout is not None and not str(boot_timeout).isdigit():
         raise DeployError(f"--boot-timeout must be a number of seconds, got {boot_timeout!r}.")
     timeout = int(boot_timeout) if boot_timeout else os_update_module.BOOT_TIMEOUT
