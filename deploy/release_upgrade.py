@@ -280,6 +280,13 @@ def _move_cluster(site: Site, cluster: Cluster, database: str, before: dict[str,
                 f"{cluster.label} is kept"
             )
         progress.say(f"   {len(after)} tables, {sum(after.values())} rows: the same in {version}")
+        settings = server.root(commands.access_settings(cluster, moved), what="comparing the clusters' settings")
+        lost = commands.parse_lost_settings(settings.stdout)
+        if lost:
+            raise DeployError(
+                f"PostgreSQL {version} lacks what {cluster.label} had (pg_hba.conf, conf.d): {'; '.join(lost[:3])}; "
+                f"{cluster.label} is kept"
+            )
         server.root(commands.drop_cluster(cluster), what=f"dropping {cluster.label}")
         server.root(
             commands.remove_packages([f"postgresql-{cluster.version}", f"postgresql-client-{cluster.version}"]),

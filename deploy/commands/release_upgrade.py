@@ -234,6 +234,33 @@ def databases(cluster: Cluster) -> str:
 EMPTY_CLUSTER_DATABASES = {"postgres", "template0", "template1"}
 
 
+def access_settings(old: Cluster, new: Cluster) -> str:
+    """As root: `old RULE` / `new RULE` for each rule of each cluster's pg_hba.conf (comments and blank lines out,
+    spaces collapsed), and `old conf.d/NAME` / `new conf.d/NAME` for each file of its conf.d with its sha256."""
+    lines = []
+    for side, cluster in (("old", old), ("new", new)):
+        etc = PurePosixPath("/etc/postgresql") / cluster.version / cluster.name
+        lines.append(
+            f"sed -e 's/#.*//' -e 's/[[:space:]]\\+/ /g' -e 's/^ //' -e 's/ $//' {sh(etc / 'pg_hba.conf')}"
+            f" | grep -v '^$' | sed 's/^/{side} /'"
+        )
+        lines.append(
+            f"(cd {sh(etc / 'conf.d')} 2>/dev/null && sha256sum -- * 2>/dev/null) | "
+            f'awk \'{{print "{side} conf.d/" $2 " " $1}}\''
+        )
+    return "; ".join(lines) + "; true"
+
+
+def parse_lost_settings(text: str) -> list[str]:
+    """What the old cluster's pg_hba.conf and conf.d had that the new one's lack (pg_upgradecluster copies both)."""
+    sides: dict[str, set[str]] = {"old": set(), "new": set()}
+    for line in text.splitlines():
+        side, _, rest = line.partition(" ")
+        if side in sides and rest:
+            sides[side].add(rest)
+    return sorted(sides["old"] - sides["new"])
+
+
 def drop_cluster(cluster: Cluster) -> str:
     return sh("pg_dropcluster", "--stop", cluster.version, cluster.name)
 

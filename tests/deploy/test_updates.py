@@ -328,3 +328,15 @@ def test_os_update_release_refuses_a_cluster_with_the_host_by_host_way(tmp_path)
     )
     with pytest.raises(DeployError, match="upgrades a site of one host; on a cluster, upgrade host by host"):
         release_upgrade(Site(load_config(path, "cluster"), []), yes=True)
+
+
+def test_a_rule_or_conf_d_file_the_new_cluster_lacks_keeps_the_old_one():
+    from deploy.commands.release_upgrade import parse_lost_settings
+
+    same = "old local all postgres peer\nnew local all postgres peer\n"
+    assert parse_lost_settings(same) == []
+    lost = same + "old hostssl prayer_room prayer_room 10.0.0.2/32 scram-sha-256\nold conf.d/listen.conf ab12\n"
+    assert parse_lost_settings(lost + "new conf.d/listen.conf cd34\n") == [
+        "conf.d/listen.conf ab12",
+        "hostssl prayer_room prayer_room 10.0.0.2/32 scram-sha-256",
+    ]
