@@ -33,6 +33,15 @@ def sha256_of(path: str) -> str:
     return digest.hexdigest()
 
 
+class Unusable(Exception):
+    """The backups directory cannot be used (it is a file, or unreadable): one line for the caller."""
+
+
+def unusable(directory: str, exc: OSError) -> Unusable:
+    reason = "Not a directory" if isinstance(exc, FileExistsError) else exc.strerror or str(exc)
+    return Unusable(f"the backups directory {directory} cannot be used ({reason})")
+
+
 def read_backups(directory: str) -> list[dict]:
     """The backups' records (name, release, kind, created, size, sha256), oldest first."""
     records = []
@@ -40,6 +49,8 @@ def read_backups(directory: str) -> list[dict]:
         names = os.listdir(directory)
     except FileNotFoundError:
         return []
+    except OSError as exc:  # e.g. a file where the directory should be
+        raise unusable(directory, exc) from None
     for name in names:
         if name.endswith(BACKUP_SUFFIX + ".json"):
             try:
@@ -57,8 +68,11 @@ def backup(args) -> int:
     """
     import subprocess
 
-    os.makedirs(args.dir, mode=0o700, exist_ok=True)
-    os.chmod(args.dir, 0o700)
+    try:
+        os.makedirs(args.dir, mode=0o700, exist_ok=True)
+        os.chmod(args.dir, 0o700)
+    except OSError as exc:
+        raise unusable(args.dir, exc) from None
     now = time.time()
     release = args.release
     if not release and args.release_link:
@@ -361,7 +375,11 @@ def main(argv: list[str]) -> int:
         p.add_argument("--dir", required=True)
         p.add_argument("--pg-bin", default="", help="the directory of pg_dump, pg_restore and psql")
     commands = {"backup": backup, "backups": backups, "restore": restore, "recover": recover, "cycle": cycle}
-    return dispatch(parser, commands, argv)
+    try:
+        return dispatch(parser, commands, argv)
+    except Unusable as exc:
+        emit(ok=False, error=str(exc))
+        return 1
 
 
 if __name__ == "__main__":

@@ -15,11 +15,13 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import math
 import os
 import re
 import subprocess
 import sys
 import time
+import traceback
 import urllib.error
 import urllib.request
 
@@ -32,6 +34,17 @@ OUTBOX_MAX_AGE = 7 * 86400
 STATE_FILE = "state.json"
 START_GRACE = 60  # seconds after supervisord started (a boot) before its programs and /health/ are judged
 MESSAGE_LIMIT = 500
+# A run's time (the unit's TimeoutStartSec is 55 s): the checks get CHECK_BUDGET, each command's timeout cut to what
+# is left (a check out of time cannot tell: its alerts stay as they are); no notice is begun after SEND_BUDGET, so a
+# send's own timeout (senders.SEND_TIMEOUT) still ends within the unit's.
+CHECK_BUDGET = 30
+SEND_BUDGET = 40
+SHORT_RUNS = 3  # runs in a row that left checks out for lack of time before that is an alert itself
+# apt's simulation (seconds of CPU on a small server) is redone when the package lists, the installed packages or
+# apt's sources changed, else hourly; its answer is kept in the state between.
+UPDATES_EVERY = 3600
+APT_INPUTS = ("/var/lib/apt/lists", "/var/lib/dpkg/status", "/etc/apt/sources.list", "/etc/apt/sources.list.d",
+              "/etc/apt/preferences.d")  # fmt: skip
 # prayer_room_api.beat.LOCK_KEY: the advisory lock the leading beat holds (tests/deploy/test_watchdog.py keeps
 # the two equal).
 BEAT_LOCK_KEY = (0x50524159, 0x42454154)
@@ -48,7 +61,7 @@ DEFAULTS = {
 # the beat check) leaves its alerts as they are: neither opened nor resolved.
 SEVERITY = {"program": "critical", "health": "critical", "beat": "critical", "backup": "critical",
             "disk": "critical", "task": "warning", "certificate": "warning", "memory": "warning",
-            "reboot": "warning", "updates": "warning"}  # fmt: skip
+            "reboot": "warning", "updates": "warning", "watchdog": "warning"}  # fmt: skip
 REAL_FILESYSTEMS = {"ext2", "ext3", "ext4", "xfs", "btrfs", "zfs", "f2fs", "tmpfs", "jfs", "reiserfs"}
 
 
@@ -97,36 +110,46 @@ def queue(state: dict, targets: list[str], bodies: list[dict], now: float) -> No
     outbox[:] = [item for item in outbox if now - item["queued"] < OUTBOX_MAX_AGE][-OUTBOX_LIMIT:]
 
 
-def flush(state: dict, deliver, log=print) -> tuple[int, int]:
+def flush(state: dict, deliver, log=print, deadline: float = math.inf) -> tuple[int, int]:
     """Send the outbox in order through `deliver(target, body)`; a target that fails is not tried again this run,
-    its notices stay for the next. Returns (sent, left)."""
-    outbox, left, down, sent = state.get("outbox", []), [], set(), 0
+    its notices stay for the next, and so do those not begun by `deadline` (time.monotonic()). Returns (sent, left)."""
+    outbox, kept, down, sent = state.get("outbox", []), [], set(), 0
     for item in outbox:
-        if item["target"] in down:
-            left.append(item)
+        if item["target"] in down or time.monotonic() >= deadline:
+            kept.append(item)
             continue
         try:
             deliver(item["target"], item["body"])
             sent += 1
         except OSError as exc:
             down.add(item["target"])
-            left.append(item)
+            kept.append(item)
             log(f"watchdog: not sent ({exc}); tried again at the next run")
-    state["outbox"] = left
-    return sent, len(left)
+    state["outbox"] = kept
+    return sent, len(kept)
 
 
 # --- the checks ---------------------------------------------------------------------------------------------
 
 
-def run_command(argv: list[str], env: dict | None = None, timeout: float = 20) -> subprocess.CompletedProcess:
-    return subprocess.run(argv, capture_output=True, text=True, timeout=timeout, env=env, cwd="/")
+def left(deadline: float, most: float) -> float:
+    """Seconds a step may take: `most`, cut to what is left before `deadline` (time.monotonic())."""
+    return min(most, deadline - time.monotonic())
 
 
-def check_programs(config: dict, state: dict, now: float) -> dict[str, str]:
+def run_command(argv: list[str], env: dict | None = None, timeout: float = 20,
+                deadline: float = math.inf) -> subprocess.CompletedProcess:  # fmt: skip
+    """argv's result; subprocess.TimeoutExpired past `timeout` or `deadline`, whichever comes first."""
+    seconds = left(deadline, timeout)
+    if seconds <= 0:
+        raise subprocess.TimeoutExpired(argv, 0)
+    return subprocess.run(argv, capture_output=True, text=True, timeout=seconds, env=env, cwd="/")
+
+
+def check_programs(config: dict, state: dict, now: float, deadline: float = math.inf) -> dict[str, str]:
     """supervisorctl status: a program FATAL or in BACKOFF, or found restarted at `loop_restarts` runs in a row."""
     try:
-        result = run_command([config.get("supervisorctl", "supervisorctl"), "status"])
+        result = run_command([config.get("supervisorctl", "supervisorctl"), "status"], deadline=deadline)
     except (OSError, subprocess.TimeoutExpired) as exc:
         raise Unknown(f"supervisorctl: {exc}") from None
     lines = [line.split(None, 2) for line in result.stdout.splitlines() if line.strip()]
@@ -158,24 +181,29 @@ def health_host(env: dict) -> str:
     return names[0] if names else "localhost"
 
 
-def check_health(config: dict, env: dict, pause: float = 3.0) -> dict[str, str]:
+def check_health(config: dict, env: dict, pause: float = 3.0, deadline: float = math.inf) -> dict[str, str]:
     """GET /health/ on each web program's loopback port: 200, or an alert naming what failed (asked twice, `pause`
     apart: a program supervisord is restarting answers again within seconds)."""
-    failures = health_failures(config, env)
+    failures = health_failures(config, env, deadline)
     if failures:
+        if left(deadline, pause + 1) <= pause:
+            raise Unknown("no time left to ask /health/ again")
         time.sleep(pause)
-        failures = health_failures(config, env)
+        failures = health_failures(config, env, deadline)
     return {"health": "/health/ failed on " + "; ".join(failures)} if failures else {}
 
 
-def health_failures(config: dict, env: dict) -> list[str]:
+def health_failures(config: dict, env: dict, deadline: float = math.inf) -> list[str]:
     failures = []
     for port in config["web_ports"]:
+        seconds = left(deadline, 10)
+        if seconds <= 0:
+            raise Unknown("no time left to ask /health/")
         request = urllib.request.Request(
             f"http://127.0.0.1:{port}/health/", headers={"Host": health_host(env), "X-Forwarded-Proto": "https"}
         )
         try:
-            with urllib.request.urlopen(request, timeout=10) as response:
+            with urllib.request.urlopen(request, timeout=seconds) as response:
                 response.read()
             continue
         except urllib.error.HTTPError as exc:
@@ -190,13 +218,13 @@ def health_failures(config: dict, env: dict) -> list[str]:
     return failures
 
 
-def query(env: dict, sql: str) -> list[list[str]]:
+def query(env: dict, sql: str, deadline: float = math.inf) -> list[list[str]]:
     """Rows of `sql` (tab-separated fields) through psql with the env file's DATABASE_URL; Unknown when the
     database does not answer."""
     try:
         libpq = database_environment(env)
         result = run_command(["psql", "-X", "-q", "-t", "-A", "-F", "\t", "-v", "ON_ERROR_STOP=1", "-c", sql],
-                             env={**libpq, "PGCONNECT_TIMEOUT": "5"})  # fmt: skip
+                             env={**libpq, "PGCONNECT_TIMEOUT": "5"}, deadline=deadline)  # fmt: skip
     except (OSError, ValueError, subprocess.TimeoutExpired) as exc:
         raise Unknown(f"psql: {exc}") from None
     if result.returncode != 0:
@@ -204,13 +232,15 @@ def query(env: dict, sql: str) -> list[list[str]]:
     return [line.split("\t") for line in result.stdout.splitlines() if line]
 
 
-def check_beat(env: dict, pause: float = 6.0) -> dict[str, str]:
+def check_beat(env: dict, pause: float = 6.0, deadline: float = math.inf) -> dict[str, str]:
     """Exactly one beat holds the leader lock (project/prayer_room_api/beat.py); none is asked again after `pause`:
     a standby or a restarted beat takes a free lock within a few seconds (its STANDBY_RETRY is 2 s)."""
-    rows = beat_leaders(env)
+    rows = beat_leaders(env, deadline)
     if not rows:
+        if left(deadline, pause + 1) <= pause:
+            raise Unknown("no time left to ask for the beat leader again")
         time.sleep(pause)
-        rows = beat_leaders(env)
+        rows = beat_leaders(env, deadline)
     if not rows:
         return {"beat": "no beat leads: periodic tasks are not dispatched (is beat running? `fab status`)"}
     if len(rows) > 1:
@@ -218,12 +248,13 @@ def check_beat(env: dict, pause: float = 6.0) -> dict[str, str]:
     return {}
 
 
-def beat_leaders(env: dict) -> list[list[str]]:
+def beat_leaders(env: dict, deadline: float = math.inf) -> list[list[str]]:
     return query(
         env,
         "SELECT a.application_name FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid WHERE l.locktype = "
         f"'advisory' AND l.granted AND l.classid = {BEAT_LOCK_KEY[0]} AND l.objid = {BEAT_LOCK_KEY[1]} AND "
         "l.objsubid = 2 AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())",
+        deadline,
     )
 
 
@@ -310,11 +341,11 @@ def ago(seconds: float) -> str:
     return f"{seconds / 3600:.1f} h" if seconds >= 7200 else f"{seconds / 60:.0f} min"
 
 
-def check_tasks(config: dict, env: dict, now: float) -> dict[str, str]:
+def check_tasks(config: dict, env: dict, now: float, deadline: float = math.inf) -> dict[str, str]:
     """Each enabled periodic task was dispatched within its period (interval) or since it was last due (crontab),
     plus task_grace_seconds."""
     problems = {}
-    for row in query(env, TASKS_SQL):
+    for row in query(env, TASKS_SQL, deadline):
         try:
             why = overdue(row, now, config["task_grace_seconds"])
         except (ValueError, KeyError, TypeError):
@@ -324,10 +355,15 @@ def check_tasks(config: dict, env: dict, now: float) -> dict[str, str]:
     return problems
 
 
-def check_backups(config: dict, now: float) -> dict[str, str]:
-    """The daily backup's unit did not fail, and the newest backup is younger than backup_max_age_hours."""
+def check_backups(config: dict, now: float, deadline: float = math.inf) -> dict[str, str]:
+    """The daily backup's unit did not fail, its directory can be read, and the newest backup is younger than
+    backup_max_age_hours."""
     unit = config["backup_unit"]
-    state = run_command(["systemctl", "show", "--property=ActiveState,Result", "--value", unit]).stdout.split()
+    try:
+        state = run_command(["systemctl", "show", "--property=ActiveState,Result", "--value", unit],
+                            deadline=deadline).stdout.split()  # fmt: skip
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise Unknown(f"systemctl: {exc}") from None
     problems = []
     if "failed" in state:
         problems.append(f"the last run of {unit} failed (`journalctl -u {unit}` on the server)")
@@ -340,8 +376,10 @@ def check_backups(config: dict, now: float) -> dict[str, str]:
                         newest = max(newest, float(json.load(handle).get("created", 0)))
                 except (OSError, ValueError, TypeError, AttributeError):
                     continue
-    except OSError:
-        pass
+    except FileNotFoundError:
+        pass  # no backup yet: judged by the release's age below
+    except OSError as exc:  # e.g. a file where the directory should be
+        problems.append(f"the backups directory {config['backup_dir']} cannot be read ({exc.strerror or exc})")
     limit = config["backup_max_age_hours"] * 3600
     live_since = lstat_mtime(config["current"])
     if newest and now - newest > limit:
@@ -358,7 +396,7 @@ def lstat_mtime(path: str) -> float:
         return 0.0
 
 
-def check_certificate(config: dict, now: float) -> dict[str, str]:
+def check_certificate(config: dict, now: float, deadline: float = math.inf) -> dict[str, str]:
     """The certificate expires in more than certificate_days, and certbot's last renewal did not fail."""
     import ssl
 
@@ -372,7 +410,8 @@ def check_certificate(config: dict, now: float) -> dict[str, str]:
     except (OSError, ValueError, KeyError) as exc:
         problems.append(f"the certificate {config['certificate']} cannot be read ({exc})")
     try:
-        renewal = run_command(["systemctl", "show", "--property=ActiveState", "--value", "certbot.service"]).stdout
+        renewal = run_command(["systemctl", "show", "--property=ActiveState", "--value", "certbot.service"],
+                              deadline=deadline).stdout  # fmt: skip
     except (OSError, subprocess.TimeoutExpired):
         renewal = ""  # no systemd to ask: the expiry above still counts
     if renewal.strip() == "failed":
@@ -445,17 +484,41 @@ def security_updates(simulation: str) -> list[str]:
     return sorted({name for name, _version, origin in _INST.findall(simulation) if "security" in origin.lower()})
 
 
-def check_updates(config: dict, state: dict, now: float) -> dict[str, str]:
-    """Security updates waiting longer than update_days (each package's first sighting kept in the state); apt's
-    simulation only, from the package lists apt-daily.timer refreshes."""
+def apt_inputs() -> list[int | None]:
+    """What apt's simulation depends on, as modification times: the package lists (apt-daily.timer's update), the
+    installed packages (dpkg's status), apt's sources."""
+    stamps = []
+    for path in APT_INPUTS:
+        try:
+            stamps.append(os.stat(path).st_mtime_ns)
+        except OSError:
+            stamps.append(None)
+    return stamps
+
+
+def pending_security_updates(state: dict, now: float, deadline: float = math.inf) -> list[str]:
+    """The security updates apt's simulation lists: kept in the state's "apt", simulated again only when
+    apt_inputs() changed or UPDATES_EVERY has passed."""
+    inputs, cached = apt_inputs(), state.get("apt") or {}
+    if cached.get("inputs") == inputs and 0 <= now - cached.get("at", -math.inf) < UPDATES_EVERY:
+        return cached["pending"]
     try:
         result = run_command(["apt-get", "-s", "-q", "-o", "Debug::NoLocking=1", "-o", "Dir::Cache::pkgcache=",
-                              "-o", "Dir::Cache::srcpkgcache=", "dist-upgrade"], timeout=40)  # fmt: skip
+                              "-o", "Dir::Cache::srcpkgcache=", "dist-upgrade"], timeout=40,
+                             deadline=deadline)  # fmt: skip
     except (OSError, subprocess.TimeoutExpired) as exc:
         raise Unknown(f"apt-get: {exc}") from None
     if result.returncode != 0:
         raise Unknown(f"apt-get -s failed: {result.stderr.strip()[-200:]}")
     pending = security_updates(result.stdout)
+    state["apt"] = {"inputs": inputs, "at": now, "pending": pending}
+    return pending
+
+
+def check_updates(config: dict, state: dict, now: float, deadline: float = math.inf) -> dict[str, str]:
+    """Security updates waiting longer than update_days (each package's first sighting kept in the state); apt's
+    simulation only, from the package lists apt-daily.timer refreshes."""
+    pending = pending_security_updates(state, now, deadline)
     seen = state.get("security_updates", {})
     seen = state["security_updates"] = {name: seen.get(name, now) for name in pending}
     old = sorted(name for name, since in seen.items() if now - since > config["update_days"] * 86400)
@@ -478,46 +541,70 @@ def deploy_running(config: dict, now: float) -> bool:
     return now - newest < config["lock_expiry_seconds"]
 
 
-def starting(config: dict) -> bool:
+def starting(config: dict, deadline: float = math.inf) -> bool:
     """Whether the app's supervisord (config's app_unit) became active less than START_GRACE seconds ago (a boot,
     a provision's restart): its programs are still coming up."""
     if not config.get("app_unit"):
         return False
     try:
         since = run_command(["systemctl", "show", "-p", "ActiveEnterTimestampMonotonic", "--value",
-                             config["app_unit"]]).stdout.strip()  # fmt: skip
+                             config["app_unit"]], deadline=deadline).stdout.strip()  # fmt: skip
         return time.monotonic() - int(since) / 1e6 < START_GRACE
     except (OSError, ValueError, subprocess.TimeoutExpired):
         return False
 
 
-def inspect(config: dict, state: dict, now: float, log=print) -> tuple[dict[str, str], set[str]]:
-    """Run the host's checks: (problems, the key prefixes of the checks that could tell)."""
+def inspect(config: dict, state: dict, now: float, log=print,
+            deadline: float = math.inf) -> tuple[dict[str, str], set[str]]:  # fmt: skip
+    """Run the host's checks within `deadline` (time.monotonic()): (problems, the key prefixes of the checks that
+    could tell). A check that raises is logged with its traceback and is itself an alert ("watchdog:NAME"); checks
+    left out for lack of time at SHORT_RUNS runs in a row are one too ("watchdog:time")."""
     roles = set(config["roles"])
     env = app_environment(config, log)
-    busy = (deploy_running(config, now) if config.get("lock") else False) or starting(config)
+    busy = (deploy_running(config, now) if config.get("lock") else False) or starting(config, deadline)
     live = bool(release_of(config))  # before the first deploy there is nothing to run, answer or dispatch
     checks = [("disk", lambda: check_disks(config)), ("memory", lambda: check_memory(config)),
-              ("reboot", check_reboot), ("updates", lambda: check_updates(config, state, now))]  # fmt: skip
+              ("reboot", check_reboot)]  # fmt: skip
     if roles & {"web", "worker", "beat"} and live and not busy:
-        checks.append(("program", lambda: check_programs(config, state, now)))
+        checks.append(("program", lambda: check_programs(config, state, now, deadline)))
     if "web" in roles and live and not busy:
-        checks.append(("health", lambda: check_health(config, env)))
+        checks.append(("health", lambda: check_health(config, env, deadline=deadline)))
     if config.get("primary") and live:
         if not busy:
-            checks.append(("beat", lambda: check_beat(env)))
-        checks += [("task", lambda: check_tasks(config, env, now)), ("backup", lambda: check_backups(config, now))]
+            checks.append(("beat", lambda: check_beat(env, deadline=deadline)))
+        checks += [("task", lambda: check_tasks(config, env, now, deadline)),
+                   ("backup", lambda: check_backups(config, now, deadline))]  # fmt: skip
     if config.get("certificate"):
-        checks.append(("certificate", lambda: check_certificate(config, now)))
-    problems, checked = {}, set()
+        checks.append(("certificate", lambda: check_certificate(config, now, deadline)))
+    # last: the one that may run apt's simulation (cached, see UPDATES_EVERY)
+    checks.append(("updates", lambda: check_updates(config, state, now, deadline)))
+    problems, checked, skipped, opened = {}, {"watchdog"}, [], state.get("open", {})
     for name, check in checks:
+        if time.monotonic() >= deadline:
+            skipped.append(name)
+            continue
         try:
             problems.update(check())
             checked.add(name)
+            continue
         except Unknown as exc:
             log(f"watchdog: {name}: cannot tell ({exc})")
         except Exception as exc:  # noqa: BLE001 - one broken check must not stop the others or the sending
-            log(f"watchdog: {name}: check failed ({type(exc).__name__}: {exc})")
+            traceback.print_exc()
+            problems[f"watchdog:{name}"] = (f"the {name} check failed ({type(exc).__name__}: {exc}); "
+                                            "`journalctl -u prayer-room-watchdog` on the server")  # fmt: skip
+            continue
+        if f"watchdog:{name}" in opened:  # it could not tell: whether it still fails is not known either
+            problems[f"watchdog:{name}"] = opened[f"watchdog:{name}"]["message"]
+    state["short_runs"] = state.get("short_runs", 0) + 1 if skipped else 0
+    if skipped:
+        log(f"watchdog: out of time (CHECK_BUDGET {CHECK_BUDGET} s): {', '.join(skipped)} not checked this run")
+    if state["short_runs"] >= SHORT_RUNS or (skipped and "watchdog:time" in opened):
+        problems["watchdog:time"] = (f"the watchdog runs out of time: {', '.join(skipped)} not checked at "
+                                     f"{state['short_runs']} runs in a row")  # fmt: skip
+    for name in skipped:
+        if f"watchdog:{name}" in opened:
+            problems[f"watchdog:{name}"] = opened[f"watchdog:{name}"]["message"]
     return problems, checked
 
 
@@ -577,9 +664,16 @@ def delivery(config: dict):
 
 
 def command_run(args) -> int:
+    started = time.monotonic()
     config, now = load_config(args.config), time.time()
     state = load_state(args.state)
-    problems, checked = inspect(config, state, now)
+    try:
+        problems, checked = inspect(config, state, now, deadline=started + CHECK_BUDGET)
+    except Exception as exc:  # noqa: BLE001 - the run still sends what it has, and says that it failed
+        traceback.print_exc()
+        problems = {"watchdog:run": f"the watchdog's checks failed ({type(exc).__name__}: {exc}); "
+                                    "`journalctl -u prayer-room-watchdog` on the server"}  # fmt: skip
+        checked = {"watchdog"}  # the other alerts stay as they are
     events = advance(state, problems, checked, now)
     release = release_of(config)
     bodies = [notice(e["event"], config["host"], e["severity"], e["message"], release, at=now, alert=e["key"],
@@ -587,12 +681,15 @@ def command_run(args) -> int:
     queue(state, config.get("notify", []), bodies, now)
     state["checked_at"] = now
     save_state(args.state, state)  # before sending: a run killed mid-send loses nothing
-    sent, left = flush(state, delivery(config))
+    sent, waiting = flush(state, delivery(config), deadline=started + SEND_BUDGET)
     save_state(args.state, state)
     for event in events:
         print(f"watchdog: {event['event']} {event['key']}: {event['message']}")
     opened = len(state.get("open", {}))
-    print(f"watchdog: {len(checked)} checks, {opened} open alert(s), {sent} notice(s) sent, {left} waiting")
+    print(
+        f"watchdog: {len(checked) - 1} checks in {time.monotonic() - started:.1f} s, {opened} open alert(s), "
+        f"{sent} notice(s) sent, {waiting} waiting"
+    )
     return 0
 
 

@@ -42,6 +42,17 @@ def test_the_root_helper_lists_the_backups_oldest_first_with_the_server_clock(tm
     assert isinstance(answer["now"], int)
 
 
+def test_a_file_where_the_backups_directory_should_be_is_one_line_not_a_traceback(tmp_path):
+    env_file = tmp_path / "env"
+    env_file.write_text("DATABASE_URL=postgres://u:p@127.0.0.1/db\n")
+    (tmp_path / "backups").write_text("")
+    for args in (("backups",), ("--env-file", str(env_file), "backup")):
+        result = run("root_helper", *args, "--dir", str(tmp_path / "backups"))
+        assert result.returncode == 1 and result.stderr == "", result.stderr
+        error = json.loads(result.stdout.splitlines()[-1])["error"]
+        assert error == f"the backups directory {tmp_path / 'backups'} cannot be used (Not a directory)", error
+
+
 def test_the_root_helper_refuses_a_backup_without_a_postgres_url_and_writes_nothing(tmp_path):
     env_file = tmp_path / "env"
     env_file.write_text("DATABASE_URL=sqlite:///db.sqlite3\n")

@@ -273,6 +273,63 @@ def test_security_updates_alert_once_they_have_waited_seven_days(monkeypatch):
     assert wd.check_updates(config, state, 9 * 86400) == {} and state["security_updates"] == {}
 
 
+def test_apts_simulation_is_kept_until_the_package_lists_change_or_an_hour_passed(monkeypatch):
+    simulations = []
+
+    def simulate(*args, **kwargs):
+        simulations.append(args[0])
+        return subprocess.CompletedProcess([], 0, APT_SIMULATION, "")
+
+    inputs = [1, 2, 3, None, None]
+    monkeypatch.setattr(wd, "run_command", simulate)
+    monkeypatch.setattr(wd, "apt_inputs", lambda: list(inputs))
+    config, state = dict(wd.DEFAULTS), {}
+    for now in (0, 60, 3500):
+        wd.check_updates(config, state, now)
+    assert len(simulations) == 1 and state["security_updates"] == {"libssl3t64": 0, "openssl": 0}
+    wd.check_updates(config, state, 3600)  # an hour on
+    inputs[0] = 4  # apt-daily's update replaced the package lists
+    wd.check_updates(config, state, 3660)
+    wd.check_updates(config, state, 3720)
+    assert len(simulations) == 3
+
+
+def test_a_check_that_raises_is_an_alert_with_its_traceback_in_the_journal_and_the_run_still_sends(tmp_path):
+    (tmp_path / "current").symlink_to(tmp_path / "releases" / "r1")  # a live release
+    with Receiver() as receiver:
+        # no backup_unit: check_backups raises KeyError, a bug of the kind a run must survive and report
+        config = {"host": "h", "roles": ["db"], "primary": True, "current": str(tmp_path / "current"),
+                  "notify": [receiver.url], "disk_percent": 101}  # fmt: skip
+        out = run_watchdog(tmp_path, config)
+        assert [(b["event"], b["alert"]) for b in receiver.received] == [("alert", "watchdog:backup")], out
+        assert "KeyError: 'backup_unit'" in receiver.received[0]["message"]
+        config["backup_unit"], config["backup_dir"] = "prayer-room-backup.service", str(tmp_path)
+        run_watchdog(tmp_path, config)  # fixed (systemctl is not on PATH: it cannot tell, so nothing resolves)
+        assert len(receiver.received) == 1
+
+
+def test_a_check_out_of_time_cannot_tell_and_the_checks_after_it_wait_for_the_next_run(tmp_path):
+    """A supervisorctl that hangs: the run's deadline cuts it (not its own 20 s timeout); the checks after it are
+    left out, their alerts as they were; three such runs in a row are an alert."""
+    import time
+
+    (tmp_path / "current").symlink_to(tmp_path / "releases" / "r1")
+    hung = tmp_path / "supervisorctl"
+    hung.write_text("#!/bin/sh\nexec sleep 30\n")
+    hung.chmod(0o755)
+    config = {**wd.DEFAULTS, "host": "h", "roles": ["worker"], "current": str(tmp_path / "current"),
+              "supervisorctl": str(hung), "disk_percent": 101}  # fmt: skip
+    state = {"open": {"program:prayer-room:worker": {"message": "FATAL", "since": 0, "told": 0}}}
+    for _ in range(3):
+        started = time.monotonic()
+        problems, checked = wd.inspect(config, state, 1000, log=lambda line: None, deadline=started + 0.3)
+        assert time.monotonic() - started < 5 and "program" not in checked and "updates" not in checked
+        events = wd.advance(state, problems, checked, 1000)
+        assert "program:prayer-room:worker" in state["open"]
+    assert [e["key"] for e in events] == ["watchdog:time"], events
+    assert events[0]["message"] == "the watchdog runs out of time: updates not checked at 3 runs in a row"
+
+
 def test_history_records_of_the_announced_actions_are_announced_a_provision_is_not(capsys):
     with Receiver() as receiver:
         config = single_host_site(DeployConfig(notify=(receiver.url,)), "root@10.0.0.2")
