@@ -18,13 +18,18 @@ import subprocess
 import sys
 import time
 import urllib.parse
+from contextlib import ExitStack
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
+from deploy.config import load_config
+from deploy.tls import certbot_command
 from tests.deploy.target import RequestLoop
 from tests.support import acme
 from tests.support.nspawn import RELEASES, Container, build_rootfs, missing_tools, operator_env
+from tests.support.webhook import Receiver
 
 REPO = Path(__file__).resolve().parents[2]
 FAB = Path(sys.executable).with_name("fab")
@@ -40,10 +45,11 @@ figures: dict[str, object] = {}
 
 
 class Site:
-    """The provisioned container, the ACME server it trusts, and HTTPS requests to DOMAIN at its address."""
+    """The provisioned container, the ACME server it trusts, its notify target (`receiver`), and HTTPS requests to
+    DOMAIN at its address."""
 
-    def __init__(self, vps: Container, pebble: acme.Pebble, config: Path):
-        self.vps, self.pebble, self.config = vps, pebble, config
+    def __init__(self, vps: Container, pebble: acme.Pebble, config: Path, receiver: Receiver):
+        self.vps, self.pebble, self.config, self.receiver = vps, pebble, config, receiver
         self.context: ssl.SSLContext | None = None
 
     def fab(self, *args: str, timeout: float = 1200) -> subprocess.CompletedProcess:
@@ -121,10 +127,11 @@ def site(request, tmp_path_factory):
     workdir = tmp_path_factory.mktemp(f"tls-{request.param}")
     (workdir / "vps").mkdir()
     vps = Container(workdir / "vps").create(build_rootfs(request.param))
-    pebble = None
+    pebble, stack = None, ExitStack()
     try:
         vps.boot()
         pebble = acme.Pebble(workdir / "pebble", listen_address=vps.gateway, answer=vps.address).start()
+        receiver = stack.enter_context(Receiver(host=vps.gateway))
         config = workdir / "deploy.toml"
         config.write_text(
             "[environments.tls]\n"
@@ -132,12 +139,14 @@ def site(request, tmp_path_factory):
             'acme_email = "ops@prayer-room.test"\n'
             f'acme_directory = "{pebble.directory}"\n'
             f'acme_ca_bundle = "{pebble.ca}"\n'
+            f'notify = ["{receiver.url}"]\n'
             # the request loops POST far more than a visitor may
             "write_rate_per_minute = 0\n"
             'env = { THROTTLE_SUBMIT = "1000000/hour", THROTTLE_PRAYED = "1000000/hour" }\n'
         )
-        yield Site(vps, pebble, config)
+        yield Site(vps, pebble, config, receiver)
     finally:
+        stack.close()
         if pebble:
             pebble.stop()
         vps.destroy()
@@ -307,3 +316,56 @@ def test_a_redeploy_fails_no_get_or_post_over_https(site):
         f"{len(loop.failures)} / {loop.ok + loop.posted + len(loop.failures)}"
     )
     assert loop.failures == [] and loop.ok > 10 and loop.posted > 20, loop.failures[:5]
+
+
+# --- The watchdog's certificate alert (Debian 13 only: the same check on both releases) -------------------------
+
+WATCHDOG = "prayer-room-watchdog.service"
+SHORT_LIVED_DAYS = 10  # under the watchdog's 14 days, and due for certbot's renewal (30 days before expiry)
+
+
+def watch_until(site: Site, event: str, since: float, timeout: float = 90) -> dict:
+    """Runs of the watchdog (as its timer starts them) until the receiver got `event` about the certificate."""
+    deadline = time.monotonic() + timeout
+    while True:
+        site.vps.ssh(f"systemctl start {WATCHDOG}")
+        found = [body for body in site.receiver.about("certificate", since) if body["event"] == event]
+        if found:
+            return found[0]
+        assert time.monotonic() < deadline, f"no {event} in {timeout} s: {[b['text'] for b in site.receiver.received]}"
+        time.sleep(1)
+
+
+@pytest.mark.parametrize("site", ["trixie"], indirect=True)
+def test_a_certificate_near_expiry_is_one_alert_a_failed_renewal_keeps_it_and_the_renewal_resolves_it(site):
+    """A certificate from an ACME server issuing 10-day ones: the watchdog alerts once; certbot.timer's renewal
+    failing (that server gone) keeps the one alert and says so; a certificate from the site's own ACME server (as
+    `fab provision` gets one) and the timer's next renewal run succeeding resolve it."""
+    started = time.time()
+    short = acme.Pebble(site.vps.workdir.parent / "pebble-short", site.vps.gateway, site.vps.address, port=14001,
+                        validity_days=SHORT_LIVED_DAYS)  # fmt: skip
+    short.start(listener=site.pebble.listener)  # the CA the server trusts for its ACME server
+    config = load_config(site.config, "tls")
+    try:
+        from_short = certbot_command(replace(config, acme_directory=short.directory), replace=True)
+        issued = site.vps.ssh(from_short, check=False)
+        assert issued.returncode == 0, issued.stdout + issued.stderr + short.log()
+        opened = watch_until(site, "alert", started)
+        figures["watchdog: certificate near expiry, to its alert (s)"] = round(opened["_arrived"] - started, 1)
+        days = re.search(rf"the certificate for {re.escape(DOMAIN)} expires in (\d+\.\d) days", opened["message"])
+        assert days and float(days.group(1)) < 14 and opened["severity"] == "warning", opened
+    finally:
+        short.stop()
+    # certbot.timer's renewal (Debian's certbot.service): due, and its ACME server is gone
+    assert site.vps.ssh("systemctl start certbot.service", check=False).returncode != 0
+    site.vps.ssh(f"systemctl start {WATCHDOG}")
+    state = json.loads(site.vps.ssh("cat /var/lib/prayer-room-watchdog/state.json").stdout)
+    assert "the last renewal failed" in state["open"]["certificate"]["message"], state["open"]
+
+    renewed = time.time()
+    ok(site.vps.ssh(certbot_command(config, replace=True), check=False), site)  # from the site's ACME server
+    site.vps.ssh("systemctl start certbot.service")  # the timer's next run: nothing due, and it succeeds
+    resolved = watch_until(site, "resolved", renewed)
+    figures["watchdog: certificate renewed, to its resolved notice (s)"] = round(resolved["_arrived"] - renewed, 1)
+    events = [body["event"] for body in site.receiver.about("certificate", started)]
+    assert events == ["alert", "resolved"], events

@@ -27,13 +27,16 @@ def missing_tools() -> str | None:
 
 
 class Pebble:
-    """pebble on `listen_address` (reachable from the container), its DNS answering `answer` for every name."""
+    """pebble on `listen_address` (reachable from the container), its DNS answering `answer` for every name; the
+    certificates it issues valid for `validity_days` (pebble's default: 5 years)."""
 
-    def __init__(self, workdir: Path, listen_address: str, answer: str):
+    def __init__(self, workdir: Path, listen_address: str, answer: str, *, port: int = 14000,
+                 validity_days: float | None = None):  # fmt: skip
         self.workdir = workdir
         self.listen_address = listen_address
         self.answer = answer
-        self.port = 14000
+        self.port = port
+        self.validity_days = validity_days
         self.management_port = free_port()
         self.dns_port = free_port()
         self._procs: list[subprocess.Popen] = []
@@ -42,10 +45,14 @@ class Pebble:
     def directory(self) -> str:
         return f"https://{self.listen_address}:{self.port}/dir"
 
-    def start(self) -> Pebble:
-        self.ca, cert, key = make_listener_certificate(
+    def start(self, listener: tuple[Path, Path, Path] | None = None) -> Pebble:
+        """Start it; `listener` (CA, certificate, key) is another pebble's, so a server trusting that one trusts this
+        one too (by default a new CA of its own)."""
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.listener = listener or make_listener_certificate(
             self.workdir / "listener", [self.listen_address, "127.0.0.1"], ca_name="prayer-room test ACME CA"
         )
+        self.ca, cert, key = self.listener
         self._spawn(
             ["pebble-challtestsrv", "-defaultIPv4", self.answer, "-defaultIPv6", "", "-dns01",
              f"127.0.0.1:{self.dns_port}", "-http01", "", "-https01", "", "-tlsalpn01", "",
@@ -64,6 +71,8 @@ class Pebble:
                 "externalAccountBindingRequired": False,
             }
         }
+        if self.validity_days is not None:
+            config["pebble"]["certificateValidityPeriod"] = int(self.validity_days * 86400)
         (self.workdir / "pebble.json").write_text(json.dumps(config))
         env = {**os.environ, "PEBBLE_VA_NOSLEEP": "1", "PEBBLE_WFE_NONCEREJECT": "0"}
         self._spawn(
