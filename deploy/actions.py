@@ -14,7 +14,7 @@ import sys
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from datetime import datetime
 from pathlib import Path
 
@@ -340,29 +340,54 @@ def _require_live(site: Site) -> None:
         )
 
 
-def restore(site: Site, name: str, *, yes: bool = False) -> str:
-    """Put backup `name` back (the current state backed up first; the maintenance page on every web host and every
-    program stopped meanwhile), then restart and verify each host's live release."""
+@dataclass(frozen=True)
+class _Restored:
+    """What a restore puts back (a dump or the archive), read before anything changes."""
+
+    label: str  # names it in the title, the lock, the history record and the summary
+    what: str  # names it, with where it comes from, in the restore's steps
+    refusal: str  # the refusal without --yes: what is lost
+    put_back: Callable[[], str]  # under the lock, the programs stopped: a line on what it did, or raises unchanged
+
+
+def _restore(site: Site, label: str, chosen: Callable[[], _Restored], *, yes: bool) -> str:
+    """The one path of every restore: `chosen()` reads what is put back (refused here without `yes`); then, under the
+    lock, the current state backed up, the maintenance page up and the programs stopped while it is put back, then
+    the after-restore step (each host's live release, or the one the data fits, restarted and verified)."""
     site.require_whole("restore")
-    progress = Progress(f"restore {name} on {site.name}")
+    progress = Progress(f"restore {label} on {site.name}")
     site.connect_step(progress)
-    record = backup.find(site.primary.server, name)
+    restored = chosen()
     if not yes:
-        raise DeployError(
-            f"restoring {name} (taken for {record['release']}) replaces the whole database: every write made since "
-            "is lost (the current state is backed up first); run again with --yes."
-        )
-    with history.recorded(site, "restore", detail=f"restored {name}") as entry, site.locked(f"restore {name}"):
+        raise DeployError(restored.refusal)
+    with history.recorded(site, "restore", detail=f"restored {label}") as entry, site.locked(f"restore {label}"):
         site.read_states()
         entry["release"] = site.primary.state.current
         _require_live(site)
+        what = restored.what
+        entry["backup"] = _restore_locked(
+            site, what, restored.put_back, then=lambda saved: _after_restore(site, what, saved)
+        )
+    return progress.summary(f"{label} restored; {site.primary.state.current} serves it")
 
-        def put_back() -> str:
-            return f"restored in {backup.restore(site.primary.server, name)['seconds']:.1f} s (one transaction)"
 
-        what = f"{name} (taken for {record['release']})"
-        entry["backup"] = _restore_locked(site, what, put_back, then=lambda saved: _after_restore(site, what, saved))
-    return progress.summary(f"{name} restored; {site.primary.state.current} serves it")
+def restore(site: Site, name: str, *, yes: bool = False) -> str:
+    """Put backup `name` back (the current state backed up first; the maintenance page on every web host and every
+    program stopped meanwhile), then restart and verify each host's live release."""
+
+    def chosen() -> _Restored:
+        record = backup.find(site.primary.server, name)
+        return _Restored(
+            label=name,
+            what=f"{name} (taken for {record['release']})",
+            refusal=f"restoring {name} (taken for {record['release']}) replaces the whole database: every write made "
+            "since is lost (the current state is backed up first); run again with --yes.",
+            put_back=lambda: (
+                f"restored in {backup.restore(site.primary.server, name)['seconds']:.1f} s (one transaction)"
+            ),
+        )
+
+    return _restore(site, name, chosen, yes=yes)
 
 
 def restore_archive(site: Site, target: datetime | None, *, yes: bool = False) -> str:
@@ -376,28 +401,16 @@ def restore_archive(site: Site, target: datetime | None, *, yes: bool = False) -
             "backup_repository is not set in the deploy config: there is no archive to restore from (`fab backups` "
             "lists the dumps; `fab restore NAME --yes` puts one back)."
         )
-    site.require_whole("restore")
     what = f"the archive at {target:%Y-%m-%d %H:%M:%S%z}" if target else "the archive's latest data"
-    progress = Progress(f"restore {what} on {site.name}")
-    site.connect_step(progress)
-    db = site.db_server()
-    with progress.step(f"read the archive {config.backup_repository}"):
-        earliest, _ = archive.check_target(archive.archive_info(db, config), target)
-        progress.say(f"   it can restore from {earliest:%Y-%m-%d %H:%M:%S}+0000 to now")
-    if not yes:
-        lost = "every write after that time" if target else "every write not yet archived"
-        raise DeployError(
-            f"restoring {what} replaces the whole database: {lost} is lost (the current state is backed up first); "
-            "run again with --yes."
-        )
-    with history.recorded(site, "restore", detail=f"restored {what}") as entry, site.locked(f"restore {what}"):
-        site.read_states()
-        entry["release"] = site.primary.state.current
-        _require_live(site)
 
-        database_url = site.primary.state.env_values(site.primary.server).get("DATABASE_URL", "")
+    def chosen() -> _Restored:
+        db = site.db_server()
+        with site.progress.step(f"read the archive {config.backup_repository}"):
+            earliest, _ = archive.check_target(archive.archive_info(db, config), target)
+            site.progress.say(f"   it can restore from {earliest:%Y-%m-%d %H:%M:%S}+0000 to now")
 
         def put_back() -> str:
+            database_url = site.primary.state.env_values(site.primary.server).get("DATABASE_URL", "")
             started = time.monotonic()
             aside = archive.restore(db, config, target)
             if database_url:
@@ -409,8 +422,14 @@ def restore_archive(site: Site, target: datetime | None, *, yes: bool = False) -
                 f"on {db.name} (remove it once the site is right)"
             )
 
-        entry["backup"] = _restore_locked(site, what, put_back, then=lambda saved: _after_restore(site, what, saved))
-    return progress.summary(f"{what} restored; {site.primary.state.current} serves it")
+        lost = "every write after that time" if target else "every write not yet archived"
+        refusal = (
+            f"restoring {what} replaces the whole database: {lost} is lost (the current state is backed up first); "
+            "run again with --yes."
+        )
+        return _Restored(label=what, what=what, refusal=refusal, put_back=put_back)
+
+    return _restore(site, what, chosen, yes=yes)
 
 
 def backup_now(site: Site, *, download: Path | None = None) -> str:
