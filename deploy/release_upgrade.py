@@ -191,6 +191,8 @@ def _switch_sources(site: Site, server: Server, sources: dict[str, str], changed
             raise DeployError(f"{exc} -- apt's sources are back as they were; no package was changed") from exc
         upgraded, installed, removed = commands.parse_upgrade_counts(out)
         progress.say(f"   {upgraded} to upgrade, {installed} new, {removed} to remove (downloaded)")
+        if removed:
+            progress.say(f"   to remove: {' '.join(commands.removed_packages(out))}")
 
 
 def _upgrade(site: Site, cluster: Cluster, saved: str, boot_timeout: int) -> str:

@@ -202,6 +202,13 @@ def parse_upgrade_counts(text: str) -> tuple[int, int, int]:
     return tuple(int(n) for n in found.groups()) if found else (0, 0, 0)  # type: ignore[return-value]
 
 
+def removed_packages(text: str) -> list[str]:
+    """The packages apt-get's output says it removes (`The following packages will be REMOVED:` and its indented
+    lines; `name*` is a purge)."""
+    found = re.search(r"^The following packages will be REMOVED:\n((?:  .*\n?)+)", text, re.M)
+    return [name.rstrip("*") for name in found.group(1).split()] if found else []
+
+
 def row_counts(cluster: Cluster, database: str) -> str:
     """As root: `table count` for every table of `database` in `cluster`, by name (as PostgreSQL's superuser)."""
     sql = (

@@ -340,3 +340,16 @@ def test_a_rule_or_conf_d_file_the_new_cluster_lacks_keeps_the_old_one():
         "conf.d/listen.conf ab12",
         "hostssl prayer_room prayer_room 10.0.0.2/32 scram-sha-256",
     ]
+
+
+def test_the_packages_an_upgrade_removes_are_named():
+    from deploy.commands.release_upgrade import parse_upgrade_counts, removed_packages
+
+    out = (
+        "Calculating upgrade...\nThe following packages will be REMOVED:\n  libicu72* libssl3 perl-modules-5.36\n"
+        "  python3.11-venv\nThe following NEW packages will be installed:\n  libssl3t64\n"
+        "172 upgraded, 44 new, 14 to remove and 0 not upgraded.\n"
+    )
+    assert removed_packages(out) == ["libicu72", "libssl3", "perl-modules-5.36", "python3.11-venv"]
+    assert removed_packages("0 upgraded, 0 newly installed, 0 to remove and 0 not upgraded.\n") == []
+    assert parse_upgrade_counts("172 upgraded, 44 newly installed, 14 to remove and 0 not upgraded.\n") == (172, 44, 14)
