@@ -116,6 +116,16 @@ ATTACKS = {
     "make a home of its own for user site-packages": Attack(f"mkdir -p {SRV}/.local"),
     "another local account reads the env file": Attack(f"cat {ENV}", user="nobody"),
 }
+# The attacks, in one SSH session: each runs as its user in a shell of its own from /tmp, as as_app runs one.
+ATTACKER = """
+import json, subprocess, sys
+results = {}
+for name, (user, command) in json.load(sys.stdin).items():
+    run = subprocess.run(["runuser", "-u", user, "--", "sh", "-c", command], cwd="/tmp",
+                         capture_output=True, text=True, timeout=120)
+    results[name] = [run.returncode, run.stdout + run.stderr]
+print(json.dumps(results))
+"""
 # The controls' throwaway copies: each control runs in a mount namespace of its own in which its overlays are
 # overlay mounts (writes land in a tmpfs) and /tmp is an empty tmpfs; the server itself is left as it was.
 CONTROLS = """
@@ -212,6 +222,17 @@ def fingerprint(vps: Container) -> str:
     ).stdout
 
 
+def run_attacks(vps: Container) -> dict[str, tuple[int, str]]:
+    """Each attack's command as its user (exit code, output), all in one SSH session (ATTACKER)."""
+    commands = {name: [attack.user, attack.command] for name, attack in ATTACKS.items()}
+    result = subprocess.run(
+        ["ssh", *vps.ssh_options(), f"root@{vps.address}", f"python3 -c {shlex.quote(ATTACKER)}"],
+        input=json.dumps(commands), capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout + result.stderr
+    return {name: (code, said) for name, (code, said) in json.loads(result.stdout).items()}
+
+
 def run_controls(vps: Container) -> dict[str, tuple[int, str]]:
     """Each attack's command as root (after its control_setup) in throwaway copies of the server's directories."""
     commands = {
@@ -231,14 +252,16 @@ def attack_all(vps: Container, phase: str) -> None:
     """Every attack refused for its reason, and the same step as root in a throwaway copy worked (its control)."""
     before = fingerprint(vps)
     outcomes, wrong = {}, []
-    for name, attack in ATTACKS.items():
-        result = as_app(vps, attack.command, user=attack.user)
-        said = (result.stdout + result.stderr).strip()
+    started = time.monotonic()
+    attacks = run_attacks(vps)
+    report[f"attacks {phase}, seconds"] = round(time.monotonic() - started, 1)
+    for name, (code, said) in attacks.items():
+        attack, said = ATTACKS[name], said.strip()
         last = said.splitlines()[-1][-160:] if said else ""
-        refused = result.returncode != 0 and attack.refusal in said
-        outcomes[name] = ("refused" if refused else "WORKED" if result.returncode == 0 else "FAILED") + f": {last}"
+        refused = code != 0 and attack.refusal in said
+        outcomes[name] = ("refused" if refused else "WORKED" if code == 0 else "FAILED") + f": {last}"
         if not refused:
-            wrong.append(f"{name}: exit {result.returncode}, expected {attack.refusal!r}: {said[-300:]}")
+            wrong.append(f"{name}: exit {code}, expected {attack.refusal!r}: {said[-300:]}")
     assert fingerprint(vps) == before  # checked before the controls, which must not change it either
     started = time.monotonic()
     controls = run_controls(vps)
