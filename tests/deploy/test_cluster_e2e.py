@@ -883,6 +883,68 @@ def test_24e_os_update_drains_each_web_host_at_the_balancer_and_loses_no_request
     assert events.count(["os-update", "failed"]) == 0, history
 
 
+def test_24f_the_db_host_archives_and_a_restore_from_the_archive_brings_every_host_back(cluster, s3_server):
+    """backup_repository on the cluster: `fab provision -H` of the db host (not the primary) sets up its archive to
+    the tests' S3 API; `fab backups`, `fab status` and `fab backup --verify` from the site read it there (the restore
+    test's migrations checked with the primary's release); `fab restore --latest --yes` restores the db host from
+    the archive (the site's restore steps, whose maintenance page test_24b checks) and every app host runs and
+    serves again: the last write is back. (The archive e2e covers the rest on one server.)"""
+    cluster.app.ssh(f"printf %s {shlex.quote(s3_server.hosts_lines(cluster.app.gateway))} >> /etc/hosts")
+    (cluster.workdir / "s3-ca.pem").write_text(s3_server.ca.read_text())
+    # The bucket's key where provision finds it; no passphrase anywhere: provision makes one and saves it here.
+    secrets_file = cluster.workdir / "deploy.secrets"
+    secrets_file.write_text(f"BACKUP_S3_KEY={s3_server.key}\nBACKUP_S3_KEY_SECRET={s3_server.key_secret}\n")
+    secrets_file.chmod(0o600)
+    settings = cluster.settings
+    cluster.configure(
+        settings + f'backup_repository = "s3://{s3_server.bucket}/cluster-e2e"\n'
+        f'backup_s3_endpoint = "{s3_server.endpoint}:{s3_server.port}"\n'
+        'backup_s3_uri_style = "path"\nbackup_s3_ca_bundle = "s3-ca.pem"\n'
+    )
+    try:
+        started = time.monotonic()
+        out = ok(cluster.fab("-H", cluster.host("app"), "provision"))
+        cluster.timings["provision -H the db host: its archive set up, a first full backup"] = (
+            time.monotonic() - started
+        )
+        assert "a new archive passphrase (BACKUP_CIPHER_PASS) was generated" in out
+        assert re.search(r"archive \(.*\): archiving to s3://", out), out
+        assert sql(cluster, "SHOW archive_mode").strip() == "on"
+        for name in ("web1", "web2", "lb"):  # pgBackRest and its secrets on the db host alone
+            assert cluster[name].ssh("test -e /etc/pgbackrest/pgbackrest.conf", check=False).returncode != 0, name
+
+        listed = ok(cluster.fab("backups"))
+        archive = [line.strip() for line in listed.split("archive s3://", 1)[1].splitlines()[1:]]
+        assert archive and archive[0].startswith("full "), listed
+        verified = ok(cluster.fab("backup", "--verify"))
+        assert "no unapplied migration" in verified and "row counts match" in verified, verified
+        status = ok(cluster.fab("status"))
+        assert re.search(r"archive: last restore test passed 0\.0 h ago", status), status
+        assert "ALERT archive" not in status, status
+
+        marker = f"written just before the restore {time.time()}"
+        written = f"SELECT count(*) FROM prayer_room_api_prayerrequest WHERE content = '{marker}'"
+        sql(cluster, "INSERT INTO prayer_room_api_location (name, slug, is_active, created_at)"
+            " VALUES ('Cluster e2e', 'cluster-e2e', true, now()) ON CONFLICT DO NOTHING")  # fmt: skip
+        sql(cluster, "INSERT INTO prayer_room_api_prayerrequest (content, name, type, location_id, created_at, "
+            f"updated_at, prayer_count, response) SELECT '{marker}', 'e2e', 'prayer', id, now(), now(), 0, ''"
+            " FROM prayer_room_api_location WHERE slug = 'cluster-e2e'")  # fmt: skip
+        assert sql(cluster, written).strip() == "1"
+        started = time.monotonic()
+        restored = ok(cluster.fab("restore", "--latest", "--yes"))
+        cluster.timings["restore --latest from the db host's archive"] = time.monotonic() - started
+        assert "the data directory it replaced is kept at" in restored, restored
+        assert sql(cluster, written).strip() == "1", restored
+        assert sql(cluster, "SELECT pg_is_in_recovery()").strip() == "f"
+        for name in APP_HOSTS:
+            states = cluster[name].ssh("supervisorctl status", check=False).stdout.splitlines()
+            assert states and all(" RUNNING " in line for line in states), (name, states)
+        answer, body = http_get(f"{front(cluster)}/health/")
+        assert answer == 200, body
+    finally:
+        cluster.configure(settings)
+
+
 def test_25_killing_the_beat_leaders_host_lets_the_standby_lead(cluster):
     leader = sql(cluster, LEADER).strip()
     names = {cluster[n].address: n for n in ("web1", "web2")}
