@@ -18,6 +18,8 @@ from deploy.errors import DeployError
 from deploy.render.archive import (
     BACKUP_KINDS,
     CA_FILE,
+    LOCK_PATH,
+    LOG_PATH,
     PGBACKREST_CONF,
     ArchiveSecrets,
     backup_unit_name,
@@ -168,13 +170,15 @@ def install(server: Server, config: DeployConfig, secrets: ArchiveSecrets) -> In
     local = int(psql(server, "SELECT system_identifier FROM pg_control_system()", what="reading the cluster's id"))
     foreign = bool(databases) and databases[-1]["system-id"] != local
     changed = server.read(PGBACKREST_CONF, what="reading pgBackRest's config") != conf
-    units = {**render_backup_units(config), **render_verify_units(config)}
+    units = {**render_backup_units(config), **render_verify_units(config, data_directory=str(cluster.data_directory))}
     script = render_verify_script(config, pg_bin=str(cluster.bin), live_port=cluster.port)
     ca = (sh("mv", candidate_ca, CA_FILE) + " && ") if config.backup_s3_ca_bundle else ""
+    # The directories pgBackRest writes: its sandboxed units are given them, so they must exist.
+    directories = sh("install", "-d", "-o", "postgres", "-g", "postgres", "-m", "0750", LOCK_PATH, LOG_PATH)
     server.upload(
         [(script, verify_script(config), "root", "0755"), (conf, PGBACKREST_CONF, "root:postgres", "0640")]
         + [(text, UNIT_DIR / name, "root", "0644") for name, text in units.items()],
-        then=ca + sh("rm", candidate) + " && systemctl daemon-reload",
+        then=ca + sh("rm", candidate) + " && " + directories + " && systemctl daemon-reload",
         what="installing the archive's config and units",
     )
     if foreign:

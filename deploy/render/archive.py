@@ -21,6 +21,14 @@ CA_FILE = PGBACKREST_DIR / "s3-ca.pem"
 ARCHIVE_TIMEOUT = 60
 BACKUP_KINDS = ("full", "diff")
 POSTGRES_HOME = PurePosixPath("/var/lib/postgresql")
+# pgBackRest's lock files (outside /tmp, which its units have a private one of: a full and a differential backup
+# started together must still see each other's lock) and its log files: all its units may write.
+LOCK_PATH = PurePosixPath("/var/lib/pgbackrest")
+LOG_PATH = PurePosixPath("/var/log/pgbackrest")
+# What its units may not call, on top of what @system-service leaves out. The restore test runs a PostgreSQL and
+# pgBackRest's restore sets its files' owner: neither @resources nor @chown (in @privileged) is denied there.
+BACKUP_DENIED_SYSCALLS = "~@privileged @resources"
+VERIFY_DENIED_SYSCALLS = "~@mount @swap @reboot @raw-io @module @obsolete @debug @cpu-emulation @clock"
 # The restore test's scratch PostgreSQL listens on a socket in its own directory only; the port names the socket.
 VERIFY_PORT = 5499
 # Every table of the public schema with its exact row count, as one JSON object (ordered by name).
@@ -96,6 +104,7 @@ def render_pgbackrest_conf(
         full_keep=config.backup_full_keep,
         diff_keep=config.backup_diff_keep,
         stanza=stanza(config),
+        lock_path=str(LOCK_PATH),
         pg_path=pg_path,
         pg_port=pg_port,
     )
@@ -144,11 +153,17 @@ def render_verify_script(config: DeployConfig, *, pg_bin: str, live_port: int = 
     )
 
 
-def render_verify_units(config: DeployConfig) -> dict[str, str]:
-    """The restore test's oneshot service (as postgres) and its timer, by unit file name."""
+def render_verify_units(config: DeployConfig, *, data_directory: str) -> dict[str, str]:
+    """The restore test's oneshot service (as postgres, sandboxed: it writes pgBackRest's files and postgres's home
+    only, the live cluster's `data_directory` read-only there) and its timer, by unit file name."""
     name = verify_unit_name(config)
+    sandbox = {
+        "writable": [str(LOCK_PATH), str(LOG_PATH), str(POSTGRES_HOME)],
+        "read_only": [data_directory],
+        "denied_syscalls": VERIFY_DENIED_SYSCALLS,
+    }
     return {
-        f"{name}.service": render_template("archive-verify.service.j2", script=str(verify_script(config))),
+        f"{name}.service": render_template("archive-verify.service.j2", script=str(verify_script(config)), **sandbox),
         f"{name}.timer": render_template("archive-verify.timer.j2", schedule=config.backup_verify_schedule),
     }
 
@@ -159,13 +174,15 @@ def backup_unit_name(config: DeployConfig, kind: str) -> str:
 
 
 def render_backup_units(config: DeployConfig) -> dict[str, str]:
-    """The full and differential backups' oneshot services (as postgres) and their timers, by unit file name."""
+    """The full and differential backups' oneshot services (as postgres, sandboxed: they write pgBackRest's files
+    only) and their timers, by unit file name."""
+    sandbox = {"writable": [str(LOCK_PATH), str(LOG_PATH)], "read_only": [], "denied_syscalls": BACKUP_DENIED_SYSCALLS}
     schedules = {"full": config.backup_full_schedule, "diff": config.backup_diff_schedule}
     units = {}
     for kind in BACKUP_KINDS:
         name = backup_unit_name(config, kind)
         context = {"kind": kind, "schedule": schedules[kind], "repository": config.backup_repository}
         command = pgbackrest_command(config, f"--type={kind}", "backup")
-        units[f"{name}.service"] = render_template("archive-backup.service.j2", command=command, **context)
+        units[f"{name}.service"] = render_template("archive-backup.service.j2", command=command, **context, **sandbox)
         units[f"{name}.timer"] = render_template("archive-backup.timer.j2", **context)
     return units

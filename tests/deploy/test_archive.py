@@ -1,6 +1,7 @@
 """Continuous archiving without a server: deploy.toml's backup_repository and backup_s3_* settings, pgBackRest's
 config, PostgreSQL's archive drop-in, the backup units and timers, the restore's time checks."""
 
+import shutil
 import subprocess
 import sys
 from datetime import UTC, datetime
@@ -119,6 +120,7 @@ def test_pgbackrest_conf_encrypts_into_the_bucket_and_names_the_live_cluster(tmp
         "start-fast=y",
         "log-level-console=warn",
         "log-level-file=info",
+        "lock-path=/var/lib/pgbackrest",
         "[prayer-room]",
         "pg1-path=/var/lib/postgresql/15/main",
         "pg1-port=5433",
@@ -202,12 +204,47 @@ def test_the_daily_restore_test_restores_into_a_scratch_instance_and_records_the
     assert "scratch=/var/lib/postgresql/prayer-room-archive-verify" in script.splitlines()
     assert "listen_addresses = ''" in script and "archive_mode = off" in script  # a socket only, archiving nothing
     assert 'live=$(psql -p 5433 -AtX -d prayer_room -c "$counts")' in script
-    units = render_verify_units(config)
+    units = render_verify_units(config, data_directory="/var/lib/postgresql/15/main")
     assert "ExecStart=/bin/sh /usr/local/lib/prayer-room/archive-verify.sh" in lines(
         units["prayer-room-archive-verify.service"]
     )
     assert "User=postgres" in lines(units["prayer-room-archive-verify.service"])
     assert "OnCalendar=*-*-* 05:00:00" in lines(units["prayer-room-archive-verify.timer"])
+
+
+def exposure(tmp_path: Path, name: str, unit: str) -> float:
+    """`systemd-analyze security`'s overall exposure of the unit file `unit` (0 is best, 10 is unsandboxed)."""
+    if not shutil.which("systemd-analyze"):
+        pytest.skip("systemd-analyze is not installed (the systemd package; .ci/setup.d/25-provision.sh)")
+    (tmp_path / name).write_text(unit)
+    result = subprocess.run(
+        ["systemd-analyze", "security", "--offline=yes", "--threshold=50", "--no-pager", name],
+        capture_output=True, text=True, cwd=tmp_path,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr
+    return float(result.stdout.split("Overall exposure level for")[1].split(":")[1].split()[0])
+
+
+def test_the_archive_units_are_sandboxed_writing_pgbackrests_directories_only(tmp_path):
+    config = config_from(tmp_path, "backup_repository = 's3://b-1/x'\n")
+    units = {**render_backup_units(config), **render_verify_units(config, data_directory="/var/lib/postgresql/17/main")}
+    services = {name: lines(text) for name, text in units.items() if name.endswith(".service")}
+    for name, unit in services.items():
+        assert "CapabilityBoundingSet=" in unit and "NoNewPrivileges=yes" in unit and "PrivateTmp=yes" in unit
+        assert "ProtectSystem=strict" in unit and "RestrictAddressFamilies=AF_UNIX AF_INET AF_INET6" in unit
+        # RemoveIPC=yes would remove the live PostgreSQL's shared memory (its user's) when the unit stops.
+        assert not [line for line in unit if line.startswith("RemoveIPC")], name
+    for kind in ("full", "diff"):
+        unit = services[f"prayer-room-archive-{kind}.service"]
+        assert "ReadWritePaths=/var/lib/pgbackrest /var/log/pgbackrest" in unit
+        assert "SystemCallFilter=~@privileged @resources" in unit
+    verify = services["prayer-room-archive-verify.service"]
+    assert "ReadWritePaths=/var/lib/pgbackrest /var/log/pgbackrest /var/lib/postgresql" in verify
+    assert "ReadOnlyPaths=/var/lib/postgresql/17/main" in verify  # the live cluster, beside the scratch copy
+    assert "jit = off" in render_verify_script(config, pg_bin="/usr/lib/postgresql/17/bin")  # MemoryDenyWriteExecute
+    assert "lock-path=/var/lib/pgbackrest" in lines(render_pgbackrest_conf(config, SECRETS, pg_path="/d"))
+    for name in services:  # 9.2 unsandboxed (systemd 252), 9.0 (257)
+        assert exposure(tmp_path, name, units[name]) <= 2.0, name
 
 
 def test_secrets_come_from_the_environment_then_the_secrets_file_then_the_server(tmp_path):

@@ -327,6 +327,13 @@ def test_the_differential_backup_unit_and_fab_backups(restored, operator):
     started = time.monotonic()
     restored.ssh("systemctl start prayer-room-archive-diff.service")  # what its timer starts; a oneshot
     timings["differential backup (unit)"] = round(time.monotonic() - started, 1)
+    # It ran inside its sandbox, as do the full backup and the restore test (9.0 unsandboxed).
+    for kind in ("full", "diff", "verify"):
+        unit = f"prayer-room-archive-{kind}.service"
+        out = restored.ssh(f"systemd-analyze security --no-pager {unit}", check=False).stdout
+        exposure = float(re.search(rf"Overall exposure level for {re.escape(unit)}: ([\d.]+)", out).group(1))
+        timings[f"systemd-analyze security {unit}"] = exposure
+        assert exposure <= 2.5, out
     out = ok(fab(restored, operator, "backups"))
     archive = out.split("archive s3://", 1)[1].splitlines()[1:]
     assert [line.split()[0] for line in archive] == ["full", "diff", "WAL"], out
