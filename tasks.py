@@ -55,28 +55,63 @@ def seed(c, check=False):
 
 
 END_TO_END_LAYERS = "integration or deploy or browser or faults"
+# The end-to-end layers in two sessions side by side: the one that boots test servers (mostly waiting on them) and
+# the ones that run the processes on this machine. Neither shares a server, a port or a directory with the other.
+SERVER_LAYER = "deploy"
+LOCAL_LAYERS = "integration or browser or faults"
 NO_TESTS_COLLECTED = 5  # pytest's exit code when the selection is empty
 
 
 @task
-def test(c, k="", unit=False, seed=0):
+def test(c, k="", unit=False, seed=0, serial=False):
     """Run the unit layer in a random order (--seed N repeats one), then the end-to-end layers in file order.
 
     -k EXPR selects tests; --unit runs the unit layer only. The end-to-end modules share booted servers and some
     of their tests follow each other, so pytest-randomly (off by default in pyproject.toml) shuffles only the first.
+    The deploy layer runs beside the other end-to-end layers, whose output follows once both are done; --serial runs
+    them one after the other.
     """
     seed = seed or random.SystemRandom().randrange(1, 2**32)
     selection = f" -k {shlex.quote(k)}" if k else ""
     print(f"== unit layer, shuffled with seed {seed} (this order again: invoke test --unit --seed {seed})", flush=True)
     unit_layer = shlex.quote(f"not ({END_TO_END_LAYERS})")
     codes = [run_pytest(c, f"-p randomly --randomly-seed={seed} -m {unit_layer}{selection}")]
-    if not unit:
+    if not unit and serial:
         print("== end-to-end layers, in file order (the 30 slowest steps listed at the end)", flush=True)
         codes.append(run_pytest(c, f"-m {shlex.quote(END_TO_END_LAYERS)} --durations=30{selection}"))
+    elif not unit:
+        codes += run_side_by_side(c, selection)
     ran = [code for code in codes if code != NO_TESTS_COLLECTED]
     failed = [code for code in ran if code]
     if failed or not ran:
         raise Exit(code=failed[0] if failed else NO_TESTS_COLLECTED)
+
+
+def run_side_by_side(c, selection: str) -> list[int]:
+    """The local layers in the background (output to a file), the deploy layer in the foreground; both exit codes."""
+    import subprocess
+    import tempfile
+
+    with tempfile.TemporaryFile("w+") as output:
+        print(f"== end-to-end layers: {LOCAL_LAYERS} in the background (printed when done)", flush=True)
+        local = subprocess.Popen(
+            [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-m", LOCAL_LAYERS, "--durations=15",
+             *shlex.split(selection)],
+            stdout=output, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+        )  # fmt: skip
+        try:
+            print(f"== end-to-end layer: {SERVER_LAYER}, in file order (the 30 slowest steps listed at the end)",
+                  flush=True)  # fmt: skip
+            server = run_pytest(c, f"-m {SERVER_LAYER} --durations=30{selection}")
+            code = local.wait()
+        finally:
+            if local.poll() is None:  # interrupted: the background session goes too
+                local.terminate()
+                local.wait()
+        output.seek(0)
+        print(f"== end-to-end layers: {LOCAL_LAYERS}, run beside the deploy layer (its output)")
+        print(output.read(), end="", flush=True)
+    return [server, code]
 
 
 def run_pytest(c, args: str) -> int:
