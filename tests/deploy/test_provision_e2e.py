@@ -316,7 +316,7 @@ def test_deploy_then_the_site_answers_and_survives_a_reboot(vps):
 def test_os_update_names_a_server_that_does_not_come_back_and_leaves_the_page_on(vps):
     with vps.rebooting_on_request(come_back=False) as exits:
         result = fab(vps, "os-update", "--reboot", "--boot-timeout", "5")
-    assert exits == [133]
+    assert exits == [133], (result.stdout + result.stderr)[-3000:]
     error = (result.stdout + result.stderr).strip().splitlines()[-1]
     assert result.returncode == 1 and error.startswith(f"error: os-update stopped at {vps.address}: "), error
     assert f"root@{vps.address} did not come back within 5 s of its reboot" in error, error
