@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import PurePosixPath
 
 from deploy.commands import sh
-from deploy.commands.updates import APT
+from deploy.commands.updates import APT, apt_update
 
 # The release a server is upgraded to from each one the kit upgrades (codename -> (codename, version)).
 NEXT_RELEASE = {"bookworm": ("trixie", "13")}
@@ -183,12 +183,12 @@ def keep_sources(files: list[str]) -> str:
 def put_sources_back(files: list[str]) -> str:
     """As root: the kept copies back in place, and apt's lists fetched for them again."""
     copies = " && ".join(sh("cp", "-a", f"{SOURCES_KEPT}{path}", path) for path in files)
-    return f"{copies} && {APT} update"
+    return f"{copies} && {apt_update()}"
 
 
 def download() -> str:
     """The new release's package lists, then every package its upgrade needs downloaded (nothing installed yet)."""
-    return f"{APT} update && {UPGRADE_ENV} {APT} {UPGRADE_OPTIONS} --download-only full-upgrade"
+    return f"{apt_update()} && {UPGRADE_ENV} {APT} {UPGRADE_OPTIONS} --download-only full-upgrade"
 
 
 def full_upgrade() -> str:

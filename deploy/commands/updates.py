@@ -5,6 +5,21 @@ from __future__ import annotations
 
 APT = "DEBIAN_FRONTEND=noninteractive apt-get -q -y -o DPkg::Lock::Timeout=300"
 REBOOT_REQUIRED = "/var/run/reboot-required"
+
+
+def apt_update(pause: float = 5, tries: int = 60) -> str:
+    """`apt-get update`, waiting while another apt holds the package lists' lock. DPkg::Lock::Timeout makes apt-get
+    wait for dpkg's lock only: while apt's daily timer fetches the lists (it catches up minutes after a boot),
+    `apt-get update` fails at once with "Could not get lock /var/lib/apt/lists/lock". Tried again every `pause`
+    seconds, `tries` times, while that is its error; any other error at once, as apt printed it."""
+    return (
+        f"{{ n=0; until out=$({APT} update 2>&1); do "
+        'case "$out" in *"/var/lib/apt/lists/lock"*) ;; *) printf "%s\\n" "$out" >&2; exit 100;; esac; '
+        f'n=$((n + 1)); [ "$n" -lt {tries} ] || {{ printf "%s\\n" "$out" >&2; exit 100; }}; sleep {pause}; done; '
+        'printf "%s\\n" "$out"; }'
+    )
+
+
 BOOT_ID = "cat /proc/sys/kernel/random/boot_id"
 # The timers of Debian's apt package: one fetches the package lists, the other runs unattended-upgrade.
 APT_TIMERS = ("apt-daily.timer", "apt-daily-upgrade.timer")
@@ -53,7 +68,7 @@ def upgrade() -> str:
     """The package lists fetched, then every upgrade installed without a question, keeping the config files
     provision wrote (a package's new default config is left beside as .dpkg-dist)."""
     options = "-o Dpkg::Options::=--force-confdef -o Dpkg::Options::=--force-confold"
-    return f"{APT} update && {APT} {options} upgrade"
+    return f"{apt_update()} && {APT} {options} upgrade"
 
 
 def reboot() -> str:

@@ -9,6 +9,7 @@ from pathlib import PurePosixPath
 from fabric import Connection
 
 from deploy import tls
+from deploy.commands import updates
 from deploy.config import DeployConfig, has_app
 from deploy.errors import DeployError
 from deploy.on_server import script
@@ -110,9 +111,9 @@ def install_packages(server: Server) -> bool:
     installed = {words[0] for words in map(str.split, query.stdout.splitlines()) if words[1:2] == ["ii"]}
     missing = [package for package in packages if package not in installed]
     if missing:
-        apt = "DEBIAN_FRONTEND=noninteractive apt-get -q -y -o DPkg::Lock::Timeout=300"
+        install = f"{updates.APT} install --no-install-recommends -o Dpkg::Options::=--force-confold {sh(*missing)}"
         server.root(
-            f"{apt} update && {apt} install --no-install-recommends -o Dpkg::Options::=--force-confold {sh(*missing)}",
+            f"{updates.apt_update()} && {install}",
             what=f"installing {' '.join(missing)} (apt-get)",
             timeout=1200,
         )

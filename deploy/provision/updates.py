@@ -22,7 +22,7 @@ def ensure_security_updates(server: Server) -> tuple[bool, str]:
     if not installed:  # the lists the packages step fetched, else fresh ones
         install = f"{commands.APT} install --no-install-recommends {UNATTENDED_PACKAGE}"
         server.root(
-            f"{install} || ({commands.APT} update && {install})", what="installing unattended-upgrades", timeout=600
+            f"{install} || ({commands.apt_update()} && {install})", what="installing unattended-upgrades", timeout=600
         )
     text = server.root(commands.FACTS, what="reading the release and its apt suites").stdout
     codename = parse_facts(text).get("codename", "")

@@ -353,3 +353,47 @@ def test_the_packages_an_upgrade_removes_are_named():
     assert removed_packages(out) == ["libicu72", "libssl3", "perl-modules-5.36", "python3.11-venv"]
     assert removed_packages("0 upgraded, 0 newly installed, 0 to remove and 0 not upgraded.\n") == []
     assert parse_upgrade_counts("172 upgraded, 44 newly installed, 14 to remove and 0 not upgraded.\n") == (172, 44, 14)
+
+
+FAKE_APT = """#!/bin/sh
+# Fails with LOCKED_ERROR while its count file says so, then fetches; each call logged.
+echo call >> "$CALLS"
+left=$(cat "$LOCKED")
+if [ "$left" -gt 0 ]; then echo $((left - 1)) > "$LOCKED"; echo "$ERROR" >&2; exit 100; fi
+echo "Reading package lists..."
+"""
+
+
+def run_apt_update(tmp_path: Path, locked: int, error: str) -> tuple[subprocess.CompletedProcess, int]:
+    """The real shell line of `apt_update` with an apt-get on PATH that fails `locked` times with `error` first."""
+    fake = tmp_path / "apt-get"
+    fake.write_text(FAKE_APT)
+    fake.chmod(0o755)
+    (tmp_path / "locked").write_text(f"{locked}\n")
+    env = {**os.environ, "PATH": f"{tmp_path}:{os.environ['PATH']}", "CALLS": str(tmp_path / "calls"),
+           "LOCKED": str(tmp_path / "locked"), "ERROR": error}  # fmt: skip
+    line = updates_commands.apt_update(pause=0, tries=5)
+    result = subprocess.run(["sh", "-c", f"{line} && echo installed"], env=env, capture_output=True, text=True)
+    return result, len((tmp_path / "calls").read_text().splitlines())
+
+
+LISTS_LOCKED = "E: Could not get lock /var/lib/apt/lists/lock. It is held by process 2770 (apt-get)"
+
+
+def test_apt_update_waits_while_apts_daily_fetch_holds_the_lists_lock(tmp_path):
+    result, calls = run_apt_update(tmp_path, locked=3, error=LISTS_LOCKED)
+    assert result.returncode == 0 and calls == 4, result
+    assert result.stdout.split("\n")[-2:] == ["installed", ""], result.stdout
+
+
+def test_apt_update_gives_up_on_the_lock_after_its_tries_and_stops_the_commands_after_it(tmp_path):
+    result, calls = run_apt_update(tmp_path, locked=9, error=LISTS_LOCKED)
+    assert result.returncode == 100 and calls == 5 and "installed" not in result.stdout, result
+    assert result.stderr.strip() == LISTS_LOCKED
+
+
+def test_apt_update_stops_at_once_on_any_other_error(tmp_path):
+    error = "E: The repository 'http://deb.debian.org/debian nowhere Release' does not have a Release file."
+    result, calls = run_apt_update(tmp_path, locked=1, error=error)
+    assert result.returncode == 100 and calls == 1 and "installed" not in result.stdout, result
+    assert result.stderr.strip() == error
