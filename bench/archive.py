@@ -35,6 +35,7 @@ from pathlib import Path
 from bench.report import Result, Row, paired, table, write
 from bench.stats import interleaved
 from tests.support import s3
+from tests.support.database import archive_now, sql
 from tests.support.nspawn import Container, build_rootfs, missing_tools, operator_env
 
 REPO = Path(__file__).resolve().parents[1]
@@ -85,21 +86,6 @@ class Operator:
         if run.returncode != 0:
             raise RuntimeError(f"fab {' '.join(args)} failed:\n{run.stdout[-3000:]}\n{run.stderr[-2000:]}")
         return seconds, run.stdout
-
-
-def sql(server: Container, statement: str) -> str:
-    command = f"cd / && runuser -u postgres -- psql -AtX -d prayer_room -c {shlex.quote(statement)}"
-    return server.ssh(command).stdout.strip()
-
-
-def archive_now(server: Container, timeout: float = 600) -> None:
-    """Close the WAL segment being written and wait until the archive has it (and so every one before it)."""
-    segment = sql(server, "SELECT pg_walfile_name(pg_switch_wal())")
-    deadline = time.monotonic() + timeout
-    while sql(server, "SELECT coalesce(last_archived_wal, '') FROM pg_stat_archiver") < segment:
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"{segment} did not reach the archive in {timeout} s")
-        time.sleep(0.5)
 
 
 def set_archiving(server: Container, on: bool) -> None:
@@ -199,7 +185,7 @@ def measure(workdir: Path, quick: bool) -> Result:
         )
         started = time.monotonic()
         fill(server, rows)
-        archive_now(server)
+        archive_now(server, timeout=600)
         raw["fill_and_archive_s"] = time.monotonic() - started
         raw["database_bytes"] = int(sql(server, "SELECT pg_database_size('prayer_room')"))
 
@@ -218,7 +204,7 @@ def measure(workdir: Path, quick: bool) -> Result:
         off: list[float] = []
         for _, side in interleaved(("on", "off"), pairs):
             set_archiving(server, True)
-            archive_now(server)  # the WAL an "off" round held back is pushed outside the timed rounds
+            archive_now(server, timeout=600)  # the WAL an "off" round held back is pushed outside the timed rounds
             if side == "off":
                 set_archiving(server, False)
             archived = int(sql(server, "SELECT archived_count FROM pg_stat_archiver"))
@@ -228,7 +214,7 @@ def measure(workdir: Path, quick: bool) -> Result:
             raw["rounds"].append({"archiving": side, "created": created, "failed": failed, "seconds": seconds,
                                   "segments_archived": pushed})  # fmt: skip
         set_archiving(server, True)
-        archive_now(server)
+        archive_now(server, timeout=600)
 
         target = sql(server, "SELECT to_char(clock_timestamp() AT TIME ZONE 'UTC', 'YYYY-MM-DD HH24:MI:SS')")
         while sql(server, f"SELECT clock_timestamp() > '{target}+00'::timestamptz + interval '1 second'") != "t":

@@ -32,6 +32,7 @@ from pathlib import Path
 import pytest
 
 from tests.support import s3
+from tests.support.database import archive_now, sql
 from tests.support.nspawn import Container, build_rootfs, missing_tools, operator_env
 
 REPO = Path(__file__).resolve().parents[2]
@@ -151,21 +152,6 @@ def refused(result: subprocess.CompletedProcess) -> str:
     assert len(lines) == 1 and lines[0].startswith("error: "), result.stdout + result.stderr
     assert "Traceback" not in result.stdout + result.stderr
     return lines[0]
-
-
-def sql(vps: Container, statement: str) -> str:
-    """One statement in the app's database, as PostgreSQL's superuser."""
-    command = f"cd / && runuser -u postgres -- psql -AtX -d prayer_room -c {shlex.quote(statement)}"
-    return vps.ssh(command).stdout.strip()
-
-
-def archive_now(vps: Container, timeout: float = 60) -> None:
-    """Close the WAL segment being written and wait until the archive has it."""
-    segment = sql(vps, "SELECT pg_walfile_name(pg_switch_wal())")
-    deadline = time.monotonic() + timeout
-    while sql(vps, "SELECT coalesce(last_archived_wal, '') FROM pg_stat_archiver") < segment:
-        assert time.monotonic() < deadline, f"{segment} did not reach the archive in {timeout} s"
-        time.sleep(0.5)
 
 
 def health(vps: Container) -> int | None:
