@@ -36,24 +36,13 @@ from bench.report import Result, Row, paired, table, write
 from bench.stats import interleaved
 from tests.support import s3
 from tests.support.database import archive_now, sql
-from tests.support.nspawn import Container, build_rootfs, missing_tools, operator_env
+from tests.support.nspawn import Container, missing_tools, operator_env
 
 REPO = Path(__file__).resolve().parents[1]
 FAB = Path(sys.executable).with_name("fab")
 PREFIX = "bench-archive"
 LOCATION = "bench-archive"
 ARCHIVE_TIMEOUT_S = 60
-
-
-def boot(workdir: Path, s3_server: s3.S3Server) -> Container:
-    workdir.mkdir()
-    container = Container(workdir).create(build_rootfs())
-    (container.rootfs / "etc/hosts").write_text(
-        "127.0.0.1\tlocalhost\n127.0.1.1\tvps\n::1\tlocalhost ip6-localhost ip6-loopback\n"
-        + s3_server.hosts_lines(container.gateway)
-    )
-    container.boot()
-    return container
 
 
 class Operator:
@@ -171,7 +160,8 @@ def measure(workdir: Path, quick: bool) -> Result:
     s3_server = s3.S3Server(workdir / "s3").start()
     server = None
     try:
-        server = boot(workdir / "vps", s3_server)
+        (workdir / "vps").mkdir()
+        server = s3.boot_server(workdir / "vps", s3_server)
         operator_dir = workdir / "operator"
         operator_dir.mkdir()
         op = Operator(operator_dir, server, s3_server)

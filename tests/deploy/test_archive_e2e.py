@@ -33,7 +33,7 @@ import pytest
 
 from tests.support import s3
 from tests.support.database import archive_now, sql
-from tests.support.nspawn import Container, build_rootfs, missing_tools, operator_env
+from tests.support.nspawn import Container, missing_tools, operator_env
 
 REPO = Path(__file__).resolve().parents[2]
 FAB = Path(sys.executable).with_name("fab")
@@ -65,17 +65,6 @@ def operator(tmp_path_factory, s3_server) -> Path:
     return directory
 
 
-def boot_server(directory: Path, s3_server) -> Container:
-    """A fresh Debian 13, booted, that resolves the S3 endpoint to this machine."""
-    container = Container(directory).create(build_rootfs())
-    (container.rootfs / "etc/hosts").write_text(
-        "127.0.0.1\tlocalhost\n127.0.1.1\tvps\n::1\tlocalhost ip6-localhost ip6-loopback\n"
-        + s3_server.hosts_lines(container.gateway)
-    )
-    container.boot()
-    return container
-
-
 @dataclass
 class Servers:
     """The module's servers: `first` until the power cut, then `new`, the one provisioned, deployed and restored
@@ -89,7 +78,7 @@ class Servers:
 def servers(tmp_path_factory, s3_server):
     held = Servers()
     try:
-        held.first = boot_server(tmp_path_factory.mktemp("archive-vps"), s3_server)
+        held.first = s3.boot_server(tmp_path_factory.mktemp("archive-vps"), s3_server)
         yield held
     finally:
         for container in (held.first, held.new):
@@ -261,7 +250,7 @@ def test_a_power_cut_then_a_new_server_gets_every_write_up_to_60_s_before_it(ser
     reader = threading.Thread(target=read, daemon=True)
     reader.start()
     try:
-        new = servers.new = boot_server(tmp_path_factory.mktemp("archive-new-vps"), s3_server)
+        new = servers.new = s3.boot_server(tmp_path_factory.mktemp("archive-new-vps"), s3_server)
         deadline = time.monotonic() + 30
         while not acknowledged:
             assert time.monotonic() < deadline and writer.poll() is None, "the writer wrote nothing"

@@ -21,11 +21,15 @@ import subprocess
 import sys
 import textwrap
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 
 from tests.support.ca import make_listener_certificate, stop_processes, wait_port
 from tests.support.services import free_port
+
+if TYPE_CHECKING:
+    from tests.support.nspawn import Container
 
 NAME = "s3.prayer-room.test"
 BUCKET = "prayer-room-archive"
@@ -160,3 +164,16 @@ def s3_server(tmp_path_factory):
     server = S3Server(tmp_path_factory.mktemp("s3")).start()
     yield server
     server.stop()
+
+
+def boot_server(directory: Path, server: S3Server) -> Container:
+    """A fresh Debian 13 test server, booted, that resolves the S3 endpoint to this machine."""
+    from tests.support.nspawn import Container, build_rootfs
+
+    container = Container(directory).create(build_rootfs())
+    (container.rootfs / "etc/hosts").write_text(
+        "127.0.0.1\tlocalhost\n127.0.1.1\tvps\n::1\tlocalhost ip6-localhost ip6-loopback\n"
+        + server.hosts_lines(container.gateway)
+    )
+    container.boot()
+    return container
