@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import re
 import tomllib
 from dataclasses import dataclass, field, fields, replace
@@ -63,6 +64,10 @@ class DeployConfig:
     # (a new request, "prayed", "flag"); past a burst of as many, 429. The API's own throttles count per hour.
     login_rate_per_minute: int = 10
     write_rate_per_minute: int = 60
+    # The load balancers or CDN in front of the site's front server (the single server, or the cluster's balancer;
+    # the web hosts of a cluster without one): their addresses or networks (CIDR). nginx takes the client's address
+    # from their X-Forwarded-For (and from nobody else's), so rate limits, lockouts and throttles count per client.
+    trusted_proxies: tuple[str, ...] = ()
     require_systemd: bool = True
     web_ports: tuple[int, ...] = WEB_PORTS
     extra_env: tuple[tuple[str, str], ...] = field(default=())
@@ -294,6 +299,12 @@ def _checked(table: Any, where: str) -> dict[str, Any]:
             if not isinstance(value, list) or not all(isinstance(h, str) for h in value):
                 raise DeployError(f'{where}: hosts must be a list of strings, e.g. ["root@203.0.113.7"].')
             values[key] = tuple(value)
+        elif key == "trusted_proxies":
+            if not isinstance(value, list) or not all(isinstance(network, str) for network in value):
+                raise DeployError(
+                    f'{where}: trusted_proxies must be a list of addresses or networks, e.g. ["10.0.0.0/8"].'
+                )
+            values[key] = tuple(value)
         elif key == "notify":
             if not isinstance(value, list) or not all(isinstance(t, str) for t in value):
                 raise DeployError(
@@ -412,10 +423,34 @@ def validate(config: DeployConfig, where: str = "deploy config") -> None:
         raise DeployError(f"{where}: web_ports must be distinct, got {list(config.web_ports)}.")
     if config.workers > 16:
         raise DeployError(f"{where}: workers must be at most 16 (raise worker_concurrency instead).")
+    validate_trusted_proxies(config, where)
     validate_tls(config, where)
     validate_roles(config, where)
     validate_archive(config, where)
     validate_notify(config, where)
+
+
+def trusted_proxy_networks(config: DeployConfig) -> list[str]:
+    """trusted_proxies as the networks nginx's set_real_ip_from takes (checked by validate_trusted_proxies)."""
+    return [str(ipaddress.ip_network(network, strict=False)) for network in config.trusted_proxies]
+
+
+def validate_trusted_proxies(config: DeployConfig, where: str) -> None:
+    """Each trusted proxy is an IPv4 or IPv6 address or network, not every address (then any client could choose
+    the address its requests are counted under)."""
+    for network in config.trusted_proxies:
+        try:
+            parsed = ipaddress.ip_network(network, strict=False)
+        except ValueError:
+            raise DeployError(
+                f"{where}: trusted_proxies has {network!r}, which is not an address or a network such as "
+                '"10.0.0.0/8" or "2001:db8::/32".'
+            ) from None
+        if parsed.prefixlen == 0:
+            raise DeployError(
+                f"{where}: trusted_proxies has {network!r}, every address: any client could then choose its own "
+                "address for the rate limits and lockouts; list your load balancer's addresses only."
+            )
 
 
 _WEBHOOK = re.compile(r"https?://[A-Za-z0-9.-]+(?::\d{1,5})?(?:/[^\s]*)?")

@@ -8,7 +8,7 @@ from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import PurePosixPath
 
-from deploy.config import DeployConfig, address_of
+from deploy.config import DeployConfig, address_of, trusted_proxy_networks
 from deploy.render.cluster_tls import (
     WEB_CERTIFICATE,
     WEB_TLS_NAME,
@@ -80,6 +80,8 @@ def render_nginx_site(
         "nginx-site.conf.j2",
         upstream="prayer_room_web",
         balancer=balancer_address(config),
+        # Behind the cluster's balancer, that balancer takes the client's address from the load balancer's header.
+        trusted_proxies=[] if balancer_address(config) else trusted_proxy_networks(config),
         cluster_tls=_web_host_tls(config),
         web_ports=config.web_ports,
         server_names=[config.domain] if tls else site_names(config, host),
@@ -158,6 +160,7 @@ def render_balancer_site(
         max_fails=BALANCER_MAX_FAILS,
         fail_timeout=BALANCER_FAIL_TIMEOUT,
         server_names=cluster_site_names(config),
+        trusted_proxies=trusted_proxy_networks(config),
         **_front_context(config, nginx, tls, ipv6, address, http_port, https_port),
     )
 
