@@ -46,7 +46,14 @@ from deploy.provision.host import (
     read_nginx_facts,
 )
 from deploy.provision.updates import ensure_security_updates
-from deploy.render.cluster_tls import DB_CERTIFICATE, WEB_CERTIFICATE, WEB_TLS_NAME, uses_cluster_tls
+from deploy.render.cluster_tls import (
+    DB_CERTIFICATE,
+    WEB_CERTIFICATE,
+    WEB_TLS_NAME,
+    ca_host,
+    is_ca_host,
+    uses_cluster_tls,
+)
 from deploy.render.nginx import ACME_WEBROOT, render_balancer_site, render_nginx_site
 from deploy.ssh import Server
 
@@ -112,7 +119,7 @@ def _host_steps(values: dict[str, str], ca: ClusterCA | None, lock_held: bool = 
         member.step("packages", lambda: install_packages(server))
         member.step("security updates", lambda: ensure_security_updates(server))
         if ca is not None:
-            if config.runs("db"):
+            if is_ca_host(config):
                 member.step("cluster CA", lambda: ca.ensure() | ensure_ca_certificate(server, ca))
             else:
                 member.step("cluster CA", lambda: ensure_ca_certificate(server, ca))
@@ -265,11 +272,12 @@ def provision(
         raise
     ca = _cluster_ca(config, everyone, members, out, lock)
     phase = _host_steps(values, ca, lock_held)
-    for member in members:
-        if member.config.runs("db"):
-            member.run(phase)
+    # The db host first, and the CA host (the same one, or the primary without a db host): the others need both.
+    first = [member for member in members if member.config.runs("db") or is_ca_host(member.config)]
+    for member in first:
+        member.run(phase)
     _raise_failures(config, members, started, out)
-    others = [member for member in members if not member.config.runs("db")]
+    others = [member for member in members if member not in first]
     in_parallel(lambda member: member.run(phase), others, name=lambda member: member.name)
     _raise_failures(config, members, started, out)
     return site_summary(config, members, time.monotonic() - started)
@@ -278,19 +286,19 @@ def provision(
 def _cluster_ca(
     config: DeployConfig, everyone: list[Member], members: list[Member], out: TextIO, lock: threading.Lock
 ) -> ClusterCA | None:
-    """The db host's CA on a cluster with a db host (connected here when provision was narrowed to other hosts),
-    else None."""
+    """The CA host's CA on a site of several hosts (connected here when provision was narrowed to other hosts), else
+    None. The CA host is the db host, or the primary on a site without one."""
     if not uses_cluster_tls(config):
         return None
-    db_host = config.role_hosts("db")[0]
-    db = next((member for member in everyone if member.config.hosts[0] == db_host), None)
-    if db is None:
+    holder = ca_host(config)
+    member = next((member for member in everyone if member.config.hosts[0] == holder), None)
+    if member is None:
         template = members[0].conn
-        conn = Connection(db_host, config=template.config, connect_timeout=template.connect_timeout)
-        db = Member(conn, config.for_host(db_host), out, lock)
-        db.run(_connect)
-        _raise_failures(config, [db], time.monotonic(), out)
-    return ClusterCA(db.server)
+        conn = Connection(holder, config=template.config, connect_timeout=template.connect_timeout)
+        member = Member(conn, config.for_host(holder), out, lock)
+        member.run(_connect)
+        _raise_failures(config, [member], time.monotonic(), out)
+    return ClusterCA(member.server)
 
 
 def _raise_failures(config: DeployConfig, members: list[Member], started: float, out: TextIO) -> None:

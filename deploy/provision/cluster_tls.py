@@ -1,6 +1,6 @@
-"""Provision's cluster CA steps: the CA on the db host (created once, root-only), its certificate on every host, and
-a server certificate for each host that serves the others (the db host; each web host), its key made on that host
-and its names chosen here, never by the host that asks."""
+"""Provision's cluster CA steps: the CA on the CA host (the db host, else the primary; created once, root-only), its
+certificate on every host, and a server certificate for each host that serves the others (the db host; each web host),
+its key made on that host and its names chosen here, never by the host that asks."""
 
 from __future__ import annotations
 
@@ -26,8 +26,9 @@ from deploy.ssh import Server
 
 
 class ClusterCA:
-    """The db host's CA, shared by every host's provision thread: one command at a time on the db host's
-    connection. Its key never leaves the db host; only signed certificates and the CA's certificate do."""
+    """The CA host's CA (the db host's, else the primary's), shared by every host's provision thread: one command at
+    a time on that host's connection. Its key never leaves that host; only signed certificates and the CA's
+    certificate do."""
 
     def __init__(self, server: Server) -> None:
         self.server = server
@@ -52,7 +53,7 @@ class ClusterCA:
                 pem = self.server.read(ca_dir(self.server.config) / "ca.crt", what="reading the cluster CA")
                 if not pem:
                     raise DeployError(
-                        f"the cluster CA is missing on the db host {self.server.name}: run `fab provision` for the "
+                        f"the cluster CA is missing on {self.server.name}: run `fab provision` for the "
                         "whole cluster (without -H)."
                     )
                 self._pem = pem

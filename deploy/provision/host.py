@@ -14,7 +14,7 @@ from deploy.config import DeployConfig, has_app
 from deploy.errors import DeployError
 from deploy.on_server import script
 from deploy.provision.facts import FACTS_SCRIPT, check_facts, parse_facts
-from deploy.render.cluster_tls import uses_cluster_tls
+from deploy.render.cluster_tls import is_ca_host, uses_cluster_tls
 from deploy.render.nginx import ACME_WEBROOT, CERT_DIR, NGINX_FACTS_SCRIPT, NginxFacts, parse_nginx_facts
 from deploy.render.supervisord import SUPERVISORCTL_DEFAULT, render_supervisorctl_default, render_supervisord_main
 from deploy.render.systemd import (
@@ -86,8 +86,8 @@ def packages_for(config: DeployConfig) -> tuple[str, ...]:
         *(("pgbackrest",) if db and config.backup_repository else ()),
         *(TLS_PACKAGES if holds_certificate(config) else ()),
     ]
-    if uses_cluster_tls(config) and (db or config.runs("web")) and "openssl" not in wanted:
-        wanted.append("openssl")  # the cluster CA (db host) and each host's certificate (db and web hosts)
+    if uses_cluster_tls(config) and (db or config.runs("web") or is_ca_host(config)) and "openssl" not in wanted:
+        wanted.append("openssl")  # the cluster CA (its host) and each host's certificate (db and web hosts)
     return tuple(wanted)
 
 

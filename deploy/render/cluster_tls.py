@@ -1,7 +1,8 @@
-"""The cluster's own TLS: one CA per site of several hosts, created by provision on the db host (root-only, its key
-never leaves it), and a certificate per service host naming the host's cluster address. PostgreSQL and Redis on the
-db host and each web host's nginx serve one; their clients (the app hosts, the balancer) trust the CA alone and
-check the name. A site of one host has none: everything stays on loopback and the local socket."""
+"""The cluster's own TLS: one CA per site of several hosts, created by provision on the CA host (the db host, or the
+primary on a site without one; root-only, its key never leaves it), and a certificate per service host naming the
+host's cluster address. PostgreSQL and Redis on the db host and each web host's nginx serve one; their clients (the
+app hosts, the balancer) trust the CA alone and check the name. A site of one host has none: everything stays on
+loopback and the local socket."""
 
 from __future__ import annotations
 
@@ -27,7 +28,7 @@ CA_DAYS = 3650
 
 
 def ca_dir(config: DeployConfig) -> PurePosixPath:
-    """On the db host only: the CA's key and certificate, root's, 0700."""
+    """On the CA host only: the CA's key and certificate, root's, 0700."""
     return config.layout.etc / "cluster-ca"
 
 
@@ -42,8 +43,21 @@ def tls_dir(config: DeployConfig) -> PurePosixPath:
 
 
 def uses_cluster_tls(config: DeployConfig) -> bool:
-    """Whether the site's hosts talk TLS to each other: a site of several hosts with a db host."""
-    return config.multi_host and bool(config.db_address)
+    """Whether the site's hosts talk TLS to each other (and have a cluster CA): every site of several hosts, with a
+    db host or without one (the balancer still reaches the web hosts over TLS)."""
+    return config.multi_host
+
+
+def ca_host(config: DeployConfig) -> str:
+    """The host that creates and keeps the cluster CA: the db host (whoever holds it has the data anyway), else the
+    primary (a site whose PostgreSQL and Redis are managed elsewhere)."""
+    db = config.role_hosts("db")
+    return db[0] if db else config.primary
+
+
+def is_ca_host(config: DeployConfig) -> bool:
+    """Whether `config` (bound to one host) is bound to the CA host."""
+    return uses_cluster_tls(config) and bool(config.hosts) and config.hosts[0] == ca_host(config)
 
 
 def subject_alt_names(address: str, names: tuple[str, ...] = ()) -> str:
@@ -76,12 +90,18 @@ def database_url_with_tls(url: str, ca: PurePosixPath) -> str:
 
 
 def redis_url_with_tls(url: str, user: str, ca: PurePosixPath) -> str:
-    """A redis:// URL as rediss:// for the app's ACL `user` (the password kept), checked against the cluster CA."""
+    """A redis:// URL as rediss:// for the app's ACL `user` (the password kept), checked against the cluster CA and
+    the URL's host name, both said in the URL rather than left to each library's default. The URL reaches redis-py
+    three ways, each of which reads these two (redis-py 8.1, kombu 5.7, celery 5.7, django-environ): kombu's
+    parse_url (the broker: ssl_cert_reqs through parse_ssl_cert_reqs, ssl_check_hostname true unless "false"),
+    celery's Redis result backend (redis-py's URL parsers: to_bool), and django-environ's cache_url, which moves the
+    query into OPTIONS as strings that redis-py's SSLConnection takes as they are. NOTE: so never write
+    ssl_check_hostname=false here: the cache would take that string as true; the value is "true"."""
     parts = urlsplit(url)
     auth, _, where = parts.netloc.rpartition("@")
     password = auth.partition(":")[2]
     query = dict(parse_qsl(parts.query))
-    query.update(ssl_cert_reqs="required", ssl_ca_certs=str(ca))
+    query.update(ssl_cert_reqs="required", ssl_check_hostname="true", ssl_ca_certs=str(ca))
     netloc = f"{quote(user, safe='')}:{password}@{where}"
     return urlunsplit(parts._replace(scheme="rediss", netloc=netloc, query=urlencode(query, safe="/")))
 

@@ -142,7 +142,7 @@ def render_balancer_site(
     drained: Collection[str] = (),
 ) -> str:
     """The balancer's nginx site: the web hosts' own nginx as upstreams (over TLS checked against the cluster CA, on
-    WEB_TLS_PORT; plain HTTP on port 80 without a db host, so without cluster TLS) with passive health checks and a
+    WEB_TLS_PORT, on every site of several hosts, with or without a db host) with passive health checks and a
     new connection per request, a 444 default server. With `domain` it answers the ACME challenge, and with `tls`
     (its certificate exists) it serves HTTPS and redirects HTTP; each alias redirects to the domain. `drained`: the
     web hosts (deploy.toml's names or their addresses) marked `down`, which get no request (`fab os-update`).

@@ -36,9 +36,12 @@ from deploy.provision.host import directories, packages_for, services_for
 from deploy.render.cluster_tls import (
     ca_certificate,
     ca_dir,
+    ca_host,
     cluster_env_values,
+    is_ca_host,
     render_server_extensions,
     tls_dir,
+    uses_cluster_tls,
 )
 from deploy.render.db_host import (
     RedisTLS,
@@ -656,7 +659,10 @@ def test_a_clusters_urls_name_the_db_host_over_tls_checked_against_the_cluster_c
         f"postgres://prayer_room:pw-_1@10.0.0.4:5432/prayer_room?sslmode=verify-full&sslrootcert={ca}"
     )
     for key, db in (("CELERY_BROKER_URL", 0), ("CACHE_URL", 1)):
-        assert values[key] == f"rediss://prayer-room:rp-_2@10.0.0.4:6379/{db}?ssl_cert_reqs=required&ssl_ca_certs={ca}"
+        assert values[key] == (
+            f"rediss://prayer-room:rp-_2@10.0.0.4:6379/{db}?ssl_cert_reqs=required&ssl_check_hostname=true"
+            f"&ssl_ca_certs={ca}"
+        )
     assert cluster_env_values(config, values) == values  # a re-run changes nothing
     assert redis_password(values, "10.0.0.4") == "rp-_2"
     managed = {"DATABASE_URL": "postgres://app:pw@db.internal:5432/app", "CACHE_URL": "redis://:pw@10.0.0.9:6379/1"}
@@ -757,14 +763,65 @@ def test_a_web_host_behind_the_balancer_believes_its_forwarded_headers_and_nobod
     assert "set_real_ip_from" not in alone and "proxy_set_header X-Forwarded-Proto $scheme;" in alone
     assert "server_name 10.0.0.2 10.0.0.3;" in alone
     # Behind the balancer the site also listens for it on the TLS port with the host's cluster certificate; with no
-    # balancer there is none, nor on a cluster without a db host (no cluster CA: the balancer speaks HTTP on 80).
+    # balancer there is none. A cluster without a db host (managed PostgreSQL and Redis) is the same: the balancer
+    # reaches the web hosts over TLS checked against the cluster CA, which the primary keeps.
     tls_block = site.split("# The balancer's way in")[1]
     assert "listen 8443 ssl;" in tls_block and "ssl_certificate /etc/prayer-room/tls/web.crt;" in tls_block
     assert "set_real_ip_from 10.0.0.5;" in tls_block and "location / {" in tls_block
     assert "8443" not in alone
     managed = cluster(tmp_path, CLUSTER_TOML.replace('db = ["root@10.0.0.4"]', ""))
-    assert "8443" not in render_nginx_site(managed.at("10.0.0.3"), "10.0.0.3")
-    assert "server 10.0.0.2:80 " in render_balancer_site(managed) and "proxy_ssl" not in render_balancer_site(managed)
+    assert render_nginx_site(managed.at("10.0.0.3"), "10.0.0.3").split("# The balancer's way in")[1] == tls_block
+    assert render_balancer_site(managed) == render_balancer_site(cluster(tmp_path))
+    balancer = render_balancer_site(managed)
+    servers = [line.split()[1] for line in balancer.splitlines() if line.strip().startswith("server 10.")]
+    assert servers == ["10.0.0.2:8443", "10.0.0.3:8443"], servers
+    assert "proxy_pass https://prayer_room_web_hosts;" in balancer and "proxy_ssl_verify on;" in balancer
+    assert "proxy_ssl_trusted_certificate /etc/prayer-room/cluster-ca.crt;" in balancer
+
+
+def test_every_site_of_several_hosts_has_a_cluster_ca_on_the_db_host_or_else_the_primary(tmp_path):
+    with_db = cluster(tmp_path)
+    assert ca_host(with_db) == "root@10.0.0.4" and is_ca_host(with_db.at("10.0.0.4"))
+    assert not any(is_ca_host(with_db.at(address)) for address in ("10.0.0.2", "10.0.0.3", "10.0.0.5"))
+    managed = cluster(tmp_path, CLUSTER_TOML.replace('db = ["root@10.0.0.4"]', ""))
+    assert uses_cluster_tls(managed) and ca_host(managed) == managed.primary == "root@10.0.0.2"
+    assert is_ca_host(managed.at("10.0.0.2")) and not is_ca_host(managed.at("10.0.0.4"))
+    # Where the CA is made: openssl; the balancer makes no certificate and gets none.
+    assert "openssl" in packages_for(managed.at("10.0.0.2")) and "openssl" not in packages_for(managed.at("10.0.0.5"))
+    # Its URLs are the operator's (another host's): left as they are.
+    urls = {"DATABASE_URL": "postgres://app:pw@db.internal:5432/app", "CACHE_URL": "rediss://:pw@10.0.0.9:6379/1"}
+    assert cluster_env_values(managed, urls) == urls
+    assert not uses_cluster_tls(CONFIG) and not is_ca_host(CONFIG)
+
+
+def test_the_apps_redis_clients_read_the_urls_tls_checks_as_required_and_hostname_checked(tmp_path):
+    """The URL provision writes, read by each library the app hands it to (the pinned versions): the broker (kombu),
+    the result backend (celery) and Django's cache (django-environ, then redis-py): each verifies the certificate
+    against the cluster CA and checks the name."""
+    import ssl
+
+    import environ
+    import redis
+    from celery import Celery
+    from celery.backends.redis import RedisBackend
+    from kombu import Connection
+
+    url = cluster_env_values(cluster(tmp_path), cluster_defaults(cluster(tmp_path), "10.0.0.2"))["CACHE_URL"]
+    ca = "/etc/prayer-room/cluster-ca.crt"
+    broker = Connection(url).ssl
+    assert broker == {"ssl_cert_reqs": ssl.CERT_REQUIRED, "ssl_check_hostname": True, "ssl_ca_certs": ca}, broker
+    backend = RedisBackend(app=Celery(set_as_current=False), url=url).connparams
+    assert backend["connection_class"] is redis.SSLConnection
+    assert (backend["ssl_cert_reqs"], backend["ssl_check_hostname"], backend["ssl_ca_certs"]) == (
+        ssl.CERT_REQUIRED, True, ca)  # fmt: skip
+    cache = environ.Env.cache_url_config(url)
+    pool = redis.ConnectionPool.from_url(cache["LOCATION"], **cache["OPTIONS"])
+    connection = pool.make_connection()
+    assert isinstance(connection, redis.SSLConnection), cache
+    assert (connection.cert_reqs, bool(connection.check_hostname), connection.ca_certs) == (ssl.CERT_REQUIRED, True, ca)
+    # The weakened settings (the positive control of the cluster e2e's Redis impostor) read as no check at all.
+    weak = redis.ConnectionPool.from_url(url.replace("ssl_cert_reqs=required", "ssl_cert_reqs=none")).make_connection()
+    assert (weak.cert_reqs, weak.check_hostname) == (ssl.CERT_NONE, False)
 
 
 @pytest.mark.deploy  # needs the deploy layer's nginx, which pip cannot install
