@@ -21,7 +21,7 @@ import pytest
 
 from deploy.on_server.common import read_env_file
 from prayer_room_api.beat import LOCK_KEY
-from tests.deploy.target import Clone, RequestLoop, http_get
+from tests.deploy.target import Clone, RequestLoop, http_get, http_request
 from tests.support import capture
 from tests.support.capture import Capture
 from tests.support.cluster import Cluster
@@ -417,6 +417,114 @@ def test_11_a_man_in_the_middle_with_another_certificate_gets_no_database_login(
         cluster.app.ssh("systemctl stop e2e-rogue-postgres; rm -f /root/rogue.*", check=False)
 
 
+# A web host impostor: HTTPS on ADDRESS:PORT with its own certificate; it logs each refused handshake and each
+# connection closed without a request (one line each), and each request it is sent, headers and body, to OUT, and
+# answers 200 "impostor". (nginx completes the handshake, then checks the certificate and closes when it fails.)
+ROGUE_WEB = """
+import re, socket, ssl, sys
+address, port, cert, key, out = sys.argv[1:6]
+context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+context.load_cert_chain(cert, key)
+def log(data):
+    with open(out, "ab") as f:
+        f.write(data + b"\\n")
+with socket.create_server((address, int(port))) as server:
+    while True:
+        conn, _ = server.accept()
+        conn.settimeout(10)
+        try:
+            tls = context.wrap_socket(conn, server_side=True)
+        except (OSError, ssl.SSLError) as exc:
+            log(b"handshake refused: " + str(exc).encode())
+            conn.close()
+            continue
+        try:
+            data = b""
+            while b"\\r\\n\\r\\n" not in data and (chunk := tls.recv(65536)):
+                data += chunk
+            length = re.search(rb"(?im)^content-length: *(\\d+)", data)
+            while length and len(data.partition(b"\\r\\n\\r\\n")[2]) < int(length[1]) and (chunk := tls.recv(65536)):
+                data += chunk
+            if not data:
+                log(b"closed without a request")
+                tls.close()
+                continue
+            log(b"request: " + data)
+            tls.sendall(b"HTTP/1.1 200 OK\\r\\nContent-Length: 9\\r\\nConnection: close\\r\\n\\r\\nimpostor\\n")
+            tls.close()
+        except (OSError, ssl.SSLError) as exc:
+            log(b"failed: " + str(exc).encode())
+"""
+WEB_TLS_PORT = 8443
+WEB_TLS_NAME = "web.prayer-room.cluster"
+
+
+def test_12_a_web_host_impostor_with_another_certificate_gets_no_request_from_the_balancer(cluster):
+    """An impostor at web2's address and TLS port (its nginx stopped; web1's too, so that every request goes to it)
+    with a certificate of another CA naming the web hosts' name and web2's address: the balancer's nginx
+    (proxy_ssl_verify on, the cluster CA) refuses the handshake and answers 502; the request, its body, never reaches
+    the impostor. Positive control: the same site with `proxy_ssl_verify off` sends the impostor the request, body
+    and all."""
+    cluster.provisioned()
+    web2, lb = cluster.web2, cluster.lb
+    rogue = "/root/rogue-web"
+    web2.ssh(
+        "openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 1 -subj /CN=impostor"
+        f" -addext subjectAltName=IP:{web2.address},DNS:{WEB_TLS_NAME} -keyout {rogue}.key -out {rogue}.crt"
+        f" 2>/dev/null && cat > {rogue}.py <<'EOF'\n{ROGUE_WEB}\nEOF\n"
+    )
+    site = lb.ssh(f"cat {BALANCER_SITE}").stdout
+    assert "proxy_ssl_verify on;" in site and f"server {web2.address}:{WEB_TLS_PORT} " in site
+    errors_before = int(lb.ssh("wc -l < /var/log/nginx/error.log").stdout)
+
+    def post(marker: str) -> tuple[int | None, str]:
+        return http_request(f"{front(cluster)}/api/requests/", {"content": marker}, timeout=15)
+
+    def received() -> str:
+        return web2.ssh(f"cat {rogue}.out 2>/dev/null; true").stdout
+
+    try:
+        for name in ("web1", "web2"):
+            cluster[name].ssh("systemctl stop nginx")
+        web2.ssh(
+            f"rm -f {rogue}.out && systemd-run --unit=e2e-rogue-web --collect python3 {rogue}.py {web2.address}"
+            f" {WEB_TLS_PORT} {rogue}.crt {rogue}.key {rogue}.out"
+        )
+        deadline = time.monotonic() + 30
+        while not web2.ssh(f"ss -Hltn 'sport = :{WEB_TLS_PORT}'").stdout.strip():
+            assert time.monotonic() < deadline, "the impostor never listened"
+            time.sleep(0.2)
+        marker = f"sent to the impostor {time.time()}"
+        status, body = post(marker)
+        assert status == 502 and "impostor" not in body, (status, body)
+        log = received()
+        closed = ("handshake refused", "closed without", "failed")
+        refused = [line for line in log.splitlines() if line.startswith(closed)]
+        cluster.timings["balancer impostor: connections the balancer closed without a request"] = len(refused)
+        assert refused and "request: " not in log and marker not in log, log  # the balancer came; nothing was sent
+        errors = lb.ssh(f"tail -n +{errors_before + 1} /var/log/nginx/error.log").stdout
+        assert "upstream SSL certificate verify error" in errors, errors[-2000:]
+
+        # The positive control: verification off, the same impostor gets the request, body and all.
+        lb.ssh(f"sed -i 's/proxy_ssl_verify on;/proxy_ssl_verify off;/' {BALANCER_SITE} && systemctl reload nginx")
+        control = f"sent to the impostor, not verified {time.time()}"
+        deadline = time.monotonic() + 30
+        while (answer := post(control)) != (200, "impostor\n"):  # until the reloaded workers take the requests
+            assert time.monotonic() < deadline, answer
+            time.sleep(0.5)
+        log = received()
+        assert "request: POST /api/requests/ HTTP/1." in log and control in log, log[-2000:]
+        cluster.timings["balancer impostor, verification off: requests it was sent"] = log.count("request: POST ")
+    finally:
+        lb.ssh(f"sed -i 's/proxy_ssl_verify off;/proxy_ssl_verify on;/' {BALANCER_SITE} && systemctl reload nginx")
+        web2.ssh(f"systemctl stop e2e-rogue-web; rm -f {rogue}.*", check=False)
+        for name in ("web1", "web2"):
+            cluster[name].ssh("systemctl start nginx")
+    assert lb.ssh(f"cat {BALANCER_SITE}").stdout == site
+    for name in ("web1", "web2"):  # their own nginx answers again (502: nothing is deployed yet)
+        assert http_status(cluster[name].address, host=lb.address) == 502, name
+
+
 # --- deploys: the cluster provisioned above, through the balancer -------------------------------------------
 
 SETTINGS = """
@@ -508,6 +616,137 @@ def test_20_the_first_deploy_makes_every_host_live_with_its_roles_programs(clust
     assert len(sql(cluster, LEADER).split()) == 1  # one beat leads, on web1 or web2
 
 
+# A Redis impostor: TLS on ADDRESS:PORT with its own certificate; it answers every command (+PONG to PING, +OK to the
+# rest), logs each one it receives, words joined by spaces, and each refused handshake, to OUT.
+ROGUE_REDIS = """
+import socket, ssl, sys, threading
+address, port, cert, key, out = sys.argv[1:6]
+context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+context.load_cert_chain(cert, key)
+def log(data):
+    with open(out, "ab") as f:
+        f.write(data + b"\\n")
+def serve(conn):
+    try:
+        tls = context.wrap_socket(conn, server_side=True)
+    except (OSError, ssl.SSLError) as exc:
+        log(b"handshake refused: " + str(exc).encode())
+        return conn.close()
+    f = tls.makefile("rwb")
+    try:
+        while (line := f.readline()).startswith(b"*"):
+            words = [f.read(int(f.readline()[1:]) + 2)[:-2] for _ in range(int(line[1:]))]
+            log(b" ".join(words))
+            f.write(b"+PONG\\r\\n" if words[0].upper() == b"PING" else b"+OK\\r\\n")
+            f.flush()
+    except (OSError, ssl.SSLError, ValueError):
+        pass
+    tls.close()
+with socket.create_server((address, int(port))) as server:
+    while True:
+        conn, _ = server.accept()
+        conn.settimeout(10)
+        threading.Thread(target=serve, args=(conn,), daemon=True).start()
+"""
+# The app's two Redis clients, from its release's virtualenv, on the URL ARGV[1]: redis-py (Django's cache and
+# Celery's result backend build theirs with it) and kombu (Celery's broker). One line each: ok or refused: why.
+APP_REDIS_CLIENTS = """
+import sys
+import kombu, redis
+url = sys.argv[1]
+try:
+    redis.Redis.from_url(url, socket_timeout=5, socket_connect_timeout=5).ping()
+    print("redis-py ok")
+except Exception as exc:
+    print("redis-py refused:", type(exc).__name__, str(exc).replace(chr(10), " "))
+try:
+    with kombu.Connection(url, connect_timeout=5) as connection:
+        connection.connect()
+    print("kombu ok")
+except Exception as exc:
+    print("kombu refused:", type(exc).__name__, str(exc).replace(chr(10), " "))
+"""
+ROGUE_REDIS_PORTS = {"another CA": 16379, "the cluster CA, a web host's name": 16380}
+# The positive controls: what each impostor needs weakened in the URL to be accepted.
+ROGUE_REDIS_WEAKENED = {
+    "another CA": ("ssl_cert_reqs=required", "ssl_cert_reqs=none"),
+    "the cluster CA, a web host's name": ("ssl_check_hostname=true", "ssl_check_hostname=false"),
+}
+
+
+def test_20a_a_redis_impostor_gets_no_login_from_the_apps_redis_clients(cluster):
+    """Two impostors at the db host's address: one with a certificate of another CA naming that address, one with a
+    certificate of the cluster CA naming another host (web1's own, which its root holds: a web host taken over
+    posing as the db host). The app's Redis clients (redis-py and kombu from the live release's virtualenv, the
+    broker URL of web2's env file pointed at the impostor's port) refuse both before sending anything. Positive
+    controls, the same URL weakened: ssl_cert_reqs=none lets the first impostor read AUTH with the app's password;
+    ssl_check_hostname=false lets the second one read it."""
+    db, app = cluster.app.address, cluster.app
+    web_certificate = cluster.web1.ssh("cat /etc/prayer-room/tls/web.crt /etc/prayer-room/tls/web.key").stdout
+    assert "BEGIN CERTIFICATE" in web_certificate and "PRIVATE KEY" in web_certificate
+    rogue = "/root/rogue-redis"
+    app.ssh(
+        "openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 1 -subj /CN=impostor"
+        f" -addext subjectAltName=IP:{db} -keyout {rogue}-other.key -out {rogue}-other.crt 2>/dev/null"
+        f" && cat > {rogue}-web.pem <<'EOF'\n{web_certificate}EOF\n"
+        f"cat > {rogue}.py <<'EOF'\n{ROGUE_REDIS}\nEOF\n"
+    )
+    certificates = {"another CA": (f"{rogue}-other.crt", f"{rogue}-other.key"),
+                    "the cluster CA, a web host's name": (f"{rogue}-web.pem", f"{rogue}-web.pem")}  # fmt: skip
+    url = env_values(cluster, "web2")["CELERY_BROKER_URL"]
+    assert "ssl_cert_reqs=required" in url and "ssl_check_hostname=true" in url, url
+    password = unquote(urlsplit(url).password or "")
+    login = f"AUTH {APP_USER} {password}"
+
+    def clients(target: str) -> list[str]:
+        python = "/srv/prayer-room/current/.venv/bin/python"
+        result = cluster.web2.ssh(
+            f"cd / && runuser -u {APP_USER} -- {python} -c {shlex.quote(APP_REDIS_CLIENTS)} {shlex.quote(target)}",
+            check=False,
+        )
+        assert result.returncode == 0, result.stderr
+        return result.stdout.splitlines()
+
+    def received(what: str) -> str:
+        return app.ssh(f"cat {rogue}-{ROGUE_REDIS_PORTS[what]}.out 2>/dev/null; true").stdout
+
+    try:
+        for what, port in ROGUE_REDIS_PORTS.items():
+            cert, key = certificates[what]
+            app.ssh(
+                f"rm -f {rogue}-{port}.out && systemd-run --unit=e2e-rogue-redis-{port} --collect python3 {rogue}.py"
+                f" {db} {port} {cert} {key} {rogue}-{port}.out"
+            )
+        deadline = time.monotonic() + 30
+        while len(app.ssh("ss -Hltn 'sport = :16379 or sport = :16380'").stdout.splitlines()) < 2:
+            assert time.monotonic() < deadline, "the impostors never listened"
+            time.sleep(0.2)
+        outcomes = {}
+        for what, port in ROGUE_REDIS_PORTS.items():
+            target = url.replace(f"@{db}:6379/", f"@{db}:{port}/")
+            answers = clients(target)
+            outcomes[what] = answers
+            assert [line.split(" ", 2)[:2] for line in answers] == [["redis-py", "refused:"], ["kombu", "refused:"]]
+            assert all("certificate verify failed" in line.lower() for line in answers), answers
+            if what == "another CA":
+                assert all("self-signed certificate" in line or "unable to get" in line for line in answers), answers
+            else:
+                assert all("IP address mismatch" in line for line in answers), answers
+            log = received(what)
+            assert login not in log and password not in log and "AUTH" not in log, log  # nothing but the handshake
+            assert "handshake refused" in log, log  # each client did reach it
+            cluster.timings[f"redis impostor ({what}): handshakes refused"] = log.count("handshake refused")
+            # The positive control: the URL weakened, the same impostor is accepted and reads the login.
+            control = clients(target.replace(*ROGUE_REDIS_WEAKENED[what]))
+            assert control == ["redis-py ok", "kombu ok"], control
+            log = received(what)
+            cluster.timings[f"redis impostor ({what}), the URL weakened: logins it read"] = log.count(login)
+            assert log.count(login) >= 2, log  # at least one AUTH from each client, password and all
+        print(outcomes)
+    finally:
+        app.ssh(f"systemctl stop e2e-rogue-redis-16379 e2e-rogue-redis-16380; rm -f {rogue}*", check=False)
+
+
 def test_21_a_rolling_deploy_through_the_balancer_loses_no_request(cluster, clone):
     before = live_release(cluster, "web1")
     clone.commit_file("project/prayer_room_api/e2e_cluster.txt", "second\n", "a change for the rolling deploy")
@@ -548,27 +787,44 @@ def send_the_redis_password_in_clear(cluster: Cluster) -> str:
 
 def nothing_in_clear_but_the_control(cluster: Cluster, pcap: Capture, redis_password: str) -> None:
     """The capture between the cluster's hosts holds PostgreSQL, Redis and balancer traffic, and in clear none of:
-    a password, SQL, a task message, an HTTP request (the loop's POST bodies); only the control's password."""
+    the database password, SECRET_KEY, SQL, a task message, an HTTP request (the loop's POST bodies); the Redis
+    password exactly as often as the control's plain AUTH carries it. The secrets are read from the servers."""
     values = env_values(cluster, "web1")
     db_password = unquote(urlsplit(values["DATABASE_URL"]).password or "")
+    secret_key = values["SECRET_KEY"]
+    # The Redis password is the one the db host's Redis has (its ACL user's).
+    assert cluster.app.ssh(f"grep -cF {shlex.quote('>' + redis_password)} /etc/redis/redis.conf").stdout.strip() == "1"
+    assert all(len(secret) >= 16 for secret in (db_password, secret_key, redis_password))
     counts = {port: pcap.packets(f"tcp port {port}") for port in (5432, 6379, 8443)}
-    cluster.timings["capture: packets to/from PostgreSQL, Redis, the web hosts' TLS port"] = sum(counts.values())
+    for port, count in counts.items():
+        cluster.timings[f"capture: packets to/from port {port}"] = count
     assert all(counts.values()), counts  # it saw the cluster's traffic: the SQL, the tasks, the requests
     data = pcap.data()
+    cluster.timings["capture: bytes"] = len(data)
+    cluster.timings["capture: packets"] = pcap.packets("ip")
+    control = f"AUTH {APP_USER} {redis_password}".encode()
+    # The positive control: the one plain AUTH, password and all, is in the capture (the detector works); a
+    # retransmission would carry it twice, so the password is compared with the control's own count.
+    cluster.timings["capture: the control's AUTH"] = data.count(control)
+    assert data.count(control) >= 1
     needles = {
+        "the Redis password (beyond the control)": redis_password.encode(),
         "the database password": db_password.encode(),
+        "SECRET_KEY": secret_key.encode(),
         "SQL": b"SELECT ",
         "SQL (writes)": b"INSERT INTO ",
-        "a task message": b"prayer_room_api.",
+        "SQL (updates)": b"UPDATE ",
+        "a table name": b"prayer_room_api_",
+        "a task name": b"prayer_room_api.",
         "a Celery message": b"delivery_info",
+        "a task's headers": b'"argsrepr"',
         "an HTTP request": b"HTTP/1.",
         "the request loop's POST": b"a request sent during a cluster deploy",
     }
-    seen = {what: data.count(needle) for what, needle in needles.items() if needle in data}
-    assert seen == {}, seen
-    # The positive control: the one plain AUTH, password and all, is in the capture (the detector works).
-    assert data.count(f"AUTH {APP_USER} {redis_password}".encode()) >= 1
-    cluster.timings["capture: bytes"] = len(data)
+    seen = {what: data.count(needle) for what, needle in needles.items()}
+    for what, count in seen.items():
+        cluster.timings[f"capture: occurrences of {what}"] = count
+    assert seen == {**dict.fromkeys(needles, 0), "the Redis password (beyond the control)": data.count(control)}, seen
 
 
 def test_22_a_failed_verification_on_one_web_host_rolls_every_host_back(cluster, clone):
