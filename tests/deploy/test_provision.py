@@ -972,3 +972,38 @@ def test_a_site_of_one_host_writes_the_env_file_a_single_server_got_and_leaves_o
     assert packages_for(replace(site, domain="prayer.example.org")) == (
         "python3-venv", "postgresql", "redis-server", "nginx", "supervisor", "nftables", "certbot", "openssl",
     )  # fmt: skip
+
+
+@pytest.mark.parametrize("db", [True, False], ids=["with a db host", "without a db host"])
+def test_the_ca_host_is_provisioned_first_and_every_host_gets_the_clusters_ca(tmp_path, monkeypatch, db):
+    """provision's order (the steps themselves replaced): the CA host, the db host or else the primary, runs alone
+    before the others begin, and every host's phase gets the cluster CA, held on the CA host's connection."""
+    from fabric import Connection
+
+    import deploy.provision as provisioning
+
+    config = cluster(tmp_path, CLUSTER_TOML if db else CLUSTER_TOML.replace('db = ["root@10.0.0.4"]', ""))
+    servers = {}
+    monkeypatch.setattr(provisioning, "connect_for_provision", lambda conn, _: servers.setdefault(conn.host, object()))
+    monkeypatch.setattr(provisioning, "site_env_values", lambda server, name: {})
+    events, cas = [], []
+
+    def host_steps(values, ca, lock_held=False):
+        cas.append(ca)
+
+        def phase(member):
+            events.append(("begin", member.conn.host))
+            time.sleep(0.05)
+            events.append(("end", member.conn.host))
+
+        return phase
+
+    monkeypatch.setattr(provisioning, "_host_steps", host_steps)
+    conns = [Connection(host.split("@")[1], user="root") for host in config.site_hosts]
+    provisioning.provision(conns, config, out=io.StringIO())
+    first = "10.0.0.4" if db else "10.0.0.2"
+    assert events[:2] == [("begin", first), ("end", first)], events
+    assert sorted(host for what, host in events[2:] if what == "begin") == sorted(
+        host.split("@")[1] for host in config.site_hosts if not host.endswith(first)
+    )
+    assert len(cas) == 1 and cas[0].server is servers[first]
