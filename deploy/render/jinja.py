@@ -16,6 +16,12 @@ REPO_DIR = Path(__file__).resolve().parents[2]
 # What `fab provision` puts on a server; each rendered file's first line names its template here.
 PROVISION_TEMPLATES = REPO_DIR / "deploy" / "templates" / "provision"
 
+# What no program of the kit may reach: the clouds' metadata services, which hand the instance's credentials to
+# whoever asks. Every link-local address (169.254.169.254 on most clouds, fe80::a9fe:a9fe on some), AWS's IPv6
+# one and Alibaba Cloud's. Units deny them with IPAddressDeny= (`metadata_networks` in the templates); the app
+# and build users' nftables table too (render_egress_firewall).
+METADATA_NETWORKS = ("169.254.0.0/16", "fe80::/10", "fd00:ec2::254/128", "100.100.100.200/32")
+
 _ENV_KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 
@@ -85,6 +91,7 @@ def template_environment(template_dir: Path = PROVISION_TEMPLATES) -> jinja2.Env
     env.filters["shjoin"] = shell_join
     env.filters["supervisor_env"] = supervisor_environment
     env.filters["nginx_string"] = nginx_string
+    env.globals["metadata_networks"] = " ".join(METADATA_NETWORKS)
     return env
 
 

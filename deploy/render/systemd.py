@@ -3,12 +3,13 @@ Debian's units."""
 
 from __future__ import annotations
 
+import ipaddress
 import json
 from pathlib import PurePosixPath
 
 from deploy.config import DeployConfig, has_app
 from deploy.render.db_host import FIREWALL_TABLE, FIREWALL_UNIT, NFT
-from deploy.render.jinja import render_template
+from deploy.render.jinja import METADATA_NETWORKS, render_template
 
 # Debian's supervisor package: root-owned and patched by apt. Its own system-wide
 # supervisor.service is turned off; the app runs its own supervisord from UNIT with our config.
@@ -144,9 +145,15 @@ def egress_rules_path(config: DeployConfig) -> PurePosixPath:
 
 
 def render_egress_firewall(config: DeployConfig) -> str:
-    """An app host's nftables table: the app user's and the build user's sockets reach no link-local address."""
+    """An app host's nftables table: the app user's and the build user's sockets reach no METADATA_NETWORKS address."""
+    networks = [ipaddress.ip_network(network) for network in METADATA_NETWORKS]
     return render_template(
-        "egress.nft.j2", table=EGRESS_TABLE, unit=EGRESS_UNIT, users=[config.user, config.build_user]
+        "egress.nft.j2",
+        table=EGRESS_TABLE,
+        unit=EGRESS_UNIT,
+        users=[config.user, config.build_user],
+        ipv4=[str(network) for network in networks if network.version == 4],
+        ipv6=[str(network) for network in networks if network.version == 6],
     )
 
 

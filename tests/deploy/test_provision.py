@@ -71,6 +71,7 @@ from deploy.render.systemd import (
     render_egress_firewall,
     render_egress_unit,
     render_unit,
+    render_watchdog_units,
 )
 from deploy.tls import certbot_command, certificate_fits, certificate_line, parse_certificate
 
@@ -245,15 +246,20 @@ def test_the_app_users_reach_no_link_local_address(tmp_path):
     chain = [line.strip() for line in rules.split("chain output {")[1].split("}\n")[0].splitlines() if line.strip()]
     assert chain == [
         "type filter hook output priority filter; policy accept;",
-        'meta skuid { "prayer-room", "prayer-room-build" } ip daddr 169.254.0.0/16 reject with icmpx admin-prohibited',
-        'meta skuid { "prayer-room", "prayer-room-build" } ip6 daddr fe80::/10 reject with icmpx admin-prohibited',
+        'meta skuid { "prayer-room", "prayer-room-build" } ip daddr { 169.254.0.0/16, 100.100.100.200/32 }'
+        " reject with icmpx admin-prohibited",
+        'meta skuid { "prayer-room", "prayer-room-build" } ip6 daddr { fe80::/10, fd00:ec2::254/128 }'
+        " reject with icmpx admin-prohibited",
     ]
     assert "flush ruleset" not in rules and "delete table inet prayer_room_egress\n" in rules
     unit = render_egress_unit(CONFIG)
     assert "ExecStart=/usr/sbin/nft -f /etc/prayer-room/egress.nft\n" in unit and "ExecStop" not in unit
     assert "Before=network-pre.target shutdown.target prayer-room.service\n" in unit
     app = render_unit(CONFIG)
-    assert "IPAddressDeny=169.254.0.0/16 fe80::/10\n" in app and "prayer-room-egress.service" in app
+    # Every unit that runs the kit's or the app's code denies the same: link-local, AWS's and Alibaba's addresses.
+    deny = "IPAddressDeny=169.254.0.0/16 fe80::/10 fd00:ec2::254/128 100.100.100.200/32\n"
+    assert deny in app and "prayer-room-egress.service" in app
+    assert deny in render_watchdog_units(CONFIG)[0] and deny in render_backup_units(CONFIG)[0]
     if (
         shutil.which("nft")
         and os.geteuid() == 0

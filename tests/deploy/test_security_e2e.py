@@ -553,25 +553,47 @@ def test_nginx_rate_limits_login_posts_and_public_writes(server):
     assert all("nginx" not in answers for answers in unlimited.values()), unlimited
 
 
+# Cloud metadata addresses: the link-local ones (IPv4 and IPv6), AWS's IPv6 one and Alibaba Cloud's.
+METADATA = ("169.254.169.254", "fe80::a9fe:a9fe", "fd00:ec2::254", "100.100.100.200")
+METADATA_PORT = 8181  # a stand-in service on every address of the server (`::`, both families)
+
+
 def test_the_app_users_cannot_reach_link_local_addresses(server):
     """As the app user (the programs) and the build user (a package's code while the venv is built), a connection to
-    169.254.169.254 (the cloud metadata address; here a stand-in listening on the server) is refused at once; the
-    positive control: root connects. (The unit's IPAddressDeny= is not enforced in a container: no cgroup BPF.)"""
-    connect = "import socket; socket.create_connection(('169.254.169.254', 80), timeout=5); print('connected')"
-    probe = f"python3 -c {shlex.quote(connect)}"
+    each cloud metadata address (here on the server's loopback, a stand-in listening) is refused at once: IPv4 with
+    EHOSTUNREACH, IPv6 with EACCES (nftables' admin-prohibited). The positive control: root connects to each.
+    (The unit's IPAddressDeny= is not enforced in a container: no cgroup BPF.)"""
+    connect = (
+        "import socket, sys\n"
+        "for address in sys.argv[1:]:\n"
+        "    target = address + '%lo' if address.startswith('fe80:') else address\n"
+        "    try:\n"
+        f"        socket.create_connection((target, {METADATA_PORT}), timeout=5).close(); print(address, 'connected')\n"
+        "    except OSError as exc:\n"
+        "        print(address, exc.strerror or type(exc).__name__)\n"
+    )
+    probe = f"python3 -c {shlex.quote(connect)} {' '.join(METADATA)}"
     users = (APP, f"{APP}-build")
+    add = " && ".join(f"ip addr add {a}/{'128 dev lo nodad' if ':' in a else '32 dev lo'}" for a in METADATA)
+    delete = "; ".join(f"ip addr del {a}/{128 if ':' in a else 32} dev lo" for a in METADATA)
+    connected = "\n".join(f"{address} connected" for address in METADATA)
     try:
         server.ssh(
-            "ip addr add 169.254.169.254/32 dev lo && systemd-run --unit=metadata-stand-in --property=Type=exec"
-            " python3 -m http.server --bind 169.254.169.254 80"
+            f"{add} && systemd-run --unit=metadata-stand-in --property=Type=exec"
+            f" python3 -m http.server --bind :: {METADATA_PORT}"
         )
-        control = server.ssh(f"for i in $(seq 50); do {probe} && exit 0; sleep 0.1; done; exit 1", check=False)
+        control = server.ssh(
+            f'for i in $(seq 50); do out=$({probe}); [ "$out" = {shlex.quote(connected)} ] && break; sleep 0.1; done;'
+            ' echo "$out"',
+            check=False,
+        )
         refused = {user: server.ssh(f"cd / && runuser -u {user} -- {probe}", check=False) for user in users}
     finally:
-        server.ssh("systemctl stop metadata-stand-in; ip addr del 169.254.169.254/32 dev lo", check=False)
-    report["connect to 169.254.169.254"] = {
-        user: (run.stdout + run.stderr).strip().splitlines()[-1][-120:] for user, run in refused.items()
-    } | {"root (the control)": control.stdout.strip()}
-    assert control.stdout.strip().endswith("connected"), control.stdout + control.stderr  # the stand-in answers root
-    for user, run in refused.items():
-        assert run.returncode != 0 and "No route to host" in run.stderr, (user, run.stdout + run.stderr)
+        server.ssh(f"systemctl stop metadata-stand-in; {delete}", check=False)
+    outcome = {user: dict(line.split(" ", 1) for line in run.stdout.splitlines()) for user, run in refused.items()}
+    report["connect to the cloud metadata addresses"] = outcome | {"root (the control)": control.stdout.strip()}
+    assert control.stdout.strip() == connected, control.stdout + control.stderr  # the stand-in answers root
+    for user, said in outcome.items():
+        assert said == {
+            address: "Permission denied" if ":" in address else "No route to host" for address in METADATA
+        }, (user, said, refused[user].stderr)
