@@ -511,6 +511,74 @@ def test_root_never_runs_package_code(server):
     assert before == ["build-ran-0 0", "pth-ran-0 0", ""], before
 
 
+SDIST_ONLY = "prayer-room-sdist-only"  # no such project on PyPI: only the local index has it, as an sdist
+
+
+def sdist_only_index() -> tuple[bytes, str]:
+    """A PEP 503 index (a tar to unpack at INDEX) with SDIST_ONLY 1.0 as an sdist only (its build backend would write
+    /tmp/build-ran-<uid>), and its hash-pinned lock line."""
+    sdist = io.BytesIO()
+    with tarfile.open(fileobj=sdist, mode="w:gz") as archive:
+        for name, text in {
+            "pyproject.toml": '[build-system]\nrequires = []\nbuild-backend = "backend"\nbackend-path = ["."]\n',
+            "backend.py": BACKEND,
+            "PKG-INFO": f"Metadata-Version: 2.1\nName: {SDIST_ONLY}\nVersion: 1.0\n",
+        }.items():
+            add(archive, f"{SDIST_ONLY.replace('-', '_')}-1.0/{name}", text.encode())
+    filename, data = f"{SDIST_ONLY.replace('-', '_')}-1.0.tar.gz", sdist.getvalue()
+    digest = hashlib.sha256(data).hexdigest()
+    out = io.BytesIO()
+    with tarfile.open(fileobj=out, mode="w") as archive:
+        add(archive, f"simple/{SDIST_ONLY}/{filename}", data)
+        link = f'<a href="{filename}#sha256={digest}">{filename}</a>\n'
+        add(archive, f"simple/{SDIST_ONLY}/index.html", f"<!DOCTYPE html><html><body>{link}</body></html>".encode())
+    return out.getvalue(), f"{SDIST_ONLY}==1.0 \\\n    --hash=sha256:{digest}\n"
+
+
+def test_fab_deploy_refuses_a_dependency_without_a_wheel_by_name(server, tmp_path):
+    """The operator commits a lock that adds a package the server's Python has no wheel for (served, as an sdist
+    only, from a local index the server's pip also reads): `fab deploy` of that commit exits non-zero with one line
+    naming it, its build never runs, and the live release is untouched and still serving."""
+    tar, line = sdist_only_index()
+    # The server's pip (/etc/pip.conf, which the build user's pip reads too) also looks in the local index.
+    pip_conf = f"extra-index-url = file://{INDEX}/simple"
+    cleanup = (
+        f"rm -rf {INDEX} /tmp/build-ran-*; [ ! -f /etc/pip.conf ] || sed -i '/^extra-index-url = file:/d' /etc/pip.conf"
+    )
+    setup = (
+        f"mkdir -p {INDEX} && tar -x -C {INDEX} --no-same-owner && chmod -R a+rX {INDEX}"
+        f" && {{ [ -f /etc/pip.conf ] || echo '[global]' > /etc/pip.conf; }} && echo '{pip_conf}' >> /etc/pip.conf"
+    )
+    subprocess.run(["ssh", *server.ssh_options(), f"root@{server.address}", f"{cleanup}; {setup}"],
+                   input=tar, check=True, capture_output=True, timeout=60)  # fmt: skip
+    checkout = tmp_path / "checkout"
+    git = ["git", "-C", str(checkout), "-c", "user.name=operator", "-c", "user.email=operator@example.org"]
+    subprocess.run(["git", "clone", "--quiet", "--shared", str(REPO), str(checkout)], check=True, timeout=60)
+    lock = checkout / "requirements.lock"
+    blocks = lock.read_text().split("\n")
+    at = next(n for n, text in enumerate(blocks) if text[:1].isalpha() and text.split("==")[0] > SDIST_ONLY)
+    lock.write_text("\n".join([*blocks[:at], *line.rstrip("\n").split("\n"), *blocks[at:]]))  # in the lock's order
+    subprocess.run([*git, "commit", "--quiet", "-am", f"Add {SDIST_ONLY}"], check=True, timeout=60)
+    live = server.ssh(f"readlink {SRV}/current").stdout
+    wait_for_the_next_second(server)
+    started = time.monotonic()
+    try:
+        result = fab(server, "deploy", "--repo", str(checkout))
+        seconds = round(time.monotonic() - started, 1)
+        built = server.ssh("ls /tmp | grep build-ran- || true").stdout
+    finally:
+        server.ssh(cleanup, check=False)
+    said = [text for text in (result.stdout + result.stderr).splitlines() if text.startswith("error: ")]
+    report["fab deploy of a lock with an sdist-only package"] = {"exit": result.returncode, "said": said,
+                                                                 "seconds": seconds}  # fmt: skip
+    assert result.returncode != 0 and len(said) == 1, result.stdout + result.stderr
+    assert f"requirements.lock's {SDIST_ONLY}==1.0 has no binary wheel for python3" in said[0], said
+    assert "stopped before the switch" in said[0], said
+    assert built == ""  # its build backend never ran
+    assert server.ssh(f"readlink {SRV}/current").stdout == live
+    assert urllib.request.urlopen(f"http://{server.address}/health/", timeout=10).status == 200
+
+
 BURST = """
 import json, sys, urllib.error, urllib.request
 host, count = sys.argv[1], int(sys.argv[2])
