@@ -20,6 +20,7 @@ import pytest
 
 from deploy.config import DeployConfig, load_config, single_host_site
 from deploy.errors import DeployError
+from deploy.render.cluster_tls import ca_certificate
 from deploy.render.nginx import render_balancer_site, render_nginx_site
 
 BALANCER = "127.0.0.2"  # the load balancer's address (trusted)
@@ -221,9 +222,17 @@ def test_nginx_takes_the_client_address_from_the_trusted_proxy_only(tmp_path, up
 @pytest.mark.deploy
 @pytest.mark.skipif(not shutil.which("nginx"), reason="nginx is not installed (.ci/setup.d/20-deploy.sh installs it)")
 def test_nginx_accepts_the_balancer_site_with_trusted_proxies(tmp_path):
-    cluster = load_config(config_file(tmp_path, CLUSTER_TOML.replace('db = ["root@10.0.0.4"]', "")), "cluster")
+    cluster = replace(load_config(config_file(tmp_path, CLUSTER_TOML), "cluster"), etc=str(tmp_path / "etc"))
+    (tmp_path / "etc").mkdir()  # the cluster CA's certificate, which the balancer checks the web hosts against
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes", "-subj", "/CN=ca",
+         "-keyout", str(tmp_path / "ca.key"), "-out", str(ca_certificate(cluster)), "-days", "1"],
+        check=True, capture_output=True,
+    )  # fmt: skip
     site = tmp_path / "site.conf"
-    site.write_text(render_balancer_site(cluster.at("10.0.0.5"), ipv6=False))
+    text = render_balancer_site(cluster.at("10.0.0.5"), ipv6=False)
+    assert "set_real_ip_from 10.1.0.0/16;" in text
+    site.write_text(text)
     (tmp_path / "nginx.conf").write_text(
         f"pid {tmp_path}/nginx.pid; error_log {tmp_path}/error.log;\n"
         f"events {{}}\nhttp {{ access_log off; server_tokens off; include {site}; }}\n"
