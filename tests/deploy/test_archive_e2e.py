@@ -34,6 +34,7 @@ import pytest
 from tests.support import s3
 from tests.support.database import archive_now, sql
 from tests.support.nspawn import Container, missing_tools, operator_env
+from tests.support.units import exposure, measured_in, release_of
 
 REPO = Path(__file__).resolve().parents[2]
 FAB = Path(sys.executable).with_name("fab")
@@ -303,12 +304,10 @@ def test_the_differential_backup_unit_and_fab_backups(restored, operator):
     restored.ssh("systemctl start prayer-room-archive-diff.service")  # what its timer starts; a oneshot
     timings["differential backup (unit)"] = round(time.monotonic() - started, 1)
     # It ran inside its sandbox, as do the full backup and the restore test (9.0 unsandboxed).
-    for kind in ("full", "diff", "verify"):
-        unit = f"prayer-room-archive-{kind}.service"
-        out = restored.ssh(f"systemd-analyze security --no-pager {unit}", check=False).stdout
-        exposure = float(re.search(rf"Overall exposure level for {re.escape(unit)}: ([\d.]+)", out).group(1))
-        timings[f"systemd-analyze security {unit}"] = exposure
-        assert exposure <= 2.5, out
+    for service in measured_in(__name__):  # full, diff, verify
+        measured, out = exposure(restored, service.unit)
+        timings[f"systemd-analyze security {service.unit}"] = measured
+        assert measured <= service.bound[release_of(restored)], out
     out = ok(fab(restored, operator, "backups"))
     archive = out.split("archive s3://", 1)[1].splitlines()[1:]
     assert [line.split()[0] for line in archive] == ["full", "diff", "WAL"], out
