@@ -21,6 +21,7 @@ from pathlib import Path
 from deploy import archive, backup, env_sources, environment, history, host, notify, release, schema, tls, updates
 from deploy import maintenance as maintenance_page
 from deploy import provision as provisioning
+from deploy.balancer import read_upstream
 from deploy.commands.logs import tail
 from deploy.config import address_of
 from deploy.errors import DeployError
@@ -66,6 +67,9 @@ def deploy(site: Site, repo: Path, *, allow_dirty: bool = False, maintenance: bo
             site.read_states()
             for member in site.order:  # a bad context fails here, before anything is uploaded
                 member.programs_text = host.render(member.server, member.state)
+        if site.primary.state.current:  # a first deploy has no restore behind it
+            with progress.step(f"check for an interrupted restore{site.on_primary()}"):
+                backup.refuse_after_interrupted_restore(site.primary.server, "deploy")
         release_id = _deploy_locked(site, source, record, maintenance=maintenance)
     progress.say(progress.summary(f"{release_id} is live{site.hosts_phrase()}"))
     return release_id
@@ -229,6 +233,9 @@ def rollback(
         record.update(release=target, detail=" ".join(filter(None, [f"from {current}", flags])))
         if target is None:
             raise DeployError(f"{primary.server.name} has no verified release older than {current} to roll back to.")
+        if not restore:  # a rollback --restore settles it first, as `fab restore` does
+            with progress.step(f"check for an interrupted restore{site.on_primary()}"):
+                backup.refuse_after_interrupted_restore(primary.server, "rollback")
         lacking = [m for m in site.order if target not in m.state.releases]
         if lacking:
             missing = [f"{m.server.name} has no release {target} ({', '.join(m.state.releases)})" for m in lacking]
@@ -567,9 +574,16 @@ def status(site: Site) -> str:
     ]
     for name in [h for h in site.hosts if h not in site.app_hosts]:
         line = f"{address_of(name)}: {','.join(sorted(config.roles_of(name)))} (no programs)"
-        if config.domain and name in config.role_hosts("balancer"):
-            line += f"; {_certificate(site, name)}"
-        lines.append(line)
+        upstream = []
+        if name in config.role_hosts("balancer"):
+            try:
+                server = _root_session(site, name)
+                if config.domain:
+                    line += f"; {_certificate(site, name, server)}"
+                upstream = read_upstream(server, address_of(name), config.role_hosts("web"))
+            except DeployError as exc:
+                upstream = [f"ALERT balancer {address_of(name)}: unavailable ({exc})"]
+        lines += [line, *upstream]
         if role is None:
             alerts[name] = _other_host_alerts(site, name)
     for name in [*(m.host for m in site.order), *(h for h in site.hosts if h not in site.app_hosts)]:
@@ -608,6 +622,15 @@ def _shared_status(site: Site, first: Member) -> list[str]:
         lines.append(backup.freshness(*backup.records(server), backup.read_timer(server)))
     except DeployError as exc:
         lines.append(f"backups: unavailable ({exc})")
+    try:
+        interrupted = backup.interrupted_restore(server)
+        if interrupted:
+            lines.append(
+                f"ALERT restore: {interrupted['note']}; `fab deploy` and `fab rollback` refuse until it is settled: "
+                f"{backup.interrupted_restore_fix(interrupted)}"
+            )
+    except DeployError as exc:
+        lines.append(f"ALERT restore: the check for an interrupted restore failed ({exc})")
     if config.backup_repository:
         try:
             lines += archive.status_lines(site.db_server(), config)
@@ -660,17 +683,20 @@ def _updates(site: Site) -> list[str]:
     return in_parallel(one, [m.host for m in site.order] + others, name=lambda h: h)
 
 
-def _certificate(site: Site, name: str) -> str:
+def _root_session(site: Site, name: str):
+    """The server of host `name`: its member's, else a root session (a balancer or a db host has no app user)."""
+    member = site.members.get(name)
+    if member:
+        return member.server
+    return connect(site.by_address[address_of(name)], replace(site.config.for_host(name), user="root"))
+
+
+def _certificate(site: Site, name: str, server=None) -> str:
     """`status`'s certificate line, read on the host holding the certificate: the balancer (over a root session: it
     has no app user), else the one host of the site."""
     config = site.config
     try:
-        member = site.members.get(name)
-        server = (
-            member.server
-            if member
-            else connect(site.by_address[address_of(name)], replace(config.for_host(name), user="root"))
-        )
+        server = server or _root_session(site, name)
         return tls.certificate_line(config, tls.read_certificate(server), time.time())
     except DeployError as exc:
         return f"certificate: unavailable ({exc})"

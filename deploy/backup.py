@@ -64,6 +64,32 @@ def recover(server: Server, put_back: str = "", wrap=None) -> dict:
     return _run(server, command, what="checking for an interrupted restore", wrap=wrap)["interrupted"]
 
 
+def interrupted_restore(server: Server, wrap=None) -> dict:
+    """What a restore stopped between its transactions left (its set-aside schema), changing nothing: {} when none,
+    else the schema, how many relations `public` holds, and a note."""
+    command = backup_commands.recover(server.config, check=True)
+    return _run(server, command, what="checking for an interrupted restore", wrap=wrap)["interrupted"]
+
+
+def interrupted_restore_fix(found: dict) -> str:
+    """What settles the state `interrupted_restore` found, in words for the operator."""
+    schema = found["schema"]
+    if found.get("public_relations"):  # that restore committed: public holds its data (or writes since)
+        return (
+            "check the site (`fab restore NAME --yes` again serves a backup), then drop the set-aside schema as the "
+            f"database's owner (DROP SCHEMA {schema} CASCADE)"
+        )
+    return f"run `fab restore NAME --yes` again: it first puts {schema} back as public, then restores NAME"
+
+
+def refuse_after_interrupted_restore(server: Server, command: str) -> None:
+    """Refuse `command` (a deploy or a rollback, which would migrate or serve whatever the database holds) in one
+    line while a restore stopped between its transactions has left its set-aside schema."""
+    found = interrupted_restore(server)
+    if found:
+        raise DeployError(f"{command} refused, nothing changed: {found['note']}; {interrupted_restore_fix(found)}.")
+
+
 def download(server: Server, record: dict, to: Path) -> Path:
     """Copy a backup to the operator's machine (through a private temporary copy) into a new file of mode 0600 (never
     over an existing file or link), and check its sha256."""

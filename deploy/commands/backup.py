@@ -31,11 +31,11 @@ def restore(config: DeployConfig, name: str, aside: str) -> str:
     return _backups_helper(config, "restore", name, "--as-user", config.build_user, "--aside", aside)
 
 
-def recover(config: DeployConfig, put_back: str = "") -> str:
-    """Settle a restore stopped between its transactions; `put_back`: the aside schema of a restore that failed."""
-    return _backups_helper(
-        config, "recover", "--as-user", config.build_user, *(("--put-back", put_back) if put_back else ())
-    )
+def recover(config: DeployConfig, put_back: str = "", *, check: bool = False) -> str:
+    """Settle a restore stopped between its transactions; `put_back`: the aside schema of a restore that failed;
+    `check`: change nothing, only say what such a restore left."""
+    options = (*(("--put-back", put_back) if put_back else ()), *(("--check",) if check else ()))
+    return _backups_helper(config, "recover", "--as-user", config.build_user, *options)
 
 
 def stage_download(config: DeployConfig, name: str, tmp: str, login: str) -> str:

@@ -179,7 +179,7 @@ def aside_name(text: str) -> str:
     return text
 
 
-def recover_interrupted(sql, *, put_back: str = "") -> dict:
+def recover_interrupted(sql, *, put_back: str = "", check: bool = False) -> dict:
     """Settle what a restore stopped between its transactions left (a kill, a power cut): the schema it had renamed
     aside, `public_before_restore_TIME`, holding the database as it was before that restore.
 
@@ -187,7 +187,8 @@ def recover_interrupted(sql, *, put_back: str = "") -> dict:
     transaction never committed); when `public` holds tables (what that restore committed, or what was written
     since) both are kept, and the answer says so. `put_back` names the schema of a restore the caller knows failed:
     that one is put back whatever `public` holds. {} when there is nothing to settle; else schema, action ("put
-    back" or "kept") and a note for the operator."""
+    back" or "kept") and a note for the operator. `check`: change nothing, only say what is there (action "found",
+    and how many relations `public` holds)."""
     which = f"= '{aside_name(put_back)}'" if put_back else "LIKE 'public\\_before\\_restore\\_%'"
     found = sql(
         "SELECT n.nspname, (SELECT count(*) FROM pg_class c WHERE c.relnamespace = 'public'::regnamespace) "
@@ -201,6 +202,15 @@ def recover_interrupted(sql, *, put_back: str = "") -> dict:
     aside, relations = found.stdout.strip().split("|")
     stamp = aside.removeprefix(ASIDE_PREFIX)
     when = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(int(stamp))) if stamp.isdigit() else "an unknown time"
+    if check:
+        state = "after it had committed" if int(relations) else "before it committed (public is empty)"
+        return {
+            "schema": aside,
+            "action": "found",
+            "public_relations": int(relations),
+            "note": f"a restore was interrupted at {when} {state}: schema {aside} holds the database as it was "
+            "before that restore",
+        }
     if int(relations) and not put_back:
         return {
             "schema": aside,
@@ -289,7 +299,7 @@ def restore(args) -> int:
 
 def recover(args) -> int:
     """Settle a restore stopped between its transactions (`recover_interrupted`); --put-back SCHEMA when the caller
-    knows the restore it ran (with --aside SCHEMA) failed."""
+    knows the restore it ran (with --aside SCHEMA) failed; --check to only look."""
     import shutil
 
     try:
@@ -298,7 +308,7 @@ def recover(args) -> int:
         emit(ok=False, error=f"cannot check for an interrupted restore as {args.as_user!r}: {exc}")
         return 1
     try:
-        interrupted = recover_interrupted(psql_runner(args, run), put_back=args.put_back)
+        interrupted = recover_interrupted(psql_runner(args, run), put_back=args.put_back, check=args.check)
     except ValueError as exc:
         emit(ok=False, error=f"--put-back: {exc}")
         return 1
@@ -369,6 +379,7 @@ def main(argv: list[str]) -> int:
     recover_parser = sub.add_parser("recover")
     restore_parser.add_argument("--aside", type=aside_name, default="", help="the schema the replaced one is kept in")
     recover_parser.add_argument("--put-back", default="", help="the --aside of a restore that failed: undo it")
+    recover_parser.add_argument("--check", action="store_true", help="change nothing: say what a restore left")
     for p in (restore_parser, recover_parser):
         p.add_argument("--as-user", required=True, help="the unprivileged OS user pg_restore and psql run as")
     for p in (backup_parser, restore_parser, recover_parser, sub.add_parser("backups")):

@@ -74,6 +74,10 @@ def test_backups_run_the_root_helper_with_the_servers_python3_and_postgres_bin()
         f"python3 -c SCRIPT --env-file {ENV_FILE} recover --dir /var/backups/prayer-room "
         f"--as-user {CONFIG.build_user} --put-back public_before_restore_1"
     )
+    assert readable(backup.recover(CONFIG, check=True)) == (  # deploy's, rollback's and status's look, read-only
+        f"python3 -c SCRIPT --env-file {ENV_FILE} recover --dir /var/backups/prayer-room "
+        f"--as-user {CONFIG.build_user} --check"
+    )
     assert backup.stage_download(CONFIG, "x.dump", "/tmp/tmp.1", "deployer") == (
         "cp /var/backups/prayer-room/x.dump /tmp/tmp.1 && chown deployer /tmp/tmp.1"
     )

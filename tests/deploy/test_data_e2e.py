@@ -552,10 +552,10 @@ def test_a_refused_restore_leaves_the_programs_running(target):
             ok(target.fab("restart"))
 
 
-def test_a_restore_stopped_between_its_transactions_is_settled_by_the_next_one(target):
+def test_a_restore_stopped_between_its_transactions_is_settled_by_the_next_one(target, clone):
     """A restore killed after it set the database aside (schema public_before_restore_TIME, an empty public in its
-    place) and before pg_restore committed: the next `fab restore` puts it back before the dump it takes first, says
-    so, and restores."""
+    place) and before pg_restore committed: `fab status` says so, `fab deploy` refuses in one line and changes
+    nothing; the next `fab restore` puts it back before the dump it takes first, says so, and restores."""
     name = ok(target.fab("backup")).split(":")[0].strip()
     before = rows(target)
     ((owner,),) = target.database.query(
@@ -564,6 +564,20 @@ def test_a_restore_stopped_between_its_transactions_is_settled_by_the_next_one(t
     target.database.query(  # what the helper's first transaction commits, as the database's owner
         f'ALTER SCHEMA public RENAME TO public_before_restore_1000; CREATE SCHEMA public AUTHORIZATION "{owner}"'
     )
+    schemas = "SELECT nspname FROM pg_namespace WHERE nspname LIKE 'public%%' ORDER BY 1"
+    left = target.database.query(schemas), target.live_release(), target.releases()
+    assert left[0] == [("public",), ("public_before_restore_1000",)]
+    started = time.monotonic()
+    shown = ok(target.fab("status"))
+    assert "ALERT restore: a restore was interrupted at 1970-01-01 00:16:40 UTC before it committed" in shown, shown
+    figures["interrupted_restore_status_seconds"] = round(time.monotonic() - started, 2)
+    started = time.monotonic()
+    line = refused(target.fab("deploy", repo=clone.path))
+    figures["interrupted_restore_deploy_refusal_seconds"] = round(time.monotonic() - started, 2)
+    assert line.startswith("error: deploy refused, nothing changed: a restore was interrupted at ") and (
+        "run `fab restore NAME --yes` again: it first puts public_before_restore_1000 back as public" in line
+    ), line
+    assert (target.database.query(schemas), target.live_release(), target.releases()) == left
     out = ok(target.fab("restore", name, "--yes"))
     assert (
         "NOTE: a restore interrupted at 1970-01-01 00:16:40 UTC had left the database in schema "

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from deploy import backup
+from deploy.errors import DeployError
 from deploy.on_server import root_helper, script
 
 HELPERS = ("app_helper", "root_helper")
@@ -94,6 +96,27 @@ def test_the_restore_runs_as_the_unprivileged_user_with_the_password_in_a_file_o
         root_helper.unprivileged("root", env)
 
 
+def test_deploy_and_rollback_refuse_in_one_line_while_an_interrupted_restores_schema_is_set_aside(monkeypatch):
+    found = {
+        "schema": "public_before_restore_1000",
+        "action": "found",
+        "public_relations": 0,
+        "note": "a restore was interrupted at 1970-01-01 00:16:40 UTC before it committed (public is empty): schema "
+        "public_before_restore_1000 holds the database as it was before that restore",
+    }
+    monkeypatch.setattr(backup, "interrupted_restore", lambda server: found)
+    with pytest.raises(DeployError) as refused:
+        backup.refuse_after_interrupted_restore(None, "deploy")
+    assert str(refused.value) == (
+        "deploy refused, nothing changed: a restore was interrupted at 1970-01-01 00:16:40 UTC before it committed "
+        "(public is empty): schema public_before_restore_1000 holds the database as it was before that restore; run "
+        "`fab restore NAME --yes` again: it first puts public_before_restore_1000 back as public, then restores NAME."
+    )
+    assert "\n" not in str(refused.value)
+    monkeypatch.setattr(backup, "interrupted_restore", lambda server: {})
+    assert backup.refuse_after_interrupted_restore(None, "rollback") is None
+
+
 @pytest.mark.skipif(os.geteuid() != 0, reason="runs psql as another user: needs root")
 def test_a_restore_stopped_between_its_transactions_is_settled_with_a_note(tmp_path):
     """A restore replaces `public` in three transactions (set it aside, pg_restore, drop the aside); the states a kill
@@ -122,8 +145,23 @@ def test_a_restore_stopped_between_its_transactions_is_settled_with_a_note(tmp_p
         before = state()
         assert recover() == {}  # nothing interrupted: nothing done
 
+        assert recover("--check") == {}
         # Killed after the first transaction: the database aside, public empty (pg_restore never committed).
         database.query("ALTER SCHEMA public RENAME TO public_before_restore_1000; CREATE SCHEMA public")
+        schemas = (
+            "SELECT nspname, (SELECT count(*) FROM pg_class WHERE relnamespace = n.oid) FROM pg_namespace n ORDER BY 1"
+        )
+        aside = database.query(schemas)
+        found = recover("--check")  # what deploy, rollback and status ask: found, nothing changed
+        assert found == {
+            "schema": "public_before_restore_1000",
+            "action": "found",
+            "public_relations": 0,
+            "note": "a restore was interrupted at 1970-01-01 00:16:40 UTC before it committed (public is empty): "
+            "schema public_before_restore_1000 holds the database as it was before that restore",
+        }, found
+        assert "run `fab restore NAME --yes` again" in backup.interrupted_restore_fix(found)
+        assert database.query(schemas) == aside
         settled = recover()
         assert settled["action"] == "put back" and "public_before_restore_1000" in settled["note"], settled
         assert state() == before
@@ -131,6 +169,9 @@ def test_a_restore_stopped_between_its_transactions_is_settled_with_a_note(tmp_p
         # Killed after pg_restore committed: both kept (public may hold newer writes), the operator told how to drop.
         database.query("ALTER SCHEMA public RENAME TO public_before_restore_2000; CREATE SCHEMA public")
         database.query("CREATE TABLE public.notes (id int); INSERT INTO public.notes VALUES (9)")
+        found = recover("--check")
+        assert found["public_relations"] == 1 and "after it had committed" in found["note"], found
+        assert "DROP SCHEMA public_before_restore_2000 CASCADE" in backup.interrupted_restore_fix(found)
         kept = recover()
         assert kept["action"] == "kept" and "DROP SCHEMA public_before_restore_2000 CASCADE" in kept["note"], kept
         assert state() == (["public", "public_before_restore_2000"], [(9,)])

@@ -16,6 +16,7 @@ from pathlib import Path, PurePosixPath
 import pytest
 from supervisor.options import ClientOptions, ServerOptions
 
+from deploy.balancer import upstream_lines, upstream_servers
 from deploy.commands import ca as ca_commands
 from deploy.config import DeployConfig, has_app, load_config
 from deploy.errors import DeployError
@@ -755,6 +756,37 @@ def test_the_balancer_spreads_over_the_web_hosts_with_passive_health_checks(tmp_
         servers = [line.strip() for line in drained.splitlines() if line.strip().startswith("server 10.")]
         assert servers == ["server 10.0.0.2:8443 max_fails=2 fail_timeout=10s;",
                            "server 10.0.0.3:8443 max_fails=2 fail_timeout=10s down;"]  # fmt: skip
+
+
+def test_status_reads_which_web_hosts_the_balancers_upstream_serves_and_which_are_drained(tmp_path):
+    config = cluster(tmp_path)
+    web_hosts = config.role_hosts("web")
+    both = render_balancer_site(config)
+    assert upstream_servers(both) == [("10.0.0.2", False), ("10.0.0.3", False)]
+    assert upstream_lines("10.0.0.5", web_hosts, both) == ["balancer 10.0.0.5: sends requests to 10.0.0.2, 10.0.0.3"]
+    # A web host a failed os-update left drained: named, with what puts it back.
+    drained = render_balancer_site(config, drained=["root@10.0.0.3"])
+    assert upstream_servers(drained) == [("10.0.0.2", False), ("10.0.0.3", True)]
+    lines = upstream_lines("10.0.0.5", web_hosts, drained)
+    assert lines[0] == "balancer 10.0.0.5: sends requests to 10.0.0.2"
+    drained_line = "ALERT balancer 10.0.0.5: drained (marked down, no request goes to it): 10.0.0.3; put back by "
+    assert lines[1].startswith(drained_line + "`fab os-update` ") and "`fab provision`" in lines[1], lines
+    # Every web host drained; a web host of deploy.toml the site does not name (provision not run since it was added).
+    every = render_balancer_site(config, drained=web_hosts)
+    assert upstream_lines("10.0.0.5", web_hosts, every)[0] == "balancer 10.0.0.5: sends requests to no web host"
+    assert upstream_lines("10.0.0.5", [*web_hosts, "root@10.0.0.9"], both)[1] == (
+        "ALERT balancer 10.0.0.5: not in its upstream: 10.0.0.9; `fab provision`"
+    )
+    assert upstream_lines("10.0.0.5", web_hosts, None)[0].startswith("ALERT balancer 10.0.0.5: no nginx site at ")
+    # IPv6 web hosts (in brackets), a comment, and another upstream block are told apart.
+    text = (
+        "upstream other {\n    server 10.9.9.9:80 down;\n}\n"
+        "upstream prayer_room_web_hosts {\n    # server 10.0.0.7:8443 down;\n"
+        "    server [fd00::2]:8443 max_fails=2 fail_timeout=10s;\n"
+        "    server [fd00::3]:8443 max_fails=2 fail_timeout=10s down;\n}\n"
+    )
+    assert upstream_servers(text) == [("fd00::2", False), ("fd00::3", True)]
+    assert upstream_servers("") == []
 
 
 def test_a_web_host_behind_the_balancer_believes_its_forwarded_headers_and_nobody_elses(tmp_path):
