@@ -5,7 +5,6 @@ The tests share one target and run in file order: each starts from the release t
 
 from __future__ import annotations
 
-import http.cookiejar
 import io
 import json
 import os
@@ -44,6 +43,7 @@ from tests.deploy.target import (
     http_get,
     unavailable,
 )
+from tests.support.admin_http import sign_in_to_admin
 from tests.support.pty_session import PtySession
 from tests.support.stack import redis_url
 from tests.support.webhook import Receiver
@@ -179,20 +179,6 @@ def terminal_fab(target: DeployTarget, task: str, *args: str) -> PtySession:
     """`fab TASK ARGS` on a pseudo-terminal of its own, as an operator runs it."""
     env = {**os.environ, "HOME": str(target.home), "TERM": "xterm"}
     return PtySession(target.fab_argv(task, *args), env=env)
-
-
-def sign_in_to_admin(base: str, username: str, password: str) -> tuple[int, str]:
-    """Sign in through the admin's login form (its CSRF token and cookie), then open /admin/: (status, page)."""
-    jar = http.cookiejar.CookieJar()
-    browser = urllib.request.build_opener(urllib.request.HTTPCookieProcessor(jar))
-    login = f"{base}/admin/login/?next=/admin/"
-    with browser.open(login, timeout=10) as response:
-        token = re.search(r'name="csrfmiddlewaretoken" value="([^"]+)"', response.read().decode())[1]
-    form = urllib.parse.urlencode({"csrfmiddlewaretoken": token, "username": username, "password": password})
-    with browser.open(urllib.request.Request(login, data=form.encode(), headers={"Referer": login}), timeout=10):
-        pass
-    with browser.open(f"{base}/admin/", timeout=10) as response:
-        return response.status, response.read().decode()
 
 
 def test_createsuperuser_and_shell_on_a_terminal_then_the_account_signs_into_the_admin(target):

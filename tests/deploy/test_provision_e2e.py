@@ -15,6 +15,7 @@ import sys
 import threading
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -22,7 +23,10 @@ from pathlib import Path
 
 import pytest
 
+from prayer_room_api.schedules import SCHEDULES
+from tests.support.admin_http import admin_page, sign_in_to_admin, signed_in
 from tests.support.nspawn import RELEASES, Container, build_rootfs, missing_tools, operator_env
+from tests.support.pty_session import PtySession
 from tests.support.webhook import Receiver
 
 REPO = Path(__file__).resolve().parents[2]
@@ -311,6 +315,98 @@ def test_deploy_then_the_site_answers_and_survives_a_reboot(vps):
 
     again = fab(vps, "provision")  # a deployed, rebooted server is still exactly as provision leaves it
     assert again.returncode == 0 and "nothing changed" in again.stdout, again.stdout + again.stderr
+
+
+# --- The README's quick start after deploy, as a new user runs it: env, createsuperuser, the admin ---------------
+
+
+def fab_argv(vps: Container, *args: str) -> list[str]:
+    return [str(FAB), "-H", f"root@{vps.address}", "-i", str(vps.key), *args]
+
+
+def server_secrets(vps: Container) -> dict[str, str]:
+    """The secret values in the server's env file: SECRET_KEY and the password of each URL (PostgreSQL, Redis)."""
+    found = {}
+    for line in vps.ssh("cat /srv/prayer-room/shared/env").stdout.splitlines():
+        key, _, value = line.partition("=")
+        if not re.fullmatch(r"[A-Z_][A-Z0-9_]*", key):  # a comment (its examples hold placeholder passwords)
+            continue
+        if key == "SECRET_KEY":
+            found[key] = value
+        elif "://" in value and urllib.parse.urlsplit(value).password:
+            found[f"{key} password"] = urllib.parse.unquote(urllib.parse.urlsplit(value).password)
+    return found
+
+
+def test_the_readme_quick_start_env_createsuperuser_then_the_admin_lists_the_schedules(vps):
+    """After `fab provision` and `fab deploy`, the README's last steps: `fab env` (every variable the programs get,
+    each with its source, no secret value), `fab manage createsuperuser` on a terminal, then a sign-in to /admin/
+    through the nginx site provision rendered, where Periodic tasks lists the seeded schedules."""
+    begun = time.monotonic()
+    release = vps.ssh(". /etc/os-release && echo $VERSION_ID").stdout.strip()
+    transcript = [f"# the README's quick start after provision and deploy, on a fresh Debian {release} server"]
+
+    started = time.monotonic()
+    listed = fab(vps, "env")
+    timings["quick start: fab env (s)"] = round(time.monotonic() - started, 1)
+    assert listed.returncode == 0, listed.stdout + listed.stderr
+    transcript += [f"$ fab -H root@{vps.address} env    # {timings['quick start: fab env (s)']} s", listed.stdout]
+    secrets = server_secrets(vps)
+    assert {"SECRET_KEY", "DATABASE_URL password", "CELERY_BROKER_URL password"} <= set(secrets), list(secrets)
+    assert all(len(value) >= 16 for value in secrets.values()), {k: len(v) for k, v in secrets.items()}  # real ones
+    shown = [what for what, value in secrets.items() if value in listed.stdout + listed.stderr]
+    assert shown == [], f"fab env printed the value of {shown}"
+    header, *lines = [line for line in listed.stdout.splitlines() if line.strip()]
+    assert header.split() == ["KEY", "VALUE", "SOURCE"], header
+    rows = {line.split()[0]: re.split(r"\s{2,}", line.strip()) for line in lines}
+    effective = vps.ssh("cat /srv/prayer-room/shared/env.effective").stdout
+    keys = {line.split("=", 1)[0] for line in effective.splitlines() if re.match(r"[A-Z_][A-Z0-9_]*=", line)}
+    assert keys and keys <= set(rows), sorted(keys - set(rows))  # every variable the programs get is listed
+    assert all(len(row) == 3 and row[2] for row in rows.values()), [r for r in rows.values() if len(r) != 3]
+    assert rows["SECRET_KEY"] == ["SECRET_KEY", "********", "env file"], rows["SECRET_KEY"]
+    assert "********@" in rows["DATABASE_URL"][1], rows["DATABASE_URL"]
+
+    username, password = "staff", "a long pass phrase 7"
+    env = {**operator_env(vps.workdir / "operator", vps), "TERM": "xterm"}
+    started = time.monotonic()
+    prompts = PtySession(fab_argv(vps, "manage", "createsuperuser"), env=env, cwd=str(REPO))
+    prompts.expect("Username (leave blank to use")
+    prompts.line(username)
+    prompts.expect("Email address:")
+    prompts.line("staff@example.com")
+    prompts.expect("Password:")
+    prompts.line(password)
+    prompts.expect("Password (again):")
+    prompts.line(password)
+    prompts.expect("Superuser created successfully.")
+    assert prompts.wait() == 0, prompts.seen[-800:]
+    timings["quick start: fab manage createsuperuser (s)"] = round(time.monotonic() - started, 1)
+    assert password.encode() not in prompts.seen  # the password prompts do not echo
+    typed = prompts.seen.decode(errors="replace").replace("\r\n", "\n").strip()
+    took = timings["quick start: fab manage createsuperuser (s)"]
+    transcript += [f"$ fab -H root@{vps.address} manage createsuperuser    # {took} s, typed at once", typed, ""]
+
+    base = f"http://{vps.address}"  # provision's nginx site, on port 80
+    started = time.monotonic()
+    browser = signed_in(base, username, password)
+    status, home = admin_page(browser, f"{base}/admin/")
+    assert status == 200 and "Site administration" in home and "Periodic tasks" in home, home[:2000]
+    status, changelist = admin_page(browser, f"{base}/admin/django_celery_beat/periodictask/")
+    timings["quick start: admin sign-in and Periodic tasks (s)"] = round(time.monotonic() - started, 1)
+    assert status == 200, changelist[:2000]
+    listed_names = re.findall(r'<th class="field-name"><a href="[^"]+">([^<]+)</a>', changelist)
+    seeded = {schedule.name for schedule in SCHEDULES}  # beside them, beat's own celery.backend_cleanup
+    assert seeded <= set(listed_names), listed_names
+    refused = sign_in_to_admin(base, username, "not the password")
+    assert "Site administration" not in refused[1]  # positive control: a wrong password does not get in
+    took = timings["quick start: admin sign-in and Periodic tasks (s)"]
+    transcript += [
+        f"# {base}/admin/ signed in as {username!r} ({took} s): Periodic tasks lists {', '.join(listed_names)}"
+    ]
+    timings["quick start: the whole test, checks included (s)"] = round(time.monotonic() - begun, 1)
+    ARTIFACTS.mkdir(exist_ok=True)
+    (ARTIFACTS / f"quick-start-debian-{release}.txt").write_text("\n".join(transcript) + "\n")
+    print("\n".join(transcript))
 
 
 def test_os_update_names_a_server_that_does_not_come_back_and_leaves_the_page_on(vps):
