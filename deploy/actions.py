@@ -62,7 +62,11 @@ def deploy(site: Site, repo: Path, *, allow_dirty: bool = False, maintenance: bo
     if source.dirty:
         progress.say(f"WARNING: shipping HEAD {source.short}; {len(source.dirty)} uncommitted change(s) stay behind.")
     site.connect_step(progress)
-    with history.recorded(site, "deploy", commit=source.short) as record, site.locked(f"deploy {source.short}"):
+    author = history.git_author(source.repo)  # the identity the shipped checkout commits with
+    with (
+        history.recorded(site, "deploy", commit=source.short, author=author) as record,
+        site.locked(f"deploy {source.short}"),
+    ):
         with progress.step("read the state; render the supervisord programs"):
             site.read_states()
             for member in site.order:  # a bad context fails here, before anything is uploaded

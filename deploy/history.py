@@ -43,7 +43,8 @@ def who() -> str:
 
 
 def git_author(repo: Path = KIT_REPO) -> str:
-    """The operator's git identity ("Name <email>"), "" when git has none."""
+    """The operator's git identity in `repo` ("Name <email>": its own config, else the operator's global one), ""
+    when git has none. A deploy asks the checkout it ships; the other commands the kit's."""
     parts = []
     for key in ("user.name", "user.email"):
         try:

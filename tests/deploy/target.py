@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import pwd
+import re
 import secrets
 import shutil
 import signal
@@ -189,14 +190,24 @@ class RequestLoop:
         self._thread.join(10)
 
 
+def history_rows(out: str) -> list[list[str]]:
+    """`fab history`'s rows as cells (WHEN, EVENT, RESULT, TIME, WHO, WHAT): columns are 2+ spaces apart."""
+    return [re.split(r" {2,}", line) for line in out.splitlines()[1:] if re.match(r"\d{4}-\d\d-\d\d ", line)]
+
+
+# The operator's git identity (their ~/.gitconfig); a Clone commits as CLONE_AUTHOR (its own config).
+OPERATOR = ("e2e operator", "operator@example.invalid")
+CLONE_AUTHOR = ("deploy e2e", "e2e@example.invalid")
+
+
 class Clone:
     """A temporary git clone of the repository: what `fab deploy --repo` ships."""
 
     def __init__(self, path: Path, source: Path = REPO):
         self.path = path
         subprocess.run(["git", "clone", "--quiet", str(source), str(path)], check=True)
-        self.git("config", "user.email", "e2e@example.invalid")
-        self.git("config", "user.name", "deploy e2e")
+        self.git("config", "user.name", CLONE_AUTHOR[0])
+        self.git("config", "user.email", CLONE_AUTHOR[1])
 
     def git(self, *args: str) -> str:
         return subprocess.run(["git", "-C", str(self.path), *args], check=True, capture_output=True, text=True).stdout
@@ -237,6 +248,7 @@ class DeployTarget:
         ensure_app_user()
         for d in (self.srv, self.etc, self.home / ".ssh"):
             d.mkdir(parents=True, exist_ok=True)
+        (self.home / ".gitconfig").write_text(f"[user]\n\tname = {OPERATOR[0]}\n\temail = {OPERATOR[1]}\n")
         os.chmod(self.workdir, 0o755)  # the app user walks through it to reach srv/
         self._start_sshd()
         self.database.create()

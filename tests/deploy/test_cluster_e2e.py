@@ -969,11 +969,14 @@ def test_24c_an_env_change_goes_to_every_app_host_by_role_and_loses_no_request(c
 
     with request_loop(cluster) as loop:
         loop.wait_for_more(3)
-        started = time.monotonic()
+        started, before_counts = time.monotonic(), (loop.ok, loop.posted)
         out = ok(cluster.fab("env", "--set", "PRAYER_ROOM_E2E_FLAG=on"))
         cluster.timings["env change (3 app hosts, in rollout order)"] = time.monotonic() - started
+        gets, posts = loop.ok - before_counts[0], loop.posted - before_counts[1]
         loop.wait_for_more(3)
     cluster.timings["env change: failed requests"] = len(loop.failures)
+    cluster.timings["env change: GETs answered during it"] = gets
+    cluster.timings["env change: POSTs answered during it"] = posts
     assert loop.failures == [], loop.failures[:10]
     order = [out.index(f"-> restart {cluster[name].address} (") for name in APP_HOSTS]
     assert order == sorted(order), out[-3000:]

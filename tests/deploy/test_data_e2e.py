@@ -25,7 +25,7 @@ from pathlib import Path
 import pytest
 
 from deploy.state import DEPLOYED_MARK
-from tests.deploy.target import REPO, Clone, DeployTarget, http_get, unavailable
+from tests.deploy.target import REPO, Clone, DeployTarget, history_rows, http_get, unavailable
 from tests.support.stack import Database
 
 pytestmark = [pytest.mark.deploy, pytest.mark.timeout(900)]
@@ -241,9 +241,14 @@ def test_first_deploy_then_a_backup_and_restore_round_trip(target, clone, tmp_pa
     assert rows(target) == before  # row by row
     assert "maintenance window" in out and "verify: migrate --check" in out
     assert set(target.states().values()) == {"RUNNING"}
-    kinds = [json.loads(p.read_text())["kind"] for p in backups.glob("*.json")]
+    kinds = {json.loads(p.read_text())["kind"]: p.name.removesuffix(".json") for p in backups.glob("*.json")}
     assert sorted(kinds) == ["manual", "restore"]  # the state it replaced was backed up first
     assert post_request(target)[0] == 201
+    [row] = history_rows(ok(target.fab("history", "--lines", "1")))  # the restore, with the backup taken first
+    assert (
+        row[1:3] == ["restore", "ok"]
+        and row[5] == f"{target.live_release()}; backup {kinds['restore']}; restored {name}"
+    ), row
 
 
 def test_a_download_is_private_and_never_replaces_a_file(target, tmp_path):
@@ -327,6 +332,15 @@ def test_a_compatible_migration_deploys_without_a_failed_request(target, clone):
     }
     assert "maintenance" not in out and migration in applied(target)
     assert traffic.failures == [], traffic.failures[:5]  # the old release writes through the new schema
+    shown = ok(target.fab("history", "--lines", "10"))
+    print(shown)
+    row = history_rows(shown)[-1]  # WHAT: the migration applied, the backup taken
+    live = target.live_release()
+    backup = re.search(r"\S+-deploy-" + re.escape(live) + r"\.dump", out)[0]
+    assert (
+        row[1:3] == ["deploy", "ok"]
+        and row[5] == f"{live}; commit {live[-12:]}; migrations {migration}; backup {backup}"
+    ), row
     assert len(traffic.answers["POST"]) > 20 and len(traffic.answers["GET"]) > 20
 
 

@@ -5,6 +5,7 @@ The tests share one target and run in file order: each starts from the release t
 
 from __future__ import annotations
 
+import getpass
 import io
 import json
 import os
@@ -12,6 +13,7 @@ import pwd
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import tempfile
 import threading
@@ -34,12 +36,15 @@ from deploy.site import LockKeeper
 from deploy.ssh import connect
 from tests.deploy.target import (
     APP_USER,
+    CLONE_AUTHOR,
     NO_SUDO_USER,
+    OPERATOR,
     SUDO_USER,
     Clone,
     DeployTarget,
     ensure_sudoer,
     ensure_user,
+    history_rows,
     http_get,
     unavailable,
 )
@@ -255,11 +260,18 @@ def test_an_env_change_restarts_like_a_deploy_and_no_get_or_post_fails(target):
     before, pids = (shared / "env").read_bytes(), program_pids(target)
     with target.request_loop() as loop:
         loop.wait_for_more(5)
-        started = time.monotonic()
-        out = ok(target.fab("env", "--set", "PRAYER_ROOM_E2E_FLAG=on", "--set", "PRAYER_ROOM_E2E_NOTE=a b=c"))
-        took = time.monotonic() - started
+        started, before_counts = time.monotonic(), (loop.ok, loop.posted, len(loop.failures))
+        result = target.fab("env", "--set", "PRAYER_ROOM_E2E_FLAG=on", "--set", "PRAYER_ROOM_E2E_NOTE=a b=c")
+        took, during = time.monotonic() - started, (loop.ok, loop.posted, len(loop.failures))
         loop.wait_for_more(5)
-    print(f"env change applied in {took:.1f} s; {loop.ok} GETs and {loop.posted} POSTs answered during it")
+    gets, posts, failures = (now - then for now, then in zip(during, before_counts, strict=True))
+    figures = {"fab env --set (2 keys) s": round(took, 1), "GETs answered during it": gets,
+               "POSTs answered during it": posts, "requests failed during it": failures,
+               "requests failed before, during and after": len(loop.failures)}  # fmt: skip
+    ARTIFACTS.mkdir(exist_ok=True)
+    (ARTIFACTS / "env-change-e2e.json").write_text(json.dumps(figures, indent=1) + "\n")
+    print(f"env change applied in {took:.1f} s; {gets} GETs and {posts} POSTs answered, {failures} failed during it")
+    out = ok(result)
     assert loop.failures == [], loop.failures[:5]
     assert loop.ok > 10 and loop.posted > 20
     assert out.index("restart web-1") < out.index("restart web-2") < out.index("warm shutdown")
@@ -890,17 +902,17 @@ def test_maintenance_is_503_with_the_message_through_deploys_and_windows_until_o
     (ARTIFACTS / "maintenance-e2e-timings.json").write_text(json.dumps(timings, indent=1) + "\n")
 
 
-def history_rows(out: str) -> list[list[str]]:
-    """`fab history`'s rows as cells (WHEN, EVENT, RESULT, TIME, WHO, WHAT): columns are 2+ spaces apart."""
-    return [re.split(r" {2,}", line) for line in out.splitlines()[1:] if re.match(r"\d{4}-\d\d-\d\d ", line)]
-
-
 def test_history_lists_the_deploys_rollbacks_and_maintenance_and_only_root_appends_to_it(target):
     out = ok(target.fab("history", "--lines", "500"))
     print(out)
     assert out.splitlines()[0].split() == ["WHEN", "(UTC)", "EVENT", "RESULT", "TIME", "WHO", "WHAT"], out
     rows = history_rows(out)
     assert [row[1] for row in rows[-3:]] == ["maintenance on", "deploy", "maintenance off"], out
+    # WHO: the local user@host and the git identity, the shipped checkout's for a deploy, the operator's otherwise.
+    who = f"{getpass.getuser()}@{socket.gethostname()}"
+    by_clone, by_operator = (f"{who} ({name} <{email}>)" for name, email in (CLONE_AUTHOR, OPERATOR))
+    assert {row[1] for row in rows} >= {"deploy", "rollback", "env", "maintenance on", "maintenance off"}, out
+    assert all(row[4] == (by_clone if row[1] == "deploy" else by_operator) for row in rows), out
     assert all(row[2] == "ok" and re.fullmatch(r"[\d.]+ s", row[3]) for row in rows[-3:]), out
     assert rows[-3][5].endswith(MESSAGE)  # the operator's text as typed
     assert rows[-2][5].startswith(f"{target.live_release()}; commit ") and rows[-2][4].startswith("root@")

@@ -130,3 +130,18 @@ def test_a_history_that_cannot_be_written_warns_and_the_outcome_stands(tmp_path,
 
 def test_the_read_command_prints_nothing_without_a_log():
     assert subprocess.run(["sh", "-c", commands.last("/nonexistent/history.jsonl", 5)]).returncode == 0
+
+
+def test_the_git_author_is_the_repositorys_own_identity_else_the_operators_global_one(tmp_path, monkeypatch):
+    home, repo = tmp_path / "home", tmp_path / "repo"
+    home.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(home / ".config"))
+    monkeypatch.setenv("GIT_CONFIG_NOSYSTEM", "1")
+    subprocess.run(["git", "init", "--quiet", str(repo)], check=True)
+    assert history.git_author(repo) == ""  # no identity anywhere: the WHO column shows user@host only
+    (home / ".gitconfig").write_text("[user]\n\tname = Ann Operator\n\temail = ann@example.org\n")
+    assert history.git_author(repo) == "Ann Operator <ann@example.org>"
+    subprocess.run(["git", "-C", str(repo), "config", "user.email", "ann@work.example"], check=True)
+    assert history.git_author(repo) == "Ann Operator <ann@work.example>"
+    assert history.git_author(tmp_path / "no-such-directory") == ""

@@ -38,6 +38,7 @@ DOMAIN = "vps.prayer-room.test"
 ALIAS = f"www.{DOMAIN}"
 CERT = "/etc/letsencrypt/live/prayer-room/fullchain.pem"
 SUPERVISORCTL = "supervisorctl -c /etc/prayer-room/supervisord.conf"
+CLEAN_CHECK = "System check identified no issues (0 silenced)."
 
 _missing = missing_tools() or acme.missing_tools()
 pytestmark = [pytest.mark.deploy, pytest.mark.timeout(1800), pytest.mark.skipif(bool(_missing), reason=str(_missing))]
@@ -241,9 +242,27 @@ def test_check_deploy_is_clean_with_the_programs_environment(site):
     )
     result = site.vps.ssh(f"runuser -u prayer-room -- python3 -c {shlex.quote(run)} 2>&1", check=False)
     figures["check --deploy"] = result.stdout.strip()
-    assert result.returncode == 0 and result.stdout.strip() == "System check identified no issues (0 silenced).", (
-        result.stdout
+    assert result.returncode == 0 and result.stdout.strip() == CLEAN_CHECK, result.stdout
+
+
+def test_fab_manage_and_roots_command_run_check_deploy_clean_as_the_programs_do(site):
+    """The operator's two ways in, `fab manage "check --deploy"` and root's prayer-room-manage over SSH, read the
+    programs' environment: no security.W0xx (an env file sourced by hand once gave W008, W012, W016)."""
+    through_fab = site.fab("manage", "check --deploy")
+    as_root = site.vps.ssh("/usr/local/sbin/prayer-room-manage check --deploy 2>&1", check=False)
+    figures["fab manage check --deploy"] = (through_fab.stdout + through_fab.stderr).strip()
+    for result, out in ((through_fab, through_fab.stdout + through_fab.stderr), (as_root, as_root.stdout)):
+        assert result.returncode == 0 and CLEAN_CHECK in out and "security.W0" not in out, out
+    # Positive control: prayer-room-manage reading a copy of that environment without the redirect warns W008.
+    copy = "/srv/prayer-room/shared/env.e2e-control"
+    unredirected = site.vps.ssh(
+        f"sed \"s/^SECURE_SSL_REDIRECT=.*/SECURE_SSL_REDIRECT='false'/\" /srv/prayer-room/shared/env.effective"
+        f" > {copy} && chgrp prayer-room {copy} && chmod 0640 {copy}"
+        f" && sed 's|^env_file=.*|env_file={copy}|' /usr/local/sbin/prayer-room-manage > /root/manage-control"
+        f" && sh /root/manage-control check --deploy 2>&1; rm -f {copy} /root/manage-control",
+        check=False,
     )
+    assert "security.W008" in unredirected.stdout, unredirected.stdout
 
 
 def test_a_second_provision_keeps_tls_and_changes_nothing(site):
