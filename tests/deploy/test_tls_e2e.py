@@ -253,6 +253,13 @@ def test_fab_manage_and_roots_command_run_check_deploy_clean_as_the_programs_do(
     figures["fab manage check --deploy"] = (through_fab.stdout + through_fab.stderr).strip()
     for result, out in ((through_fab, through_fab.stdout + through_fab.stderr), (as_root, as_root.stdout)):
         assert result.returncode == 0 and CLEAN_CHECK in out and "security.W0" not in out, out
+    listing = ok(site.fab("env"))  # where the values check --deploy looks at come from
+    figures["fab env"] = listing.splitlines()
+    for key in ("SECURE_SSL_REDIRECT", "SECURE_COOKIES"):
+        assert re.search(rf"^{key} +true +derived from deploy.toml domain", listing, re.M), listing
+    assert re.search(
+        rf"^CSRF_TRUSTED_ORIGINS +https://{re.escape(DOMAIN)} +derived from deploy.toml domain", listing, re.M
+    )
     # Positive control: prayer-room-manage reading a copy of that environment without the redirect warns W008.
     copy = "/srv/prayer-room/shared/env.e2e-control"
     unredirected = site.vps.ssh(
