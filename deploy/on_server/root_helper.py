@@ -189,7 +189,9 @@ def recover_interrupted(sql, *, put_back: str = "", check: bool = False) -> dict
     that one is put back whatever `public` holds. {} when there is nothing to settle; else schema, action ("put
     back" or "kept") and a note for the operator. `check`: change nothing, only say what is there (action "found",
     and how many relations `public` holds)."""
-    which = f"= '{aside_name(put_back)}'" if put_back else "LIKE 'public\\_before\\_restore\\_%'"
+    # Only names aside_name accepts: the app role owns the database and can create a schema with the prefix, whose
+    # name would reach psql (the RENAME below) and the operator's messages.
+    which = f"= '{aside_name(put_back)}'" if put_back else f"~ '^{ASIDE_PREFIX}[0-9]+$'"
     found = sql(
         "SELECT n.nspname, (SELECT count(*) FROM pg_class c WHERE c.relnamespace = 'public'::regnamespace) "
         f"FROM pg_namespace n WHERE n.nspname {which} ORDER BY n.nspname DESC LIMIT 1",

@@ -146,6 +146,12 @@ def test_a_restore_stopped_between_its_transactions_is_settled_with_a_note(tmp_p
         assert recover() == {}  # nothing interrupted: nothing done
 
         assert recover("--check") == {}
+        # A schema the app role (the database's owner) made with the prefix but no epoch seconds is none of a
+        # restore's: not reported (its name would reach fab's messages and psql), deploys not refused.
+        forged = "public_before_restore_1 CASCADE; DROP SCHEMA public"
+        database.query(f'CREATE SCHEMA "{forged}"')
+        assert recover("--check") == {} and recover() == {}
+        database.query(f'DROP SCHEMA "{forged}"')
         # Killed after the first transaction: the database aside, public empty (pg_restore never committed).
         database.query("ALTER SCHEMA public RENAME TO public_before_restore_1000; CREATE SCHEMA public")
         schemas = (
