@@ -75,6 +75,7 @@ from deploy.render.systemd import (
     render_watchdog_units,
 )
 from deploy.tls import certbot_command, certificate_fits, certificate_line, parse_certificate
+from tests.support.nginx import nginx_test
 
 REPO = Path(__file__).resolve().parents[2]
 CONFIG = DeployConfig()
@@ -286,18 +287,9 @@ def test_nginx_rate_limits_login_posts_and_public_writes_per_client_address():
 
 
 def test_nginx_accepts_the_site(tmp_path):
-    (tmp_path / "logs").mkdir()
-    site = tmp_path / "site.conf"
     aliases = ("www.prayer.example.org",)
-    site.write_text(render_nginx_site(DeployConfig(domain="prayer.example.org", aliases=aliases), HOST, ipv6=False))
-    (tmp_path / "nginx.conf").write_text(
-        f"pid {tmp_path}/nginx.pid; error_log {tmp_path}/error.log;\n"
-        # server_tokens off in the http block, as Debian 13's nginx.conf has it: the site must not repeat it there.
-        f"events {{}}\nhttp {{ access_log off; server_tokens off; include {site}; }}\n"
-    )
-    result = subprocess.run(
-        ["nginx", "-t", "-p", str(tmp_path), "-c", str(tmp_path / "nginx.conf")], capture_output=True, text=True
-    )
+    site = render_nginx_site(DeployConfig(domain="prayer.example.org", aliases=aliases), HOST, ipv6=False)
+    result = nginx_test(tmp_path, site)
     assert result.returncode == 0, result.stderr
 
 
@@ -884,17 +876,7 @@ def test_nginx_accepts_the_cluster_sites(tmp_path, which):
         if which.startswith("balancer")
         else render_nginx_site(config.at("10.0.0.2"), "10.0.0.2", ipv6=False)
     )
-    (tmp_path / "logs").mkdir()
-    site = tmp_path / "site.conf"
-    site.write_text(text)
-    (tmp_path / "nginx.conf").write_text(
-        f"pid {tmp_path}/nginx.pid; error_log {tmp_path}/error.log;\n"
-        # server_tokens off in the http block, as Debian 13's nginx.conf has it: the site must not repeat it there.
-        f"events {{}}\nhttp {{ access_log off; server_tokens off; include {site}; }}\n"
-    )
-    result = subprocess.run(
-        ["nginx", "-t", "-p", str(tmp_path), "-c", str(tmp_path / "nginx.conf")], capture_output=True, text=True
-    )
+    result = nginx_test(tmp_path, text)
     assert result.returncode == 0, result.stderr
 
 

@@ -22,6 +22,7 @@ from deploy.config import DeployConfig, load_config, single_host_site
 from deploy.errors import DeployError
 from deploy.render.cluster_tls import ca_certificate
 from deploy.render.nginx import render_balancer_site, render_nginx_site
+from tests.support.nginx import nginx_test
 
 BALANCER = "127.0.0.2"  # the load balancer's address (trusted)
 DIRECT = "127.0.0.1"  # a client that reaches the server itself (not trusted)
@@ -229,15 +230,7 @@ def test_nginx_accepts_the_balancer_site_with_trusted_proxies(tmp_path):
          "-keyout", str(tmp_path / "ca.key"), "-out", str(ca_certificate(cluster)), "-days", "1"],
         check=True, capture_output=True,
     )  # fmt: skip
-    site = tmp_path / "site.conf"
     text = render_balancer_site(cluster.at("10.0.0.5"), ipv6=False)
     assert "set_real_ip_from 10.1.0.0/16;" in text
-    site.write_text(text)
-    (tmp_path / "nginx.conf").write_text(
-        f"pid {tmp_path}/nginx.pid; error_log {tmp_path}/error.log;\n"
-        f"events {{}}\nhttp {{ access_log off; server_tokens off; include {site}; }}\n"
-    )
-    result = subprocess.run(
-        ["nginx", "-t", "-p", str(tmp_path), "-c", str(tmp_path / "nginx.conf")], capture_output=True, text=True
-    )
+    result = nginx_test(tmp_path, text)
     assert result.returncode == 0, result.stderr
