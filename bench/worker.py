@@ -18,7 +18,7 @@ from bench.procs import cpu_seconds
 from bench.report import Result, paired
 from bench.services import BIN, REDIS_DB, Command, cli_args, flush_redis, prodserver
 from bench.stats import interleaved, percentile
-from tests.support.stack import redis_url
+from tests.support.stack import celery_app, redis_url
 
 SIDES = ("prodserver", "celery")
 REDIS_DBS = {"prodserver": REDIS_DB, "celery": REDIS_DB + 1}
@@ -37,10 +37,8 @@ def start(side: str, ctx: Context, log_dir) -> Command:
 
 def client(side: str):
     """A Celery app that sends to and reads results from `side`'s Redis db (json, the project's serializer)."""
-    from celery import Celery
-
     url = f"{redis_url()}/{REDIS_DBS[side]}"
-    return Celery(f"bench-{side}", broker=url, backend=url, set_as_current=False)
+    return celery_app(url, main=f"bench-{side}", set_as_current=False)
 
 
 @contextmanager

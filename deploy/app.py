@@ -10,6 +10,9 @@ SETTINGS_MODULE = "prayer_room_api.settings.production"
 LOCAL_SETTINGS_MODULE = "prayer_room_api.settings.local"
 # A task answering {"release": ..., "hostname": ...}: a deploy checks a worker of the new release runs it.
 PING_TASK = "prayer_room_api.tasks.ping"
+# The prefix of every Redis key and channel of the app (the settings' REDIS_KEY_PREFIX: the broker's, the results', the
+# cache's): the app's Redis ACL user may touch nothing else, and the deploy's ping task is sent under it.
+REDIS_KEY_PREFIX = "prayer-room:"
 # beat's scheduler with a leader lock (a release before it ran django_celery_beat's DatabaseScheduler).
 LEADER_SCHEDULER = "prayer_room_api.beat.LeaderDatabaseScheduler"
 

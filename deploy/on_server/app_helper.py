@@ -15,7 +15,7 @@ import time
 import urllib.error
 import urllib.request
 
-from deploy.app import PING_TASK, beat_leaders, write_smoke_test
+from deploy.app import PING_TASK, REDIS_KEY_PREFIX, beat_leaders, write_smoke_test
 from deploy.on_server.common import dispatch, emit
 
 
@@ -374,6 +374,10 @@ def ping(args) -> int:
     # Django is not needed to send a task by name: a bare app on the project's broker starts in a fraction.
     broker = os.environ.get("CELERY_BROKER_URL", "redis://127.0.0.1:6379/0")
     app = Celery(broker=broker, backend=os.environ.get("CELERY_RESULT_BACKEND", broker))
+    # Under the prefix the settings give every Redis key and channel: the app's Redis ACL user may touch no other.
+    app.conf.broker_transport_options = app.conf.result_backend_transport_options = {
+        "global_keyprefix": REDIS_KEY_PREFIX
+    }
     app.conf.broker_connection_retry_on_startup = True
 
     deadline = time.monotonic() + args.timeout

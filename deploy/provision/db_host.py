@@ -20,11 +20,15 @@ from deploy.render.db_host import (
     FIREWALL_TABLE,
     FIREWALL_UNIT,
     REDIS_CONF,
+    REDIS_KEY_PREFIX,
     RedisTLS,
     firewall_rules_path,
+    has_unprefixed_keys,
     pg_hba_with_peers,
     redis_bind,
     redis_conf_with_password,
+    redis_login_before,
+    redis_move_input,
     render_firewall,
     render_firewall_unit,
     render_postgres_listen,
@@ -123,9 +127,11 @@ def redis_password(values: Mapping[str, str], address: str = "127.0.0.1") -> str
 
 
 def ensure_redis(server: Server, values: Mapping[str, str], certificate_changed: bool = False) -> tuple[bool, str]:
-    """Debian's redis-server requires the env file's Redis password (requirepass, at the end of its redis.conf);
-    on a site of several hosts it also listens on the db address (`redis_bind`), over TLS only, for the app's ACL
-    user only (`redis_tls`); a restart when its config or its certificate (`certificate_changed`) changed."""
+    """Debian's redis-server admits only the app's ACL user, with the env file's Redis password, on the keys and
+    channels under the app's prefix (the block at the end of its redis.conf), on every topology; on a site of several
+    hosts it also listens on the db address (`redis_bind`), over TLS only (`redis_tls`); a restart when its config
+    or its certificate (`certificate_changed`) changed. A Redis from before the prefix first has the broker's keys
+    moved under it (`move_keys_under_prefix`): no queued or unacknowledged message is left behind."""
     config = server.config
     password = redis_password(values, config.db_address)
     if password is None:
@@ -133,16 +139,46 @@ def ensure_redis(server: Server, values: Mapping[str, str], certificate_changed:
     current = server.read(REDIS_CONF, what=f"reading {REDIS_CONF}")
     if current is None:
         raise DeployError(f"{server.name} has no {REDIS_CONF}; is redis-server installed (provision's packages step)?")
-    text = redis_conf_with_password(current, password, redis_bind(config), redis_tls(server))
+    tls = redis_tls(server)
+    text = redis_conf_with_password(current, password, config.user, redis_bind(config), tls)
+    note = ""
+    if text != current and has_unprefixed_keys(current):
+        db = int(urlsplit(values["CELERY_BROKER_URL"]).path.strip("/") or 0)
+        moved = move_keys_under_prefix(server, password, redis_login_before(current), db, tls)
+        note = f"moved {moved} key(s) of the broker under {REDIS_KEY_PREFIX}"
     changed = sync_read_file(server, REDIS_CONF, current, text, owner="redis:redis", mode="0640")
     if changed or certificate_changed:
         server.root("systemctl restart redis-server", what="restarting redis-server")
-    return changed or certificate_changed, ""
+    return changed or certificate_changed, note
+
+
+def move_keys_under_prefix(server: Server, password: str, user: str | None, db: int, tls: RedisTLS | None) -> int:
+    """Db `db`'s keys moved under the app's prefix (REDIS_MOVE_UNDER_PREFIX) in the running Redis, logged in as its
+    config before this provision has it (`user`, or requirepass's default user): the count of keys moved.
+
+    NOTE: programs of the release from before the prefix still publish under the old names until the new config's
+    restart (a second or so later) shuts them out; a task the web published then is resent by the outbox's sweep."""
+    config = server.config
+    where = ["-h", config.db_address, "-p", str(REDIS_PORT)]
+    if tls is not None:
+        where += ["--tls", "--cacert", tls.ca]
+    result = server.root(
+        f"cd / && {sh('redis-cli', *where)}",
+        what=f"moving the broker's Redis keys under {REDIS_KEY_PREFIX}",
+        in_stream=io.StringIO(redis_move_input(password, user, db)),
+    )
+    replies = result.stdout.split()
+    if replies[:2] != ["OK", "OK"] or len(replies) != 3 or not replies[2].isdigit():
+        raise DeployError(
+            f"moving the broker's Redis keys under {REDIS_KEY_PREFIX} failed on {server.name}: "
+            f"{' '.join(replies)[-300:] or result.stderr.strip()[-300:]}; redis.conf is left as it was."
+        )
+    return int(replies[2])
 
 
 def redis_tls(server: Server) -> RedisTLS | None:
-    """On a cluster: Redis's TLS port, the db host's cluster certificate and Redis's copy of its key, the CA, and
-    the app's ACL user; None on a site of one host."""
+    """On a cluster: Redis's TLS port, the db host's cluster certificate and Redis's copy of its key, and the CA;
+    None on a site of one host."""
     config = server.config
     if not uses_cluster_tls(config):
         return None
@@ -152,7 +188,6 @@ def redis_tls(server: Server) -> RedisTLS | None:
         certificate=str(certificate),
         key=str(key_copy(server, DB_CERTIFICATE, "redis")),
         ca=str(ca_certificate(config)),
-        user=config.user,
     )
 
 

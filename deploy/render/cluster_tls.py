@@ -89,6 +89,14 @@ def database_url_with_tls(url: str, ca: PurePosixPath) -> str:
     return urlunsplit(parts._replace(query=urlencode(query, safe="/")))
 
 
+def redis_url_for_user(url: str, user: str) -> str:
+    """A redis:// or rediss:// URL logging in as the app's ACL `user` (the password and the rest kept)."""
+    parts = urlsplit(url)
+    auth, _, where = parts.netloc.rpartition("@")
+    password = auth.partition(":")[2]
+    return urlunsplit(parts._replace(netloc=f"{quote(user, safe='')}:{password}@{where}"))
+
+
 def redis_url_with_tls(url: str, user: str, ca: PurePosixPath) -> str:
     """A redis:// URL as rediss:// for the app's ACL `user` (the password kept), checked against the cluster CA and
     the URL's host name, both said in the URL rather than left to each library's default. The URL reaches redis-py
@@ -97,27 +105,25 @@ def redis_url_with_tls(url: str, user: str, ca: PurePosixPath) -> str:
     celery's Redis result backend (redis-py's URL parsers: to_bool), and django-environ's cache_url, which moves the
     query into OPTIONS as strings that redis-py's SSLConnection takes as they are. NOTE: so never write
     ssl_check_hostname=false here: the cache would take that string as true; the value is "true"."""
-    parts = urlsplit(url)
-    auth, _, where = parts.netloc.rpartition("@")
-    password = auth.partition(":")[2]
+    parts = urlsplit(redis_url_for_user(url, user))
     query = dict(parse_qsl(parts.query))
     query.update(ssl_cert_reqs="required", ssl_check_hostname="true", ssl_ca_certs=str(ca))
-    netloc = f"{quote(user, safe='')}:{password}@{where}"
-    return urlunsplit(parts._replace(scheme="rediss", netloc=netloc, query=urlencode(query, safe="/")))
+    return urlunsplit(parts._replace(scheme="rediss", query=urlencode(query, safe="/")))
 
 
 def cluster_env_values(config: DeployConfig, values: dict[str, str]) -> dict[str, str]:
-    """The site's shared env values with every URL naming the db host's address on TLS against the cluster CA (an
-    env file from before cluster TLS is brought up to it; another host's URL is left alone)."""
-    if not uses_cluster_tls(config):
-        return dict(values)
+    """The site's shared env values with every Redis URL naming the db host's address (loopback on a site of one
+    host) logging in as the app's ACL user, on every topology; on a cluster every URL naming it on TLS against the
+    cluster CA (an env file from before is brought up to it; another host's URL is left alone)."""
+    tls = uses_cluster_tls(config)
     ca = ca_certificate(config)
     fixed = dict(values)
     url = values.get("DATABASE_URL", "")
-    if url and urlsplit(url).hostname == config.db_address:
+    if tls and url and urlsplit(url).hostname == config.db_address:
         fixed["DATABASE_URL"] = database_url_with_tls(url, ca)
     for key in ("CELERY_BROKER_URL", "CACHE_URL"):
         url = values.get(key, "")
-        if url and urlsplit(url).scheme in ("redis", "rediss") and urlsplit(url).hostname == config.db_address:
-            fixed[key] = redis_url_with_tls(url, config.user, ca)
+        parts = urlsplit(url)
+        if url and parts.scheme in ("redis", "rediss") and parts.hostname == config.db_address and parts.password:
+            fixed[key] = redis_url_with_tls(url, config.user, ca) if tls else redis_url_for_user(url, config.user)
     return fixed

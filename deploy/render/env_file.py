@@ -12,15 +12,15 @@ from deploy.render.jinja import render_template
 from deploy.render.site import POSTGRES_PORT, REDIS_PORT, site_names, url_host
 
 DATABASE = "prayer_room"
-# Debian's redis-server on loopback, with the password provision generates (requirepass): the broker (and
+# Debian's redis-server on loopback, for the app's ACL user with the password provision generates: the broker (and
 # Celery's result backend) in database 0, Django's cache in 1.
 REDIS = "127.0.0.1:6379"
 OLD_BROKER_URL = f"redis://{REDIS}/0"  # what servers provisioned before the password have
 
 
-def redis_urls(password: str, address: str = "127.0.0.1") -> dict[str, str]:
-    """Every Redis URL the programs use, each with the password."""
-    auth = f":{quote(password, safe='')}@"
+def redis_urls(password: str, address: str = "127.0.0.1", user: str = "") -> dict[str, str]:
+    """Every Redis URL the programs use, each logging in as the app's ACL `user` with the password."""
+    auth = f"{quote(user, safe='')}:{quote(password, safe='')}@"
     where = f"{url_host(address)}:{REDIS_PORT}"
     return {"CELERY_BROKER_URL": f"redis://{auth}{where}/0", "CACHE_URL": f"redis://{auth}{where}/1"}
 
@@ -39,7 +39,7 @@ def env_defaults(
     services = (
         {
             "DATABASE_URL": f"postgres://{role}:{quote(db_password, safe='')}@{where}/{DATABASE}",
-            **redis_urls(redis_password, db),
+            **redis_urls(redis_password, db, config.user),
         }
         if db
         else {}

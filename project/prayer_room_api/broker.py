@@ -5,6 +5,7 @@ a worker killed in between (a few ms per message, more while its pool is busy) l
 is neither queued nor unacknowledged. Here one Lua script takes the message and records it in the same step, and
 a worker whose queues are empty waits with BLMOVE from a queue to its own tail (Redis 6.2+; Debian 12 and Ubuntu
 24.04 ship 7.0), which wakes it without taking anything. Publishing, acknowledging and restoring stay kombu's.
+Fanout (the pidbox) is SUBSCRIBE to exact channels, which a Redis ACL user limited to the app's prefix may use.
 """
 
 from queue import Empty
@@ -52,9 +53,29 @@ class Channel(redis.Channel):
     """A Redis channel that takes each message and records it as unacknowledged in one step."""
 
     QoS = QoS
+    # NOTE: Redis's ACL admits a PSUBSCRIBE only to a pattern its rules spell out literally, so the app's user
+    # (channels under the key prefix: &prayer-room:*) may not PSUBSCRIBE to kombu's fanout topics (the pidbox that
+    # `celery inspect` and remote control use). One topic per exchange, no routing key in it, and SUBSCRIBE instead,
+    # whose channel the ACL matches against the prefix's pattern.
+    fanout_patterns = False
     taken_tag = None  # the delivery tag of the message being handed over, already in the unacked hash
     _queues_empty = False  # the last take found nothing: wait for a message before the next one
     _sent = None  # the command whose reply the poller waits for
+
+    def _subscribe(self):
+        keys = [topic for queue in self.active_fanout_queues for topic in self._get_subscribe_topics(queue)]
+        if not keys:
+            return
+        client = self.subclient
+        if client.connection._sock is None:
+            client.connection.connect()
+        self._in_listen = client.connection
+        client.subscribe(keys)
+
+    def _unsubscribe_from(self, queue):
+        client = self.subclient
+        if client.connection and client.connection._sock:
+            client.unsubscribe(self._get_subscribe_topics(queue))
 
     def _brpop_start(self, timeout=None):
         queues = self._queue_cycle.consume(len(self.active_queues))

@@ -159,13 +159,18 @@ def test_03_an_app_host_reaches_postgresql_and_redis_with_its_env_files_urls(clu
         check=False,
     )
     assert plain.returncode != 0 and "no encryption" in plain.stderr, plain.stderr
-    # Redis: TLS only, checked against the cluster CA; the app's ACL user, which may not run what the app never does.
+    # Redis: TLS only, checked against the cluster CA; the app's ACL user (the same as a single server's), which may
+    # not run what the app never does, nor touch a key or channel outside the app's prefix (prayer-room:).
     broker = env_values(cluster, "web2")["CELERY_BROKER_URL"]
     assert broker.startswith(f"rediss://{APP_USER}:") and "ssl_cert_reqs=required" in broker
     forbidden = ("FLUSHALL", "FLUSHDB", "CONFIG GET *", "REPLICAOF NO ONE", "DEBUG SLEEP 0", "KEYS *", "MONITOR")
-    replies = redis_commands(cluster, "web2", broker, "SET e2e:key 1", "EVAL return(1) 0", *forbidden)
+    outside = ("SET e2e:key 1", "GET e2e:key", "EVAL return(1) 1 e2e:key", "PUBLISH e2e:channel x", "ACL LIST")
+    allowed = ("SET prayer-room:e2e 1", "EVAL return(1) 1 prayer-room:e2e")
+    replies = redis_commands(cluster, "web2", broker, *allowed, *forbidden, *outside)
     assert replies[:5] == ["-NOAUTH", "+OK", "+PONG", "+OK", ":1"], replies
-    assert all(reply in ("-NOPERM", "-ERR") for reply in replies[5:]) and len(replies) == 5 + len(forbidden), replies
+    refused = replies[5:]
+    assert all(reply in ("-NOPERM", "-ERR") for reply in refused) and len(refused) == len(forbidden + outside), replies
+    assert refused[len(forbidden) :] == ["-NOPERM"] * len(outside), replies
     # Without TLS (the URL as it was before): no Redis answer at all, whatever it sends.
     plain = redis_commands(cluster, "web2", broker.replace("rediss://", "redis://").split("?")[0])
     assert not {"-NOAUTH", "+OK", "+PONG"} & set(plain) and len(plain) == 3, plain

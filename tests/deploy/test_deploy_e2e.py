@@ -24,7 +24,6 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from celery import Celery
 from fabric import Connection
 
 from deploy.config import load_config
@@ -50,7 +49,7 @@ from tests.deploy.target import (
 )
 from tests.support.admin_http import sign_in_to_admin
 from tests.support.pty_session import PtySession
-from tests.support.stack import redis_url
+from tests.support.stack import celery_app, redis_url
 from tests.support.webhook import Receiver
 
 pytestmark = [pytest.mark.deploy, pytest.mark.timeout(900)]
@@ -115,7 +114,7 @@ def live_release_over_http(target: DeployTarget) -> str:
 
 def run_ping(target: DeployTarget) -> dict:
     broker = f"{redis_url()}/{target.redis_db}"
-    app = Celery(broker=broker, backend=broker)
+    app = celery_app(broker)
     try:
         return app.send_task("prayer_room_api.tasks.ping").get(timeout=60)
     finally:

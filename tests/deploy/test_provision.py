@@ -45,10 +45,16 @@ from deploy.render.cluster_tls import (
     uses_cluster_tls,
 )
 from deploy.render.db_host import (
+    REDIS_KEY_PREFIX,
+    REDIS_MOVE_UNDER_PREFIX,
     RedisTLS,
+    has_unprefixed_keys,
     pg_hba_with_peers,
+    redis_acl_rules,
     redis_bind,
     redis_conf_with_password,
+    redis_login_before,
+    redis_move_input,
     render_firewall,
     render_firewall_unit,
     render_postgres_listen,
@@ -94,7 +100,8 @@ def production_settings(env: dict[str, str]) -> dict:
         "print(json.dumps({'hosts': s.ALLOWED_HOSTS, 'db': s.DATABASES['default'], 'broker': s.CELERY_BROKER_URL, "
         "'ssl_redirect': s.SECURE_SSL_REDIRECT, 'secure_cookies': s.SESSION_COOKIE_SECURE, "
         "'static_root': str(s.STATIC_ROOT), 'debug': s.DEBUG, 'cache': s.CACHES['default'], "
-        "'backend': s.CELERY_RESULT_BACKEND}, default=str))"
+        "'backend': s.CELERY_RESULT_BACKEND, 'broker_options': s.CELERY_BROKER_TRANSPORT_OPTIONS, "
+        "'backend_options': s.CELERY_RESULT_BACKEND_TRANSPORT_OPTIONS}, default=str))"
     )
     result = subprocess.run(
         [sys.executable, "-c", code],
@@ -117,8 +124,12 @@ def test_env_file_is_what_production_settings_need_without_tls():
         "pw-_1",
     )
     assert settings["db"]["USER"] == CONFIG.user.replace("-", "_")
-    assert settings["broker"] == settings["backend"] == "redis://:rp-_2@127.0.0.1:6379/0"
-    assert settings["cache"]["LOCATION"] == "redis://:rp-_2@127.0.0.1:6379/1"
+    assert settings["broker"] == settings["backend"] == "redis://prayer-room:rp-_2@127.0.0.1:6379/0"
+    assert settings["cache"]["LOCATION"] == "redis://prayer-room:rp-_2@127.0.0.1:6379/1"
+    # Every key and channel under the prefix the app's Redis ACL user is limited to (redis.conf.j2).
+    assert settings["broker_options"]["global_keyprefix"] == REDIS_KEY_PREFIX
+    assert settings["backend_options"]["global_keyprefix"] == REDIS_KEY_PREFIX
+    assert settings["cache"]["KEY_PREFIX"] == f"{REDIS_KEY_PREFIX}cache"
     assert redis_password(values) == "rp-_2"
     assert settings["static_root"] == str(REPO / "var" / "static")  # deploy sets STATIC_ROOT=release over it
     assert not settings["ssl_redirect"] and not settings["secure_cookies"] and not settings["debug"]
@@ -148,21 +159,63 @@ def test_existing_env_file_is_kept_and_only_missing_keys_are_added():
 def test_a_broker_url_without_the_redis_password_gets_one_and_other_redis_servers_are_left_alone():
     merged = merge_env_file("SECRET_KEY=x\nCELERY_BROKER_URL=redis://127.0.0.1:6379/0\n", defaults())
     values = read_env_file(merged)
-    assert values["CELERY_BROKER_URL"] == "redis://:rp-_2@127.0.0.1:6379/0" and merged.startswith("SECRET_KEY=x\n")
+    assert values["CELERY_BROKER_URL"] == "redis://prayer-room:rp-_2@127.0.0.1:6379/0"
+    assert merged.startswith("SECRET_KEY=x\n")
     assert merged.count("CELERY_BROKER_URL=") == 1
     assert redis_password({"CELERY_BROKER_URL": "redis://:pw@redis.internal:6379/0"}) is None
     assert redis_password({"CELERY_BROKER_URL": "redis://127.0.0.1:6379/0"}) is None
 
 
-def test_redis_conf_gets_the_password_last_and_a_new_one_replaces_it():
+# The app's ACL user's line, the same on a site of one host and on a cluster.
+ACL_USER = (
+    "user prayer-room reset on >rp-_2 resetkeys ~prayer-room:* resetchannels &prayer-room:* nocommands +@all -@admin"
+    " -@dangerous -@scripting +eval +evalsha +script|load +script|exists"
+)
+
+
+def test_redis_conf_admits_the_apps_acl_user_only_last_and_a_new_password_replaces_it():
     debian = "bind 127.0.0.1 -::1\n# requirepass foobared\nport 6379\n"
-    first = redis_conf_with_password(debian, "rp-_2")
-    assert first.startswith(debian) and "\nrequirepass rp-_2\n" in first
-    assert redis_conf_with_password(first, "rp-_2") == first
-    second = redis_conf_with_password(first, "other")
-    assert "rp-_2" not in second and second.count("requirepass ") == 2  # the commented example, and ours
-    last = [line for line in second.splitlines() if line and not line.startswith("#")][-2:]
-    assert last == ["requirepass other", 'rename-command CONFIG ""']
+    first = redis_conf_with_password(debian, "rp-_2", "prayer-room")
+    assert first.startswith(debian)
+    last = [line for line in first.splitlines() if line and not line.startswith("#")][-3:]
+    assert last == ["user default off", ACL_USER, 'rename-command CONFIG ""']
+    assert "\nrequirepass" not in first  # the default user is off: no password of its own
+    assert redis_conf_with_password(first, "rp-_2", "prayer-room") == first
+    second = redis_conf_with_password(first, "other", "prayer-room")
+    assert "rp-_2" not in second and second.count("\nuser prayer-room reset on >other resetkeys ") == 1
+
+
+def test_the_acl_rules_are_redis_commands_words():
+    assert " ".join(redis_acl_rules("rp-_2")) == ACL_USER.removeprefix("user prayer-room ")
+
+
+def test_an_older_block_has_its_broker_keys_moved_once_logged_in_as_it_was():
+    marks = ("# --- fab provision (prayer-room): begin", "# --- fab provision (prayer-room): end")
+    old_single = f"port 6379\n\n{marks[0]}\nrequirepass rp-_2\n{marks[1]}\n"
+    old_cluster = old_single.replace(
+        "requirepass rp-_2", "user default off\nuser app on resetpass >rp-_2 resetkeys ~* &*"
+    )
+    assert has_unprefixed_keys(old_single) and has_unprefixed_keys(old_cluster)
+    assert not has_unprefixed_keys("port 6379\n")  # Debian's own: a fresh Redis has nothing to move
+    assert not has_unprefixed_keys(redis_conf_with_password(old_single, "rp-_2", "prayer-room"))  # moved: never again
+    assert (redis_login_before(old_single), redis_login_before(old_cluster)) == (None, "app")
+    move = redis_move_input("rp-_2", "app", 0).splitlines()
+    assert move[:2] == ["AUTH app rp-_2", "SELECT 0"] and move[2].endswith('" 0 prayer-room:')
+    assert redis_move_input("rp-_2", None, 0).startswith("AUTH rp-_2\n")
+    assert (
+        '"' not in REDIS_MOVE_UNDER_PREFIX
+        and "\\" not in REDIS_MOVE_UNDER_PREFIX
+        and "--" not in REDIS_MOVE_UNDER_PREFIX
+    )
+
+
+def test_a_single_servers_redis_urls_from_before_log_in_as_the_apps_acl_user():
+    before = {"CELERY_BROKER_URL": "redis://:rp-_2@127.0.0.1:6379/0", "CACHE_URL": "redis://:rp-_2@127.0.0.1:6379/1"}
+    values = cluster_env_values(CONFIG, before)
+    assert values == {key: url.replace("//:", "//prayer-room:") for key, url in before.items()}
+    assert cluster_env_values(CONFIG, values) == values and redis_password(values) == "rp-_2"
+    other = {"CELERY_BROKER_URL": "redis://:pw@redis.internal:6379/0", "CACHE_URL": "redis://127.0.0.1:6379/1"}
+    assert cluster_env_values(CONFIG, other) == other  # another Redis, or one without a password: left alone
 
 
 def test_existing_env_file_without_final_newline_gets_one():
@@ -593,8 +646,8 @@ def test_cluster_env_files_reach_the_db_host_and_name_the_balancer(tmp_path):
     assert values["ALLOWED_HOSTS"] == "10.0.0.5,127.0.0.1,localhost"
     settings = production_settings(read_env_file(merge_env_file(None, values)))
     assert (settings["db"]["HOST"], settings["db"]["PORT"], settings["db"]["PASSWORD"]) == ("10.0.0.4", 5432, "pw-_1")
-    assert settings["broker"] == "redis://:rp-_2@10.0.0.4:6379/0"
-    assert settings["cache"]["LOCATION"] == "redis://:rp-_2@10.0.0.4:6379/1"
+    assert settings["broker"] == "redis://prayer-room:rp-_2@10.0.0.4:6379/0"
+    assert settings["cache"]["LOCATION"] == "redis://prayer-room:rp-_2@10.0.0.4:6379/1"
     assert redis_password(values, "10.0.0.4") == "rp-_2" and redis_password(values) is None
     assert service_key_problems(config, values) == []
     no_balancer = cluster(tmp_path, CLUSTER_TOML.replace('balancer = ["root@10.0.0.5"]', ""))
@@ -670,28 +723,26 @@ def test_a_clusters_urls_name_the_db_host_over_tls_checked_against_the_cluster_c
 
 
 def test_a_clusters_redis_speaks_tls_only_to_the_apps_acl_user(tmp_path):
-    tls = RedisTLS(6379, "/etc/prayer-room/tls/db.crt", "/etc/prayer-room/tls/db-redis.key", "/e/ca.crt", "app")
-    conf = redis_conf_with_password("port 6379\n", "rp-_2", redis_bind(cluster(tmp_path)), tls)
+    tls = RedisTLS(6379, "/etc/prayer-room/tls/db.crt", "/etc/prayer-room/tls/db-redis.key", "/e/ca.crt")
+    conf = redis_conf_with_password("port 6379\n", "rp-_2", "prayer-room", redis_bind(cluster(tmp_path)), tls)
     directives = [line for line in conf.splitlines() if line and not line.startswith("#")]
     for line in ("port 0", "tls-port 6379", "tls-cert-file /etc/prayer-room/tls/db.crt", "user default off"):
         assert line in directives, line
-    user = next(line for line in directives if line.startswith("user app "))
-    assert " >rp-_2 " in user and user.endswith(
-        "-@admin -@dangerous -@scripting +eval +evalsha +script|load +script|exists"
-    )
+    assert ACL_USER in directives  # the same user as a site of one host's
     assert not any(line.startswith("requirepass") for line in directives)
-    assert redis_conf_with_password(conf, "rp-_2", redis_bind(cluster(tmp_path)), tls) == conf
+    assert redis_conf_with_password(conf, "rp-_2", "prayer-room", redis_bind(cluster(tmp_path)), tls) == conf
 
 
 def test_the_db_hosts_redis_binds_loopback_and_the_db_address_with_its_password(tmp_path):
     debian = "bind 127.0.0.1 -::1\nport 6379\n"
-    conf = redis_conf_with_password(debian, "rp-_2", redis_bind(cluster(tmp_path)))
+    conf = redis_conf_with_password(debian, "rp-_2", "prayer-room", redis_bind(cluster(tmp_path)))
     directives = [line for line in conf.splitlines() if line and not line.startswith("#")]
     binds = [line for line in directives if line.startswith("bind ")]
     assert binds[-1] == "bind 127.0.0.1 -::1 10.0.0.4"  # the last bind wins
-    assert directives[-2:] == ["requirepass rp-_2", 'rename-command CONFIG ""']
-    assert redis_conf_with_password(conf, "rp-_2", redis_bind(cluster(tmp_path))) == conf
-    assert "bind" not in redis_conf_with_password(debian, "rp-_2").split("port 6379")[1]  # a single host: as before
+    assert directives[-2:] == [ACL_USER, 'rename-command CONFIG ""']
+    assert redis_conf_with_password(conf, "rp-_2", "prayer-room", redis_bind(cluster(tmp_path))) == conf
+    single = redis_conf_with_password(debian, "rp-_2", "prayer-room")
+    assert "bind" not in single.split("port 6379")[1]  # a single host: as before
 
 
 def test_the_firewall_admits_postgresql_and_redis_from_the_app_hosts_only_and_fails_closed(tmp_path):

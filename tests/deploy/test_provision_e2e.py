@@ -156,8 +156,9 @@ def test_provision_takes_a_fresh_server_to_a_ready_one(vps):
         "root's plain supervisorctl reaches supervisord": f"{SUPERVISORCTL} pid",
         "the app user cannot": f"! runuser -u {APP_USER} -- {SUPERVISORCTL} pid",
         "redis refuses a connection without the password": "redis-cli -h 127.0.0.1 ping 2>&1 | grep -q NOAUTH",
-        "redis accepts the env file's password": "REDISCLI_AUTH=\"$(sed -n 's/^CELERY_BROKER_URL=redis:..:"
-        "\\([^@]*\\)@.*/\\1/p' /srv/prayer-room/shared/env)\" redis-cli -h 127.0.0.1 ping | grep -qx PONG",
+        "redis accepts the env file's login (the app's ACL user)": "REDISCLI_AUTH=\"$(sed -n 's/^CELERY_BROKER_URL="
+        "redis:..[^:]*:\\([^@]*\\)@.*/\\1/p' /srv/prayer-room/shared/env)\""
+        f" redis-cli -h 127.0.0.1 --user {APP_USER} ping | grep -qx PONG",
         "database login with the env file's DATABASE_URL": f"cd / && runuser -u {APP_USER} -- psql -tA "
         "\"$(sed -n 's/^DATABASE_URL=//p' /srv/prayer-room/shared/env)\" -c 'select current_user'",
     }

@@ -72,7 +72,7 @@ class Attack:
     control_overlays: tuple[str, ...] = (SRV, "/etc/prayer-room", "/run/prayer-room")
 
 
-REDIS_PASSWORD = f"\"$(sed -n 's/^CELERY_BROKER_URL=redis:..:\\([^@]*\\)@.*/\\1/p' {ENV})\""
+REDIS_PASSWORD = f"\"$(sed -n 's/^CELERY_BROKER_URL=redis:..[^:]*:\\([^@]*\\)@.*/\\1/p' {ENV})\""
 ATTACKS = {
     "append a line to the live release's urls.py": Attack(
         f"echo 'import os' >> {SRV}/current/project/prayer_room_api/urls.py"
@@ -109,7 +109,8 @@ ATTACKS = {
     "write the programs config": Attack("echo '[program:x]' >> /etc/prayer-room/programs.conf"),
     "read the programs config (the env values)": Attack("cat /etc/prayer-room/programs.conf"),
     "use Redis without the password (broker, cache)": Attack(
-        'out=$(redis-cli -h 127.0.0.1 -n 0 dbsize 2>&1); echo "$out"; case "$out" in *NOAUTH*) exit 1;; esac',
+        f'out=$(redis-cli -h 127.0.0.1 --user {APP} -n 0 dbsize 2>&1); echo "$out";'
+        ' case "$out" in *NOAUTH*) exit 1;; esac',
         refusal="NOAUTH Authentication required",
         control_setup=f"export REDISCLI_AUTH={REDIS_PASSWORD};",
     ),
@@ -678,3 +679,143 @@ def test_the_app_users_cannot_reach_link_local_addresses(server):
         assert said == {
             address: "Permission denied" if ":" in address else "No route to host" for address in METADATA
         }, (user, said, refused[user].stderr)
+
+
+# RESP commands to the Redis on 127.0.0.1:PORT, each on a connection of its own logged in with the env file's broker
+# URL (its user and password; `default`: the password alone), as code running as the app user could: each reply's
+# first line, in JSON.
+REDIS_PROBE = """
+import json, socket, sys
+from urllib.parse import unquote, urlsplit
+lines = open(sys.argv[1]).read().splitlines()
+url = urlsplit(next(line.split("=", 1)[1] for line in lines if line.startswith("CELERY_BROKER_URL=")))
+port, login, commands = int(sys.argv[2]), sys.argv[3], json.loads(sys.argv[4])
+auth = [unquote(url.password)] if login == "default" else [unquote(url.username), unquote(url.password)]
+def send(f, words):
+    data = [w.encode() for w in words]
+    f.write(b"*%d\\r\\n" % len(data) + b"".join(b"$%d\\r\\n%s\\r\\n" % (len(w), w) for w in data))
+    f.flush()
+    return f.readline().decode(errors="replace").strip() or "(closed)"
+replies = []
+for words in commands:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+            f = s.makefile("rwb")
+            said = send(f, ["AUTH", *auth])
+            replies.append(send(f, words) if said == "+OK" else f"AUTH {said}")
+    except OSError as exc:
+        replies.append(f"(closed: {exc})")
+print(json.dumps(replies))
+"""
+OUTSIDE = "other-site:key"  # a key, and a channel, outside the app's prefix
+# What an attacker holding the app's Redis login tries, in an order the positive control survives (REPLICAOF undone
+# at once, SHUTDOWN last), with what the refusal must say: NOPERM from the ACL, but CONFIG is renamed away (unknown
+# command) and Redis 7 refuses DEBUG before the ACL is asked (enable-debug-command no). CONFIG SET sets Redis's
+# default: the control's must succeed, and Redis 7 refuses `dir` (a protected config) to every user anyway.
+REDIS_ATTACKS = {
+    "FLUSHALL": (["FLUSHALL"], "NOPERM"),
+    "FLUSHDB": (["FLUSHDB"], "NOPERM"),
+    "CONFIG SET": (["CONFIG", "SET", "maxmemory-policy", "noeviction"], "unknown command"),
+    "REPLICAOF another server": (["REPLICAOF", "127.0.0.1", "1"], "NOPERM"),
+    "SLAVEOF NO ONE": (["SLAVEOF", "NO", "ONE"], "NOPERM"),
+    "MODULE LIST": (["MODULE", "LIST"], "NOPERM"),
+    "DEBUG SLEEP 0": (["DEBUG", "SLEEP", "0"], "DEBUG command not allowed|NOPERM"),
+    "KEYS *": (["KEYS", "*"], "NOPERM"),
+    "MONITOR": (["MONITOR"], "NOPERM"),
+    "ACL SETUSER (widen its own keys)": (["ACL", "SETUSER", APP, "~*"], "NOPERM"),
+    "SCRIPT FLUSH": (["SCRIPT", "FLUSH"], "NOPERM"),
+    "FUNCTION FLUSH": (["FUNCTION", "FLUSH"], "NOPERM"),
+    "SET a key outside the prefix": (["SET", OUTSIDE, "x"], "NOPERM"),
+    "GET a key outside the prefix": (["GET", OUTSIDE], "NOPERM"),
+    "EVAL declaring a key outside the prefix": (["EVAL", "return redis.call('GET', KEYS[1])", "1", OUTSIDE], "NOPERM"),
+    "EVAL touching an undeclared key outside": (["EVAL", f"return redis.call('SET', '{OUTSIDE}', 'x')", "0"],
+                                                "NOPERM|can't access|[Nn]o permissions"),
+    "PUBLISH outside the prefix": (["PUBLISH", OUTSIDE, "x"], "NOPERM"),
+    "SUBSCRIBE outside the prefix": (["SUBSCRIBE", OUTSIDE], "NOPERM"),
+    "PSUBSCRIBE to every channel": (["PSUBSCRIBE", "*"], "NOPERM"),
+    "SHUTDOWN": (["SHUTDOWN", "NOSAVE"], "NOPERM"),
+}  # fmt: skip
+# What the app does, which the ACL must let through: a key under the prefix, and a script declaring it.
+REDIS_ALLOWED = [["SET", "prayer-room:e2e", "1"], ["EVAL", "return redis.call('GET', KEYS[1])", "1", "prayer-room:e2e"]]
+CONTROL_PORT = 6390
+
+
+def redis_probe(vps: Container, commands: list[list[str]], port: int = 6379, login: str = "app") -> list[str]:
+    """REDIS_PROBE as the app user: each command's first reply line."""
+    args = shlex.join(["python3", "-c", REDIS_PROBE, ENV, str(port), login, json.dumps(commands)])
+    result = as_app(vps, args)
+    assert result.returncode == 0, result.stdout + result.stderr
+    return json.loads(result.stdout)
+
+
+def test_the_apps_redis_login_cannot_flush_reconfigure_replicate_or_leave_its_prefix(server):
+    """Code running as the app user reads the env file's Redis login: every admin or dangerous command, and every key
+    or channel outside the app's prefix, is refused, while what the app does works. The positive control: the same
+    commands with the same login succeed against a scratch Redis whose user has every permission (what a single
+    server's requirepass gave the default user before; plus DEBUG, which Redis 7 keeps off by default)."""
+    allowed = redis_probe(server, REDIS_ALLOWED)
+    commands = [words for words, _ in REDIS_ATTACKS.values()]
+    replies = dict(zip(REDIS_ATTACKS, redis_probe(server, commands), strict=True))
+    started = server.ssh(
+        f"pw={REDIS_PASSWORD}; runuser -u redis -- redis-server --port {CONTROL_PORT} --bind 127.0.0.1 --save ''"
+        " --appendonly no --dir /tmp --daemonize yes --pidfile /tmp/redis-control.pid --enable-debug-command yes"
+        f' --enable-module-command yes --user {APP} on ">$pw" "~*" "&*" "+@all"'
+        f" && for i in $(seq 50); do redis-cli -p {CONTROL_PORT} ping 2>/dev/null | grep -q PONG && exit 0;"
+        " sleep 0.1; done; exit 1",
+        check=False,
+    )
+    try:
+        assert started.returncode == 0, started.stdout + started.stderr
+        control = dict(zip(REDIS_ATTACKS, redis_probe(server, commands, port=CONTROL_PORT), strict=True))
+    finally:
+        server.ssh("kill $(cat /tmp/redis-control.pid) 2>/dev/null; rm -f /tmp/redis-control.pid", check=False)
+    report["redis: the app's login on the server / with every permission"] = {
+        name: f"{replies[name][:70]} / {control[name][:40]}" for name in REDIS_ATTACKS
+    }
+    wrong = [
+        f"{name}: {replies[name]!r}"
+        for name, (_, refusal) in REDIS_ATTACKS.items()
+        if not (replies[name].startswith("-") and re.search(refusal, replies[name]))
+    ]
+    assert wrong == [], "\n".join(wrong)
+    assert allowed == ["+OK", "$1"], allowed
+    assert all(not reply.startswith(("-", "AUTH")) for reply in control.values()), control
+
+
+# What provision wrote at the end of redis.conf before the ACL user: the password for the default user.
+OLD_REDIS_BLOCK = ["# --- fab provision (prayer-room): begin", "requirepass $pw", 'rename-command CONFIG ""',
+                   "# --- fab provision (prayer-room): end"]  # fmt: skip
+# Three tasks sent the way a release from before the key prefix sent them: the default user, kombu's own names.
+OLD_SEND = """
+import os
+from celery import Celery
+url = os.environ.pop("CELERY_BROKER_URL").replace("//prayer-room:", "//:")
+app = Celery(broker=url)
+print(" ".join(app.send_task("prayer_room_api.tasks.ping").id for _ in range(3)))
+"""
+
+
+def test_provision_moves_an_older_servers_queued_tasks_under_the_prefix_and_the_worker_runs_them(server):
+    """Redis as a server provisioned before the ACL user has it (requirepass, kombu's keys without the prefix), with
+    three tasks queued under the old names: the next provision moves them under the prefix before the ACL takes
+    effect, and the worker runs them. The control: they were queued under the old name before."""
+    block = " ".join(shlex.quote(line) if "$pw" not in line else f'"{line}"' for line in OLD_REDIS_BLOCK)
+    server.ssh(
+        f"pw={REDIS_PASSWORD}; sed -i '/^# --- fab provision (prayer-room): begin$/,/^# --- fab provision"
+        f" (prayer-room): end$/d' /etc/redis/redis.conf && printf '%s\\n' {block} >> /etc/redis/redis.conf"
+        " && systemctl restart redis-server"
+    )
+    task_ids = in_app(server, f"-c {shlex.quote(OLD_SEND)}").split()
+    assert len(task_ids) == 3, task_ids
+    assert redis_probe(server, [["LLEN", "celery"]], login="default") == [":3"]  # the control: the old name
+    started = time.monotonic()
+    out = expect_ok(fab(server, "provision"))
+    report["provision moving an older server's keys, seconds"] = round(time.monotonic() - started, 1)
+    moved = re.search(r"moved (\d+) key\(s\) of the broker under prayer-room:", out)
+    assert moved and int(moved.group(1)) >= 2, out[-3000:]  # the queue and its binding table at least
+    results = [["EXISTS", f"prayer-room:celery-task-meta-{task_id}"] for task_id in task_ids]
+    deadline = time.monotonic() + 180
+    while redis_probe(server, results) != [":1"] * 3:
+        assert time.monotonic() < deadline, f"the moved tasks did not run: {redis_probe(server, results)}"
+        time.sleep(1)
+    assert redis_probe(server, [["LLEN", "celery"]], login="default")[0].startswith("AUTH -WRONGPASS")

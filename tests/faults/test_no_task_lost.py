@@ -15,13 +15,17 @@ import redis
 from kombu import Connection
 from kombu.transport.redis import Transport as KombuRedisTransport
 
+from deploy.render.db_host import REDIS_KEY_PREFIX
 from prayer_room_api.broker import Transport as ProjectRedisTransport
 
 from .conftest import report
 
 TASKS = 10_000
 ROUNDS = 5
+# Keys as the project's settings name them (global_keyprefix): the app's Redis ACL user may touch nothing else.
 QUEUE = "celery"
+OPTIONS = {"global_keyprefix": REDIS_KEY_PREFIX}
+QUEUE_KEY, UNACKED, UNACKED_INDEX = (REDIS_KEY_PREFIX + name for name in (QUEUE, "unacked", "unacked_index"))
 
 
 def tasks_run(client: redis.Redis, task_ids: list[str]) -> set[str]:
@@ -31,7 +35,7 @@ def tasks_run(client: redis.Redis, task_ids: list[str]) -> set[str]:
         chunk = task_ids[start : start + 2000]
         pipe = client.pipeline(transaction=False)
         for task_id in chunk:
-            pipe.exists(f"celery-task-meta-{task_id}")
+            pipe.exists(f"{REDIS_KEY_PREFIX}celery-task-meta-{task_id}")
         done.update(task_id for task_id, exists in zip(chunk, pipe.execute(), strict=True) if exists)
     return done
 
@@ -48,14 +52,14 @@ def test_every_task_runs_when_the_worker_is_killed_five_times_mid_batch(start, c
     began = time.monotonic()
     with celery_client.producer_or_acquire() as producer, producer.batch():
         task_ids = [celery_client.send_task("prayer_room_api.tasks.ping", producer=producer).id for _ in range(TASKS)]
-    assert client.llen(QUEUE) == TASKS
+    assert client.llen(QUEUE_KEY) == TASKS
     sent = time.monotonic() - began
 
     for round_ in range(ROUNDS):
         worker = start("worker")
         target = (round_ + 1) * TASKS // (ROUNDS + 1)
         worker.wait_for(lambda t=target: len(tasks_run(client, task_ids)) >= t, 300, f"{target} tasks run")
-        assert client.llen(QUEUE) > 0, "the batch ran out before the kill"
+        assert client.llen(QUEUE_KEY) > 0, "the batch ran out before the kill"
         if round_ % 2:
             os.killpg(worker.popen.pid, signal.SIGKILL)  # the worker and its pool children, as a dying host would
         else:
@@ -83,22 +87,22 @@ def test_a_message_taken_by_a_consumer_that_dies_at_once_is_kept_as_unacknowledg
     The positive control: kombu's own transport, which takes first and records afterwards, loses it.
     """
     client = redis.Redis.from_url(env["CELERY_BROKER_URL"])
-    client.delete(QUEUE, "unacked", "unacked_index")
-    with Connection(env["CELERY_BROKER_URL"], transport=transport) as publisher:
+    client.delete(QUEUE_KEY, UNACKED, UNACKED_INDEX)
+    with Connection(env["CELERY_BROKER_URL"], transport=transport, transport_options=OPTIONS) as publisher:
         publisher.SimpleQueue(QUEUE).put({"n": 1})
-    message = json.loads(client.lindex(QUEUE, 0))
+    message = json.loads(client.lindex(QUEUE_KEY, 0))
 
-    with Connection(env["CELERY_BROKER_URL"], transport=transport) as consumer:
+    with Connection(env["CELERY_BROKER_URL"], transport=transport, transport_options=OPTIONS) as consumer:
         channel = consumer.default_channel
         channel.basic_consume(QUEUE, no_ack=False, callback=lambda message: None, consumer_tag="killed")
         channel.connection.cycle.on_poll_start()  # what the worker's event loop runs each tick: take a message
-        wait_until(lambda: client.llen(QUEUE) == 0, 10, "message taken")
+        wait_until(lambda: client.llen(QUEUE_KEY) == 0, 10, "message taken")
         channel.client.connection.disconnect()  # killed before it read the reply
         channel._in_poll = None  # nothing to read when the connection closes
 
     tag = message["properties"]["delivery_tag"]
-    recorded, indexed = client.hget("unacked", tag), client.zscore("unacked_index", tag)
-    client.delete("unacked", "unacked_index")  # no worker of this module may restore the test's message
+    recorded, indexed = client.hget(UNACKED, tag), client.zscore(UNACKED_INDEX, tag)
+    client.delete(UNACKED, UNACKED_INDEX)  # no worker of this module may restore the test's message
     if not kept:
         assert recorded is None, "kombu's transport recorded the message: the control no longer shows the loss"
         return

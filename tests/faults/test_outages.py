@@ -13,7 +13,6 @@ import urllib.request
 
 import pytest
 import requests
-from celery import Celery
 
 from tests.support import stack
 
@@ -203,7 +202,7 @@ def test_the_worker_and_beat_carry_on_after_the_broker_restarts(outage):
     finally:
         outage.broker.start()
     outage.beat.wait_for_output("send-outbox sent after the broker came back", 60)
-    app = Celery(broker=outage.env["CELERY_BROKER_URL"], backend=outage.env["CELERY_RESULT_BACKEND"])
+    app = stack.celery_app(outage.env["CELERY_BROKER_URL"], outage.env["CELERY_RESULT_BACKEND"])
     try:
         assert app.send_task("prayer_room_api.tasks.ping").get(timeout=90)["release"]
     finally:

@@ -5,7 +5,6 @@ Loaded for every layer by tests/conftest.py; each module gets a database and a R
 """
 
 import pytest
-from celery import Celery
 
 from tests.support import stack
 
@@ -34,7 +33,7 @@ def redis_db(services, request):
 @pytest.fixture(scope="module")
 def celery_client(env):
     """A bare Celery client on the stack's broker, to send tasks the way the web process does."""
-    app = Celery(broker=env["CELERY_BROKER_URL"], backend=env["CELERY_BROKER_URL"])
+    app = stack.celery_app(env["CELERY_BROKER_URL"])
     yield app
     app.close()
 

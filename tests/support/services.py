@@ -27,6 +27,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
 
 import psycopg
 import redis
@@ -361,6 +362,26 @@ def redis_url() -> str:
             server.start()
             _session["redis_url"] = server.url
         return _session["redis_url"]
+
+
+# The programs under test log in to the session's Redis as this ACL user, with the rules `fab provision` gives the
+# app's user on a server (deploy/render/db_host.py): a command, key or channel the ACL refuses fails here too.
+APP_REDIS_USER = "prayer-room-tests-app"
+APP_REDIS_PASSWORD = "tests-only-not-secret"  # one for every session, so sessions sharing a Redis agree
+
+
+def app_redis_url(number: int) -> str:
+    """The URL of db `number` of the session's Redis for the programs under test: as APP_REDIS_USER, (re)created."""
+    from deploy.render.db_host import redis_acl_rules
+
+    client = redis.Redis.from_url(f"{redis_url()}/0")
+    try:
+        client.execute_command("ACL", "SETUSER", APP_REDIS_USER, *redis_acl_rules(APP_REDIS_PASSWORD))
+    finally:
+        client.close()
+    parts = urlsplit(redis_url())
+    where = parts.netloc.rpartition("@")[2]
+    return urlunsplit(parts._replace(netloc=f"{APP_REDIS_USER}:{APP_REDIS_PASSWORD}@{where}", path=f"/{number}"))
 
 
 _CLAIM_TTL = 6 * 3600

@@ -18,14 +18,31 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import psycopg
+from celery import Celery
 
-from tests.support.services import claim_redis_db, free_port, postgres_url, redis_url, release_redis_db
+from deploy.render.db_host import REDIS_KEY_PREFIX as KEY_PREFIX
+from tests.support.services import (
+    app_redis_url,
+    claim_redis_db,
+    free_port,
+    postgres_url,
+    redis_url,
+    release_redis_db,
+)
 from tests.support.services import unavailable as services_unavailable
 
 REPO = Path(__file__).resolve().parents[2]
 MANAGE = REPO / "project" / "manage.py"
 
-__all__ = ["claim_redis_db", "free_port", "postgres_url", "redis_url", "release_redis_db", "services_unavailable"]
+__all__ = [
+    "app_redis_url",
+    "claim_redis_db",
+    "free_port",
+    "postgres_url",
+    "redis_url",
+    "release_redis_db",
+    "services_unavailable",
+]
 
 
 def __getattr__(name: str) -> str:
@@ -61,6 +78,14 @@ class Database:
             return cur.fetchall() if cur.description else []
 
 
+def celery_app(broker: str, backend: str | None = None, **kwargs) -> Celery:
+    """A bare Celery client on `broker` that names its Redis keys as the project's settings do (under the prefix the
+    app's Redis ACL user is limited to), to send tasks the way the web process does."""
+    app = Celery(broker=broker, backend=backend or broker, **kwargs)
+    app.conf.broker_transport_options = app.conf.result_backend_transport_options = {"global_keyprefix": KEY_PREFIX}
+    return app
+
+
 def production_env(database: Database, redis_db: int, **extra: str) -> dict[str, str]:
     """Environment for the production settings against the test services (no TLS proxy in front)."""
     env = dict(os.environ)
@@ -69,8 +94,8 @@ def production_env(database: Database, redis_db: int, **extra: str) -> dict[str,
         SECRET_KEY=secrets.token_urlsafe(50),
         ALLOWED_HOSTS="127.0.0.1,localhost",
         DATABASE_URL=database.url,
-        CELERY_BROKER_URL=f"{redis_url()}/{redis_db}",
-        CACHE_URL=f"{redis_url()}/{redis_db}",
+        CELERY_BROKER_URL=app_redis_url(redis_db),  # as the app's ACL user on a server
+        CACHE_URL=app_redis_url(redis_db),
         EMAIL_URL="consolemail://",
         SECURE_SSL_REDIRECT="false",
         SECURE_COOKIES="false",

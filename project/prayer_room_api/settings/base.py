@@ -181,6 +181,9 @@ SPECTACULAR_SETTINGS = {
 }
 
 CACHES = {"default": env.cache("CACHE_URL", default="locmemcache://")}
+# Every Redis key and pub/sub channel of the app starts with this (broker, results, cache): the app's Redis ACL user
+# (deploy/templates/provision/redis.conf.j2) may touch those only. The deploy kit's REDIS_KEY_PREFIX is the same.
+REDIS_KEY_PREFIX = "prayer-room:"
 
 # --- Celery (every CELERY_* setting is read by celery.py through the CELERY namespace) ---
 CELERY_BROKER_URL = env("CELERY_BROKER_URL", default="redis://127.0.0.1:6379/0")
@@ -222,7 +225,11 @@ CELERY_BROKER_TRANSPORT_OPTIONS = {
     # Look for expired messages every 5 s (kombu's default sweep is every 100 s).
     "unacked_restore_interval": 5,
     "unacked_restore_throttle": 1,
+    # Queues, bindings, the unacked hash and its index and mutex, reply queues and fanout channels, under the prefix.
+    "global_keyprefix": REDIS_KEY_PREFIX,
 }
+# Results (celery-task-meta-*) and the channels they are published on, under the prefix.
+CELERY_RESULT_BACKEND_TRANSPORT_OPTIONS = {"global_keyprefix": REDIS_KEY_PREFIX}
 CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
 # A request that sends a task while the broker is down waits ~2 s, not 4 s x 4 tries (the outbox sends it later).
 CELERY_BROKER_CONNECTION_TIMEOUT = 2

@@ -3,7 +3,7 @@
 from django.core.exceptions import ImproperlyConfigured
 
 from .base import *  # noqa: F403
-from .base import DATABASES, REPO_DIR, REST_FRAMEWORK, env, env_int
+from .base import DATABASES, REDIS_KEY_PREFIX, REPO_DIR, REST_FRAMEWORK, env, env_int
 
 SECRET_KEY = env("SECRET_KEY", default="")
 if not SECRET_KEY:
@@ -30,6 +30,8 @@ if CACHES["default"]["BACKEND"].endswith("LocMemCache"):
 if CACHES["default"]["BACKEND"].endswith("RedisCache"):
     # A cache that does not answer in a second counts as down (rate limits then fail open), not a hung request.
     CACHES["default"].setdefault("OPTIONS", {}).update(socket_connect_timeout=1, socket_timeout=1)
+    # Keys "prayer-room:cache:1:<key>": under the prefix the app's Redis ACL user is limited to.
+    CACHES["default"].setdefault("KEY_PREFIX", f"{REDIS_KEY_PREFIX}cache")
 # Rate limits (and axes' login lockouts) key on the client address nginx passes in X-Forwarded-For (one proxy in
 # front; on a cluster's web host too: its nginx takes the balancer's forwarded address as the client's and appends it
 # again, so 1 is right there as well, and 2 would believe a client that reaches a web host directly).
