@@ -612,10 +612,11 @@ def status(site: Site) -> str:
     first = site.members.get(config.primary) or site.order[0]
     if site.several:
         lines += ["", f"on the primary, {first.label}:"]
-    return "\n".join([*lines, *_shared_status(site, first)])
+    restoring = any(holder.get("action", "").startswith(("restore", "rollback")) for _, holder in held)
+    return "\n".join([*lines, *_shared_status(site, first, restoring=restoring)])
 
 
-def _shared_status(site: Site, first: Member) -> list[str]:
+def _shared_status(site: Site, first: Member, *, restoring: bool = False) -> list[str]:
     """`status`'s lines for what the hosts share, read on `first` (the primary): the certificate (without a
     balancer), the backups, the releases and the schedules beat runs."""
     config, server, state = site.config, first.server, first.state
@@ -629,9 +630,11 @@ def _shared_status(site: Site, first: Member) -> list[str]:
     try:
         interrupted = backup.interrupted_restore(server)
         if interrupted:
+            # A restore sets the schema aside while it runs too: the lock it holds (above) tells the two apart.
+            running = " (unless the restore holding the deploy lock above is still running)" if restoring else ""
             lines.append(
-                f"ALERT restore: {interrupted['note']}; `fab deploy` and `fab rollback` refuse until it is settled: "
-                f"{backup.interrupted_restore_fix(interrupted)}"
+                f"ALERT restore: {interrupted['note']}{running}; `fab deploy` and `fab rollback` refuse until it is "
+                f"settled: {backup.interrupted_restore_fix(interrupted)}"
             )
     except DeployError as exc:
         lines.append(f"ALERT restore: the check for an interrupted restore failed ({exc})")

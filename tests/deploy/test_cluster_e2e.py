@@ -876,6 +876,8 @@ def test_23_status_logs_and_restart_by_role(cluster):
             table
         )
     assert f"{cluster.lb.address}: balancer (no programs)" in table
+    assert f"balancer {cluster.lb.address}: sends requests to {cluster.web1.address}, {cluster.web2.address}" in table
+    assert "ALERT balancer" not in table, table
     assert "schedules (beat, DatabaseScheduler):" in table
     logs = ok(cluster.fab("logs", "--role", "worker", "--lines", "20"))
     prefixes = {line.split(" | ", 1)[0] for line in logs.splitlines() if " | " in line}
@@ -1101,6 +1103,14 @@ def test_24e_os_update_drains_each_web_host_at_the_balancer_and_loses_no_request
     assert {n: i for n, i in boot_ids(cluster).items() if n != "web1"} == {n: before[n] for n in before if n != "web1"}
     assert drained_upstreams(cluster) == ["web1"]  # it stays out until an os-update verifies it
     ok(cluster.fab("unlock"))  # its deploy lock could not be released while it was down
+    started = time.monotonic()
+    shown = ok(cluster.fab("status"))  # the operator sees it drained, and what puts it back
+    cluster.timings["status, a web host drained at the balancer"] = time.monotonic() - started
+    assert f"balancer {cluster.lb.address}: sends requests to {cluster.web2.address}\n" in shown, shown
+    assert (
+        f"ALERT balancer {cluster.lb.address}: drained (marked down, no request goes to it): {cluster.web1.address}; "
+        "put back by `fab os-update` once it answers" in shown
+    ), shown
 
     # The whole cluster, every host rebooted.
     with ExitStack() as stack, request_loop(cluster) as loop:
