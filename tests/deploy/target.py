@@ -446,7 +446,12 @@ class DeployTarget:
     def fab_background(self, task: str, *args: str, **options) -> subprocess.Popen:
         env = {**os.environ, "HOME": str(self.home), "PYTHONUNBUFFERED": "1"}
         argv = self.fab_argv(task, *args, **options)
-        return subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+        # NOTE: a shell without job control starts background jobs with SIGINT ignored, and Python keeps an ignored
+        # SIGINT ignored: the default action back, so that a test's Ctrl-C reaches fab however the run was started.
+        return subprocess.Popen(
+            argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+        )  # fmt: skip
 
     def supervisorctl(self, *args: str) -> subprocess.CompletedProcess:
         return subprocess.run(
