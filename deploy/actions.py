@@ -244,6 +244,10 @@ def rollback(
         if lacking:
             missing = [f"{m.server.name} has no release {target} ({', '.join(m.state.releases)})" for m in lacking]
             raise DeployError("; ".join(missing) + ".")
+        with progress.step(f"check that {target}'s code keeps its Redis keys under the prefix{site.on_primary()}"):
+            prefixed = release.uses_redis_prefix(primary.server, target)
+        if not prefixed:
+            raise DeployError(release.refuse_unprefixed(target))
         with progress.step(f"compare the database's migrations with {target}'s{site.on_primary()}"):
             report = SchemaReport.read(primary.server, layout.releases / target)
 

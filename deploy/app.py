@@ -13,6 +13,10 @@ PING_TASK = "prayer_room_api.tasks.ping"
 # The prefix of every Redis key and channel of the app (the settings' REDIS_KEY_PREFIX: the broker's, the results', the
 # cache's): the app's Redis ACL user may touch nothing else, and the deploy's ping task is sent under it.
 REDIS_KEY_PREFIX = "prayer-room:"
+# A release's settings file, and the line it holds when its code names every Redis key under REDIS_KEY_PREFIX: a
+# release without it predates the prefix (the app's Redis ACL user would refuse its programs): rollback refuses it.
+REDIS_PREFIX_SETTINGS = "project/prayer_room_api/settings/base.py"
+REDIS_PREFIX_LINE = f'REDIS_KEY_PREFIX = "{REDIS_KEY_PREFIX}"'
 # beat's scheduler with a leader lock (a release before it ran django_celery_beat's DatabaseScheduler).
 LEADER_SCHEDULER = "prayer_room_api.beat.LeaderDatabaseScheduler"
 

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 from deploy import environment
+from deploy.app import REDIS_KEY_PREFIX
 from deploy.commands import release as release_commands
 from deploy.commands import sh
 from deploy.errors import DeployError
@@ -102,6 +103,33 @@ def live_migrations(server: Server) -> set[str]:
         warn=True,
     ).stdout
     return set(out.split())
+
+
+def redis_prefixed(output: str) -> bool:
+    """The answer of deploy.commands.release.redis_prefix_check: True when the release names its Redis keys under
+    the app's prefix."""
+    answer = output.strip()
+    if answer not in ("prefixed", "unprefixed"):
+        raise DeployError(f"checking a release's Redis key prefix gave an unexpected answer: {answer[-300:]!r}")
+    return answer == "prefixed"
+
+
+def uses_redis_prefix(server: Server, release_id: str) -> bool:
+    """Whether `release_id`'s code (its settings file, read by grep as root; none of its code runs) names every Redis
+    key under the app's prefix, the only keys the app's Redis ACL user may touch."""
+    check = release_commands.redis_prefix_check(server.config.layout.releases / release_id)
+    return redis_prefixed(server.root(check, what=f"checking {release_id}'s Redis key prefix").stdout)
+
+
+def refuse_unprefixed(target: str) -> str:
+    """Why a rollback to `target`, a release from before the Redis key prefix, is refused, and what to do instead."""
+    return (
+        f"refusing to roll back to {target}: its code predates the Redis key prefix {REDIS_KEY_PREFIX} (its settings "
+        f"do not define REDIS_KEY_PREFIX), and the app's Redis login may touch only keys under it, so its web, worker "
+        f"and beat would be refused by Redis (NOPERM); nothing was changed. Instead `fab rollback --to` a newer "
+        "release (`fab status` lists them), or `fab deploy` a commit with the prefix (e.g. a revert of the change "
+        "you want undone)."
+    )
 
 
 def history_path(server: Server, release_id: str):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import PurePosixPath
 
+from deploy.app import REDIS_PREFIX_LINE, REDIS_PREFIX_SETTINGS
 from deploy.commands import sh
 from deploy.config import DeployConfig
 from deploy.layout import ServerLayout
@@ -92,3 +93,11 @@ def switch(layout: ServerLayout, release_id: str) -> str:
         f'ln -sfn "$old" {sh(tmp_previous)} && mv -T {sh(tmp_previous)} {sh(layout.previous)}; fi'
     )
     return f"{{ {keep_previous}; }} && {sh('ln', '-sfn', target, tmp)} && {sh('mv', '-T', tmp, layout.current)}"
+
+
+def redis_prefix_check(release_dir: PurePosixPath) -> str:
+    """Whether a release's code names its Redis keys under the app's prefix: its settings file read with grep (no code
+    of the release runs), `prefixed` when it holds deploy.app's REDIS_PREFIX_LINE, else (or when it is missing)
+    `unprefixed`."""
+    settings = release_dir / REDIS_PREFIX_SETTINGS
+    return f"if grep -qxF -e {sh(REDIS_PREFIX_LINE)} -- {sh(settings)}; then echo prefixed; else echo unprefixed; fi"
