@@ -26,11 +26,13 @@ from pathlib import Path
 import pytest
 from fabric import Connection
 
+from deploy.app import REDIS_PREFIX_LINE, REDIS_PREFIX_SETTINGS
 from deploy.config import load_config
 from deploy.errors import DeployError
 from deploy.lock import DeployLock
 from deploy.maintenance import window
 from deploy.progress import Progress
+from deploy.release import uses_redis_prefix
 from deploy.site import LockKeeper
 from deploy.ssh import connect
 from tests.deploy.target import (
@@ -772,6 +774,44 @@ def test_rollback_to_a_named_release(target):
     assert target.live_release() == chosen and live_release_over_http(target) == chosen
     assert run_ping(target)["release"] == chosen
     assert set(target.states().values()) == {"RUNNING"}
+
+
+def test_rollback_refuses_a_release_from_before_the_redis_key_prefix(target):
+    """A release fabricated from the live one, its settings file as before the prefix (no REDIS_KEY_PREFIX): `fab
+    rollback --to` it is refused in one line naming it, before any switch or restart; the live release still serves.
+    Control: the same release with the line back passes the kit's check over SSH."""
+    live = target.live_release()
+    pids = target.supervisorctl("pid", "all").stdout
+    fake = "20000101000000-0ld0prefix00"
+    fake_dir = target.srv / "releases" / fake
+    settings = fake_dir / REDIS_PREFIX_SETTINGS
+    try:
+        subprocess.run(["cp", "-a", str(target.srv / "releases" / live), str(fake_dir)], check=True)
+        text = settings.read_text()
+        assert REDIS_PREFIX_LINE in text.splitlines() and (fake_dir / ".deployed").exists()
+        settings.write_text("".join(line for line in text.splitlines(True) if "REDIS_KEY_PREFIX" not in line))
+        line = failed(target.fab("rollback", "--to", fake))
+        assert f"refusing to roll back to {fake}" in line and "predates the Redis key prefix" in line, line
+        assert "`fab rollback --to`" in line and "`fab deploy`" in line
+        assert target.live_release() == live and live_release_over_http(target) == live
+        assert (target.srv / "releases" / live / ".deployed").exists()  # not unmarked: no switch happened
+        assert set(target.states().values()) == {"RUNNING"}
+        assert target.supervisorctl("pid", "all").stdout == pids  # no program was restarted
+
+        settings.write_text(text)  # the positive control: the kit's own check, over SSH, finds it prefixed
+        conn = Connection(
+            "127.0.0.1", user="root", port=target.ssh_port, connect_kwargs={"key_filename": str(target.key)}
+        )
+        conn.client.load_host_keys(str(target.home / ".ssh/known_hosts"))
+        try:
+            server = connect(conn, load_config(target.config_file, "e2e"))
+            assert uses_redis_prefix(server, fake) is True
+            settings.write_text("".join(line for line in text.splitlines(True) if "REDIS_KEY_PREFIX" not in line))
+            assert uses_redis_prefix(server, fake) is False
+        finally:
+            conn.close()
+    finally:
+        shutil.rmtree(fake_dir, ignore_errors=True)  # later tests' plain rollbacks must not pick it
 
 
 def test_a_virtualenv_holding_a_file_not_roots_is_rebuilt_not_reused(target, clone):
