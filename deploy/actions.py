@@ -71,6 +71,11 @@ def deploy(site: Site, repo: Path, *, allow_dirty: bool = False, maintenance: bo
             site.read_states()
             for member in site.order:  # a bad context fails here, before anything is uploaded
                 member.programs_text = host.render(member.server, member.state)
+        for warning in dict.fromkeys(
+            env_sources.num_proxies_warning(m.server.config, m.state.env_values(m.server)) for m in site.order
+        ):
+            if warning:
+                progress.say(warning)
         if site.primary.state.current:  # a first deploy has no restore behind it
             with progress.step(f"check for an interrupted restore{site.on_primary()}"):
                 backup.refuse_after_interrupted_restore(site.primary.server, "deploy")

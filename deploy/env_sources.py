@@ -185,3 +185,21 @@ def format_table(rows: Sequence[Variable]) -> str:
     return "\n".join(
         f"{key.ljust(widths[0])}  {value.ljust(widths[1])}  {source}".rstrip() for key, value, source in table
     )
+
+
+def num_proxies_warning(config: DeployConfig, env_values: Mapping[str, str]) -> str | None:
+    """A WARNING line when the programs' environment sets NUM_PROXIES to anything but 1 (older docs said 2 for a
+    cluster or a load balancer): with 2 a client reaching the server directly chooses its own address. None if
+    unset or 1."""
+    value = effective_environment(config, env_values).get("NUM_PROXIES")
+    if value is None or value.strip() == "1":
+        return None
+    fix = (
+        "remove it from deploy.toml's env"
+        if "NUM_PROXIES" in dict(config.extra_env)
+        else "run `fab env --unset NUM_PROXIES`"
+    )
+    return (
+        f"WARNING: the programs' environment sets NUM_PROXIES={value}: the client address then comes from a header "
+        f"a client can write (login lockouts, throttles); it must be 1 on every topology: {fix} (see docs/security.md)."
+    )

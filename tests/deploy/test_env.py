@@ -13,6 +13,7 @@ from deploy.env_sources import (
     MASK,
     format_table,
     masked,
+    num_proxies_warning,
     parse_assignment,
     parse_changes,
     parse_key,
@@ -207,3 +208,21 @@ def test_the_command_checks_the_file_keeps_the_previous_and_renames_atomically()
     assert effective == "mv -f /srv/prayer-room/shared/env.effective.new /srv/prayer-room/shared/env.effective"
     without = replace_env_file(layout, "prayer-room", "ab" * 32, effective=False)
     assert "mv -f /srv/prayer-room/shared/env.effective" not in without
+
+
+@pytest.mark.parametrize("value", ["2", "0", "3", " 2"])
+def test_num_proxies_other_than_one_in_the_env_file_is_warned_of_with_the_fix(value):
+    warning = num_proxies_warning(one_host(), read_env_file(ENV_FILE) | {"NUM_PROXIES": value})
+    assert warning is not None and warning.startswith("WARNING: ") and "\n" not in warning
+    assert f"NUM_PROXIES={value}" in warning
+    assert "`fab env --unset NUM_PROXIES`" in warning and "docs/security.md" in warning
+
+
+def test_num_proxies_set_in_deploy_toml_env_is_warned_of_with_its_own_fix():
+    warning = num_proxies_warning(one_host(extra_env=(("NUM_PROXIES", "2"),)), read_env_file(ENV_FILE))
+    assert warning is not None and "remove it from deploy.toml's env" in warning
+
+
+@pytest.mark.parametrize("extra", [{}, {"NUM_PROXIES": "1"}])
+def test_num_proxies_unset_or_one_is_not_warned_of(extra):
+    assert num_proxies_warning(one_host(), read_env_file(ENV_FILE) | extra) is None
