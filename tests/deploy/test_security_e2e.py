@@ -35,6 +35,7 @@ import pytest
 from fabric import Config, Connection
 
 from deploy import release
+from deploy.commands import users
 from deploy.config import load_config
 from deploy.errors import DeployError
 from deploy.ssh import Server
@@ -580,12 +581,19 @@ def test_fab_deploy_refuses_a_dependency_without_a_wheel_by_name(server, tmp_pat
         result = fab(server, "deploy", "--repo", str(checkout))
         seconds = round(time.monotonic() - started, 1)
         built = server.ssh("ls /tmp | grep build-ran- || true").stdout
+        # Positive control: the build user's pip (the live venv's, the same /etc/pip.conf) does see the sdist in
+        # the local index, so the refusal is for want of a wheel, not an index pip never read.
+        pip = f"{SRV}/current/.venv/bin/pip"
+        seen = server.ssh(users.as_build(f"cd / && {pip} index versions --disable-pip-version-check {SDIST_ONLY}",
+                                         f"{APP}-build", APP), check=False)  # fmt: skip
     finally:
         server.ssh(cleanup, check=False)
     said = [text for text in (result.stdout + result.stderr).splitlines() if text.startswith("error: ")]
     report["fab deploy of a lock with an sdist-only package"] = {"exit": result.returncode, "said": said,
                                                                  "seconds": seconds}  # fmt: skip
+    assert seen.returncode == 0 and f"{SDIST_ONLY} (1.0)" in seen.stdout, seen.stdout + seen.stderr
     assert result.returncode != 0 and len(said) == 1, result.stdout + result.stderr
+    assert "No matching distribution" not in said[0], said
     assert f"requirements.lock's {SDIST_ONLY}==1.0 has no binary wheel for python3" in said[0], said
     assert "stopped before the switch" in said[0], said
     assert built == ""  # its build backend never ran
