@@ -423,17 +423,25 @@ def test_11_a_man_in_the_middle_with_another_certificate_gets_no_database_login(
         cluster.app.ssh("systemctl stop e2e-rogue-postgres; rm -f /root/rogue.*", check=False)
 
 
-# A web host impostor: HTTPS on ADDRESS:PORT with its own certificate; it logs each refused handshake and each
-# connection closed without a request (one line each), and each request it is sent, headers and body, to OUT, and
-# answers 200 "impostor". (nginx completes the handshake, then checks the certificate and closes when it fails.)
-ROGUE_WEB = """
-import re, socket, ssl, sys
+# The impostors' common start: TLS on ADDRESS:PORT with CERT and KEY, and log(), a line appended to OUT.
+ROGUE_TLS_SERVER = """
+import socket, ssl, sys
 address, port, cert, key, out = sys.argv[1:6]
 context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
 context.load_cert_chain(cert, key)
 def log(data):
     with open(out, "ab") as f:
         f.write(data + b"\\n")
+"""
+
+
+# A web host impostor: HTTPS on ADDRESS:PORT with its own certificate; it logs each refused handshake and each
+# connection closed without a request (one line each), and each request it is sent, headers and body, to OUT, and
+# answers 200 "impostor". (nginx completes the handshake, then checks the certificate and closes when it fails.)
+ROGUE_WEB = (
+    ROGUE_TLS_SERVER
+    + """
+import re
 with socket.create_server((address, int(port))) as server:
     while True:
         conn, _ = server.accept()
@@ -461,6 +469,7 @@ with socket.create_server((address, int(port))) as server:
         except (OSError, ssl.SSLError) as exc:
             log(b"failed: " + str(exc).encode())
 """
+)
 WEB_TLS_PORT = 8443
 WEB_TLS_NAME = "web.prayer-room.cluster"
 
@@ -624,14 +633,10 @@ def test_20_the_first_deploy_makes_every_host_live_with_its_roles_programs(clust
 
 # A Redis impostor: TLS on ADDRESS:PORT with its own certificate; it answers every command (+PONG to PING, +OK to the
 # rest), logs each one it receives, words joined by spaces, and each refused handshake, to OUT.
-ROGUE_REDIS = """
-import socket, ssl, sys, threading
-address, port, cert, key, out = sys.argv[1:6]
-context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-context.load_cert_chain(cert, key)
-def log(data):
-    with open(out, "ab") as f:
-        f.write(data + b"\\n")
+ROGUE_REDIS = (
+    ROGUE_TLS_SERVER
+    + """
+import threading
 def serve(conn):
     try:
         tls = context.wrap_socket(conn, server_side=True)
@@ -654,6 +659,7 @@ with socket.create_server((address, int(port))) as server:
         conn.settimeout(10)
         threading.Thread(target=serve, args=(conn,), daemon=True).start()
 """
+)
 # The app's two Redis clients, from its release's virtualenv, on the URL ARGV[1]: redis-py (Django's cache and
 # Celery's result backend build theirs with it) and kombu (Celery's broker). One line each: ok or refused: why.
 APP_REDIS_CLIENTS = """
