@@ -55,10 +55,19 @@ def seed(c, check=False):
 
 
 END_TO_END_LAYERS = "integration or deploy or browser or faults"
-# The end-to-end layers in two sessions side by side: the one that boots test servers (mostly waiting on them) and
-# the ones that run the processes on this machine. Neither shares a server, a port or a directory with the other.
+# The end-to-end layers in two streams side by side: the deploy layer's first part (its test servers, mostly waited
+# on) in one; in the other the layers that run the processes on this machine, then the deploy layer's second part.
+# No two sessions share a server, a port or a directory (test containers claim their subnets; see nspawn.py).
 SERVER_LAYER = "deploy"
 LOCAL_LAYERS = "integration or browser or faults"
+# The deploy layer's second part, balanced by the module times each session prints at its end (a new deploy module
+# runs in the first part until it is listed here).
+SECOND_DEPLOY_PART = (
+    "tests/deploy/test_security_e2e.py",
+    "tests/deploy/test_tls_e2e.py",
+    "tests/deploy/test_archive_e2e.py",
+    "tests/deploy/test_data_e2e.py",
+)
 NO_TESTS_COLLECTED = 5  # pytest's exit code when the selection is empty
 
 
@@ -88,30 +97,57 @@ def test(c, k="", unit=False, seed=0, serial=False):
 
 
 def run_side_by_side(c, selection: str) -> list[int]:
-    """The local layers in the background (output to a file), the deploy layer in the foreground; both exit codes."""
+    """Two streams: the deploy layer's first part in the foreground; in the background (output to files, printed
+    when both are done) the local layers, then the deploy layer's second part. The exit codes of the three."""
     import subprocess
     import tempfile
+    import threading
 
-    with tempfile.TemporaryFile("w+") as output:
-        print(f"== end-to-end layers: {LOCAL_LAYERS} in the background (printed when done)", flush=True)
-        local = subprocess.Popen(
-            [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-m", LOCAL_LAYERS, "--durations=15",
-             *shlex.split(selection)],
-            stdout=output, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-        )  # fmt: skip
-        try:
-            print(f"== end-to-end layer: {SERVER_LAYER}, in file order (the 30 slowest steps listed at the end)",
-                  flush=True)  # fmt: skip
-            server = run_pytest(c, f"-m {SERVER_LAYER} --durations=30{selection}")
-            code = local.wait()
-        finally:
-            if local.poll() is None:  # interrupted: the background session goes too
-                local.terminate()
-                local.wait()
+    pytest = [sys.executable, "-m", "pytest", "-p", "no:cacheprovider"]
+    background = {
+        LOCAL_LAYERS: [*pytest, "-m", LOCAL_LAYERS, "--durations=15", *shlex.split(selection)],
+        f"{SERVER_LAYER}, second part": [*pytest, "-m", SERVER_LAYER, "--durations=20", *shlex.split(selection),
+                                         *SECOND_DEPLOY_PART],
+    }  # fmt: skip
+    codes: dict[str, int] = {}
+    outputs = {name: tempfile.TemporaryFile("w+") for name in background}
+    running: list[subprocess.Popen] = []
+    stopped = False
+    lock = threading.Lock()  # no session starts once the foreground one is over or interrupted
+
+    def one_after_the_other() -> None:
+        for name, argv in background.items():
+            with lock:
+                if stopped:
+                    return
+                process = subprocess.Popen(argv, stdout=outputs[name], stderr=subprocess.STDOUT,
+                                           stdin=subprocess.DEVNULL)  # fmt: skip
+                running.append(process)
+            codes[name] = process.wait()
+
+    print(f"== end-to-end layers in the background, one after the other: {', '.join(background)} (printed when done)",
+          flush=True)  # fmt: skip
+    stream = threading.Thread(target=one_after_the_other, name="background-layers")
+    stream.start()
+    try:
+        ignored = " ".join(f"--ignore={path}" for path in SECOND_DEPLOY_PART)
+        print(f"== end-to-end layer: {SERVER_LAYER}, first part, in file order (its 30 slowest steps at the end)",
+              flush=True)  # fmt: skip
+        first = run_pytest(c, f"-m {SERVER_LAYER} --durations=30{selection} {ignored}")
+        stream.join()
+    finally:
+        with lock:
+            stopped = True
+            for process in running:
+                if process.poll() is None:  # interrupted: the background sessions go too
+                    process.terminate()
+        stream.join()
+    for name, output in outputs.items():
         output.seek(0)
-        print(f"== end-to-end layers: {LOCAL_LAYERS}, run beside the deploy layer (its output)")
+        print(f"== end-to-end layer: {name}, run beside the deploy layer's first part (its output)")
         print(output.read(), end="", flush=True)
-    return [server, code]
+        output.close()
+    return [first, *(codes.get(name, 1) for name in background)]
 
 
 def run_pytest(c, args: str) -> int:

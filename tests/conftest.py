@@ -2,6 +2,7 @@
 is a failure, so no layer silently stops running."""
 
 import os
+import time
 from collections.abc import Callable
 
 import pytest
@@ -25,6 +26,26 @@ def pytest_runtest_makereport(item, call):
         reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else report.longrepr
         report.outcome = "failed"
         report.longrepr = f"skipped in CI, where every layer must run: {reason}"
+
+
+_module_seconds: dict[str, float] = {}
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item, nextitem):
+    """Each module's wall time, its module fixtures' set-up and teardown included (for balancing the sessions)."""
+    started = time.monotonic()
+    yield
+    module = item.location[0]
+    _module_seconds[module] = _module_seconds.get(module, 0.0) + time.monotonic() - started
+
+
+def pytest_terminal_summary(terminalreporter):
+    slow = sorted(((seconds, module) for module, seconds in _module_seconds.items() if seconds >= 30), reverse=True)
+    if slow:
+        terminalreporter.write_sep("=", "modules that took 30 s or more (their fixtures' set-up and teardown included)")
+        for seconds, module in slow:
+            terminalreporter.write_line(f"{seconds:8.1f} s  {module}")
 
 
 @pytest.fixture(scope="session")

@@ -413,6 +413,11 @@ def test_the_readme_quick_start_env_createsuperuser_then_the_admin_lists_the_sch
 def test_os_update_names_a_server_that_does_not_come_back_and_leaves_the_page_on(vps):
     with vps.rebooting_on_request(come_back=False) as exits:
         result = fab(vps, "os-update", "--reboot", "--boot-timeout", "5")
+        # fab gives up 5 s after SSH went away; the container may still be shutting down (its services stopping on
+        # a loaded machine): wait for it to power off before leaving the block that watches for its exit.
+        deadline = time.monotonic() + 240  # supervisord's stop timeouts (web's graceful one, the worker's warm one)
+        while not exits and time.monotonic() < deadline:
+            time.sleep(0.2)
     assert exits == [133], (result.stdout + result.stderr)[-3000:]
     error = (result.stdout + result.stderr).strip().splitlines()[-1]
     assert result.returncode == 1 and error.startswith(f"error: os-update stopped at {vps.address}: "), error

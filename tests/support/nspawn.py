@@ -131,10 +131,34 @@ def _run(*args: str, check: bool = True) -> subprocess.CompletedProcess:
     return subprocess.run(args, check=check, capture_output=True, text=True)
 
 
+# A subnet in use is claimed with a lock on a file here, held until the container is destroyed or its test session
+# ends: the deploy layer runs as more than one pytest session, and a container between two boots has no route.
+SUBNET_CLAIMS = Path("/run/prayer-room-tests/subnets")
+_claimed_subnets: dict[int, int] = {}  # subnet -> the claim's file descriptor
+
+
 def _free_subnet() -> int:
+    """A subnet no container of this session or another one uses: not routed, and claimed (see SUBNET_CLAIMS)."""
+    SUBNET_CLAIMS.mkdir(parents=True, exist_ok=True)
     routes = _run("ip", "-4", "route").stdout
-    free = [n for n in range(1, 255) if f"{SUBNET_PREFIX}.{n}." not in routes]
-    return random.choice(free)
+    free = [n for n in range(1, 255) if f"{SUBNET_PREFIX}.{n}." not in routes and n not in _claimed_subnets]
+    random.shuffle(free)
+    for subnet in free:
+        fd = os.open(SUBNET_CLAIMS / str(subnet), os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:  # another session's container, between two boots
+            os.close(fd)
+            continue
+        _claimed_subnets[subnet] = fd
+        return subnet
+    raise RuntimeError(f"no free {SUBNET_PREFIX}.N.0/24 for a test container: every one is routed or claimed")
+
+
+def _release_subnet(subnet: int) -> None:
+    fd = _claimed_subnets.pop(subnet, None)
+    if fd is not None:
+        os.close(fd)
 
 
 @dataclass
@@ -397,6 +421,7 @@ class Container:
         _run("nft", "delete", "table", "ip", self.name.replace("-", "_"), check=False)
         _run("nft", "delete", "table", "inet", self.name.replace("-", "_") + "_cut", check=False)
         shutil.rmtree(self.rootfs, ignore_errors=True)
+        _release_subnet(self.subnet)
 
 
 def operator_env(home: Path, *containers: Container) -> dict[str, str]:
