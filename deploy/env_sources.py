@@ -148,6 +148,14 @@ def parse_changes(config: DeployConfig, sets: Sequence[str], unsets: Sequence[st
         why = refusal(config, key)
         if why:
             raise DeployError(why)
+    proxies = dict(pairs).get("NUM_PROXIES")
+    if proxies is not None and proxies.strip() != "1":
+        # NOTE: the value is not a secret; it is named so the operator sees which one was refused.
+        raise DeployError(
+            f"NUM_PROXIES={proxies} is refused: with it the client address comes from a header a client can write "
+            "(login lockouts, throttles). It is 1 on every topology; name a load balancer or CDN in front in "
+            "deploy.toml's `trusted_proxies` and `fab deploy` (docs/security.md)."
+        )
     return dict(pairs), keys
 
 

@@ -298,6 +298,7 @@ def test_refused_env_changes_leave_the_env_file_as_it_was(target):
     assert "deploy.toml's `web_workers`" in derived, derived
     assert "STATIC_ROOT is the kit's own" in failed(target.fab("env", "--unset", "STATIC_ROOT"))
     assert "expected KEY=VALUE" in failed(target.fab("env", "--set", "BAD-KEY=1"))
+    assert "deploy.toml's `trusted_proxies`" in failed(target.fab("env", "--set", "NUM_PROXIES=2"))
     # One bad pair or key among good ones: none is applied (the other malformed forms: tests/deploy/test_env.py).
     assert "expected KEY=VALUE" in failed(target.fab("env", "--set", "PRAYER_ROOM_E2E_FLAG=off", "--set", "X"))
     assert "expected KEY" in failed(target.fab("env", "--set", "PRAYER_ROOM_E2E_FLAG=off", "--unset", "A=B"))

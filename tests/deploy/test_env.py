@@ -226,3 +226,17 @@ def test_num_proxies_set_in_deploy_toml_env_is_warned_of_with_its_own_fix():
 @pytest.mark.parametrize("extra", [{}, {"NUM_PROXIES": "1"}])
 def test_num_proxies_unset_or_one_is_not_warned_of(extra):
     assert num_proxies_warning(one_host(), read_env_file(ENV_FILE) | extra) is None
+
+
+@pytest.mark.parametrize("value", ["2", "0", " 2", "3"])
+def test_setting_num_proxies_to_anything_but_one_is_refused_naming_trusted_proxies(value):
+    with pytest.raises(DeployError) as refused:
+        parse_changes(one_host(), [f"NUM_PROXIES={value}"], [])
+    message = str(refused.value)
+    assert f"NUM_PROXIES={value} is refused" in message and "`trusted_proxies`" in message, message
+    assert "\n" not in message
+
+
+def test_num_proxies_may_be_set_to_one_or_unset():
+    assert parse_changes(one_host(), ["NUM_PROXIES=1"], []) == ({"NUM_PROXIES": "1"}, [])
+    assert parse_changes(one_host(), [], ["NUM_PROXIES"]) == ({}, ["NUM_PROXIES"])
