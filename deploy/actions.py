@@ -838,7 +838,12 @@ def env_change(site: Site, sets: list[str], unsets: list[str]) -> str:
     # NOTE: the record names the keys, never a value (it may be a secret).
     with history.recorded(site, "env", detail=named) as record, site.locked(f"env {named}"):
         with progress.step("read the env files; render the new ones"):
-            site.read_states()
+
+            def read(member: Member) -> None:
+                member.state = read_state(member.server)
+                member.state.require_env_editable(member.server)
+
+            site.each(read)
             record["release"] = site.primary.state.current
             texts = {}
             for member in site.order:

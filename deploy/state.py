@@ -73,6 +73,16 @@ class ServerState:
                 "prayer-room service (systemctl status prayer-room), or run `fab provision`."
             )
 
+    def require_env_editable(self, server: Server) -> None:
+        """Refuse a host an env change cannot act on. A host with a live release must be provisioned as deploy needs
+        it (its programs restart with the new file); one without needs only provision's env file (nothing restarts:
+        its first deploy applies it), which the primary of a site without a db host has as soon as provision stops
+        for the service URLs."""
+        if self.current or not has_app(server.config) or self.unsafe_dirs:
+            self.require_provisioned(server)
+        elif not self.root_exists or self.env_text is None:
+            raise DeployError(f"{server.name} has no env file at {server.config.layout.env_file}; run `fab provision`.")
+
 
 def read_state(server: Server) -> ServerState:
     """Everything deploy, rollback and plan decide on, as root, in one command."""

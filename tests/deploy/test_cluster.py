@@ -8,11 +8,14 @@ import time
 from pathlib import Path
 
 import pytest
+from fabric import Connection
 
 from deploy.config import has_app, load_config
 from deploy.errors import DeployError
 from deploy.progress import in_parallel
 from deploy.site import rollout_order
+from deploy.ssh import Server
+from deploy.state import ServerState
 
 REPO = Path(__file__).resolve().parents[2]
 CLUSTER = """
@@ -119,3 +122,41 @@ def fab(config_file: Path, *args: str) -> subprocess.CompletedProcess:
 def test_commands_that_cannot_act_on_these_hosts_are_refused_before_connecting(config_file, args, message):
     result = fab(config_file, *args)
     assert result.returncode == 1 and result.stderr.startswith(f"error: {message}"), result.stderr
+
+
+MANAGED = """
+[environments.managed.roles]
+web = ["root@10.0.0.2", "root@10.0.0.3"]
+worker = ["root@10.0.0.3"]
+beat = ["root@10.0.0.2"]
+"""
+
+
+def server_state(**fields) -> ServerState:
+    values = dict(
+        releases=(), deployed=frozenset(), current=None, venvs={}, ready_venvs=frozenset(), root_exists=True,
+        supervisord_up=False, env_text=None, live_programs=None, beat_log_size=0,
+    )  # fmt: skip
+    return ServerState(**{**values, **fields})
+
+
+def test_an_env_change_needs_only_the_env_file_on_a_host_with_no_live_release(tmp_path):
+    """The primary of a cluster without a db host, after provision stopped for the service URLs: app user, layout and
+    env file, no supervisord yet. `fab env --set` may put the URLs there (nothing restarts); a live host must still
+    be provisioned as deploy needs it, and a host without the env file is refused naming provision."""
+    path = tmp_path / "deploy.toml"
+    path.write_text(MANAGED)
+    config = load_config(path, "managed")
+    server = Server(Connection("10.0.0.2", user="root"), config.for_host("root@10.0.0.2"), True, False, "/root")
+    prepared = server_state(env_text="SECRET_KEY=x\n")
+    prepared.require_env_editable(server)
+    with pytest.raises(DeployError, match="supervisord is not answering"):  # the positive control: deploy's check
+        prepared.require_provisioned(server)
+    with pytest.raises(DeployError, match="supervisord is not answering"):
+        server_state(env_text="SECRET_KEY=x\n", current="20260101-000000").require_env_editable(server)
+    with pytest.raises(DeployError, match=r"has no env file at /srv/prayer-room/shared/env; run `fab provision`"):
+        server_state().require_env_editable(server)
+    with pytest.raises(DeployError, match="has no env file"):
+        server_state(root_exists=False, env_text="SECRET_KEY=x\n").require_env_editable(server)
+    with pytest.raises(DeployError, match="must be root's"):
+        server_state(env_text="SECRET_KEY=x\n", unsafe_dirs=("/srv/prayer-room",)).require_env_editable(server)

@@ -143,6 +143,8 @@ class PostgresServer(_Server):
         super().__init__(directory, port)
         self.data = self.directory / "data"
         self.user = UNPRIVILEGED_USER if os.geteuid() == 0 else None
+        self.listen = "127.0.0.1"  # listen_addresses (the admin URL's 127.0.0.1 first)
+        self.settings: dict[str, str] = {}  # more `-c NAME=VALUE`
 
     @property
     def url(self) -> str:
@@ -164,7 +166,7 @@ class PostgresServer(_Server):
                 "-p",
                 str(self.port),
                 "-h",
-                "127.0.0.1",
+                self.listen,
                 "-k",
                 "",  # TCP only: no socket file whose path could be too long
                 "-c",
@@ -175,6 +177,7 @@ class PostgresServer(_Server):
                 "synchronous_commit=off",
                 "-c",
                 "max_connections=300",
+                *(arg for name, value in self.settings.items() for arg in ("-c", f"{name}={value}")),
             ],
             user=self.user,
         )
