@@ -10,6 +10,7 @@ import pytest
 from django.contrib.auth import get_user_model
 from django.core.cache import cache
 from django.core.mail.backends.locmem import EmailBackend
+from django.test import override_settings
 from django.utils import timezone
 from rest_framework.test import APIClient
 
@@ -57,8 +58,24 @@ def session_broker():
     services.release_redis_db(number)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def session_cache():
+    """The cache is production's (JSON entries in Redis, prayer_room_api/cache.py) on a db of the session's Redis,
+    so a value the cache cannot hold fails here as it would on a server, not only there."""
+    number = services.claim_redis_db("unit-cache")
+    production = {
+        "BACKEND": "prayer_room_api.cache.JSONRedisCache",
+        "LOCATION": f"{services.redis_url()}/{number}",
+        "KEY_PREFIX": "prayer-room:cache",
+        "VERSION": 2,
+    }
+    with override_settings(CACHES={"default": production}):
+        yield production
+    services.release_redis_db(number)
+
+
 @pytest.fixture(autouse=True)
-def fresh_throttle_counters():
+def fresh_throttle_counters(session_cache):
     cache.clear()
     yield
     cache.clear()

@@ -21,7 +21,7 @@ RESPOND = "prayer_room_api.tasks.send_response_notification"
 def cache_down(settings):
     settings.CACHES = {
         "default": {
-            "BACKEND": "django.core.cache.backends.redis.RedisCache",
+            "BACKEND": "prayer_room_api.cache.JSONRedisCache",
             "LOCATION": UNREACHABLE,
             "OPTIONS": {"socket_connect_timeout": 1, "socket_timeout": 1},
         }

@@ -91,6 +91,20 @@ def test_production_refuses_a_per_process_cache_for_rate_limits():
     assert "CACHE_URL must be shared by all web workers" in result.stderr
 
 
+def test_production_caches_json_in_redis_and_refuses_a_backend_that_pickles():
+    shown = manage_with(
+        PRODUCTION,
+        "shell",
+        "-c",
+        "from django.core.cache import caches; c = caches['default']; print(type(c).__name__, c.make_key('k'))",
+    )
+    assert shown.stdout.splitlines()[-1].split() == ["JSONRedisCache", "prayer-room:cache:2:k"], shown.stderr
+    for url in ("pymemcache://127.0.0.1:11211", "filecache:///tmp/prayer-room-cache", "dbcache://cache_table"):
+        refused = manage_with({**PRODUCTION, "CACHE_URL": url}, "check")
+        assert refused.returncode != 0
+        assert "CACHE_URL must be a Redis URL in production" in refused.stderr, refused.stderr
+
+
 def test_the_soft_time_limit_follows_a_lower_hard_limit_and_may_not_exceed_it():
     shown = manage_with(
         {**PRODUCTION, "CELERY_TASK_TIME_LIMIT": "60"},

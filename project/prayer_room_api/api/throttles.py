@@ -27,6 +27,22 @@ class FailOpenRateThrottle(UserRateThrottle):
             )
             return True
 
+    # NOTE: DRF assigns the cached history (`self.history = self.cache.get(...)`) and then compares its entries to
+    # the time: a cache entry of another shape (anyone with the Redis password can write one, with no expiry) would
+    # fail every request of that client with a 500. It starts a fresh count instead, which the request then saves.
+    @property
+    def history(self) -> list[float]:
+        return self._history
+
+    @history.setter
+    def history(self, value) -> None:
+        if type(value) is not list or not all(type(entry) in (float, int) for entry in value):
+            logger.warning(
+                "rate limit %r: the cached history of %s is not a list of times; counting afresh", self.scope, self.key
+            )
+            value = []
+        self._history = value
+
 
 class SubmitRateThrottle(FailOpenRateThrottle):
     scope = "submit"

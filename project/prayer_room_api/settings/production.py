@@ -27,11 +27,20 @@ if CACHES["default"]["BACKEND"].endswith("LocMemCache"):
     raise ImproperlyConfigured(
         "CACHE_URL must be shared by all web workers in production, e.g. redis://127.0.0.1:6379/1."
     )
-if CACHES["default"]["BACKEND"].endswith("RedisCache"):
-    # A cache that does not answer in a second counts as down (rate limits then fail open), not a hung request.
-    CACHES["default"].setdefault("OPTIONS", {}).update(socket_connect_timeout=1, socket_timeout=1)
-    # Keys "prayer-room:cache:1:<key>": under the prefix the app's Redis ACL user is limited to.
-    CACHES["default"].setdefault("KEY_PREFIX", f"{REDIS_KEY_PREFIX}cache")
+if not CACHES["default"]["BACKEND"].endswith("RedisCache"):
+    raise ImproperlyConfigured(
+        "CACHE_URL must be a Redis URL in production (redis://... or rediss://...): the cache entries are stored as "
+        "JSON there, and Django's other cache backends pickle them."
+    )
+# Entries in JSON, never pickled: a written cache key cannot run code in the app (prayer_room_api/cache.py).
+CACHES["default"]["BACKEND"] = "prayer_room_api.cache.JSONRedisCache"
+# Version 2 since the entries are JSON: a release from before (pickle, version 1) and this one never read each
+# other's entries, in a rolling restart or after a rollback (pickle.loads of a JSON entry raises: a 500).
+CACHES["default"]["VERSION"] = 2
+# A cache that does not answer in a second counts as down (rate limits then fail open), not a hung request.
+CACHES["default"].setdefault("OPTIONS", {}).update(socket_connect_timeout=1, socket_timeout=1)
+# Keys "prayer-room:cache:2:<key>": under the prefix the app's Redis ACL user is limited to.
+CACHES["default"].setdefault("KEY_PREFIX", f"{REDIS_KEY_PREFIX}cache")
 # Rate limits (and axes' login lockouts) key on the client address nginx passes in X-Forwarded-For (one proxy in
 # front; on a cluster's web host too: its nginx takes the balancer's forwarded address as the client's and appends it
 # again, so 1 is right there as well, and 2 would believe a client that reaches a web host directly).
