@@ -1057,15 +1057,25 @@ def test_the_ca_host_is_provisioned_first_and_every_host_gets_the_clusters_ca(tm
     servers = {}
     monkeypatch.setattr(provisioning, "connect_for_provision", lambda conn, _: servers.setdefault(conn.host, object()))
     monkeypatch.setattr(provisioning, "site_env_values", lambda server, name: {})
-    events, cas = [], []
+    events, cas, recording = [], [], threading.Lock()
+    another_began = threading.Event()
+    caller, threads_before = threading.current_thread(), set(threading.enumerate())
 
     def host_steps(values, ca, lock_held=False):
         cas.append(ca)
 
         def phase(member):
-            events.append(("begin", member.conn.host))
-            time.sleep(0.05)
-            events.append(("end", member.conn.host))
+            with recording:
+                first_to_begin = not events
+                events.append(("begin", member.conn.host))
+            if not first_to_begin:
+                another_began.set()
+            # The first phase ends at once when nothing can run beside it (provision's own thread, no thread started
+            # since, all joined); otherwise it waits for another phase to begin, so that an overlap is recorded.
+            elif threading.current_thread() is not caller or {*threading.enumerate()} - threads_before:
+                another_began.wait(timeout=10)
+            with recording:
+                events.append(("end", member.conn.host))
 
         return phase
 
