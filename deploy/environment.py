@@ -60,7 +60,7 @@ def run_manage(server: Server, argv: list[str]) -> int:
         f" && exec {shlex.join(argv)}"
     )
     if not (sys.stdin.isatty() and sys.stdout.isatty()):
-        result = server.root(command, what="manage.py", warn=True, hide=False, in_stream=sys.stdin)
+        result = server.root(command, what="manage.py", warn=True, hide=False, in_stream=terminal.stdin_input())
         return result.exited
     with terminal.remote_terminal() as typed:
         result = server.root(command, what="manage.py", warn=True, hide=False, pty=True, in_stream=typed)

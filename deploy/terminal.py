@@ -49,9 +49,15 @@ def inert_stdout():
         sys.stdout = stream
 
 
-class _TerminalInput:
-    """The operator's terminal as invoke's in_stream: what is there, read at once and decoded as UTF-8 without
-    waiting for more (a character cut between two reads waits for its other bytes; `None`: nothing yet)."""
+# NOTE: invoke reads an in_stream that is no terminal one byte per loop of 10 ms (`bytes_to_read` answers 1, then
+# `input_sleep`; pyinvoke/invoke#774): a 1 KB script piped to `fab shell` took 10 s to reach the server.
+_READ_SIZE = 65536
+
+
+class _Input:
+    """The operator's stdin (a terminal, a pipe, a file) as invoke's in_stream: what is there, up to 64 KiB, read at
+    once and decoded as UTF-8 without waiting for more (a character cut between two reads waits for its other bytes;
+    `None`: nothing yet, "": the end)."""
 
     def __init__(self, fd: int) -> None:
         self.fd = fd
@@ -64,14 +70,23 @@ class _TerminalInput:
         return os.isatty(self.fd)
 
     def read(self, size: int) -> str | None:
-        data = os.read(self.fd, max(size, 1))
+        data = os.read(self.fd, max(size, _READ_SIZE))
         if not data:
             return ""
         return self._decoder.decode(data) or None
 
 
+def stdin_input():
+    """sys.stdin as invoke's in_stream for a command without a terminal of its own: read as it comes, not a byte
+    per 10 ms (sys.stdin itself when it has no file descriptor)."""
+    try:
+        return _Input(sys.stdin.fileno())
+    except (AttributeError, OSError, ValueError):  # io.UnsupportedOperation is both an OSError and a ValueError
+        return sys.stdin
+
+
 @contextlib.contextmanager
-def remote_terminal() -> Iterator[_TerminalInput]:
+def remote_terminal() -> Iterator[_Input]:
     """The local terminal in raw mode for a command on a remote pty, as `ssh -t` leaves it: what is typed goes
     to the remote terminal unchanged (Ctrl-C, Ctrl-Z and Ctrl-D included: they reach the command, not fab), and
     its output is shown as the remote terminal wrote it. Restored on the way out.
@@ -85,6 +100,6 @@ def remote_terminal() -> Iterator[_TerminalInput]:
     sys.stdout.flush()
     tty.setraw(fd, termios.TCSANOW)
     try:
-        yield _TerminalInput(fd)
+        yield _Input(fd)
     finally:
         termios.tcsetattr(fd, termios.TCSADRAIN, saved)
