@@ -787,7 +787,7 @@ def manage(site: Site, args: str) -> int:
     """`manage.py ARGS` on the primary through root's prayer-room-manage (as the app user, in the live release,
     with the programs' environment): interactive at a terminal; returns the command's exit code."""
     argv = environment.manage_argv(site.config.layout, args)
-    primary = site.connect_primary(Progress("manage", out=sys.stderr))
+    primary = site.connect_primary(Progress("manage", out=sys.stderr), what="manage.py runs")
     return environment.run_manage(primary.server, argv)
 
 

@@ -139,12 +139,12 @@ class Site:
         member = self.members.get(self.config.primary)
         return member.server if member else self.provisioned_primary
 
-    def connect_primary(self, progress: Progress) -> Member:
-        """Open and check the primary alone (it keeps the backups); refused when -H names another host."""
+    def connect_primary(self, progress: Progress, what: str = "the backups and the history are kept") -> Member:
+        """Open and check the primary alone (it keeps the backups); refused when -H names another host, saying
+        `what` happens on the primary."""
         if self.config.primary not in self.hosts:
             raise DeployError(
-                f"the backups and the history of {self.config.name} are on its primary, {self.config.primary}: use -H "
-                "with it, or leave -H out."
+                f"{what} on the primary of {self.config.name}, {self.config.primary}: use -H with it, or leave -H out."
             )
         return self.connect(progress, [self.config.primary]).primary
 

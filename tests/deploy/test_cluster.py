@@ -112,8 +112,10 @@ def fab(config_file: Path, *args: str) -> subprocess.CompletedProcess:
     [
         (
             ("-H", "root@10.0.0.3", "backups"),
-            "the backups and the history of cluster are on its primary, root@10.0.0.2: use -H",
+            "the backups and the history are kept on the primary of cluster, root@10.0.0.2: use -H",
         ),
+        (("-H", "root@10.0.0.3", "manage", "check"), "manage.py runs on the primary of cluster, root@10.0.0.2: use -H"),
+        (("-H", "root@10.0.0.5", "shell"), "manage.py runs on the primary of cluster, root@10.0.0.2: use -H"),
         (("-H", "root@10.0.0.3", "restore", "x.dump"), "restore acts on every host of the environment cluster at once"),
         (("logs", "--follow", "--role", "web"), "--follow streams one host's logs: add -H user@host"),
         (("status", "--role", "db"), "unknown role 'db' for programs; roles: web, worker, beat."),

@@ -7,6 +7,7 @@ provision, provision again (nothing changes), then what each host got for its ro
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import shlex
@@ -19,6 +20,7 @@ from urllib.parse import unquote, urlsplit
 
 import pytest
 
+from deploy.config import load_config
 from deploy.on_server.common import read_env_file
 from prayer_room_api.beat import LOCK_KEY
 from tests.deploy.target import Clone, RequestLoop, http_get, http_request
@@ -890,6 +892,83 @@ def test_23_status_logs_and_restart_by_role(cluster):
     assert prefixes == {cluster.web2.address, cluster.app.address}, prefixes
     out = ok(cluster.fab("restart", "--role", "worker"))
     assert f"restarted on {cluster.web2.address}, {cluster.app.address}" in out
+
+
+# What `fab shell` runs on its stdin: where it runs, as whom, in which release, with which settings and database
+# connection (TLS seen by PostgreSQL itself), an ORM count, and the SECRET_KEY's hash (never the key). One line each,
+# "probe|KEY|VALUE".
+SHELL_PROBE = """
+import hashlib, os, pwd, socket
+from django.conf import settings
+from django.db import connection
+from django_celery_beat.models import PeriodicTask
+connection.ensure_connection()
+cursor = connection.cursor()
+cursor.execute("SELECT ssl, inet_server_addr() FROM pg_stat_ssl WHERE pid = pg_backend_pid()")
+tls, server = cursor.fetchone()
+show = lambda key, value: print(f"probe|{key}|{value}")
+show("host", socket.gethostname())
+show("user", pwd.getpwuid(os.getuid()).pw_name)
+show("cwd", os.getcwd())
+show("release", settings.RELEASE)
+show("DJANGO_SETTINGS_MODULE", os.environ.get("DJANGO_SETTINGS_MODULE"))
+show("PRAYER_ROOM_ENV_FILE", os.environ.get("PRAYER_ROOM_ENV_FILE"))
+show("database", f"{connection.settings_dict['HOST']} {connection.get_connection_params().get('sslmode')}")
+show("server", f"{server} tls={tls}")
+show("periodic tasks", PeriodicTask.objects.count())
+show("secret key sha256", hashlib.sha256(settings.SECRET_KEY.encode()).hexdigest())
+"""
+
+
+def timed_fab(cluster: Cluster, label: str, *args: str, stdin: str = "") -> subprocess.CompletedProcess:
+    started = time.monotonic()
+    result = cluster.fab(*args, stdin=stdin)
+    cluster.timings[label] = time.monotonic() - started
+    return result
+
+
+def test_23a_manage_and_shell_run_on_the_primary_as_the_app_user_with_the_programs_environment(cluster):
+    """`fab shell` (a script on stdin) runs on the primary, the first web host of deploy.toml's roles, as the app
+    user in the live release, with the env a web program there runs with: the db host's PostgreSQL over TLS.
+    `fab manage` passes manage.py's exit code through; fab prints none of the env file's secrets."""
+    primary = next(name for name, roles in cluster.roles.items() if "web" in roles)
+    db = next(name for name, roles in cluster.roles.items() if "db" in roles)
+    assert load_config(cluster.config_path, "cluster").primary == cluster.host(primary)
+    live = live_release(cluster, primary)
+    assert live, "no live release on the primary: test_20's deploy runs first"
+
+    shell = timed_fab(cluster, "fab shell (a script on stdin, on the primary)", "shell", stdin=SHELL_PROBE)
+    out = ok(shell)
+    probe = dict(line.split("|", 2)[1:] for line in out.splitlines() if line.startswith("probe|"))
+    program = cluster[primary].ssh("supervisorctl pid prayer-room:web-1").stdout.strip()
+    environ = cluster[primary].ssh(f"tr '\\0' '\\n' < /proc/{program}/environ").stdout.splitlines()
+    program_env = dict(line.split("=", 1) for line in environ if "=" in line)
+    values = env_values(cluster, primary)
+    assert probe == {
+        "host": cluster[primary].ssh("hostname").stdout.strip(),
+        "user": APP_USER,
+        "cwd": f"/srv/prayer-room/releases/{live}/project",
+        "release": live,
+        "DJANGO_SETTINGS_MODULE": program_env["DJANGO_SETTINGS_MODULE"],
+        "PRAYER_ROOM_ENV_FILE": program_env["PRAYER_ROOM_ENV_FILE"],
+        "database": f"{cluster[db].address} verify-full",
+        "server": f"{cluster[db].address} tls=True",
+        "periodic tasks": sql(cluster, "SELECT count(*) FROM django_celery_beat_periodictask").strip(),
+        "secret key sha256": hashlib.sha256(values["SECRET_KEY"].encode()).hexdigest(),
+    }, out + shell.stderr
+    assert probe["host"] == primary and int(probe["periodic tasks"]) > 0, probe
+
+    failing = timed_fab(cluster, "fab manage, a failing command", "manage", "migrate nosuchapp")
+    assert failing.returncode == 1, failing.stdout + failing.stderr
+    assert "No installed app with label 'nosuchapp'" in failing.stderr, failing.stderr
+    exits = timed_fab(cluster, "fab manage, exit 3", "manage", "shell -c 'import sys; sys.exit(3)'")
+    assert exits.returncode == 3, exits.stdout + exits.stderr  # manage.py's own code, not fab's 1
+
+    secrets = [values["SECRET_KEY"]]
+    secrets += [unquote(urlsplit(values[key]).password or "") for key in ("DATABASE_URL", "CELERY_BROKER_URL")]
+    assert all(len(secret) >= 16 for secret in secrets), "the env file's secrets were not found"
+    printed = "".join(r.stdout + r.stderr for r in (shell, failing, exits))
+    assert not [secret for secret in secrets if secret in printed]
 
 
 def test_24_rollback_moves_every_host_back(cluster):

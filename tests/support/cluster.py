@@ -126,11 +126,12 @@ class Cluster:
         """The operator's environment for `fab`: trusts the containers' host keys; no SSH agent."""
         return operator_env(self.workdir / "operator", *self.containers.values())
 
-    def fab(self, *args: str, timeout: float = 1200) -> subprocess.CompletedProcess:
-        """Run `fab_argv(ARGS)` and wait for it."""
+    def fab(self, *args: str, timeout: float = 1200, stdin: str | None = None) -> subprocess.CompletedProcess:
+        """Run `fab_argv(ARGS)` and wait for it; `stdin`, when given, is piped to it."""
         return subprocess.run(
-            self.fab_argv(*args), cwd=REPO, capture_output=True, text=True, timeout=timeout, env=self.fab_env()
-        )
+            self.fab_argv(*args), cwd=REPO, capture_output=True, text=True, timeout=timeout, env=self.fab_env(),
+            input=stdin,
+        )  # fmt: skip
 
     def provisioned(self) -> subprocess.CompletedProcess:
         """`fab provision` of the whole cluster, run once (the first caller times it); later calls return that run."""
