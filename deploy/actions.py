@@ -30,6 +30,7 @@ from deploy.on_server.common import read_env_file
 from deploy.processes import Programs, config_diff, log_path
 from deploy.progress import Progress, in_parallel
 from deploy.provision.db_host import ensure_database
+from deploy.provision.env_file import env_change_hosts
 from deploy.render.env_file import edit_env_file
 from deploy.restored import serve_restored
 from deploy.schema import SchemaReport
@@ -834,7 +835,12 @@ def env_change(site: Site, sets: list[str], unsets: list[str]) -> str:
     values, keys = env_sources.parse_changes(site.config, sets, unsets)
     named = " ".join([*(f"--set {key}" for key in values), *(f"--unset {key}" for key in keys)])
     progress = Progress(f"env {named} on {site.name}")
-    site.connect_step(progress)
+    with progress.step("look for the site's root on each app host"):
+        hosts = env_change_hosts(site.config, site.app_hosts, site.hosts_with_layout(), [*values, *keys])
+    site.connect_step(progress, hosts)
+    for name in site.app_hosts:
+        if name not in hosts:
+            progress.say(f"  {name}: not provisioned yet; `fab provision` copies these from the primary's env file")
     # NOTE: the record names the keys, never a value (it may be a secret).
     with history.recorded(site, "env", detail=named) as record, site.locked(f"env {named}"):
         with progress.step("read the env files; render the new ones"):

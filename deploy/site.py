@@ -19,7 +19,7 @@ from deploy.lock import DeployLock
 from deploy.maintenance import window as maintenance_window
 from deploy.processes import Programs
 from deploy.progress import PrefixedLines, Progress, in_parallel
-from deploy.ssh import Server, connect
+from deploy.ssh import Server, connect, sh
 from deploy.state import ServerState, read_state
 
 R = TypeVar("R")
@@ -199,6 +199,20 @@ class Site:
         self.members = {name: Member(name, server, own_progress(name)) for name, server in opened}
         self.order = [self.members[h] for h in rollout_order(self.config, list(self.members))]
         return self
+
+    def hosts_with_layout(self) -> set[str]:
+        """The app hosts acted on where provision has laid out the site's root, asked as root (a host it has not
+        reached yet has no app user either)."""
+
+        def laid_out(name: str) -> bool:
+            config = self.config.for_host(name)
+            server = connect(self.by_address[address_of(name)], replace(config, user="root"))
+            test = sh("test", "-d", str(config.layout.root))
+            return server.root(test, what="looking for the site's root", warn=True).exited == 0
+
+        hosts = self.acted_on()
+        found = in_parallel(laid_out, hosts, name=lambda h: h)
+        return {name for name, there in zip(hosts, found, strict=True) if there}
 
     def connect_step(self, progress: Progress, hosts: Sequence[str] | None = None) -> Site:
         count = len(self.acted_on(hosts))

@@ -4,10 +4,11 @@ host shares; what it lacks is generated once. Nothing in them is ever printed.""
 from __future__ import annotations
 
 import secrets
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping, Sequence
 from urllib.parse import urlsplit
 
 from deploy.config import DeployConfig
+from deploy.env_sources import refusal
 from deploy.errors import DeployError
 from deploy.on_server.common import read_env_file
 from deploy.provision.host import sync_read_file
@@ -20,6 +21,13 @@ from deploy.ssh import Server
 SHARED_ENV_KEYS = ("SECRET_KEY", "ALLOWED_HOSTS", "DATABASE_URL", "CELERY_BROKER_URL", "CACHE_URL")
 # What a site without a db host needs in the primary's env file: its managed PostgreSQL and Redis.
 SERVICE_ENV_KEYS = ("DATABASE_URL", "CELERY_BROKER_URL", "CACHE_URL")
+# Their form for managed services: TLS, the server's certificate and name checked against the provider's CA.
+_REDIS_TLS = "ssl_cert_reqs=required&ssl_check_hostname=true&ssl_ca_certs=CA_FILE"
+MANAGED_URL_FORMS = {
+    "DATABASE_URL": "postgres://USER:PASSWORD@HOST:5432/NAME?sslmode=verify-full&sslrootcert=CA_FILE",
+    "CELERY_BROKER_URL": f"rediss://:PASSWORD@HOST:6379/0?{_REDIS_TLS}",
+    "CACHE_URL": f"rediss://:PASSWORD@HOST:6379/1?{_REDIS_TLS}",
+}
 
 
 def fresh_env_defaults(config: DeployConfig, host: str) -> dict[str, str]:
@@ -66,11 +74,37 @@ def service_keys_refusal(config: DeployConfig, primary: str, wrong: list[str]) -
             f"{', '.join(wrong)} in {where} name another host than the db host {config.db_address}: point them at "
             "it, or delete those lines to have provision generate new ones."
         )
+    env = "" if config.name == "default" else f" --env {config.name}"
+    sets = " ".join(f"--set '{key}={MANAGED_URL_FORMS[key]}'" for key in wrong)
     return (
         f"the cluster {config.name} has no db host: put {', '.join(wrong)} for your PostgreSQL and Redis into "
-        f"{where}, e.g. DATABASE_URL=postgres://USER:PASSWORD@HOST:5432/NAME, CELERY_BROKER_URL="
-        "redis://:PASSWORD@HOST:6379/0, CACHE_URL=redis://:PASSWORD@HOST:6379/1; then run provision again."
+        f"{where}, on TLS checked against their CA (CA_FILE: its certificate on each app host, readable by the app "
+        f"user): fab env{env} {sets}; then run `fab provision` again."
     )
+
+
+def env_change_hosts(
+    config: DeployConfig, app_hosts: Sequence[str], with_layout: Collection[str], changed: Collection[str]
+) -> list[str]:
+    """The app hosts `fab env --set/--unset` of the `changed` keys writes: every one; or, while `fab provision` has
+    not yet laid out some (without a db host it prepares only the primary until its env file names the service
+    URLs), those it has, when every changed key is one provision copies from the primary's env file to the others.
+    Otherwise refused, saying what to do."""
+    missing = [host for host in app_hosts if host not in with_layout]
+    if not missing:
+        return list(app_hosts)
+    root = config.layout.root
+    if config.primary in missing:
+        raise DeployError(f"the primary {config.primary} has no {root} yet: run `fab provision` first.")
+    others = [key for key in changed if key not in SHARED_ENV_KEYS]
+    if others:
+        copied = [key for key in SHARED_ENV_KEYS if refusal(config, key) is None]  # those fab env may set here
+        raise DeployError(
+            f"{', '.join(missing)} not provisioned yet (no {root}): before `fab provision` has run through, `fab env` "
+            f"changes only {', '.join(copied)} (provision copies them from the primary's env file), not "
+            f"{', '.join(others)}."
+        )
+    return [host for host in app_hosts if host in with_layout]
 
 
 def site_env_values(server: Server, name: str) -> dict[str, str]:

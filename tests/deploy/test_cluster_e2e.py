@@ -332,6 +332,9 @@ def test_09_a_failure_on_one_host_names_it_and_its_step_and_the_others_finish(cl
     assert "provision cluster cluster: 1 of 4 hosts changed" in again.stdout
 
 
+KEYS = ((0, "CELERY_BROKER_URL"), (1, "CACHE_URL"))
+
+
 def test_10_without_a_db_host_provision_installs_no_database_and_names_the_keys_the_primary_needs(cluster):
     """A managed PostgreSQL and Redis: the same hosts in another layout (so the cluster above is left as it was)."""
     cluster.provisioned()
@@ -353,6 +356,23 @@ def test_10_without_a_db_host_provision_installs_no_database_and_names_the_keys_
         values = read_env_file(cluster.web1.ssh("cat /srv/managed/shared/env").stdout)  # there to be filled in
         assert "SECRET_KEY" in values and "DATABASE_URL" not in values
         assert cluster.web2.ssh("ls /srv/managed 2>/dev/null; true").stdout == ""  # no other host was touched
+        # The operator fills them in with fab env --set: the primary's file only (web2 gets them from provision);
+        # a key provision does not copy is refused naming web2 (before, both failed taking web2's deploy lock).
+        env = ("env", "--env", "managed", "--config", str(path))
+        own = cluster.fab(*env, "--set", "LOG_LEVEL=debug")
+        error = (own.stdout + own.stderr).strip().splitlines()[-1]
+        assert own.returncode == 1 and error.startswith(
+            f"error: {cluster.host('web2')} not provisioned yet (no /srv/managed): before `fab provision`"
+        ), error
+        url = "postgres://app:pw@db.example:5432/app?sslmode=verify-full&sslrootcert=/etc/ssl/managed-ca.crt"
+        urls = [f"DATABASE_URL={url}", *(f"{key}=rediss://:pw@redis.example:6379/{n}" for n, key in KEYS)]
+        result = cluster.fab(*env, *(arg for item in urls for arg in ("--set", item)))
+        assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
+        skipped = f"{cluster.host('web2')}: not provisioned yet; `fab provision` copies these"
+        assert skipped in result.stdout, result.stdout
+        values = read_env_file(cluster.web1.ssh("cat /srv/managed/shared/env").stdout)
+        assert values["DATABASE_URL"] == url and values["CACHE_URL"] == "rediss://:pw@redis.example:6379/1"
+        assert cluster.web2.ssh("ls /srv/managed 2>/dev/null; true").stdout == ""
     finally:
         cluster.web1.ssh("rm -rf /srv/managed /etc/managed")
 

@@ -5,6 +5,8 @@ import functools
 import io
 import json
 import os
+import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -12,6 +14,7 @@ import threading
 import time
 from dataclasses import replace
 from pathlib import Path, PurePosixPath
+from urllib.parse import parse_qsl, urlsplit
 
 import pytest
 from supervisor.options import ClientOptions, ServerOptions
@@ -19,6 +22,7 @@ from supervisor.options import ClientOptions, ServerOptions
 from deploy.balancer import upstream_lines, upstream_servers
 from deploy.commands import ca as ca_commands
 from deploy.config import DeployConfig, has_app, load_config
+from deploy.env_sources import parse_changes
 from deploy.errors import DeployError
 from deploy.layout import WEB_PORTS
 from deploy.on_server.common import read_env_file
@@ -28,6 +32,7 @@ from deploy.provision.db_host import redis_password, scram_matches
 from deploy.provision.env_file import (
     SERVICE_ENV_KEYS,
     SHARED_ENV_KEYS,
+    env_change_hosts,
     service_key_problems,
     service_keys_refusal,
     shared_env_values,
@@ -686,6 +691,46 @@ def test_a_cluster_without_a_db_host_needs_its_managed_services_urls(tmp_path):
     assert refusal.startswith("the cluster cluster has no db host: put CACHE_URL for your PostgreSQL and Redis into ")
     assert "root@10.0.0.2's /srv/prayer-room/shared/env (the primary's" in refusal
     assert "10.0.0.4" in service_keys_refusal(cluster(tmp_path), "root@10.0.0.2", ["DATABASE_URL"])
+
+
+def test_the_refusal_without_a_db_host_names_the_env_command_with_urls_on_tls_checked_against_the_ca(tmp_path):
+    config = cluster(tmp_path, CLUSTER_TOML.replace('db = ["root@10.0.0.4"]', ""))
+    refusal = service_keys_refusal(config, "root@10.0.0.2", list(SERVICE_ENV_KEYS))
+    command, _, after = refusal.partition("fab env ")[2].partition(";")
+    assert after == " then run `fab provision` again."
+    words = shlex.split(command)
+    assert words[:2] == ["--env", "cluster"] and words[2::2] == ["--set"] * 3
+    values, unsets = parse_changes(config, words[3::2], [])  # what fab env takes, as the operator pastes it
+    assert list(values) == list(SERVICE_ENV_KEYS) and unsets == []
+    database, broker, cache = (urlsplit(values[key]) for key in SERVICE_ENV_KEYS)
+    assert dict(parse_qsl(database.query)) == {"sslmode": "verify-full", "sslrootcert": "CA_FILE"}
+    redis_tls = {"ssl_cert_reqs": "required", "ssl_check_hostname": "true", "ssl_ca_certs": "CA_FILE"}
+    assert (broker.scheme, broker.path, dict(parse_qsl(broker.query))) == ("rediss", "/0", redis_tls)
+    assert (cache.scheme, cache.path, dict(parse_qsl(cache.query))) == ("rediss", "/1", redis_tls)
+    assert "redis://" not in refusal and "CA_FILE: its certificate on each app host" in refusal
+    one = service_keys_refusal(config, "root@10.0.0.2", ["CACHE_URL"])  # only the keys still wrong
+    assert "--set 'CACHE_URL=rediss://" in one and "DATABASE_URL" not in one
+
+
+def test_before_provision_has_laid_out_every_app_host_an_env_change_of_the_keys_it_copies_writes_the_others(tmp_path):
+    """A cluster without a db host whose provision stopped for the service URLs: only the primary has its layout.
+    `fab env --set` of the URLs writes the hosts laid out (provision copies them from the primary to the others);
+    a key provision does not copy, or a primary not laid out, is refused naming what to do, before any lock."""
+    config = cluster(tmp_path, CLUSTER_TOML.replace('db = ["root@10.0.0.4"]', ""))
+    app = [host for host in config.site_hosts if has_app(config.for_host(host))]
+    assert app == ["root@10.0.0.2", "root@10.0.0.3", "root@10.0.0.4"] and config.primary == app[0]
+    everyone = env_change_hosts(config, app, set(app), ["DATABASE_URL", "LOG_LEVEL"])
+    assert everyone == app  # the positive control: all laid out, all written, whatever the key
+    urls = env_change_hosts(config, app, {app[0]}, list(SERVICE_ENV_KEYS))
+    assert urls == [app[0]]
+    assert env_change_hosts(config, app, {app[0], app[2]}, ["SECRET_KEY"]) == [app[0], app[2]]
+    own = "root@10.0.0.3, root@10.0.0.4 not provisioned yet (no /srv/prayer-room): before `fab provision` has run"
+    with pytest.raises(DeployError, match=re.escape(own)) as refused:
+        env_change_hosts(config, app, {app[0]}, ["DATABASE_URL", "LOG_LEVEL"])
+    copied = "only SECRET_KEY, ALLOWED_HOSTS, DATABASE_URL, CELERY_BROKER_URL, CACHE_URL (provision copies them"
+    assert str(refused.value).endswith(f"{copied} from the primary's env file), not LOG_LEVEL."), refused.value
+    with pytest.raises(DeployError, match=r"^the primary root@10.0.0.2 has no /srv/prayer-room yet: run `fab prov"):
+        env_change_hosts(config, app, {app[1], app[2]}, ["DATABASE_URL"])
 
 
 def test_postgresql_listens_on_the_db_address_and_admits_the_app_role_from_each_peer_only(tmp_path):
