@@ -6,9 +6,10 @@ import shlex
 import sys
 from pathlib import Path
 
-from invoke import Exit, task
+from invoke import Collection, Exit, task
 
 from deploy.errors import DeployError
+from deploy.terminal import LocalRunner
 
 REPO = Path(__file__).resolve().parent
 MANAGE = f"{sys.executable} {REPO / 'project' / 'manage.py'}"
@@ -186,3 +187,7 @@ def bench(c, only="", quick=False):
     code = main([name for name in only.split(",") if name], quick=quick)
     if code:
         raise Exit(code=code)
+
+
+# The commands' output (pytest's, manage.py's) decoded whole characters, not each read on its own.
+ns = Collection.from_module(sys.modules[__name__], config={"runners": {"local": LocalRunner}})

@@ -9,15 +9,20 @@ from dataclasses import dataclass
 
 import paramiko
 from fabric import Connection
+from fabric.runners import Remote
 from invoke.exceptions import Failure, UnexpectedExit
 
-from deploy import hostkeys
+from deploy import hostkeys, terminal
 from deploy.commands import sh, supervisor, users
 from deploy.commands.helpers import app_helper
 from deploy.config import DeployConfig
 from deploy.errors import DeployError
 
-__all__ = ["Server", "connect", "sh"]
+__all__ = ["RemoteRunner", "Server", "connect", "sh"]
+
+
+class RemoteRunner(terminal.WholeCharacters, Remote):
+    """Fabric's runner, each output stream of a server's command decoded whole characters."""
 
 
 @dataclass(frozen=True)
@@ -141,6 +146,7 @@ class Server:
 def connect(conn: Connection, config: DeployConfig) -> Server:
     """Open `conn` and check the host can be deployed to; every problem is one DeployError line."""
     where = f"{conn.user}@{conn.host}:{conn.port}"
+    conn.config.runners.remote = RemoteRunner  # every command of the session (the probe below too)
     hostkeys.pin(conn.client)  # NOTE: Fabric adds any unknown key (AutoAddPolicy): only known_hosts' keys pass
     try:
         conn.open()

@@ -9,7 +9,9 @@ import re
 import sys
 import termios
 import tty
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+
+from invoke.runners import Local
 
 # CSI (ESC [ ... final), OSC (ESC ] ... BEL or ST), DCS/SOS/PM/APC strings, two-character escapes; then any control
 # code left (a sequence cut between two chunks of a stream loses its ESC here), but newline and tab.
@@ -22,6 +24,27 @@ _CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
 def printable(text: str) -> str:
     """`text` without terminal escape sequences and control characters (CRLF becomes LF)."""
     return _CONTROL.sub("", _SEQUENCE.sub("", text.replace("\r\n", "\n")))
+
+
+class WholeCharacters:
+    """For an invoke Runner: each output stream decoded as one text, so a character whose bytes two reads split
+    comes out whole, printed and captured (result.stdout, result.stderr).
+
+    NOTE: invoke's Runner.read_proc_output decodes each read (up to read_chunk_size, 1000 bytes) on its own with
+    errors="replace": a character of several bytes cut between two reads became U+FFFD twice.
+    """
+
+    def read_proc_output(self, reader: Callable) -> Iterator[str]:
+        decoder = codecs.getincrementaldecoder(self.encoding)("replace")  # one per stream: each has its own thread
+        while data := reader(self.read_chunk_size):
+            if text := decoder.decode(data):
+                yield text
+        if text := decoder.decode(b"", final=True):  # the bytes of a character the stream never finished
+            yield text
+
+
+class LocalRunner(WholeCharacters, Local):
+    """invoke's Local runner, its output decoded whole characters."""
 
 
 class _InertStream:

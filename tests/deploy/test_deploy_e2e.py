@@ -179,6 +179,12 @@ def test_fab_manage_passes_stdin_stdout_and_the_exit_code_through(target):
     assert piped.returncode == 0 and re.search(r"\b\d+ 42\b", piped.stdout), piped.stdout + piped.stderr
     failing = target.fab("manage", "migrate no_such_app")
     assert failing.returncode == 1 and "no_such_app" in failing.stderr + failing.stdout
+    # 45 KB of characters of 2, 3 and 4 bytes on each stream: SSH reads of 1000 bytes cut them.
+    text = "é€🙏" * 5000
+    wide = target.fab("manage", "shell -c \"import sys; t = 'é€🙏' * 5000; print(t); print(t[::-1], file=sys.stderr)\"")
+    assert wide.returncode == 0, wide.stderr[-2000:]
+    assert text in wide.stdout.splitlines() and text[::-1] in wide.stderr.splitlines()
+    assert "\ufffd" not in wide.stdout + wide.stderr
 
 
 def terminal_fab(target: DeployTarget, task: str, *args: str) -> PtySession:
