@@ -36,7 +36,7 @@ from deploy.restored import serve_restored
 from deploy.schema import SchemaReport
 from deploy.site import Member, Site
 from deploy.ssh import connect
-from deploy.state import read_state
+from deploy.state import ServerState, read_state
 
 
 def checked_source(repo: Path, allow_dirty: bool) -> release.Source:
@@ -844,12 +844,7 @@ def env_change(site: Site, sets: list[str], unsets: list[str]) -> str:
     # NOTE: the record names the keys, never a value (it may be a secret).
     with history.recorded(site, "env", detail=named) as record, site.locked(f"env {named}"):
         with progress.step("read the env files; render the new ones"):
-
-            def read(member: Member) -> None:
-                member.state = read_state(member.server)
-                member.state.require_env_editable(member.server)
-
-            site.each(read)
+            site.read_states(ServerState.require_env_editable)
             record["release"] = site.primary.state.current
             texts = {}
             for member in site.order:

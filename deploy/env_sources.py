@@ -149,12 +149,11 @@ def parse_changes(config: DeployConfig, sets: Sequence[str], unsets: Sequence[st
         if why:
             raise DeployError(why)
     proxies = dict(pairs).get("NUM_PROXIES")
-    if proxies is not None and proxies.strip() != "1":
+    if _wrong_num_proxies(proxies):
         # NOTE: the value is not a secret; it is named so the operator sees which one was refused.
         raise DeployError(
-            f"NUM_PROXIES={proxies} is refused: with it the client address comes from a header a client can write "
-            "(login lockouts, throttles). It is 1 on every topology; name a load balancer or CDN in front in "
-            "deploy.toml's `trusted_proxies` and `fab deploy` (docs/security.md)."
+            f"NUM_PROXIES={proxies} is refused: {_NUM_PROXIES_RISK}. It is 1 on every topology; name a load balancer "
+            "or CDN in front in deploy.toml's `trusted_proxies` and `fab deploy` (docs/security.md)."
         )
     return dict(pairs), keys
 
@@ -200,7 +199,7 @@ def num_proxies_warning(config: DeployConfig, env_values: Mapping[str, str]) -> 
     cluster or a load balancer): with 2 a client reaching the server directly chooses its own address. None if
     unset or 1."""
     value = effective_environment(config, env_values).get("NUM_PROXIES")
-    if value is None or value.strip() == "1":
+    if not _wrong_num_proxies(value):
         return None
     fix = (
         "remove it from deploy.toml's env"
@@ -208,6 +207,14 @@ def num_proxies_warning(config: DeployConfig, env_values: Mapping[str, str]) -> 
         else "run `fab env --unset NUM_PROXIES`"
     )
     return (
-        f"WARNING: the programs' environment sets NUM_PROXIES={value}: the client address then comes from a header "
-        f"a client can write (login lockouts, throttles); it must be 1 on every topology: {fix} (see docs/security.md)."
+        f"WARNING: the programs' environment sets NUM_PROXIES={value}: {_NUM_PROXIES_RISK}; it must be 1 on every "
+        f"topology: {fix} (see docs/security.md)."
     )
+
+
+# NUM_PROXIES other than 1 (what `fab env --set` refuses and `fab deploy` warns of), and why.
+_NUM_PROXIES_RISK = "the client address then comes from a header a client can write (login lockouts, throttles)"
+
+
+def _wrong_num_proxies(value: str | None) -> bool:
+    return value is not None and value.strip() != "1"

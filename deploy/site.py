@@ -219,12 +219,13 @@ class Site:
         with progress.step("connect" if count <= 1 else f"connect to the {count} hosts"):
             return self.connect(progress, hosts)
 
-    def read_states(self) -> None:
-        """Each member's state (in parallel), refused when provision has not prepared it."""
+    def read_states(self, require: Callable[[ServerState, Server], None] = ServerState.require_provisioned) -> None:
+        """Each member's state (in parallel), refused when provision has not prepared it (`require`: what it must
+        have, as ServerState's require_provisioned or require_env_editable checks it)."""
 
         def read(member: Member) -> None:
             member.state = read_state(member.server)
-            member.state.require_provisioned(member.server)
+            require(member.state, member.server)
 
         in_parallel(read, self.order, name=lambda m: m.host)
 
